@@ -1,0 +1,176 @@
+"""The data contracts between stages, in one place: column names, Arrow schemas, file names,
+manifest fields and their validation. Every stage reads and writes through these definitions;
+DESIGN.md ("Contracts") is the prose version of this module."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from .errors import DiffmixError
+
+CONTRACT_VERSION = 1
+
+# ---------------------------------------------------------------------------------------------
+# Canonical dataset: <root>/dataset.json + <root>/images/{split}-{index:05d}.parquet
+# ---------------------------------------------------------------------------------------------
+DATASET_JSON = "dataset.json"  # written last: its presence means the dataset is complete
+IMAGES_DIR = "images"
+SPLITS = ("train", "val", "test")
+
+COL_IMAGE_ID = "image_id"
+COL_IMAGE = "image"
+COL_LABEL = "label"
+COL_SPLIT = "split"
+
+DATASET_SCHEMA = pa.schema(
+    [
+        pa.field(COL_IMAGE_ID, pa.string(), nullable=False),
+        pa.field(COL_IMAGE, pa.binary(), nullable=False),  # encoded JPEG or PNG, always 8-bit RGB
+        pa.field(COL_LABEL, pa.int32(), nullable=False),
+        pa.field(COL_SPLIT, pa.string(), nullable=False),
+    ]
+)
+
+
+def dataset_shard_name(split: str, index: int) -> str:
+    """Shards are per split so a stage that may only see `train` never opens another split's file."""
+    return f"{split}-{index:05d}.parquet"
+
+
+@dataclass
+class DatasetInfo:
+    """Contents of dataset.json. `fingerprint` hashes every row (ids, image bytes, labels, splits)
+    and the class list, so two datasets with the same fingerprint hold the same data."""
+
+    name: str
+    classes: list[str]
+    super_class: str
+    counts: dict[str, dict[str, int]]  # split -> class index (as str, JSON keys) -> count
+    files: dict[str, list[str]]  # split -> shard file names under images/
+    source: dict[str, Any]  # raw source URI/format, or the parent dataset for derived subsets
+    subset: dict[str, Any]  # shots / imbalance ratio / seed / per-class targets; {} for full data
+    skipped: dict[str, Any]  # bad images skipped (count + names) and ignored non-image files
+    fingerprint: str
+    parent_fingerprint: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # resolved prepare options
+    contract_version: int = CONTRACT_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def split_size(self, split: str) -> int:
+        return sum(self.counts.get(split, {}).values())
+
+    def class_counts(self, split: str) -> list[int]:
+        per = self.counts.get(split, {})
+        return [int(per.get(str(c), 0)) for c in range(self.num_classes)]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = DATASET_JSON) -> "DatasetInfo":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DiffmixError(f"{where} is not valid JSON ({e}); re-run `diffmix-ray prepare`") from e
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and f.name not in raw]
+        if missing:
+            raise DiffmixError(f"{where} lacks fields {missing}; it was not written by `diffmix-ray prepare`")
+        info = cls(**{k: v for k, v in raw.items() if k in names})
+        info.validate(where)
+        return info
+
+    def validate(self, where: str = DATASET_JSON) -> None:
+        if info_version := self.contract_version:
+            if info_version > CONTRACT_VERSION:
+                raise DiffmixError(f"{where} has contract version {info_version}, newer than this "
+                                   f"diffmix-ray ({CONTRACT_VERSION}); upgrade diffmix-ray")
+        if not self.classes:
+            raise DiffmixError(f"{where} lists no classes")
+        if len(set(self.classes)) != len(self.classes):
+            raise DiffmixError(f"{where} lists duplicate class names")
+        for split in self.counts:
+            if split not in SPLITS:
+                raise DiffmixError(f"{where}: unknown split {split!r} (expected one of {SPLITS})")
+            for c in self.counts[split]:
+                if not 0 <= int(c) < self.num_classes:
+                    raise DiffmixError(f"{where}: class index {c} out of range 0..{self.num_classes - 1}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Run ownership: every stage output directory carries _run.json, written before any data, so a
+# rerun can tell "same config, resume" from "a different run lives here, refuse".
+# ---------------------------------------------------------------------------------------------
+RUN_JSON = "_run.json"
+SUCCESS = "_SUCCESS"
+
+# ---------------------------------------------------------------------------------------------
+# Concept bank (finetune -> generate)
+# ---------------------------------------------------------------------------------------------
+CONCEPTS_JSON = "concepts.json"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+LEARNED_EMBEDS = "learned_embeds.safetensors"
+PLACEHOLDER_TEMPLATE = "<class_{index}>"
+DEFAULT_PROMPT_TEMPLATE = "a photo of a {token} {super_class}"
+
+# ---------------------------------------------------------------------------------------------
+# Pair plan and synthetic shards (generate -> train-cls)
+# ---------------------------------------------------------------------------------------------
+PLAN_DIR = "plan"
+SHARDS_DIR = "shards"
+MANIFEST_JSON = "manifest.json"
+
+COL_PAIR_ID = "pair_id"
+COL_SOURCE_ID = "source_id"
+COL_SOURCE_LABEL = "source_label"
+COL_TARGET_LABEL = "target_label"
+COL_STRENGTH = "strength"
+COL_SEED = "seed"
+COL_MODE = "mode"
+COL_WIDTH = "width"
+COL_HEIGHT = "height"
+COL_PROMPT = "prompt"
+
+PLAN_SCHEMA = pa.schema(
+    [
+        pa.field(COL_PAIR_ID, pa.string(), nullable=False),
+        pa.field(COL_SOURCE_ID, pa.string(), nullable=True),  # null for text-to-image modes
+        pa.field(COL_SOURCE_LABEL, pa.int32(), nullable=False),
+        pa.field(COL_TARGET_LABEL, pa.int32(), nullable=False),
+        pa.field(COL_STRENGTH, pa.float32(), nullable=False),
+        pa.field(COL_SEED, pa.int64(), nullable=False),
+        pa.field(COL_MODE, pa.string(), nullable=False),
+    ]
+)
+
+SHARD_SCHEMA = pa.schema(
+    list(PLAN_SCHEMA)
+    + [
+        pa.field(COL_IMAGE, pa.binary(), nullable=False),  # JPEG
+        pa.field(COL_WIDTH, pa.int32(), nullable=False),
+        pa.field(COL_HEIGHT, pa.int32(), nullable=False),
+        pa.field(COL_PROMPT, pa.string(), nullable=False),
+    ]
+)
+
+
+def check_columns(schema: pa.Schema, expected: pa.Schema, where: str) -> None:
+    """Raise naming every missing column or wrong type; extra columns are allowed."""
+    problems = []
+    for f in expected:
+        idx = schema.get_field_index(f.name)
+        if idx < 0:
+            problems.append(f"missing column {f.name!r}")
+        elif not schema.field(idx).type.equals(f.type):
+            problems.append(f"column {f.name!r} has type {schema.field(idx).type}, expected {f.type}")
+    if problems:
+        raise DiffmixError(f"{where}: " + "; ".join(problems))

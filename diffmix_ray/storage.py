@@ -1,0 +1,229 @@
+"""URI -> filesystem, atomic small-file writes, and output-directory ownership.
+
+Local paths and `s3://` URIs go through fsspec (s3fs for S3). Credentials and the endpoint come
+from the standard AWS environment/config chain (AWS_ACCESS_KEY_ID, AWS_PROFILE, instance roles,
+AWS_ENDPOINT_URL[_S3]); nothing here logs or stores them."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import uuid
+from typing import Any, Iterator
+
+import fsspec
+import pyarrow.fs as pafs
+
+from .contracts import RUN_JSON
+from .errors import DiffmixError
+
+S3_SCHEMES = ("s3://", "s3a://")
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(S3_SCHEMES)
+
+
+def normalize(uri: str) -> str:
+    """Canonical spelling of a URI: absolute local path, or s3://bucket/key without trailing '/'."""
+    if is_s3(uri):
+        return "s3://" + uri.split("://", 1)[1].strip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        scheme = uri.split("://", 1)[0]
+        raise DiffmixError(f"unsupported URI scheme {scheme!r} in {uri!r}; use a local path or s3://bucket/key")
+    return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_s3(uri):
+        return posixpath.join(normalize(uri), *parts)
+    return os.path.join(normalize(uri), *parts)
+
+
+def s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for `uri` and the path inside it."""
+    uri = normalize(uri)
+    if is_s3(uri):
+        import s3fs
+
+        kwargs: dict[str, Any] = {}
+        if endpoint := s3_endpoint():
+            kwargs["client_kwargs"] = {"endpoint_url": endpoint}
+        return s3fs.S3FileSystem(**kwargs), uri.split("://", 1)[1]
+    return fsspec.filesystem("file"), uri
+
+
+def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem (for pyarrow.parquet and Ray Data) backed by the same fsspec one."""
+    fs, path = filesystem(uri)
+    if is_s3(uri):
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    return pafs.LocalFileSystem(), path
+
+
+def _explain(uri: str, err: BaseException) -> DiffmixError:
+    """Turn a storage exception into an error that names the input and the fix."""
+    name = type(err).__name__
+    text = str(err)
+    if is_s3(uri):
+        bucket = uri.split("://", 1)[1].split("/", 1)[0]
+        if "NoCredentials" in name or "Unable to locate credentials" in text:
+            return DiffmixError(
+                f"no AWS credentials found for {uri}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
+                "AWS_PROFILE, or run on a node with an instance role / IRSA")
+        if "NoSuchBucket" in text or "does not exist" in text or (
+                isinstance(err, FileNotFoundError) and bucket in text and "/" not in text.split(bucket, 1)[1][:1]):
+            return DiffmixError(f"S3 bucket {bucket!r} does not exist (for {uri}); create it or fix the URI")
+        if isinstance(err, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+            return DiffmixError(f"access denied to {uri}: check the credentials' permissions on bucket {bucket!r}")
+        if "EndpointConnectionError" in name or "Could not connect" in text:
+            return DiffmixError(f"cannot reach the S3 endpoint for {uri} ({s3_endpoint() or 'AWS default'}); "
+                                "check AWS_ENDPOINT_URL and the network")
+    if isinstance(err, FileNotFoundError):
+        return DiffmixError(f"{uri} does not exist")
+    if isinstance(err, PermissionError):
+        return DiffmixError(f"permission denied on {uri}")
+    return DiffmixError(f"storage error on {uri}: {name}: {text}")
+
+
+@contextlib.contextmanager
+def explained(uri: str) -> Iterator[None]:
+    """Re-raise storage errors raised inside the block as DiffmixError naming `uri`."""
+    try:
+        yield
+    except DiffmixError:
+        raise
+    except Exception as err:  # noqa: BLE001 - every storage failure gets translated, then re-raised
+        raise _explain(uri, err) from err
+
+
+def check_bucket(uri: str) -> None:
+    """Fail fast, before any work, when an s3:// URI's bucket or credentials are unusable."""
+    if not is_s3(uri):
+        return
+    fs, path = filesystem(uri)
+    bucket = path.split("/", 1)[0]
+    with explained(uri):
+        if not fs.exists(bucket):
+            raise DiffmixError(f"S3 bucket {bucket!r} does not exist (for {uri}); create it or fix the URI")
+        fs.ls(bucket, refresh=True)  # exercises credentials even where exists() swallows errors
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    with explained(uri):
+        return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with explained(uri):
+        return fs.cat_file(path)
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def read_json(uri: str) -> Any:
+    text = read_text(uri)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DiffmixError(f"{uri} is not valid JSON ({e})") from e
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Readers see the old file or the whole new one, never a prefix. S3 PUTs are already atomic;
+    locally we write a sibling temp file and rename it over the target."""
+    fs, path = filesystem(uri)
+    with explained(uri):
+        if is_s3(uri):
+            fs.pipe_file(path, data)
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def write_text_atomic(uri: str, text: str) -> None:
+    write_bytes_atomic(uri, text.encode("utf-8"))
+
+
+def write_json_atomic(uri: str, obj: Any) -> None:
+    write_text_atomic(uri, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def list_dir(uri: str) -> list[str]:
+    """Base names of the entries directly under `uri`; [] when it does not exist."""
+    fs, path = filesystem(uri)
+    with explained(uri):
+        if not fs.exists(path):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def remove_tree(uri: str) -> None:
+    fs, path = filesystem(uri)
+    with explained(uri):
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+def makedirs(uri: str) -> None:
+    if not is_s3(uri):  # S3 has no directories
+        os.makedirs(normalize(uri), exist_ok=True)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Stable short hash of a JSON-able config (key order does not matter)."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def claim_output(out: str, stage: str, config: dict[str, Any], overwrite: bool = False) -> bool:
+    """Make `out` belong to this (stage, config). Returns True when `out` already belonged to the
+    same run (a resume); False when it was empty or was wiped because of `overwrite`.
+
+    Refuses a non-empty `out` that holds another stage's or another config's output, unless
+    `overwrite`, in which case everything under `out` is deleted first."""
+    out = normalize(out)
+    check_bucket(out)
+    run_uri = join(out, RUN_JSON)
+    want = {"stage": stage, "config_hash": config_hash(config), "config": config}
+    entries = list_dir(out)
+    if entries:
+        have = read_json(run_uri) if RUN_JSON in entries else None
+        same = have is not None and have.get("stage") == stage and have.get("config_hash") == want["config_hash"]
+        if same and not overwrite:
+            return True
+        if not overwrite:
+            if have is None:
+                why = "it is not empty and was not written by diffmix-ray"
+            elif have.get("stage") != stage:
+                why = f"it holds the output of `{have.get('stage')}`"
+            else:
+                why = f"it holds a {stage} run with a different config (hash {have.get('config_hash')})"
+            raise DiffmixError(f"refusing to write into {out}: {why}. "
+                               "Choose another --out, or pass --overwrite to delete it and start again")
+        if not is_s3(out) and os.path.isdir(out):
+            for name in entries:  # keep the directory itself (it may be a mount point)
+                p = os.path.join(out, name)
+                shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+        else:
+            remove_tree(out)
+    makedirs(out)
+    write_json_atomic(run_uri, want)
+    return False
