@@ -1,0 +1,108 @@
+"""Reading and writing the canonical dataset (the contract in contracts.py), shared by every stage:
+`prepare` writes it; finetune, generate and train-cls read it through these functions only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import storage
+from .contracts import (COL_IMAGE, COL_IMAGE_ID, COL_LABEL, COL_SPLIT, DATASET_JSON, DATASET_SCHEMA,
+                        IMAGES_DIR, SPLITS, DatasetInfo, check_columns, dataset_shard_name)
+from .errors import DiffmixError
+
+# Shards are cut at ~128 MiB of image bytes: large enough that S3 request overhead is small,
+# small enough that one Ray Data read task holds one shard comfortably.
+SHARD_BYTES = 128 * 2**20
+ROW_GROUP_ROWS = 256
+
+
+@dataclass
+class Dataset:
+    """A canonical dataset on storage: its root URI and parsed dataset.json."""
+
+    uri: str
+    info: DatasetInfo
+
+    def files(self, split: str) -> list[str]:
+        return [storage.join(self.uri, IMAGES_DIR, name) for name in self.info.files.get(split, [])]
+
+    def read_split(self, split: str, columns: list[str] | None = None) -> pa.Table:
+        """One split as an Arrow table (image bytes included unless `columns` leaves them out)."""
+        if split not in SPLITS:
+            raise DiffmixError(f"unknown split {split!r}; expected one of {SPLITS}")
+        tables = []
+        for uri in self.files(split):
+            fs, path = storage.arrow_filesystem(uri)
+            with storage.explained(uri):
+                table = pq.read_table(path, filesystem=fs, columns=columns)
+            tables.append(table)
+        if not tables:
+            schema = DATASET_SCHEMA if columns is None else pa.schema([DATASET_SCHEMA.field(c) for c in columns])
+            return schema.empty_table()
+        return pa.concat_tables(tables)
+
+
+def open_dataset(uri: str) -> Dataset:
+    """Open a complete canonical dataset; refuse anything without dataset.json (incomplete)."""
+    uri = storage.normalize(uri)
+    storage.check_bucket(uri)
+    meta = storage.join(uri, DATASET_JSON)
+    if not storage.exists(meta):
+        raise DiffmixError(f"{uri} is not a canonical dataset (no {DATASET_JSON}; an interrupted "
+                           "`prepare` leaves none): run `diffmix-ray prepare --out` there first")
+    info = DatasetInfo.from_json(storage.read_text(meta), where=meta)
+    return Dataset(uri, info)
+
+
+def row_digest(image_id: str, image: bytes, label: int, split: str) -> bytes:
+    return hashlib.sha256(b"\0".join([image_id.encode(), hashlib.sha256(image).digest(),
+                                      str(label).encode(), split.encode()])).digest()
+
+
+def fingerprint(classes: list[str], digests: list[bytes]) -> str:
+    """Content fingerprint: class list + every row digest, order-independent."""
+    h = hashlib.sha256(json.dumps(classes, ensure_ascii=False).encode())
+    for d in sorted(digests):
+        h.update(d)
+    return h.hexdigest()
+
+
+def write_split_shards(root: str, split: str, table: pa.Table) -> list[str]:
+    """Write `table` (one split, already in final row order) as bounded shards; return file names."""
+    check_columns(table.schema, DATASET_SCHEMA, f"rows of split {split!r}")
+    if table.num_rows == 0:
+        return []
+    names: list[str] = []
+    sizes = pc.binary_length(table.column(COL_IMAGE)).to_pylist()
+    start, acc = 0, 0
+    for i, size in enumerate(sizes + [None]):
+        if size is None or (acc + size > SHARD_BYTES and i > start):
+            name = dataset_shard_name(split, len(names))
+            uri = storage.join(root, IMAGES_DIR, name)
+            fs, path = storage.arrow_filesystem(uri)
+            with storage.explained(uri):
+                if not storage.is_s3(uri):
+                    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+                pq.write_table(table.slice(start, i - start).select(DATASET_SCHEMA.names), path,
+                               filesystem=fs, row_group_size=ROW_GROUP_ROWS,
+                               compression={COL_IMAGE: "NONE", COL_IMAGE_ID: "zstd",
+                                            COL_LABEL: "zstd", COL_SPLIT: "zstd"})
+            names.append(name)
+            start, acc = i, 0
+        if size is not None:
+            acc += size
+    return names
+
+
+def rows_table(image_ids: list[str], images: list[bytes], labels: list[int], split: str) -> pa.Table:
+    return pa.table({COL_IMAGE_ID: pa.array(image_ids, pa.string()),
+                     COL_IMAGE: pa.array(images, pa.binary()),
+                     COL_LABEL: pa.array(labels, pa.int32()),
+                     COL_SPLIT: pa.array([split] * len(image_ids), pa.string())},
+                    schema=DATASET_SCHEMA)

@@ -1,0 +1,144 @@
+"""The `diffmix-ray` command line: one thin command per stage, no logic beyond parsing and calling."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Optional
+
+import typer
+
+from .console import console, setup_logging
+from .errors import DiffmixError
+
+app = typer.Typer(help="Diff-Mix inter-class image translation as a distributed batch system on Ray.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+model_app = typer.Typer(help="Model utilities (tiny/bench presets, staging).", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+def friendly(fn):
+    """Print a DiffmixError as one clear message (exit 2) instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        setup_logging()
+        try:
+            return fn(*args, **kwargs)
+        except DiffmixError as e:
+            console.print(f"[bold red]error:[/bold red] {e}", markup=True, highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _read_class_names(path: Optional[str]) -> Optional[tuple[str, ...]]:
+    if path is None:
+        return None
+    from . import storage
+
+    names = [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]
+    if not names:
+        raise DiffmixError(f"--class-names {path} lists no names (one class name per line)")
+    return tuple(names)
+
+
+@app.command()
+@friendly
+def prepare(
+    out: str = typer.Option(..., help="Output URI (local path or s3://bucket/prefix) of the canonical dataset."),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help="imagefolder | cub | flowers102 | parquet."),
+    source: Optional[str] = typer.Option(None, help="Raw dataset path or s3:// URI."),
+    from_: Optional[str] = typer.Option(None, "--from", help="Derive a subset of this canonical dataset instead."),
+    shots: Optional[int] = typer.Option(None, help="Derived: K train images per class (few-shot)."),
+    imbalance_ratio: Optional[float] = typer.Option(None, help="Derived: long-tail with n_max/n_min = R (e.g. 100)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for split carving and subsets (default 0)."),
+    super_class: Optional[str] = typer.Option(None, help="Word used in prompts for every class (bird, flower, ...)."),
+    val_fraction: Optional[float] = typer.Option(None, help="Val share carved from train when the source has no val split (default 0.1)."),
+    test_fraction: Optional[float] = typer.Option(None, help="Test share carved from train when the source has no test split (default 0)."),
+    on_bad_image: Optional[str] = typer.Option(None, help="fail (default: list every bad file) or skip (count them)."),
+    image_column: Optional[str] = typer.Option(None, help="Parquet: image column (bytes or {bytes,path}); default 'image'."),
+    label_column: Optional[str] = typer.Option(None, help="Parquet: integer label column; default 'label'."),
+    split_column: Optional[str] = typer.Option(None, help="Parquet: optional split column (train/val/test)."),
+    id_column: Optional[str] = typer.Option(None, help="Parquet: optional unique image id column."),
+    class_names: Optional[str] = typer.Option(None, help="File with one class name per line, in label order."),
+    name: Optional[str] = typer.Option(None, help="Dataset name recorded in dataset.json."),
+    config: Optional[str] = typer.Option(None, help="YAML file with any of these options."),
+    overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+):
+    """Read a raw dataset (or a canonical one, with --from) and write the canonical dataset."""
+    from . import config as cfgmod
+    from .data import prepare as prep
+
+    if from_ is not None:
+        if source or format:
+            raise DiffmixError("--from derives from a canonical dataset; do not combine it with --source/--format")
+        cfg = cfgmod.build(prep.DeriveConfig, config, dict(parent=from_, shots=shots, imbalance_ratio=imbalance_ratio,
+                                                           seed=seed, name=name))
+        info = prep.derive(cfg, out, overwrite=overwrite)
+    else:
+        if shots is not None or imbalance_ratio is not None:
+            raise DiffmixError("--shots/--imbalance-ratio derive from a canonical dataset: pass --from URI")
+        cfg = cfgmod.build(prep.PrepareConfig, config, dict(
+            format=format, source=source, super_class=super_class, name=name, val_fraction=val_fraction,
+            test_fraction=test_fraction, seed=seed, on_bad_image=on_bad_image, image_column=image_column,
+            label_column=label_column, split_column=split_column, id_column=id_column,
+            class_names=_read_class_names(class_names)))
+        info = prep.prepare(cfg, out, overwrite=overwrite, show_progress=not quiet)
+    _print_dataset_summary(out, info)
+
+
+def _print_dataset_summary(out: str, info) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{info.name}: {info.num_classes} classes, super class '{info.super_class}'")
+    for col in ("split", "images", "min/class", "max/class"):
+        table.add_column(col)
+    for split in ("train", "val", "test"):
+        if split in info.counts:
+            counts = info.class_counts(split)
+            table.add_row(split, str(sum(counts)), str(min(counts)), str(max(counts)))
+    console.print(table)
+    skipped = info.skipped.get("bad_files", 0)
+    console.print(f"fingerprint {info.fingerprint[:16]}  skipped bad files: {skipped}  -> {out}")
+
+
+@model_app.command("make-tiny")
+@friendly
+def make_tiny(out: str = typer.Argument(..., help="Directory to write the diffusers folder into."),
+              preset: str = typer.Option("tiny", help="tiny (tests/demo) or bench (benchmarks)."),
+              seed: int = typer.Option(0, help="Weight seed.")):
+    """Write a built-in, randomly initialised SD-shaped model as a normal diffusers folder."""
+    from .models.presets import write_preset
+
+    write_preset(preset, out, seed=seed)
+    console.print(f"wrote the '{preset}' model (seed {seed}) to {out}")
+
+
+@model_app.command("stage")
+@friendly
+def stage(uri: str = typer.Argument(..., help="s3:// URI of a diffusers model folder.")):
+    """Copy a model folder from S3 into this node's cache once (later loads reuse it)."""
+    from .models.loader import stage_model
+
+    console.print(stage_model(uri))
+
+
+@app.command()
+@friendly
+def demo(out: str = typer.Option("demo-out", help="Local folder for every stage's output."),
+         overwrite: bool = typer.Option(False, help="Start again even if --out holds a finished demo.")):
+    """Run the pipeline on built-in defaults: sample dataset, tiny model, local disk, CPU."""
+    from .ops.demo import run_demo
+
+    run_demo(out, overwrite=overwrite)
+
+
+def main() -> None:  # pragma: no cover - `python -m diffmix_ray`
+    app(prog_name="diffmix-ray")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

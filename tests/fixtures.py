@@ -1,0 +1,98 @@
+"""Builders for small raw datasets in every supported layout, made by the tests themselves."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+
+def image_bytes(color=(200, 30, 30), size=(24, 20), fmt="JPEG", mode="RGB") -> bytes:
+    img = Image.new("RGB", size, color)
+    if mode != "RGB":
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write(path: str, data: bytes) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def colour(i: int) -> tuple[int, int, int]:
+    rng = np.random.default_rng(i)
+    return tuple(int(v) for v in rng.integers(0, 255, 3))
+
+
+def make_imagefolder(root: str, classes: dict[str, int], splits: dict[str, float] | None = None) -> str:
+    """root/<class>/<i>.jpg (or root/<split>/<class>/... when `splits` maps split -> share)."""
+    k = 0
+    for name, n in classes.items():
+        for i in range(n):
+            k += 1
+            if splits:
+                split = list(splits)[i % len(splits)]
+                path = os.path.join(root, split, name, f"{i:03d}.jpg")
+            else:
+                path = os.path.join(root, name, f"{i:03d}.jpg")
+            write(path, image_bytes(colour(k)))
+    return root
+
+
+def make_cub(root: str, num_classes: int = 3, per_class: int = 4) -> str:
+    images, labels, split, classes = [], [], [], []
+    n = 0
+    for c in range(1, num_classes + 1):
+        folder = f"{c:03d}.Bird_Number_{c}"
+        classes.append(f"{c} {folder}")
+        for i in range(per_class):
+            n += 1
+            rel = f"{folder}/Bird_{c}_{i:04d}.jpg"
+            write(os.path.join(root, "images", rel), image_bytes(colour(n)))
+            images.append(f"{n} {rel}")
+            labels.append(f"{n} {c}")
+            split.append(f"{n} {1 if i % 2 == 0 else 0}")
+    for name, lines in (("images.txt", images), ("image_class_labels.txt", labels),
+                        ("train_test_split.txt", split), ("classes.txt", classes)):
+        write(os.path.join(root, name), ("\n".join(lines) + "\n").encode())
+    return root
+
+
+def make_flowers102(root: str, per_class: int = 3) -> str:
+    import scipy.io
+
+    n_classes = 102
+    labels = np.repeat(np.arange(1, n_classes + 1), per_class)
+    for i in range(len(labels)):
+        write(os.path.join(root, "jpg", f"image_{i + 1:05d}.jpg"), image_bytes(colour(i), size=(8, 8)))
+    ids = np.arange(1, len(labels) + 1)
+    scipy.io.savemat(os.path.join(root, "imagelabels.mat"), {"labels": labels[None, :]})
+    scipy.io.savemat(os.path.join(root, "setid.mat"), {"trnid": ids[0::3][None, :], "valid": ids[1::3][None, :],
+                                                       "tstid": ids[2::3][None, :]})
+    return root
+
+
+def make_parquet(path: str, labels: list[int], hf_struct: bool = False, names: list[str] | None = None,
+                 ids: list[str] | None = None, splits: list[str] | None = None) -> str:
+    imgs = [image_bytes(colour(i)) for i in range(len(labels))]
+    cols = {"img": [{"bytes": b, "path": None} for b in imgs] if hf_struct else imgs, "target": labels}
+    if ids is not None:
+        cols["uid"] = ids
+    if splits is not None:
+        cols["part"] = splits
+    table = pa.table(cols)
+    if names is not None:  # what Hugging Face `datasets` stores for a ClassLabel feature
+        meta = {"info": {"features": {"target": {"names": names, "_type": "ClassLabel"}}}}
+        table = table.replace_schema_metadata({b"huggingface": json.dumps(meta).encode()})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(table, path)
+    return path
