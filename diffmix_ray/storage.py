@@ -52,13 +52,26 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for `uri` and the path inside it."""
     uri = normalize(uri)
     if is_s3(uri):
-        import s3fs
-
-        kwargs: dict[str, Any] = {}
-        if endpoint := s3_endpoint():
-            kwargs["client_kwargs"] = {"endpoint_url": endpoint}
-        return s3fs.S3FileSystem(**kwargs), uri.split("://", 1)[1]
+        return _s3_filesystem(), uri.split("://", 1)[1]
     return fsspec.filesystem("file"), uri
+
+
+_S3_INSTANCES: dict[tuple, Any] = {}
+_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
+
+
+def _s3_filesystem():
+    """One s3fs instance per (endpoint, credential source). s3fs's own instance cache ignores the
+    environment, so a process whose AWS variables change would keep using stale credentials."""
+    import s3fs
+
+    key = (s3_endpoint(),) + tuple(os.environ.get(v) for v in _CREDENTIAL_ENV)
+    if key not in _S3_INSTANCES:
+        kwargs: dict[str, Any] = {"skip_instance_cache": True}
+        if key[0]:
+            kwargs["client_kwargs"] = {"endpoint_url": key[0]}
+        _S3_INSTANCES[key] = s3fs.S3FileSystem(**kwargs)
+    return _S3_INSTANCES[key]
 
 
 def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -112,9 +125,10 @@ def check_bucket(uri: str) -> None:
     fs, path = filesystem(uri)
     bucket = path.split("/", 1)[0]
     with explained(uri):
-        if not fs.exists(bucket):
-            raise DiffmixError(f"S3 bucket {bucket!r} does not exist (for {uri}); create it or fix the URI")
-        fs.ls(bucket, refresh=True)  # exercises credentials even where exists() swallows errors
+        try:
+            fs.ls(bucket, refresh=True)  # raises on bad credentials, where exists() would say False
+        except FileNotFoundError:
+            raise DiffmixError(f"S3 bucket {bucket!r} does not exist (for {uri}); create it or fix the URI") from None
 
 
 def exists(uri: str) -> bool:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from diffmix_ray import canonical
-from diffmix_ray.data.images import canonicalize
+from diffmix_ray.images import canonicalize
 from diffmix_ray.data.prepare import PrepareConfig, prepare
 from diffmix_ray.errors import DiffmixError
 

@@ -22,7 +22,7 @@ from ..console import logger, progress
 from ..contracts import (COL_IMAGE, COL_IMAGE_ID, COL_LABEL, DATASET_JSON, IMAGES_DIR, SPLITS, DatasetInfo)
 from ..errors import DiffmixError
 from . import readers, splits
-from .images import BadImage, canonicalize
+from ..images import BadImage, canonicalize
 
 FORMATS = ("imagefolder", "cub", "flowers102", "parquet")
 BAD_IMAGE_POLICIES = ("fail", "skip")

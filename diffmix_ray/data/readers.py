@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from ..errors import DiffmixError
-from .images import is_image_name
+from ..images import is_image_name
 
 SPLIT_DIR_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 FLOWERS102_CLASSES_FILE = "flowers102_classes.txt"

@@ -1,0 +1,313 @@
+"""The `generate` driver: plan -> (resume: what is missing) -> Ray Data pipeline -> verify ->
+manifest.json -> _SUCCESS. Only this module knows about Ray Data.
+
+Exactly-once: shard files are written by `write_parquet` into <out>/shards/. A rerun reads the
+pair_ids of the shards that exist (an unreadable file, e.g. cut short by a killed driver, is
+deleted: its pairs are simply redone), generates only the missing pairs, then verifies that the
+shard set equals the plan; duplicates (a pair in two files) are compacted away before _SUCCESS."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections import Counter
+from importlib import metadata
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .. import canonical, storage
+from ..console import console, logger
+from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_PAIR_ID, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH,
+                         COL_TARGET_LABEL, MANIFEST_JSON, PLAN_DIR, SHARD_SCHEMA, SHARDS_DIR, SUCCESS)
+from ..errors import DiffmixError
+from ..models import concepts as bank_io
+from ..models.loader import resolve_model
+from .config import GenerateConfig
+from .plan import make_plan
+from .sources import COL_FILE, COL_ROW, attach_sources
+from .translate import COL_ERROR, Translator
+
+PLAN_FILE = "plan-00000.parquet"
+FAILED_DIR = "failed"
+
+
+@dataclasses.dataclass
+class Inputs:
+    """Everything the driver resolved before doing any work."""
+
+    cfg: GenerateConfig
+    out: str
+    dataset: canonical.Dataset
+    model_fingerprint: str
+    bank: bank_io.ConceptBank | None
+    identity: dict
+
+
+def resolve_inputs(cfg: GenerateConfig) -> Inputs:
+    """Validate the config and every input (dataset, model, bank) before any output is touched."""
+    cfg.validate()
+    if not cfg.out:
+        raise DiffmixError("--out is required: where the plan, shards and manifest go")
+    out = storage.normalize(cfg.out)
+    dataset = canonical.open_dataset(cfg.dataset)
+    if dataset.info.split_size("train") == 0:
+        raise DiffmixError(f"the train split of {cfg.dataset} is empty: nothing to translate")
+    model = resolve_model(cfg.model)
+    bank = None
+    if cfg.concepts:
+        bank, _ = bank_io.load_bank(cfg.concepts)
+        bank_io.check_bank_matches(bank, cfg.concepts, model.fingerprint, dataset.info.fingerprint)
+        if len(bank.tokens) != dataset.info.num_classes:
+            raise DiffmixError(f"concept bank {cfg.concepts} has tokens for {len(bank.tokens)} classes but the "
+                               f"dataset has {dataset.info.num_classes}: some target classes have no token")
+        if cfg.mode == "da-fusion" and bank.mode != "ti":
+            raise DiffmixError(f"--mode da-fusion uses a TI-only bank; {cfg.concepts} is a {bank.mode} bank")
+    identity = cfg.output_identity() | {
+        "dataset": dataset.uri, "dataset_fingerprint": dataset.info.fingerprint,
+        "model_fingerprint": model.fingerprint, "concepts_fingerprint": bank.fingerprint if bank else None}
+    return Inputs(cfg, out, dataset, model.fingerprint, bank, identity)
+
+
+def build_plan(inputs: Inputs) -> pa.Table:
+    # Leakage guard: only the train split's files are opened; val/test never reach generation.
+    train = inputs.dataset.read_split("train", columns=[COL_IMAGE_ID, COL_LABEL])
+    return make_plan(train.column(COL_IMAGE_ID).to_pylist(), train.column(COL_LABEL).to_pylist(),
+                     inputs.dataset.info.num_classes, inputs.cfg)
+
+
+def _read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = storage.arrow_filesystem(uri)
+    with storage.explained(uri):
+        return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def write_plan(out: str, plan: pa.Table) -> None:
+    uri = storage.join(out, PLAN_DIR, PLAN_FILE)
+    if storage.exists(uri):
+        existing = _read_parquet(uri)
+        if existing.equals(plan):
+            return
+        logger.warning("the stored plan differs from the recomputed one; replacing it")
+    storage.makedirs(storage.join(out, PLAN_DIR))
+    fs, path = storage.arrow_filesystem(uri)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}" if not storage.is_s3(out) else path
+    with storage.explained(uri):
+        pq.write_table(plan, tmp, filesystem=fs)
+        if tmp != path:
+            fs.move(tmp, path)
+
+
+def scan_shards(out: str) -> tuple[dict[str, list[str]], list[str]]:
+    """pair_ids per readable shard file; unreadable files (cut short) are deleted and listed."""
+    shards_uri = storage.join(out, SHARDS_DIR)
+    found: dict[str, list[str]] = {}
+    removed: list[str] = []
+    for name in storage.list_dir(shards_uri):
+        uri = storage.join(shards_uri, name)
+        if not name.endswith(".parquet"):
+            continue
+        try:
+            fs, path = storage.arrow_filesystem(uri)
+            found[name] = pq.read_table(path, filesystem=fs, columns=[COL_PAIR_ID]).column(COL_PAIR_ID).to_pylist()
+        except (OSError, pa.ArrowInvalid) as e:
+            logger.warning("shard %s is unreadable (%s): deleting it, its pairs will be regenerated", name, e)
+            storage.remove_tree(uri)
+            removed.append(name)
+    return found, removed
+
+
+def compact_duplicates(out: str, found: dict[str, list[str]]) -> int:
+    """Rewrite the files holding a pair that an earlier file already holds, without those rows."""
+    seen: set[str] = set()
+    dropped = 0
+    for name in sorted(found):
+        ids = found[name]
+        dup = [i for i in ids if i in seen]
+        seen.update(ids)
+        if not dup:
+            continue
+        uri = storage.join(out, SHARDS_DIR, name)
+        table = _read_parquet(uri)
+        keep = pc.invert(pc.is_in(table.column(COL_PAIR_ID), value_set=pa.array(dup, pa.string())))
+        fs, path = storage.arrow_filesystem(uri)
+        with storage.explained(uri):
+            kept = table.filter(keep)
+            if kept.num_rows:
+                pq.write_table(kept, path, filesystem=fs)
+            else:
+                fs.delete_file(path)
+        found[name] = kept.column(COL_PAIR_ID).to_pylist()
+        dropped += len(dup)
+    return dropped
+
+
+def _read_failures(out: str) -> list[dict]:
+    records = []
+    for name in storage.list_dir(storage.join(out, FAILED_DIR)):
+        records += storage.read_json(storage.join(out, FAILED_DIR, name))
+    return records
+
+
+def _todo(inputs: Inputs, plan: pa.Table, done: set[str]) -> tuple[pa.Table, list[str]]:
+    """Plan rows still missing, with the location of their source image, ordered so that a batch
+    shares one strength (one img2img call) and reads neighbouring rows of the same shard."""
+    todo = plan.filter(pc.invert(pc.is_in(plan.column(COL_PAIR_ID), value_set=pa.array(sorted(done), pa.string()))))
+    files = inputs.dataset.files("train")
+    if inputs.cfg.kind == "gen":
+        return todo.sort_by([(COL_TARGET_LABEL, "ascending")]), files
+    loc: dict[str, tuple[int, int]] = {}
+    for f, uri in enumerate(files):
+        for r, image_id in enumerate(_read_parquet(uri, [COL_IMAGE_ID]).column(COL_IMAGE_ID).to_pylist()):
+            loc[image_id] = (f, r)
+    where = [loc[i] for i in todo.column(COL_SOURCE_ID).to_pylist()]
+    todo = todo.append_column(COL_FILE, pa.array([w[0] for w in where], pa.int32()))
+    todo = todo.append_column(COL_ROW, pa.array([w[1] for w in where], pa.int64()))
+    return todo.sort_by([(COL_STRENGTH, "ascending"), (COL_FILE, "ascending"), (COL_ROW, "ascending")]), files
+
+
+def keep_good_rows(batch: pa.Table, failed_uri: str) -> pa.Table:
+    """Record failed pairs under <out>/failed/ and pass on only good rows, in the shard schema."""
+    errors = batch.column(COL_ERROR).to_pylist()
+    bad = [i for i, e in enumerate(errors) if e]
+    if bad:
+        ids = batch.column(COL_PAIR_ID).to_pylist()
+        storage.write_json_atomic(storage.join(failed_uri, f"{uuid.uuid4().hex}.json"),
+                                  [{"pair_id": ids[i], "error": errors[i]} for i in bad])
+    good = batch.filter(pa.array([not e for e in errors]))
+    return pa.table([good.column(f.name).cast(f.type) for f in SHARD_SCHEMA], schema=SHARD_SCHEMA)
+
+
+def _ray_pipeline(inputs: Inputs, todo: pa.Table, files: list[str], started: float) -> None:
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext, SaveMode
+    from ray.data.datasource import FilenameProvider
+
+    cfg = inputs.cfg
+
+    class ShardNames(FilenameProvider):
+        def get_filename_for_block(self, block, write_uuid, task_index, block_index):
+            return f"shard-{write_uuid[:8]}-{task_index:05d}-{block_index:04d}.parquet"
+
+    ctx = DataContext.get_current()
+    ctx.enable_operator_progress_bars = console.is_terminal  # job logs: dashboard + summary instead
+    ctx.actor_init_retry_on_errors = True  # a flaky model download should not kill the run
+    info = inputs.dataset.info
+    chunk = max(cfg.batch_size * 4, 1)
+    blocks = [todo.slice(i, chunk) for i in range(0, todo.num_rows, chunk)]
+    ds = ray.data.from_arrow(blocks)
+    if cfg.kind != "gen":
+        ds = ds.map_batches(attach_sources, fn_kwargs={"files": files}, batch_format="pyarrow",
+                            batch_size=chunk, num_cpus=0.25)
+    translator_args = dict(model=cfg.model, kind=cfg.kind, class_names=info.classes, super_class=info.super_class,
+                           concepts=cfg.concepts, steps=cfg.steps, guidance=cfg.guidance,
+                           prompt_template=cfg.prompt_template, jpeg_quality=cfg.jpeg_quality,
+                           threads=max(1, int(cfg.cpus_per_actor)), report_metrics=True)
+    remote = {}
+    if cfg.memory_per_actor_gb:
+        remote["memory"] = int(cfg.memory_per_actor_gb * 2**30)
+    ds = ds.map_batches(Translator, fn_constructor_kwargs=translator_args, batch_size=cfg.batch_size,
+                        batch_format="numpy", num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor,
+                        compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors,
+                                                  initial_size=cfg.max_actors), **remote)
+    ds = ds.map_batches(keep_good_rows, fn_kwargs={"failed_uri": storage.join(inputs.out, FAILED_DIR)},
+                        batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+    fs, path = storage.arrow_filesystem(storage.join(inputs.out, SHARDS_DIR))
+    storage.makedirs(storage.join(inputs.out, SHARDS_DIR))
+    ds.write_parquet(path, filesystem=fs, min_rows_per_file=cfg.rows_per_shard, max_rows_per_file=cfg.rows_per_shard,
+                     filename_provider=ShardNames(), mode=SaveMode.APPEND)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("diffmix-ray", "ray", "torch", "diffusers", "transformers", "peft", "pyarrow"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _pair_counts(plan: pa.Table) -> dict[str, int]:
+    pairs = zip(plan.column(COL_SOURCE_LABEL).to_pylist(), plan.column(COL_TARGET_LABEL).to_pylist())
+    return {f"{s}->{t}": n for (s, t), n in sorted(Counter(pairs).items())}
+
+
+def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
+    """Generate every missing pair of the plan; returns the summary written into the manifest."""
+    started = time.perf_counter()
+    inputs = resolve_inputs(cfg)
+    out = inputs.out
+    resumed = storage.claim_output(out, "generate", inputs.identity, overwrite)
+    if resumed and storage.exists(storage.join(out, SUCCESS)):
+        manifest = storage.read_json(storage.join(out, MANIFEST_JSON))
+        console.print(f"{out} is complete ({manifest['counts']['generated']} images); nothing to do")
+        return manifest
+    storage.remove_tree(storage.join(out, SUCCESS))
+    plan = build_plan(inputs)
+    write_plan(out, plan)
+    found, removed = scan_shards(out)
+    dropped = compact_duplicates(out, found)
+    done = {i for ids in found.values() for i in ids}
+    storage.remove_tree(storage.join(out, FAILED_DIR))  # failures are re-recorded if they recur
+    todo, files = _todo(inputs, plan, done)
+    console.print(f"plan: {plan.num_rows} pairs ({cfg.mode}); already generated {len(done)}; to do {todo.num_rows}"
+                  + (f"; deleted {len(removed)} unreadable shard(s)" if removed else ""))
+    gen_started = time.perf_counter()
+    if todo.num_rows:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(log_to_driver=True)
+        from ..ops.metrics import PlanMetrics
+
+        gauges = PlanMetrics(run=storage.config_hash(inputs.identity))
+        gauges.set(plan.num_rows, todo.num_rows)
+        _ray_pipeline(inputs, todo, files, started)
+    gen_seconds = time.perf_counter() - gen_started
+    found, removed_after = scan_shards(out)
+    dropped += compact_duplicates(out, found)
+    done_after = {i for ids in found.values() for i in ids}
+    planned = set(plan.column(COL_PAIR_ID).to_pylist())
+    missing = planned - done_after
+    extra = done_after - planned
+    if extra:
+        raise DiffmixError(f"{out}/shards holds {len(extra)} pairs that are not in the plan; the output was "
+                           "modified by hand: rerun with --overwrite")
+    failures = _read_failures(out)
+    if todo.num_rows:
+        import ray
+
+        if ray.is_initialized():
+            PlanMetrics(run=storage.config_hash(inputs.identity)).set(plan.num_rows, len(missing))
+    made_now = len(done_after) - len(done)
+    shards_fs, shards_root = storage.filesystem(storage.join(out, SHARDS_DIR))
+    shard_bytes = sum(shards_fs.size(f"{shards_root}/{n}") for n in found)
+    manifest = {
+        "config": dataclasses.asdict(cfg) | {"out": out},
+        "identity": inputs.identity,
+        "dataset_fingerprint": inputs.dataset.info.fingerprint,
+        "model_fingerprint": inputs.model_fingerprint,
+        "concepts_fingerprint": inputs.bank.fingerprint if inputs.bank else None,
+        "counts": {"planned": plan.num_rows, "generated": len(done_after), "missing": len(missing),
+                   "failed": len(failures), "shards": len(found), "bytes": shard_bytes,
+                   "pairs": _pair_counts(plan), "duplicates_removed": dropped,
+                   "unreadable_shards_removed": len(removed) + len(removed_after)},
+        "failed": failures[:1000],
+        "timings": {"total_s": round(time.perf_counter() - started, 3), "generate_s": round(gen_seconds, 3),
+                    "images_this_run": made_now,
+                    "images_per_s": round(made_now / gen_seconds, 3) if gen_seconds > 0 and made_now else 0.0},
+        "versions": _versions(),
+    }
+    storage.write_json_atomic(storage.join(out, MANIFEST_JSON), manifest)
+    summary = (f"generated {made_now} images in {gen_seconds:.1f} s ({manifest['timings']['images_per_s']:.2f} images/s); "
+               f"{len(done_after)}/{plan.num_rows} pairs in {len(found)} shards, {shard_bytes / 2**20:.1f} MiB")
+    if missing:
+        console.print(f"[yellow]{summary}; {len(missing)} pairs missing ({len(failures)} failed, see "
+                      f"{MANIFEST_JSON}): no {SUCCESS}. Rerun the same command to retry them.[/yellow]")
+    else:
+        storage.write_text_atomic(storage.join(out, SUCCESS), "")
+        console.print(f"[green]{summary}[/green] -> {out}")
+    return manifest

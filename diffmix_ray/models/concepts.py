@@ -1,0 +1,132 @@
+"""The concept bank (finetune -> generate): per-class textual-inversion tokens + UNet LoRA.
+
+On disk (contracts.py names the files): `pytorch_lora_weights.safetensors` (diffusers LoRA
+format, absent for a TI-only bank), `learned_embeds.safetensors` (placeholder token -> vector)
+and `concepts.json`. Loading goes through diffusers' own loaders (`load_lora_weights`,
+`load_textual_inversion`), so a bank also loads into a plain diffusers pipeline."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .. import storage
+from ..contracts import CONCEPTS_JSON, LEARNED_EMBEDS, LORA_WEIGHTS
+from ..errors import DiffmixError
+
+BANK_MODES = ("ti+lora", "ti", "lora")
+
+
+@dataclass(frozen=True)
+class ConceptBank:
+    tokens: list[str]  # index = class label
+    class_names: list[str]
+    prompt_template: str  # with {token} and {super_class}
+    super_class: str
+    mode: str  # ti+lora | ti | lora
+    base_model: dict[str, Any]  # {"spec": ..., "fingerprint": ...}
+    dataset_fingerprint: str
+    train_config: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""  # hash of the bank's files, filled in by load_bank
+
+    @property
+    def has_lora(self) -> bool:
+        return self.mode in ("ti+lora", "lora")
+
+    @property
+    def has_tokens(self) -> bool:
+        return self.mode in ("ti+lora", "ti")
+
+    def prompt(self, label: int) -> str:
+        if not 0 <= label < len(self.tokens):
+            raise DiffmixError(f"class {label} has no token in this concept bank (it has {len(self.tokens)} classes)")
+        token = self.tokens[label] if self.has_tokens else self.class_names[label]
+        return self.prompt_template.format(token=token, super_class=self.super_class).strip()
+
+
+def _meta(bank: ConceptBank) -> dict[str, Any]:
+    meta = asdict(bank)
+    meta.pop("fingerprint")
+    return meta
+
+
+def save_bank(out: str, bank: ConceptBank, lora_state: dict | None, embeds: dict | None) -> None:
+    """Write the bank; concepts.json goes last, so its presence means the bank is complete."""
+    from safetensors.torch import save_file
+
+    if bank.mode not in BANK_MODES:
+        raise DiffmixError(f"concept bank mode {bank.mode!r} must be one of {BANK_MODES}")
+    with tempfile.TemporaryDirectory() as tmp:
+        if bank.has_lora:
+            from diffusers import StableDiffusionPipeline
+
+            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora_state, weight_name=LORA_WEIGHTS,
+                                                      safe_serialization=True)
+            storage.write_bytes_atomic(storage.join(out, LORA_WEIGHTS), open(os.path.join(tmp, LORA_WEIGHTS), "rb").read())
+        if bank.has_tokens:
+            path = os.path.join(tmp, LEARNED_EMBEDS)
+            save_file({t: embeds[t].detach().float().cpu().contiguous() for t in bank.tokens}, path)
+            storage.write_bytes_atomic(storage.join(out, LEARNED_EMBEDS), open(path, "rb").read())
+    storage.write_json_atomic(storage.join(out, CONCEPTS_JSON), _meta(bank))
+
+
+def load_bank(uri: str) -> tuple[ConceptBank, str]:
+    """Read a bank; returns it and a local directory holding its files (staged from S3 if needed)."""
+    uri = storage.normalize(uri)
+    meta_uri = storage.join(uri, CONCEPTS_JSON)
+    if not storage.exists(meta_uri):
+        raise DiffmixError(f"{uri} is not a concept bank (no {CONCEPTS_JSON}); make one with `diffmix-ray finetune`")
+    meta = storage.read_json(meta_uri)
+    try:
+        bank = ConceptBank(**{k: meta[k] for k in ("tokens", "class_names", "prompt_template", "super_class", "mode",
+                                                   "base_model", "dataset_fingerprint")},
+                           train_config=meta.get("train_config", {}))
+    except KeyError as e:
+        raise DiffmixError(f"{meta_uri} lacks field {e}; it was not written by diffmix-ray finetune") from e
+    local = storage.normalize(uri)
+    if storage.is_s3(uri):
+        local = tempfile.mkdtemp(prefix="diffmix-bank-")
+    h = hashlib.sha256(json.dumps(_meta(bank), sort_keys=True).encode())
+    for name, needed in ((LORA_WEIGHTS, bank.has_lora), (LEARNED_EMBEDS, bank.has_tokens)):
+        if not needed:
+            continue
+        src = storage.join(uri, name)
+        if not storage.exists(src):
+            raise DiffmixError(f"concept bank {uri} (mode {bank.mode}) is missing {name}")
+        data = storage.read_bytes(src)
+        h.update(hashlib.sha256(data).digest())
+        if storage.is_s3(uri):
+            with open(os.path.join(local, name), "wb") as f:
+                f.write(data)
+    return ConceptBank(**{**asdict(bank), "fingerprint": h.hexdigest()}), local
+
+
+def check_bank_matches(bank: ConceptBank, bank_uri: str, model_fingerprint: str, dataset_fingerprint: str) -> None:
+    """Refuse a bank trained on another base model or another dataset: its tokens would mean nothing."""
+    if bank.base_model.get("fingerprint") != model_fingerprint:
+        raise DiffmixError(f"concept bank {bank_uri} was trained on base model {bank.base_model.get('spec')!r} "
+                           f"(fingerprint {str(bank.base_model.get('fingerprint'))[:12]}), not the --model given "
+                           f"(fingerprint {model_fingerprint[:12]}); pass the same base model it was fine-tuned from")
+    if bank.dataset_fingerprint != dataset_fingerprint:
+        raise DiffmixError(f"concept bank {bank_uri} was trained on another dataset (fingerprint "
+                           f"{bank.dataset_fingerprint[:12]}, --dataset has {dataset_fingerprint[:12]}); "
+                           "fine-tune on this dataset or pass the dataset the bank was made from")
+
+
+def apply_bank(pipe, bank: ConceptBank, local_dir: str) -> None:
+    """Load the bank's LoRA and tokens into `pipe` (in place)."""
+    from safetensors.torch import load_file
+
+    if bank.has_lora:
+        pipe.load_lora_weights(local_dir, weight_name=LORA_WEIGHTS)
+    if bank.has_tokens:
+        embeds = load_file(os.path.join(local_dir, LEARNED_EMBEDS))
+        missing = [t for t in bank.tokens if t not in embeds]
+        if missing:
+            raise DiffmixError(f"{LEARNED_EMBEDS} in the concept bank lacks tokens {missing[:5]}")
+        pipe.load_textual_inversion([embeds[t] for t in bank.tokens], token=list(bank.tokens))
+

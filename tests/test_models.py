@@ -1,0 +1,261 @@
+"""The model kit: offline presets, the diffusers folder round trip, spec resolution, S3 staging."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffmix_ray.errors import DiffmixError
+from diffmix_ray.models import (
+    build_pipeline,
+    build_tokenizer,
+    dir_fingerprint,
+    load_pipeline,
+    model_fingerprint,
+    runtime_policy,
+    stage_model,
+    to_text2img,
+    write_model,
+    write_preset,
+)
+from diffmix_ray.models import loader
+from diffmix_ray.models.presets import PRESETS, PROMPT_WORDS
+
+PROMPTS = ["a photo of a bird", "a photo of a flower"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return write_preset("tiny", str(tmp_path_factory.mktemp("models") / "tiny"), seed=0)
+
+
+@pytest.fixture
+def model_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(loader.CACHE_ENV, str(cache))
+    return cache
+
+
+def _weights(pipe):
+    return {f"{name}.{k}": v for name in ("unet", "vae", "text_encoder")
+            for k, v in getattr(pipe, name).state_dict().items()}
+
+
+def _img2img(pipe):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    return pipe(prompt=PROMPTS, image=[image, image], strength=0.5, num_inference_steps=4,
+                generator=[torch.Generator().manual_seed(s) for s in (0, 1)], output_type="np").images
+
+
+def test_tiny_preset_is_deterministic_and_leaves_global_rng_alone():
+    a, b, c = _weights(build_pipeline("tiny", 0)), _weights(build_pipeline("tiny", 0)), _weights(build_pipeline("tiny", 1))
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_pipeline("tiny", 5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_tokenizer_handles_prompt_words_and_any_text():
+    tok = build_tokenizer()
+    for word in PROMPT_WORDS:
+        assert len(tok(word).input_ids) == 3, word  # <start> word <end>
+    ids = tok("a photo of a <class_3> bird, ünïcødé 漢字 🐦").input_ids
+    assert tok.decode(ids, skip_special_tokens=True).startswith("a photo of a < class _ 3 > bird")
+    assert len(tok("bird " * 200, truncation=True).input_ids) == 77
+
+
+def test_written_folder_has_the_stable_diffusion_layout(tiny_dir):
+    index = json.load(open(os.path.join(tiny_dir, "model_index.json")))
+    assert index["_class_name"] == "StableDiffusionImg2ImgPipeline"
+    for component in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert os.path.isdir(os.path.join(tiny_dir, component)), component
+    for rel in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                "text_encoder/model.safetensors", "tokenizer/vocab.json", "tokenizer/merges.txt"):
+        assert os.path.isfile(os.path.join(tiny_dir, rel)), rel
+    scheduler = json.load(open(os.path.join(tiny_dir, "scheduler", "scheduler_config.json")))
+    assert scheduler["_class_name"] == "PNDMScheduler"
+    assert (scheduler["beta_start"], scheduler["beta_end"], scheduler["beta_schedule"]) == (0.00085, 0.012, "scaled_linear")
+    assert scheduler["skip_prk_steps"] is True and scheduler["steps_offset"] == 1
+    assert json.load(open(os.path.join(tiny_dir, "vae", "config.json")))["scaling_factor"] == 0.18215
+
+
+def test_make_tiny_round_trip_matches_in_memory_pipeline(tiny_dir):
+    pipe, ref = load_pipeline(tiny_dir)
+    assert type(pipe).__name__ == "StableDiffusionImg2ImgPipeline" and pipe.safety_checker is None
+    assert (ref.kind, ref.local_path, ref.resolution) == ("dir", tiny_dir, 64)
+    assert ref.fingerprint == dir_fingerprint(tiny_dir) == model_fingerprint(tiny_dir)
+    assert pipe.unet.dtype == torch.float32 and pipe.device.type == "cpu"
+
+    loaded, in_memory = _img2img(pipe), _img2img(build_pipeline("tiny", 0))
+    assert loaded.shape == (2, 64, 64, 3)
+    np.testing.assert_allclose(loaded, in_memory, atol=1e-6)
+
+    text2img = to_text2img(pipe)
+    assert type(text2img).__name__ == "StableDiffusionPipeline" and text2img.unet is pipe.unet
+    out = text2img(prompt=PROMPTS[:1], num_inference_steps=2, output_type="pil").images
+    assert out[0].size == (64, 64)
+
+
+def test_presets_resolve_without_files():
+    pipe, ref = load_pipeline("tiny:3", pipeline="text2img")
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert (ref.kind, ref.local_path, ref.resolution) == ("preset", None, 64)
+    assert ref.fingerprint != model_fingerprint("tiny") == model_fingerprint("tiny:0")
+    assert model_fingerprint("bench") != model_fingerprint("tiny")
+    assert PRESETS["bench"].resolution == 128
+    with pytest.raises(DiffmixError, match="must be an integer"):
+        load_pipeline("tiny:x")
+    with pytest.raises(DiffmixError, match="unknown pipeline kind"):
+        load_pipeline("tiny", pipeline="inpaint")
+
+
+@pytest.mark.parametrize("remove", ["vae", "model_index.json"])
+def test_incomplete_folder_is_refused_naming_the_missing_part(tiny_dir, tmp_path, remove):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    target = broken / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(DiffmixError, match=remove) as err:
+        load_pipeline(str(broken))
+    assert str(broken) in str(err.value)
+    with pytest.raises(DiffmixError, match="does not exist"):
+        load_pipeline(str(tmp_path / "nowhere"))
+
+
+def test_hub_id_with_hub_offline_fails_without_touching_the_network(monkeypatch):
+    import diffusers
+    import huggingface_hub
+
+    def forbidden(*args, **kwargs):
+        pytest.fail("a hub download or network connection was attempted")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("snapshot_download", "hf_hub_download"):
+        monkeypatch.setattr(huggingface_hub, name, forbidden)
+    for name in ("download", "from_pretrained"):
+        monkeypatch.setattr(diffusers.DiffusionPipeline, name, classmethod(forbidden))
+    monkeypatch.setattr(socket.socket, "connect", forbidden)
+    with pytest.raises(DiffmixError, match="HF_HUB_OFFLINE=1 forbids hub downloads") as err:
+        load_pipeline("some-org/some-model")
+    assert "huggingface-cli download some-org/some-model" in str(err.value)
+
+
+def test_hub_id_goes_through_the_hub_cache_when_online(tiny_dir, monkeypatch):
+    import diffusers
+
+    asked = []
+
+    def fake_download(cls, repo_id, **kwargs):  # stands in for the hub: returns a snapshot folder
+        asked.append((repo_id, kwargs))
+        return tiny_dir
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "download", classmethod(fake_download))
+    _, ref = load_pipeline("some-org/some-model")
+    assert asked == [("some-org/some-model", {"safety_checker": None, "feature_extractor": None})]
+    assert (ref.kind, ref.local_path, ref.fingerprint) == ("hub", tiny_dir, dir_fingerprint(tiny_dir))
+
+
+def test_runtime_policy():
+    assert runtime_policy("cpu") == ("cpu", torch.float32)
+    assert runtime_policy("cpu", "bf16") == ("cpu", torch.bfloat16)
+    if not torch.cuda.is_available():
+        assert runtime_policy() == ("cpu", torch.float32)
+        with pytest.raises(DiffmixError, match="CUDA is not available"):
+            runtime_policy("cuda")
+    with pytest.raises(DiffmixError, match="float16 on CPU"):
+        runtime_policy("cpu", torch.float16)
+    with pytest.raises(DiffmixError, match="float16 on CPU"):
+        load_pipeline("tiny", device="cpu", dtype="fp16")
+
+
+def test_spec_credentials_are_stripped():
+    assert loader.redact("s3://AKIA:secret@bucket/m?X-Amz-Signature=abc") == "s3://bucket/m"
+    assert loader.redact("https://user:token@example.com/m") == "https://example.com/m"
+    assert loader.redact("org/model") == "org/model"
+
+
+def test_write_model_copies_any_spec_and_refuses_non_empty_output(tiny_dir, tmp_path):
+    out = write_model("tiny", str(tmp_path / "a"))
+    assert dir_fingerprint(out) == dir_fingerprint(tiny_dir)  # saving is deterministic too
+    copy = write_model(tiny_dir, str(tmp_path / "b"))
+    assert dir_fingerprint(copy) == dir_fingerprint(tiny_dir)
+    with pytest.raises(DiffmixError, match="not empty"):
+        write_model("tiny", out)
+
+
+def _upload(s3_env, tiny_dir):
+    import s3fs
+
+    uri = s3_env.make_bucket("models") + "/models/tiny"
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_env.endpoint})
+    fs.put(tiny_dir + "/", uri.removeprefix("s3://") + "/", recursive=True)
+    return uri, fs
+
+
+def test_s3_model_is_staged_once_and_matches_the_local_folder(tiny_dir, s3_env, model_cache, monkeypatch):
+    uri, fs = _upload(s3_env, tiny_dir)
+    downloads = []
+    real_download = loader._download_files
+    monkeypatch.setattr(loader, "_download_files", lambda *a: (downloads.append(a), real_download(*a)))
+
+    pipe, ref = load_pipeline(uri)
+    assert (ref.kind, ref.spec) == ("s3", uri)
+    assert ref.local_path.startswith(str(model_cache)) and len(downloads) == 1
+    assert ref.fingerprint == dir_fingerprint(tiny_dir)
+    np.testing.assert_allclose(_img2img(pipe), _img2img(build_pipeline("tiny", 0)), atol=1e-6)
+
+    _, again = load_pipeline(uri)
+    assert again == ref and len(downloads) == 1  # the staged copy is reused
+
+    # A changed remote model is a different cache entry, staged afresh.
+    fs.pipe_file(uri.removeprefix("s3://") + "/scheduler/scheduler_config.json",
+                 open(os.path.join(tiny_dir, "scheduler", "scheduler_config.json"), "rb").read() + b"\n")
+    changed = stage_model(uri)
+    assert changed != ref.local_path and len(downloads) == 2
+
+
+def test_concurrent_staging_downloads_once(tiny_dir, s3_env, model_cache, monkeypatch):
+    uri, _ = _upload(s3_env, tiny_dir)
+    downloads = []
+    real_download = loader._download_files
+    monkeypatch.setattr(loader, "_download_files", lambda *a: (downloads.append(a), real_download(*a)))
+
+    paths, errors = [], []
+
+    def stage():
+        try:
+            paths.append(stage_model(uri))
+        except Exception as e:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=stage) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(paths)) == 1 and len(downloads) == 1
+    assert sorted(p.name for p in model_cache.iterdir() if not p.name.endswith(".lock")) == [os.path.basename(paths[0])]
+
+
+def test_incomplete_s3_model_is_refused_before_downloading(tiny_dir, s3_env, model_cache, monkeypatch):
+    uri, fs = _upload(s3_env, tiny_dir)
+    fs.rm(uri.removeprefix("s3://") + "/vae", recursive=True)
+    monkeypatch.setattr(loader, "_download_files", lambda *a: pytest.fail("downloaded an incomplete model"))
+    with pytest.raises(DiffmixError, match="vae/"):
+        load_pipeline(uri)
+    with pytest.raises(DiffmixError, match="holds no files"):
+        load_pipeline(uri + "-nothing-here")
