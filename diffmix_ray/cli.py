@@ -109,12 +109,13 @@ def _print_dataset_summary(out: str, info) -> None:
 @friendly
 def make_tiny(out: str = typer.Argument(..., help="Directory to write the diffusers folder into."),
               preset: str = typer.Option("tiny", help="tiny (tests/demo) or bench (benchmarks)."),
-              seed: int = typer.Option(0, help="Weight seed.")):
-    """Write a built-in, randomly initialised SD-shaped model as a normal diffusers folder."""
-    from .models.presets import write_preset
+              seed: int = typer.Option(0, help="Weight seed."),
+              overwrite: bool = typer.Option(False, help="Replace a non-empty OUT.")):
+    """Write a built-in, randomly initialised SD-shaped model as a normal diffusers folder (local or s3://)."""
+    from .models.loader import write_model
 
-    write_preset(preset, out, seed=seed)
-    console.print(f"wrote the '{preset}' model (seed {seed}) to {out}")
+    written = write_model(f"{preset}:{seed}", out, overwrite=overwrite)
+    console.print(f"wrote the '{preset}' model (seed {seed}) to {written}")
 
 
 @model_app.command("stage")

@@ -58,3 +58,43 @@ def s3_env(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     yield S3Env(s3_server)
+
+
+# ---------------------------------------------------------------------------------------------
+# One local Ray instance, one prepared sample dataset and one concept bank for the whole session:
+# each Ray start costs seconds, each translation actor ~4 s, so tests share them.
+# ---------------------------------------------------------------------------------------------
+os.environ["RAY_AUTH_MODE"] = "disabled"  # local test cluster; real clusters use token auth
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    import ray
+
+    # 4 logical CPUs on a 2-core machine: translation actors + Ray Data tasks never starve each other.
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
+             log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_dataset(tmp_path_factory):
+    """The built-in sample dataset (4 classes) prepared as a canonical dataset."""
+    from diffmix_ray.data.prepare import PrepareConfig, prepare
+    from diffmix_ray.data.sample import SAMPLE_SUPER_CLASS, write_sample_imagefolder
+
+    root = tmp_path_factory.mktemp("sample")
+    raw = write_sample_imagefolder(str(root / "raw"), num_classes=4, per_class=8)
+    out = str(root / "dataset")
+    prepare(PrepareConfig("imagefolder", raw, super_class=SAMPLE_SUPER_CLASS, val_fraction=0.25), out,
+            show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bank(tmp_path_factory, sample_dataset):
+    """A concept bank for the tiny model and the sample dataset: random LoRA + random tokens."""
+    from .fixtures import make_random_bank
+
+    return make_random_bank(str(tmp_path_factory.mktemp("bank") / "bank"), "tiny", sample_dataset)

@@ -44,6 +44,11 @@ def model_cache(tmp_path, monkeypatch):
     return cache
 
 
+def _read_json(*parts):
+    with open(os.path.join(*parts), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def _weights(pipe):
     return {f"{name}.{k}": v for name in ("unet", "vae", "text_encoder")
             for k, v in getattr(pipe, name).state_dict().items()}
@@ -56,7 +61,7 @@ def _img2img(pipe):
 
 
 def test_tiny_preset_is_deterministic_and_leaves_global_rng_alone():
-    a, b, c = _weights(build_pipeline("tiny", 0)), _weights(build_pipeline("tiny", 0)), _weights(build_pipeline("tiny", 1))
+    a, b, c = (_weights(build_pipeline("tiny", seed)) for seed in (0, 0, 1))
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
@@ -78,18 +83,19 @@ def test_tokenizer_handles_prompt_words_and_any_text():
 
 
 def test_written_folder_has_the_stable_diffusion_layout(tiny_dir):
-    index = json.load(open(os.path.join(tiny_dir, "model_index.json")))
+    index = _read_json(tiny_dir, "model_index.json")
     assert index["_class_name"] == "StableDiffusionImg2ImgPipeline"
     for component in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert os.path.isdir(os.path.join(tiny_dir, component)), component
     for rel in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
                 "text_encoder/model.safetensors", "tokenizer/vocab.json", "tokenizer/merges.txt"):
         assert os.path.isfile(os.path.join(tiny_dir, rel)), rel
-    scheduler = json.load(open(os.path.join(tiny_dir, "scheduler", "scheduler_config.json")))
+    scheduler = _read_json(tiny_dir, "scheduler", "scheduler_config.json")
     assert scheduler["_class_name"] == "PNDMScheduler"
-    assert (scheduler["beta_start"], scheduler["beta_end"], scheduler["beta_schedule"]) == (0.00085, 0.012, "scaled_linear")
+    betas = (scheduler["beta_start"], scheduler["beta_end"], scheduler["beta_schedule"])
+    assert betas == (0.00085, 0.012, "scaled_linear")
     assert scheduler["skip_prk_steps"] is True and scheduler["steps_offset"] == 1
-    assert json.load(open(os.path.join(tiny_dir, "vae", "config.json")))["scaling_factor"] == 0.18215
+    assert _read_json(tiny_dir, "vae", "config.json")["scaling_factor"] == 0.18215
 
 
 def test_make_tiny_round_trip_matches_in_memory_pipeline(tiny_dir):
@@ -162,7 +168,7 @@ def test_hub_id_goes_through_the_hub_cache_when_online(tiny_dir, monkeypatch):
         asked.append((repo_id, kwargs))
         return tiny_dir
 
-    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(diffusers.StableDiffusionPipeline, "download", classmethod(fake_download))
     _, ref = load_pipeline("some-org/some-model")
     assert asked == [("some-org/some-model", {"safety_checker": None, "feature_extractor": None})]
@@ -222,8 +228,8 @@ def test_s3_model_is_staged_once_and_matches_the_local_folder(tiny_dir, s3_env, 
     assert again == ref and len(downloads) == 1  # the staged copy is reused
 
     # A changed remote model is a different cache entry, staged afresh.
-    fs.pipe_file(uri.removeprefix("s3://") + "/scheduler/scheduler_config.json",
-                 open(os.path.join(tiny_dir, "scheduler", "scheduler_config.json"), "rb").read() + b"\n")
+    config = _read_json(tiny_dir, "scheduler", "scheduler_config.json") | {"steps_offset": 1}
+    fs.pipe_file(uri.removeprefix("s3://") + "/scheduler/scheduler_config.json", json.dumps(config).encode())
     changed = stage_model(uri)
     assert changed != ref.local_path and len(downloads) == 2
 
@@ -248,7 +254,15 @@ def test_concurrent_staging_downloads_once(tiny_dir, s3_env, model_cache, monkey
     for t in threads:
         t.join()
     assert not errors and len(set(paths)) == 1 and len(downloads) == 1
-    assert sorted(p.name for p in model_cache.iterdir() if not p.name.endswith(".lock")) == [os.path.basename(paths[0])]
+    entries = sorted(p.name for p in model_cache.iterdir() if not p.name.endswith(".lock"))
+    assert entries == [os.path.basename(paths[0])]  # no leftover staging folders
+
+
+def test_write_model_to_s3_then_stage_it_back(tiny_dir, s3_env, model_cache):
+    uri = write_model("tiny", s3_env.make_bucket("made") + "/tiny")
+    assert dir_fingerprint(stage_model(uri)) == dir_fingerprint(tiny_dir)
+    with pytest.raises(DiffmixError, match="not empty"):
+        write_model("tiny", uri)
 
 
 def test_incomplete_s3_model_is_refused_before_downloading(tiny_dir, s3_env, model_cache, monkeypatch):

@@ -12,6 +12,7 @@ a model never talks to the hub behind the user's back."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -98,7 +99,7 @@ def redact(spec: str) -> str:
 def parse_preset(spec: str) -> tuple[str, int] | None:
     """('tiny', 7) for 'tiny:7', ('tiny', 0) for 'tiny'; None when `spec` names no preset."""
     name, sep, seed = spec.partition(":")
-    if name not in PRESETS or (sep and not seed) or "/" in seed:
+    if name not in PRESETS or (sep and not seed):
         return None
     if not sep:
         return name, 0
@@ -260,8 +261,9 @@ def stage_model(uri: str) -> str:
     with FileLock(final + ".lock"):
         if os.path.isfile(marker):  # another process finished it while we waited
             return final
-        if os.path.exists(final):  # leftovers without a marker are never trusted
-            shutil.rmtree(final)
+        # Holding the lock, any other copy of this key is a leftover of a killed process.
+        for leftover in glob.glob(os.path.join(cache, f".staging-{key}-*")) + [final]:
+            shutil.rmtree(leftover, ignore_errors=True)
         tmp = tempfile.mkdtemp(prefix=f".staging-{key}-", dir=cache)  # same filesystem: rename is atomic
         try:
             rels = sorted(files)
@@ -272,7 +274,8 @@ def stage_model(uri: str) -> str:
                     raise DiffmixError(f"staging {uri}: {rel} arrived truncated; retry (the object may "
                                        "have been overwritten during the copy)")
             with open(os.path.join(tmp, STAGED_MARKER), "w", encoding="utf-8") as f:
-                json.dump({"uri": uri, "staged_at": time.time(), "files": {r: files[r].get("size") for r in rels}}, f)
+                sizes = {rel: files[rel].get("size") for rel in rels}
+                json.dump({"uri": uri, "staged_at": time.time(), "files": sizes}, f)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
