@@ -105,6 +105,116 @@ def _print_dataset_summary(out: str, info) -> None:
     console.print(f"fingerprint {info.fingerprint[:16]}  skipped bad files: {skipped}  -> {out}")
 
 
+def _floats(text: Optional[str], flag: str) -> Optional[tuple[float, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise DiffmixError(f"{flag} {text!r} must be comma-separated numbers, e.g. 0.3,0.5,0.7") from None
+
+
+def _generate_config(dataset, model, concepts, out, config, mode, multiplier, per_image, source_sampling,
+                     target_sampling, strength, strength_set, strength_beta, seed, steps, guidance, prompt_template,
+                     batch_size, min_actors, max_actors, gpus_per_actor, cpus_per_actor, memory_per_actor_gb,
+                     rows_per_shard, jpeg_quality, limit):
+    from . import config as cfgmod
+    from .generate.config import GenerateConfig
+
+    flags = dict(dataset=dataset, model=model, concepts=concepts, out=out, mode=mode, multiplier=multiplier,
+                 per_image=per_image, source_sampling=source_sampling, target_sampling=target_sampling,
+                 strength=strength, strength_set=_floats(strength_set, "--strength-set"),
+                 strength_beta=_floats(strength_beta, "--strength-beta"), seed=seed, steps=steps, guidance=guidance,
+                 prompt_template=prompt_template, batch_size=batch_size, min_actors=min_actors, max_actors=max_actors,
+                 gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
+                 memory_per_actor_gb=memory_per_actor_gb, rows_per_shard=rows_per_shard, jpeg_quality=jpeg_quality,
+                 limit=limit)
+    return cfgmod.build(GenerateConfig, config, flags)
+
+
+# Options shared by `generate` and `plan` (plan = the same arguments, no generation).
+GENERATE_OPTIONS = dict(
+    dataset=typer.Option(None, help="Canonical dataset URI (from `prepare`)."),
+    model=typer.Option(None, help="Base model: tiny | bench | a diffusers folder | s3://... (default tiny)."),
+    concepts=typer.Option(None, help="Concept bank URI (from `finetune`); needed by diff-* and da-fusion modes."),
+    out=typer.Option(None, help="Output URI for plan/, shards/, manifest.json, _SUCCESS."),
+    config=typer.Option(None, help="YAML file with any of these options (flags override it)."),
+    mode=typer.Option(None, help="diff-mix (default) | diff-aug | diff-gen | real-mix | real-aug | real-gen | da-fusion."),
+    multiplier=typer.Option(None, help="Pairs = multiplier x train images (default 5)."),
+    per_image=typer.Option(None, help="Instead: M pairs for every train image."),
+    source_sampling=typer.Option(None, help="class-uniform (reference) | per-image."),
+    target_sampling=typer.Option(None, help="uniform | inverse-frequency (weights 1/(n_c+1), for long-tail)."),
+    strength=typer.Option(None, help="Fixed translation strength in (0, 1] (default 0.7)."),
+    strength_set=typer.Option(None, help="Comma-separated strengths sampled uniformly, e.g. 0.3,0.5,0.7,0.9."),
+    strength_beta=typer.Option(None, help="a,b: strength ~ Beta(a, b) clipped to [0.1, 0.9]."),
+    seed=typer.Option(None, help="Run seed: fixes the plan and every pair's noise (default 0)."),
+    steps=typer.Option(None, help="DPM-Solver++ steps (default 25; img2img runs int(steps x strength))."),
+    guidance=typer.Option(None, help="Classifier-free guidance scale (default 7.5)."),
+    prompt_template=typer.Option(None, help="Override the prompt, with {token} and {super_class}."),
+    batch_size=typer.Option(None, help="Pairs per translation call (default 8)."),
+    min_actors=typer.Option(None, help="Translation actors, autoscaling minimum (default 1)."),
+    max_actors=typer.Option(None, help="Translation actors, autoscaling maximum (default 1)."),
+    gpus_per_actor=typer.Option(None, help="GPUs per actor (fractions pack several per GPU; default 0 = CPU)."),
+    cpus_per_actor=typer.Option(None, help="CPUs per actor; on CPU also its torch threads (default 1)."),
+    memory_per_actor_gb=typer.Option(None, help="Host memory reserved per actor, so Ray does not over-pack nodes."),
+    rows_per_shard=typer.Option(None, help="Images per Parquet shard (default 1000)."),
+    jpeg_quality=typer.Option(None, help="JPEG quality of generated images (default 95)."),
+    limit=typer.Option(None, help="Only the first N pairs of the plan (smoke runs)."),
+)
+GENERATE_TYPES = dict(dataset=Optional[str], model=Optional[str], concepts=Optional[str], out=Optional[str],
+                      config=Optional[str], mode=Optional[str], multiplier=Optional[float], per_image=Optional[int],
+                      source_sampling=Optional[str], target_sampling=Optional[str], strength=Optional[float],
+                      strength_set=Optional[str], strength_beta=Optional[str], seed=Optional[int],
+                      steps=Optional[int], guidance=Optional[float], prompt_template=Optional[str],
+                      batch_size=Optional[int], min_actors=Optional[int], max_actors=Optional[int],
+                      gpus_per_actor=Optional[float], cpus_per_actor=Optional[float],
+                      memory_per_actor_gb=Optional[float], rows_per_shard=Optional[int], jpeg_quality=Optional[int],
+                      limit=Optional[int])
+
+
+def with_generate_options(fn):
+    """Give `fn` the shared generate options (typer reads the signature) before its own."""
+    import inspect
+
+    own = [p for p in inspect.signature(fn).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=GENERATE_TYPES[name])
+              for name, opt in GENERATE_OPTIONS.items()]
+    fn.__signature__ = inspect.Signature(shared + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own])
+    return fn
+
+
+def _split_generate_kwargs(kwargs: dict) -> tuple[dict, dict]:
+    shared = {k: kwargs.pop(k) for k in list(kwargs) if k in GENERATE_OPTIONS}
+    return shared, kwargs
+
+
+@app.command()
+@with_generate_options
+@friendly
+def generate(overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again."),
+             **kwargs):
+    """Translate train images toward other classes on a Ray actor pool; write Parquet+JPEG shards."""
+    from .generate.run import run_generate
+
+    shared, _ = _split_generate_kwargs(kwargs)
+    run_generate(_generate_config(**shared), overwrite=overwrite)
+
+
+@app.command()
+@with_generate_options
+@friendly
+def plan(images_per_second: Optional[float] = typer.Option(
+             None, help="Measured throughput of ONE actor, for the time/GPU-hour estimate."),
+         calibrate: Optional[int] = typer.Option(
+             None, help="Measure throughput by translating N pairs on this machine first."),
+         **kwargs):
+    """Dry run: pairs per mode/class, shards, bytes, and a wall-time / GPU-hour estimate. Writes nothing."""
+    from .generate.estimate import estimate
+
+    shared, _ = _split_generate_kwargs(kwargs)
+    estimate(_generate_config(**shared), images_per_second=images_per_second, calibrate=calibrate)
+
+
 @model_app.command("make-tiny")
 @friendly
 def make_tiny(out: str = typer.Argument(..., help="Directory to write the diffusers folder into."),

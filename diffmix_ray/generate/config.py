@@ -20,7 +20,7 @@ MODES: dict[str, tuple[bool, str]] = {
 DA_FUSION_STRENGTHS = (0.25, 0.5, 0.75, 1.0)  # DA-Fusion's "stacked" strengths
 SOURCE_SAMPLING = ("class-uniform", "per-image")
 TARGET_SAMPLING = ("uniform", "inverse-frequency")
-STRENGTH_KINDS = ("fixed", "set", "beta")
+DEFAULT_MULTIPLIER = 5.0  # pairs = 5 x train images, the Diff-Mix default
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class GenerateConfig:
     concepts: str | None = None
     mode: str = "diff-mix"
     # volume: pairs = multiplier x train images, or per_image pairs for every train image
-    multiplier: float | None = 5.0
+    multiplier: float | None = None  # default 5 (the paper's) when per_image is not given either
     per_image: int | None = None
     source_sampling: str = "class-uniform"  # the reference: uniform over classes, then images
     target_sampling: str = "uniform"
@@ -54,6 +54,13 @@ class GenerateConfig:
     rows_per_shard: int = 1000
     jpeg_quality: int = 95
     limit: int | None = None  # generate only the first N pairs of the plan (smoke runs)
+
+    def __post_init__(self) -> None:
+        if self.multiplier is None and self.per_image is None:
+            object.__setattr__(self, "multiplier", DEFAULT_MULTIPLIER)
+        for key in ("strength_set", "strength_beta"):  # YAML gives lists
+            if isinstance(getattr(self, key), list):
+                object.__setattr__(self, key, tuple(getattr(self, key)))
 
     @property
     def needs_bank(self) -> bool:
