@@ -1,5 +1,5 @@
-"""`diffmix-ray demo`: every stage that exists, on built-in defaults (sample dataset, tiny model,
-local Ray, local disk, CPU). Each step is the same code path a real run takes."""
+"""`diffmix-ray demo`: every stage on built-in defaults (sample dataset, tiny model, local Ray,
+local disk, CPU). Each step calls the same code a real run does; only the sizes are small."""
 
 from __future__ import annotations
 
@@ -8,23 +8,47 @@ import time
 
 from .. import storage
 from ..console import console
-from ..data.prepare import PrepareConfig, prepare
-from ..data.sample import SAMPLE_SUPER_CLASS, write_sample_imagefolder
+from ..errors import DiffmixError
+
+STEPS = ("prepare", "generate")
 
 
 def run_demo(out: str, overwrite: bool = False) -> dict[str, str]:
+    from ..data.prepare import PrepareConfig, prepare
+    from ..data.sample import SAMPLE_SUPER_CLASS, write_sample_imagefolder
+    from ..generate.config import GenerateConfig
+    from ..generate.run import run_generate
+
     out = storage.normalize(out)
     if storage.is_s3(out):
-        from ..errors import DiffmixError
-
         raise DiffmixError("the demo writes to local disk; pass a local --out")
     t0 = time.perf_counter()
-    raw = os.path.join(out, "raw")
-    console.rule("[bold]1/1 prepare: built-in sample dataset -> canonical dataset")
-    if overwrite or not os.path.isdir(raw):
-        write_sample_imagefolder(raw)
-    dataset = os.path.join(out, "dataset")
-    prepare(PrepareConfig(format="imagefolder", source=raw, super_class=SAMPLE_SUPER_CLASS, name="sample",
-                          val_fraction=0.2, test_fraction=0.2), dataset, overwrite=overwrite, show_progress=False)
-    console.print(f"[green]demo finished in {time.perf_counter() - t0:.1f} s[/green]: dataset at {dataset}")
-    return {"raw": raw, "dataset": dataset}
+    paths = {"raw": os.path.join(out, "raw"), "dataset": os.path.join(out, "dataset"),
+             "synthetic": os.path.join(out, "synthetic")}
+
+    console.rule(f"[bold]1/{len(STEPS)} prepare: built-in sample dataset -> canonical dataset")
+    if overwrite or not os.path.isdir(paths["raw"]):
+        write_sample_imagefolder(paths["raw"])
+    prepare(PrepareConfig(format="imagefolder", source=paths["raw"], super_class=SAMPLE_SUPER_CLASS, name="sample",
+                          val_fraction=0.2, test_fraction=0.2), paths["dataset"], overwrite=overwrite,
+            show_progress=False)
+
+    console.rule(f"[bold]2/{len(STEPS)} generate: real-mix translations with the tiny model on local Ray")
+    _init_local_ray(out)
+    run_generate(GenerateConfig(dataset=paths["dataset"], model="tiny", out=paths["synthetic"], mode="real-mix",
+                                multiplier=2, steps=10, batch_size=8, cpus_per_actor=1, rows_per_shard=64),
+                 overwrite=overwrite)
+
+    console.print(f"[green]demo finished in {time.perf_counter() - t0:.1f} s[/green]: "
+                  + ", ".join(f"{k} at {v}" for k, v in paths.items()))
+    return paths
+
+
+def _init_local_ray(out: str) -> None:
+    """A local Ray for the demo unless one is running/addressed already; its files stay in --out."""
+    import ray
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        return
+    temp = os.path.join("/tmp", f"diffmix-demo-ray-{os.getpid()}")  # Ray needs a short socket path
+    ray.init(include_dashboard=False, _temp_dir=temp, log_to_driver=False, configure_logging=False)
