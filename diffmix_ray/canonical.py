@@ -7,6 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -106,3 +107,21 @@ def rows_table(image_ids: list[str], images: list[bytes], labels: list[int], spl
                      COL_LABEL: pa.array(labels, pa.int32()),
                      COL_SPLIT: pa.array([split] * len(image_ids), pa.string())},
                     schema=DATASET_SCHEMA)
+
+
+def read_rows(uri: str, rows: list[int]) -> dict[int, bytes]:
+    """Image bytes at the given rows of one Parquet file (a canonical or synthetic shard), reading
+    only the row groups that hold them: workers fetch what they need instead of whole shards."""
+    fs, path = storage.arrow_filesystem(uri)
+    with storage.explained(uri):
+        pf = pq.ParquetFile(fs.open_input_file(path))
+        starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+        wanted = sorted(set(rows))
+        groups = sorted({int(np.searchsorted(starts, r, side="right") - 1) for r in wanted})
+        out: dict[int, bytes] = {}
+        for g in groups:
+            column = pf.read_row_group(g, columns=[COL_IMAGE]).column(COL_IMAGE)
+            for r in wanted:
+                if starts[g] <= r < starts[g + 1]:
+                    out[r] = column[r - int(starts[g])].as_py()
+    return out

@@ -1,0 +1,73 @@
+"""The read side of the synthetic-shard contract (written by `generate`, read by `train-cls` and
+`report`): which shards exist, whether the set is complete, and what made it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow.parquet as pq
+
+from . import storage
+from .contracts import MANIFEST_JSON, SHARD_SCHEMA, SHARDS_DIR, SUCCESS, check_columns
+from .errors import DiffmixError
+
+
+@dataclass
+class SyntheticSet:
+    uri: str
+    manifest: dict
+    files: list[str]  # shard URIs, sorted
+    complete: bool
+
+    @property
+    def dataset_fingerprint(self) -> str:
+        return self.manifest["dataset_fingerprint"]
+
+    @property
+    def missing(self) -> int:
+        return int(self.manifest.get("counts", {}).get("missing", 0))
+
+    def read(self, columns: list[str]):
+        import pyarrow as pa
+
+        tables = []
+        for uri in self.files:
+            fs, path = storage.arrow_filesystem(uri)
+            with storage.explained(uri):
+                tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+        return pa.concat_tables(tables) if tables else pa.schema([SHARD_SCHEMA.field(c) for c in columns]).empty_table()
+
+
+def open_synthetic(uri: str, dataset_fingerprint: str, allow_incomplete: bool = False) -> SyntheticSet:
+    """Open a generate output for reading; refuse one made from another dataset, and an incomplete
+    one (no _SUCCESS) unless `allow_incomplete`."""
+    uri = storage.normalize(uri)
+    storage.check_bucket(uri)
+    manifest_uri = storage.join(uri, MANIFEST_JSON)
+    if not storage.exists(manifest_uri):
+        raise DiffmixError(f"{uri} holds no {MANIFEST_JSON}: it is not a `diffmix-ray generate` output "
+                           "(or generate has not finished once); run generate there first")
+    manifest = storage.read_json(manifest_uri)
+    made_from = manifest.get("dataset_fingerprint")
+    if made_from != dataset_fingerprint:
+        raise DiffmixError(f"synthetic shards {uri} were generated from another dataset (fingerprint "
+                           f"{str(made_from)[:12]}, --dataset has {dataset_fingerprint[:12]}); pass the dataset "
+                           "they were made from, or generate again from this one")
+    shards = storage.join(uri, SHARDS_DIR)
+    files = [storage.join(shards, n) for n in storage.list_dir(shards) if n.endswith(".parquet")]
+    complete = storage.exists(storage.join(uri, SUCCESS))
+    syn = SyntheticSet(uri, manifest, files, complete)
+    if not complete:
+        counts = manifest.get("counts", {})
+        what = (f"{counts.get('missing', '?')} of {counts.get('planned', '?')} planned pairs are missing "
+                f"({counts.get('failed', 0)} failed)")
+        if not allow_incomplete:
+            raise DiffmixError(f"synthetic shards {uri} are incomplete (no {SUCCESS}): {what}. Rerun generate to "
+                               "finish them, or pass --allow-incomplete to train on what exists")
+        from .console import logger
+
+        logger.warning("using incomplete synthetic shards %s: %s", uri, what)
+    if files:
+        fs, path = storage.arrow_filesystem(files[0])
+        check_columns(pq.read_schema(path, filesystem=fs), SHARD_SCHEMA, files[0])
+    return syn
