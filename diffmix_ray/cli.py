@@ -215,6 +215,70 @@ def plan(images_per_second: Optional[float] = typer.Option(
     estimate(_generate_config(**shared), images_per_second=images_per_second, calibrate=calibrate)
 
 
+@app.command("train-cls")
+@friendly
+def train_cls(
+    dataset: Optional[str] = typer.Option(None, help="Canonical dataset URI."),
+    synthetic: Optional[list[str]] = typer.Option(None, help="Synthetic shards URI (from generate); repeatable."),
+    arch: Optional[str] = typer.Option(None, help="timm architecture, e.g. resnet50, vit_base_patch16_384."),
+    out: Optional[str] = typer.Option(None, help="Output URI: metrics.json, best/, checkpoints under train/."),
+    config: Optional[str] = typer.Option(None, help="YAML file with any of these options."),
+    pretrained: Optional[str] = typer.Option(None, help="Local weights file/folder for --arch (no hub access)."),
+    img_size: Optional[int] = typer.Option(None, help="Input resolution (default: the architecture's)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default 30)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size per worker (default 32)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.05; cosine with warmup)."),
+    optimizer: Optional[str] = typer.Option(None, help="sgd (default) | adamw."),
+    weight_decay: Optional[float] = typer.Option(None, help="Weight decay (default 5e-4)."),
+    warmup_epochs: Optional[float] = typer.Option(None, help="Linear warmup, in epochs (default 1)."),
+    label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing on the soft target (default 0.1)."),
+    synthetic_p: Optional[float] = typer.Option(None, help="P(replace a real sample by a synthetic one); default 0.1, 0.3 for few-shot/long-tail."),
+    synthetic_sampling: Optional[str] = typer.Option(None, help="uniform | inverse-frequency (by target class)."),
+    gamma: Optional[float] = typer.Option(None, help="Soft-label exponent: y = (1-s^g) src + s^g tgt (default 0.5)."),
+    allow_incomplete: Optional[bool] = typer.Option(None, "--allow-incomplete", help="Accept shards without _SUCCESS."),
+    cutmix: Optional[bool] = typer.Option(None, "--cutmix", help="CutMix baseline (real data only)."),
+    mixup: Optional[bool] = typer.Option(None, "--mixup", help="Mixup baseline (real data only)."),
+    seed: Optional[int] = typer.Option(None, help="Seed (default 2020)."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds: one run each, then mean ± std."),
+    workers: Optional[int] = typer.Option(None, help="Ray Train workers (DDP)."),
+    cpus_per_worker: Optional[float] = typer.Option(None, help="CPUs per worker (default 1)."),
+    gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs per worker (default 0)."),
+    resume: bool = typer.Option(False, help="Continue an unfinished run of the same config from its last epoch."),
+    overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again."),
+):
+    """Train a timm classifier on real data plus synthetic shards (Ray Train, DDP)."""
+    from . import config as cfgmod
+    from .classify.config import ClassifyConfig
+    from .classify.run import run_classify, run_seeds
+
+    cfg = cfgmod.build(ClassifyConfig, config, dict(
+        dataset=dataset, synthetic=tuple(synthetic) if synthetic else None, arch=arch, out=out,
+        pretrained=pretrained, img_size=img_size, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
+        synthetic_p=synthetic_p, synthetic_sampling=synthetic_sampling, gamma=gamma,
+        allow_incomplete=allow_incomplete, cutmix=cutmix, mixup=mixup, seed=seed, workers=workers,
+        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker))
+    if seeds:
+        run_seeds(cfg, [int(s) for s in seeds.split(",")], overwrite=overwrite, resume=resume)
+    else:
+        run_classify(cfg, overwrite=overwrite, resume=resume)
+
+
+@app.command()
+@friendly
+def evaluate(checkpoint: str = typer.Option(..., help="A train-cls output directory (or its best/ folder)."),
+             dataset: str = typer.Option(..., help="Canonical dataset URI to score on."),
+             split: str = typer.Option("test", help="train | val | test.")):
+    """Re-score a trained classifier's val-selected weights on a dataset split."""
+    import json
+
+    from .classify.evaluate import evaluate as run_evaluate
+
+    result = run_evaluate(checkpoint, dataset, split)
+    console.print(f"{split} top-1 {result['top1']:.4f} on {result['images']} images (epoch {result['selected_epoch']})")
+    print(json.dumps(result))
+
+
 @model_app.command("make-tiny")
 @friendly
 def make_tiny(out: str = typer.Argument(..., help="Directory to write the diffusers folder into."),

@@ -124,6 +124,11 @@ def train_func(cfg: dict) -> None:
             losses.append(float(loss.detach()))
             seen += len(x)
         eval_model = model.module if hasattr(model, "module") else model
+        if world > 1:  # BN running stats drift per rank after DDP's last broadcast: score rank 0's model
+            import torch.distributed as dist
+
+            for buf in eval_model.buffers():
+                dist.broadcast(buf.data, src=0)
         val = _accuracy(*_evaluate(eval_model, data.Rows(*[a[rank::world] for a in _cols(cfg["val_rows"])]), cfg, device))
         test = _accuracy(*_evaluate(eval_model, data.Rows(*[a[rank::world] for a in _cols(cfg["test_rows"])]), cfg, device))
         seconds = time.perf_counter() - t0

@@ -1,0 +1,56 @@
+"""`diffmix-ray evaluate`: re-score a classifier run's val-selected weights on a dataset split."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import torch
+
+from .. import canonical, storage
+from ..contracts import COL_IMAGE, COL_LABEL
+from ..errors import DiffmixError
+from .data import _transform
+from .loop import BEST_DIR
+from .model import build_model
+
+
+def load_best(run: str):
+    """(model, meta) of <run>/best/; `run` may also point at the best/ folder itself."""
+    run = storage.normalize(run)
+    for base in (storage.join(run, BEST_DIR), run):
+        if storage.exists(storage.join(base, "model.json")):
+            meta = json.loads(storage.read_text(storage.join(base, "model.json")))
+            model = build_model(meta["arch"], meta["num_classes"])
+            state = torch.load(io.BytesIO(storage.read_bytes(storage.join(base, "model.pt"))), map_location="cpu")
+            model.load_state_dict(state)
+            return model.eval(), meta
+    raise DiffmixError(f"{run} holds no {BEST_DIR}/model.json: pass a `train-cls` output directory")
+
+
+def evaluate(checkpoint: str, dataset_uri: str, split: str = "test", batch_size: int = 64) -> dict:
+    model, meta = load_best(checkpoint)
+    dataset = canonical.open_dataset(dataset_uri)
+    info = dataset.info
+    if info.num_classes != meta["num_classes"]:
+        raise DiffmixError(f"the model predicts {meta['num_classes']} classes but {dataset_uri} has {info.num_classes}")
+    table = dataset.read_split(split, columns=[COL_IMAGE, COL_LABEL])
+    if table.num_rows == 0:
+        raise DiffmixError(f"{dataset_uri} has no {split!r} split to evaluate on")
+    d = meta["data_cfg"]
+    tf = _transform(d["img_size"], False, tuple(d["mean"]), tuple(d["std"]), d["interpolation"], d["crop_pct"])
+    from PIL import Image
+
+    images, labels = table.column(COL_IMAGE).to_pylist(), np.asarray(table.column(COL_LABEL).to_pylist())
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = torch.stack([tf(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[i:i + batch_size]])
+            preds.append(model(x).argmax(1).numpy())
+    pred = np.concatenate(preds)
+    per_class = [float((pred[labels == c] == c).mean()) if (labels == c).any() else None
+                 for c in range(info.num_classes)]
+    return {"split": split, "images": int(len(labels)), "top1": float((pred == labels).mean()),
+            "per_class": per_class, "selected_epoch": meta["epoch"],
+            "same_dataset_as_training": meta["dataset_fingerprint"] == info.fingerprint}
