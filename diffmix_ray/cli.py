@@ -279,6 +279,20 @@ def evaluate(checkpoint: str = typer.Option(..., help="A train-cls output direct
     print(json.dumps(result))
 
 
+@app.command()
+@friendly
+def report(runs: list[str] = typer.Argument(..., help="generate outputs and/or train-cls runs."),
+           out: Optional[str] = typer.Option(None, help="Folder for the report (default: report/ next to the first run)."),
+           gamma: float = typer.Option(0.5, help="Soft-label exponent used to label the contact sheet.")):
+    """Contact sheets of synthetic images, accuracy plots and a comparison table (Markdown + HTML)."""
+    from .ops.report import run_report
+
+    written = run_report(runs, out, gamma=gamma)
+    for kind, paths in written.items():
+        for p in paths:
+            console.print(f"{kind}: {p}")
+
+
 @model_app.command("make-tiny")
 @friendly
 def make_tiny(out: str = typer.Argument(..., help="Directory to write the diffusers folder into."),

@@ -132,3 +132,37 @@ def make_random_bank(out: str, model: str, dataset_uri: str, mode: str = "ti+lor
                        dataset_fingerprint=info.fingerprint, train_config={"random": True, "seed": seed})
     save_bank(out, bank, lora, embeds)
     return out
+
+
+def fake_synthetic(out: str, dataset_uri: str, strength: float, shuffle_labels: bool = False, seed: int = 0,
+                   complete: bool = True, missing: int = 0) -> str:
+    """A generate output in the exact shard format whose images are the source images themselves
+    (a perfect low-strength translation): isolates train-cls's label bookkeeping from the model."""
+    import pyarrow as pa
+
+    from diffmix_ray import canonical, storage
+    from diffmix_ray.contracts import SHARD_SCHEMA
+
+    ds = canonical.open_dataset(dataset_uri)
+    train = ds.read_split("train")
+    n, C = train.num_rows, ds.info.num_classes
+    labels = np.asarray(train.column("label").to_pylist())
+    source = np.random.default_rng(seed).permutation(labels) if shuffle_labels else labels
+    target = (source + 1) % C  # inter-class: the soft label keeps most weight on the source
+    sizes = [Image.open(io.BytesIO(b)).size for b in train.column("image").to_pylist()]
+    table = pa.table({
+        "pair_id": [f"s{seed}-{i:08d}" for i in range(n)], "source_id": train.column("image_id"),
+        "source_label": pa.array(source, pa.int32()), "target_label": pa.array(target, pa.int32()),
+        "strength": pa.array([strength] * n, pa.float32()), "seed": pa.array(range(n), pa.int64()),
+        "mode": ["real-mix"] * n, "image": train.column("image"),
+        "width": pa.array([w for w, _ in sizes], pa.int32()), "height": pa.array([h for _, h in sizes], pa.int32()),
+        "prompt": [f"a photo of a {ds.info.classes[t]}" for t in target]}, schema=SHARD_SCHEMA)
+    os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+    pq.write_table(table, os.path.join(out, "shards", "shard-fake-00000.parquet"))
+    manifest = {"dataset_fingerprint": ds.info.fingerprint, "config": {"mode": "real-mix"},
+                "identity": {"dataset": ds.uri, "model_fingerprint": "fake"},
+                "counts": {"planned": n + missing, "generated": n, "missing": missing, "failed": 0}}
+    storage.write_json_atomic(os.path.join(out, "manifest.json"), manifest)
+    if complete:
+        storage.write_text_atomic(os.path.join(out, "_SUCCESS"), "")
+    return out

@@ -29,21 +29,49 @@ def _weights_file(path: str) -> str:
     return path
 
 
+def _read_state(file: str) -> dict:
+    import torch
+
+    if file.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(file)
+    else:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):  # common wrappers of saved checkpoints
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
 def build_model(arch: str, num_classes: int, pretrained: str | None = None):
-    """`arch` with `num_classes` outputs; `pretrained` weights (a local file or folder) are loaded
-    through timm's own loader, which drops the old classifier head when the class count differs."""
+    """`arch` with `num_classes` outputs. `pretrained` weights (a local file or folder) must fit the
+    architecture exactly, except the classifier head, which is replaced when the class count
+    differs: a file for another architecture is refused instead of half-loaded."""
     import timm
 
     check_arch(arch)
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
     if not pretrained:
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+        return model
     file = _weights_file(pretrained)
     try:
-        return timm.create_model(arch, pretrained=True, num_classes=num_classes,
-                                 pretrained_cfg_overlay={"file": file, "hf_hub_id": None, "url": None})
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise DiffmixError(f"--pretrained {pretrained} does not fit --arch {arch}: {str(e).splitlines()[0][:300]}; "
-                           "pass weights saved from the same architecture") from e
+        state = _read_state(file)
+    except Exception as e:  # noqa: BLE001 - unreadable file in any format
+        raise DiffmixError(f"--pretrained {pretrained} is not a readable weights file: {e}") from e
+    head = model.pretrained_cfg.get("classifier", "")
+    own = model.state_dict()
+    state = {k: v for k, v in state.items()
+             if not (head and k.startswith(head + ".") and (k not in own or own[k].shape != v.shape))}
+    bad_shapes = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    result = model.load_state_dict({k: v for k, v in state.items() if k not in bad_shapes}, strict=False)
+    missing = [k for k in result.missing_keys if not (head and k.startswith(head + "."))]
+    problems = missing + list(result.unexpected_keys) + bad_shapes
+    if problems:
+        raise DiffmixError(f"--pretrained {pretrained} does not fit --arch {arch}: {len(missing)} missing, "
+                           f"{len(result.unexpected_keys)} unexpected and {len(bad_shapes)} mis-shaped tensors "
+                           f"(e.g. {problems[:3]}); pass weights saved from the same architecture")
+    return model
 
 
 def data_config(arch: str, img_size: int | None) -> dict:

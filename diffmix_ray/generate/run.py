@@ -9,6 +9,8 @@ shard set equals the plan; duplicates (a pair in two files) are compacted away b
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import time
 import uuid
 from collections import Counter
@@ -32,6 +34,17 @@ from .translate import COL_ERROR, Translator
 
 PLAN_FILE = "plan-00000.parquet"
 FAILED_DIR = "failed"
+# Reading source rows, recording failures and writing shards mostly wait on storage: a quarter
+# CPU each keeps them from queueing behind the translation actors for a whole core.
+LIGHT_STAGE_CPUS = 0.25
+
+
+class IncompleteOutput(DiffmixError):
+    """The run ended without every planned pair; `manifest` says which failed and why."""
+
+    def __init__(self, message: str, manifest: dict):
+        super().__init__(message)
+        self.manifest = manifest
 
 
 @dataclasses.dataclass
@@ -49,9 +62,7 @@ class Inputs:
 def resolve_inputs(cfg: GenerateConfig) -> Inputs:
     """Validate the config and every input (dataset, model, bank) before any output is touched."""
     cfg.validate()
-    if not cfg.out:
-        raise DiffmixError("--out is required: where the plan, shards and manifest go")
-    out = storage.normalize(cfg.out)
+    out = storage.normalize(cfg.out) if cfg.out else ""  # `plan` needs no output
     dataset = canonical.open_dataset(cfg.dataset)
     if dataset.info.split_size("train") == 0:
         raise DiffmixError(f"the train split of {cfg.dataset} is empty: nothing to translate")
@@ -136,19 +147,30 @@ def compact_duplicates(out: str, found: dict[str, list[str]]) -> int:
         with storage.explained(uri):
             kept = table.filter(keep)
             if kept.num_rows:
-                pq.write_table(kept, path, filesystem=fs)
+                # Locally via a temp name (not *.parquet, so a scan never reads it half-written)
+                # and a rename; an S3 PUT is atomic already.
+                tmp = path if storage.is_s3(out) else f"{path}.tmp-{uuid.uuid4().hex}"
+                pq.write_table(kept, tmp, filesystem=fs)
+                if tmp != path:
+                    fs.move(tmp, path)
+                found[name] = kept.column(COL_PAIR_ID).to_pylist()
             else:
                 fs.delete_file(path)
-        found[name] = kept.column(COL_PAIR_ID).to_pylist()
+                del found[name]  # gone: the manifest must neither count nor size it
         dropped += len(dup)
     return dropped
 
 
-def _read_failures(out: str) -> list[dict]:
-    records = []
+def _read_failures(out: str, missing: set[str]) -> list[dict]:
+    """Failure records of the pairs still missing, one per pair: a retried task records its
+    batch's failures again, and a pair that failed once may have succeeded on a retry."""
+    records: dict[str, dict] = {}
     for name in storage.list_dir(storage.join(out, FAILED_DIR)):
-        records += storage.read_json(storage.join(out, FAILED_DIR, name))
-    return records
+        if name.endswith(".json"):
+            for rec in storage.read_json(storage.join(out, FAILED_DIR, name)):
+                if rec["pair_id"] in missing:
+                    records.setdefault(rec["pair_id"], rec)
+    return [records[k] for k in sorted(records)]
 
 
 def _todo(inputs: Inputs, plan: pa.Table, done: set[str]) -> tuple[pa.Table, list[str]]:
@@ -188,8 +210,10 @@ def _ray_pipeline(inputs: Inputs, todo: pa.Table, files: list[str], started: flo
     cfg = inputs.cfg
 
     class ShardNames(FilenameProvider):
-        def get_filename_for_block(self, block, write_uuid, task_index, block_index):
-            return f"shard-{write_uuid[:8]}-{task_index:05d}-{block_index:04d}.parquet"
+        # Ray 2.60 asks only get_filename_for_task and appends "-{i}.parquet"; APPEND mode
+        # requires the whole write_uuid in the name (so runs never overwrite each other's files).
+        def get_filename_for_task(self, write_uuid, task_index):
+            return f"shard-{write_uuid}-{task_index:06d}"
 
     ctx = DataContext.get_current()
     ctx.enable_operator_progress_bars = console.is_terminal  # job logs: dashboard + summary instead
@@ -200,7 +224,7 @@ def _ray_pipeline(inputs: Inputs, todo: pa.Table, files: list[str], started: flo
     ds = ray.data.from_arrow(blocks)
     if cfg.kind != "gen":
         ds = ds.map_batches(attach_sources, fn_kwargs={"files": files}, batch_format="pyarrow",
-                            batch_size=chunk, num_cpus=0.25)
+                            batch_size=chunk, num_cpus=LIGHT_STAGE_CPUS)
     translator_args = dict(model=cfg.model, kind=cfg.kind, class_names=info.classes, super_class=info.super_class,
                            concepts=cfg.concepts, steps=cfg.steps, guidance=cfg.guidance,
                            prompt_template=cfg.prompt_template, jpeg_quality=cfg.jpeg_quality,
@@ -213,11 +237,40 @@ def _ray_pipeline(inputs: Inputs, todo: pa.Table, files: list[str], started: flo
                         compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors,
                                                   initial_size=cfg.max_actors), **remote)
     ds = ds.map_batches(keep_good_rows, fn_kwargs={"failed_uri": storage.join(inputs.out, FAILED_DIR)},
-                        batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+                        batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_STAGE_CPUS)
     fs, path = storage.arrow_filesystem(storage.join(inputs.out, SHARDS_DIR))
     storage.makedirs(storage.join(inputs.out, SHARDS_DIR))
     ds.write_parquet(path, filesystem=fs, min_rows_per_file=cfg.rows_per_shard, max_rows_per_file=cfg.rows_per_shard,
-                     filename_provider=ShardNames(), mode=SaveMode.APPEND)
+                     filename_provider=ShardNames(), mode=SaveMode.APPEND,
+                     ray_remote_args={"num_cpus": LIGHT_STAGE_CPUS})
+
+
+def _init_ray(cfg: GenerateConfig) -> None:
+    """Join the Ray the environment names (RAY_ADDRESS, e.g. under `ray job submit`, or a
+    `ray start` on this node). Otherwise start a private one for this run:
+      * bound to loopback: nothing outside this machine needs to reach it;
+      * with at least the actors' CPUs plus one logical CPU for the light stages (reading sources,
+        recording failures, writing shards), so --cpus-per-actor may claim every core on a laptop
+        without the pipeline waiting forever for a CPU;
+      * DIFFMIX_RAY_DASHBOARD=0 skips the dashboard (~10 processes; seconds of start-up on a
+        small machine); RAY_TMPDIR relocates Ray's files, as everywhere in Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        from ray._private.utils import read_ray_address  # the address `ray start` leaves behind
+
+        started_here = read_ray_address() is not None
+    except Exception:  # noqa: BLE001 - private API; if it moved, fall back to Ray's own choice
+        started_here = True
+    if os.environ.get("RAY_ADDRESS") or started_here:
+        ray.init(log_to_driver=True)
+        return
+    num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.max_actors * cfg.cpus_per_actor) + 1)
+    dashboard = os.environ.get("DIFFMIX_RAY_DASHBOARD", "1").strip().lower() not in ("0", "false", "no", "off")
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=dashboard,
+             log_to_driver=True)
 
 
 def _versions() -> dict[str, str]:
@@ -238,6 +291,8 @@ def _pair_counts(plan: pa.Table) -> dict[str, int]:
 def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
     """Generate every missing pair of the plan; returns the summary written into the manifest."""
     started = time.perf_counter()
+    if not cfg.out:
+        raise DiffmixError("--out is required: where the plan, shards and manifest go")
     inputs = resolve_inputs(cfg)
     out = inputs.out
     resumed = storage.claim_output(out, "generate", inputs.identity, overwrite)
@@ -257,10 +312,7 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
                   + (f"; deleted {len(removed)} unreadable shard(s)" if removed else ""))
     gen_started = time.perf_counter()
     if todo.num_rows:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(log_to_driver=True)
+        _init_ray(cfg)
         from ..ops.metrics import PlanMetrics
 
         gauges = PlanMetrics(run=storage.config_hash(inputs.identity))
@@ -276,7 +328,7 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
     if extra:
         raise DiffmixError(f"{out}/shards holds {len(extra)} pairs that are not in the plan; the output was "
                            "modified by hand: rerun with --overwrite")
-    failures = _read_failures(out)
+    failures = _read_failures(out, missing)
     if todo.num_rows:
         import ray
 
@@ -305,9 +357,11 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
     summary = (f"generated {made_now} images in {gen_seconds:.1f} s ({manifest['timings']['images_per_s']:.2f} images/s); "
                f"{len(done_after)}/{plan.num_rows} pairs in {len(found)} shards, {shard_bytes / 2**20:.1f} MiB")
     if missing:
-        console.print(f"[yellow]{summary}; {len(missing)} pairs missing ({len(failures)} failed, see "
-                      f"{MANIFEST_JSON}): no {SUCCESS}. Rerun the same command to retry them.[/yellow]")
-    else:
-        storage.write_text_atomic(storage.join(out, SUCCESS), "")
-        console.print(f"[green]{summary}[/green] -> {out}")
+        console.print(f"[yellow]{summary}[/yellow]")
+        # An error, so the CLI (and a Ray job around it) exits non-zero: the output is unusable.
+        raise IncompleteOutput(f"{len(missing)} of {plan.num_rows} pairs are missing ({len(failures)} failed, "
+                               f"listed in {storage.join(out, MANIFEST_JSON)}): no {SUCCESS} was written. "
+                               "Rerun the same command to retry them.", manifest)
+    storage.write_text_atomic(storage.join(out, SUCCESS), "")
+    console.print(f"[green]{summary}[/green] -> {out}")
     return manifest

@@ -1,0 +1,387 @@
+"""The fine-tuning step and loop: plain torch, runnable in-process (tests) or inside a Ray Train
+worker (`train_func`, the only function here that touches Ray).
+
+What is trained (as diffusers' textual_inversion.py + train_dreambooth_lora.py, merged like the
+Diff-Mix reference): one new token per class, whose embedding row is the only row of the text
+encoder's embedding matrix that changes (gradients of the other rows are zeroed and the rows are
+copied back after every optimizer step, which also undoes weight decay on them), plus a peft LoRA
+on every UNet attention q/k/v/out projection. The UNet and text encoder run inside one module
+(`Denoiser`), so under DDP the whole forward pass goes through the wrapper and gradients sync."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DiffmixError
+from ..models.loader import load_pipeline
+from .config import DEFAULT_INITIALIZER, LORA_TARGETS, FinetuneConfig
+from .data import COL_KEY, COL_PIXELS
+
+CKPT_WEIGHTS = "trainable.safetensors"  # "lora.<peft key>" and "embed.<token>" tensors, rank 0
+CKPT_OPTIMIZER = "optimizer.pt"  # optimizer (compact), grad scaler, step; rank 0
+CKPT_PROGRESS = "progress-rank{rank}.json"  # every rank: the steps it took, the data it saw
+
+
+def initializer_ids(tokenizer, word: str | None) -> tuple[list[int], str]:
+    """Ids whose mean embedding starts every class token, and how they were chosen. An explicit
+    word must be one token; the default "ktn" falls back to the mean of its pieces when the
+    tokenizer splits it (the built-in presets' byte-level tokenizer does)."""
+    chosen = word or DEFAULT_INITIALIZER
+    ids = tokenizer.encode(chosen, add_special_tokens=False)
+    if len(ids) == 1:
+        return ids, f"{chosen!r} (one token)"
+    if word is not None:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise DiffmixError(f"--initializer-token {word!r} is {len(ids)} tokens for this model's tokenizer {pieces}; "
+                           "each class token starts from ONE existing token: pick a word the tokenizer keeps "
+                           f"whole, or omit the flag for the default {DEFAULT_INITIALIZER!r}")
+    return ids, f"mean of the {len(ids)} pieces of {chosen!r}"
+
+
+def precision_dtypes(precision: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(dtype of frozen weights, autocast dtype or None). Trainable weights are always fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return torch.float32, None
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return dtype, dtype
+
+
+class Denoiser(torch.nn.Module):
+    """text -> UNet noise prediction in one forward, so DDP sees (and syncs) both halves."""
+
+    def __init__(self, unet, text_encoder):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, noisy_latents, timesteps, input_ids):
+        return self.unet(noisy_latents, timesteps, self.text_encoder(input_ids)[0]).sample
+
+
+@dataclass
+class Progress:
+    """What a rank has done; saved into every checkpoint, so a resume continues the record."""
+
+    step: int = 0
+    step_ranges: list[list[int]] = field(default_factory=list)  # [[first, last], ...] of steps taken
+    resumed_at: list[int] = field(default_factory=list)  # the step each resumed attempt started after
+    images_seen: int = 0
+    data_digest: str = ""  # running sha256 over the image keys seen, in order
+    param_digest: str = ""  # sha256 of the trainable weights when saved (equal on all DDP ranks)
+
+    def add_step(self, step: int, keys: torch.Tensor) -> None:
+        if self.step_ranges and self.step_ranges[-1][1] == step - 1:
+            self.step_ranges[-1][1] = step
+        else:
+            self.step_ranges.append([step, step])
+        self.step = step
+        self.images_seen += len(keys)
+        self.data_digest = hashlib.sha256(self.data_digest.encode() + keys.cpu().numpy().tobytes()).hexdigest()
+
+
+class Finetuner:
+    """The modules, optimizer and one training step. `wrap` (e.g. ray.train.torch.prepare_model)
+    wraps the Denoiser for data-parallel training."""
+
+    def __init__(self, cfg: FinetuneConfig, prompts: list[str], tokens: list[str], init_ids: list[int],
+                 device: torch.device, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None):
+        from diffusers import DDPMScheduler
+        from diffusers.training_utils import cast_training_params
+
+        self.cfg, self.device = cfg, device
+        self.weight_dtype, self.autocast_dtype = precision_dtypes(cfg.precision, device)
+        pipe, _ = load_pipeline(cfg.model, device=str(device), dtype=self.weight_dtype)
+        self.tokenizer, self.text_encoder, self.unet, self.vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        for module in (self.vae, self.text_encoder, self.unet):
+            module.requires_grad_(False)
+        self.tokens = tokens if cfg.has_tokens else []
+        self.token_ids: list[int] = []
+        self.frozen_rows = self.restore_mask = None
+        if cfg.has_tokens:
+            self._add_class_tokens(init_ids)
+        if cfg.has_lora:
+            from peft import LoraConfig
+
+            torch.manual_seed(cfg.seed)  # the same LoRA init on every rank (DDP also broadcasts it)
+            self.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
+                                             target_modules=list(LORA_TARGETS)))
+        cast_training_params([self.unet, self.text_encoder], dtype=torch.float32)
+        self.prompt_ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                         truncation=True, return_tensors="pt").input_ids.to(device)
+        for label, token_id in enumerate(self.token_ids):
+            if token_id not in self.prompt_ids[label]:
+                raise DiffmixError(f"the prompt of class {label} is longer than the tokenizer's "
+                                   f"{self.tokenizer.model_max_length} tokens and loses its class token; "
+                                   "shorten --prompt-template")
+        denoiser = Denoiser(self.unet, self.text_encoder).train()
+        self.denoiser = wrap(denoiser) if wrap else denoiser
+        groups = []
+        if cfg.has_tokens:  # param index 0 in the optimizer state: see _optimizer_state
+            groups.append({"params": [self.embeddings.weight], "lr": cfg.ti_lr})
+        if cfg.has_lora:
+            groups.append({"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": cfg.lr})
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+        for g in self.optimizer.param_groups:
+            g["base_lr"] = g["lr"]
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
+
+    @property
+    def embeddings(self) -> torch.nn.Embedding:
+        return self.text_encoder.get_input_embeddings()
+
+    def _add_class_tokens(self, init_ids: list[int]) -> None:
+        clash = [t for t in self.tokens if t in self.tokenizer.get_vocab()]
+        if clash:
+            raise DiffmixError(f"the base model's tokenizer already has tokens {clash[:3]}; fine-tune from the "
+                               "base model itself, not from a pipeline that already holds a concept bank")
+        self.tokenizer.add_tokens(self.tokens)
+        self.token_ids = self.tokenizer.convert_tokens_to_ids(self.tokens)
+        self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        weight = self.embeddings.weight
+        with torch.no_grad():
+            weight[self.token_ids] = weight[init_ids].mean(0)
+        weight.requires_grad_(True)
+        self.frozen_rows = weight.detach().clone().float()
+        self.restore_mask = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+        self.restore_mask[self.token_ids] = False
+
+    def train_step(self, batch: dict, step: int) -> float:
+        """One optimizer step on `batch` (uint8 pixels + labels); `step` counts from 1."""
+        cfg, device = self.cfg, self.device
+        warm = min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * warm
+        pixels = batch[COL_PIXELS].to(device, non_blocking=True).float() / 127.5 - 1.0
+        with torch.no_grad():
+            latents = self.vae.encode(pixels.to(self.weight_dtype)).latent_dist.sample()
+            latents = latents.float() * self.vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), device=device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            target = noise
+        elif prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise DiffmixError(f"the base model's scheduler predicts {prediction_type!r}; finetune supports "
+                               "epsilon and v_prediction")
+        input_ids = self.prompt_ids[batch["label"].to(device)]
+        with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            pred = self.denoiser(noisy, timesteps, input_ids)
+        loss = F.mse_loss(pred.float(), target.float())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.restore_mask is not None and self.embeddings.weight.grad is not None:
+            self.embeddings.weight.grad[self.restore_mask] = 0  # only class-token rows learn or count for clipping
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.restore_mask is not None:
+            with torch.no_grad():  # undo AdamW's decoupled weight decay on every other row
+                weight = self.embeddings.weight
+                weight[self.restore_mask] = self.frozen_rows[self.restore_mask].to(weight.dtype)
+        return float(loss.detach())
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        out = {}
+        if self.cfg.has_lora:
+            out.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(self.unet).items()})
+        for token, token_id in zip(self.tokens, self.token_ids):
+            out[f"embed.{token}"] = self.embeddings.weight[token_id]
+        return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+
+    def param_digest(self) -> str:
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.trainable_tensors().items()):
+            h.update(name.encode() + tensor.numpy().tobytes())
+        return h.hexdigest()
+
+    def _optimizer_state(self) -> dict:
+        """The optimizer state with the embedding matrix's moments cut to the class-token rows: the
+        other rows' moments never matter (their gradients are zero and the rows are restored), and
+        for SD 1.5 the full moments would be ~300 MB per checkpoint."""
+        state = self.optimizer.state_dict()
+        if self.cfg.has_tokens and 0 in state["state"]:
+            state["state"] = dict(state["state"])  # the inner dicts are the live optimizer's: copy
+            rows = {k: (v[self.token_ids].clone() if k in ("exp_avg", "exp_avg_sq") else v)
+                    for k, v in state["state"][0].items()}
+            state["state"][0] = rows
+        return state
+
+    def save(self, folder: str, progress: Progress, rank: int) -> None:
+        from safetensors.torch import save_file
+
+        progress.param_digest = self.param_digest()
+        if rank == 0:
+            save_file(self.trainable_tensors(), os.path.join(folder, CKPT_WEIGHTS))
+            torch.save({"optimizer": self._optimizer_state(), "scaler": self.scaler.state_dict(),
+                        "step": progress.step}, os.path.join(folder, CKPT_OPTIMIZER))
+        with open(os.path.join(folder, CKPT_PROGRESS.format(rank=rank)), "w", encoding="utf-8") as f:
+            json.dump(asdict(progress), f)
+
+    def load(self, folder: str, rank: int) -> Progress:
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        tensors = load_file(os.path.join(folder, CKPT_WEIGHTS))
+        if self.cfg.has_lora:
+            lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
+            result = set_peft_model_state_dict(self.unet, lora)
+            if getattr(result, "unexpected_keys", None):
+                raise DiffmixError(f"checkpoint in {folder} does not match this LoRA (unexpected "
+                                   f"{result.unexpected_keys[:3]}); it belongs to another run: use --overwrite")
+        with torch.no_grad():
+            for token, token_id in zip(self.tokens, self.token_ids):
+                self.embeddings.weight[token_id] = tensors[f"embed.{token}"].to(self.embeddings.weight.device)
+        saved = torch.load(os.path.join(folder, CKPT_OPTIMIZER), map_location="cpu", weights_only=True)
+        state = saved["optimizer"]
+        if self.cfg.has_tokens and 0 in state["state"]:
+            full = {}
+            for k, v in state["state"][0].items():
+                if k in ("exp_avg", "exp_avg_sq"):
+                    moments = torch.zeros(self.embeddings.weight.shape, dtype=v.dtype)
+                    moments[self.token_ids] = v
+                    v = moments
+                full[k] = v
+            state["state"][0] = full
+        self.optimizer.load_state_dict(state)
+        self.scaler.load_state_dict(saved["scaler"])
+        mine = os.path.join(folder, CKPT_PROGRESS.format(rank=rank))
+        path = mine if os.path.exists(mine) else os.path.join(folder, CKPT_PROGRESS.format(rank=0))
+        with open(path, encoding="utf-8") as f:
+            progress = Progress(**json.load(f))
+        progress.resumed_at.append(saved["step"])
+        return progress
+
+
+def read_trained(folder: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    """(LoRA state in peft keys, token -> embedding, step) from a checkpoint folder."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(os.path.join(folder, CKPT_WEIGHTS))
+    step = torch.load(os.path.join(folder, CKPT_OPTIMIZER), map_location="cpu", weights_only=True)["step"]
+    lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
+    embeds = {k[len("embed."):]: v for k, v in tensors.items() if k.startswith("embed.")}
+    return lora, embeds, int(step)
+
+
+@dataclass
+class PhaseTimes:
+    """Seconds spent per phase, for the log line and the benchmark: waiting for data, the step
+    itself (forward, backward, optimizer), and reporting (checkpoint writing and upload)."""
+
+    data_s: float = 0.0
+    step_s: float = 0.0
+    report_s: float = 0.0
+
+
+def train(tuner: Finetuner, epochs: Iterator[Iterable[dict]], progress: Progress,
+          report: Callable[[dict, bool], None], world_size: int = 1,
+          before_step: Callable[[int], None] | None = None) -> Progress:
+    """Run steps progress.step+1 .. max_steps. `epochs` yields one iterable of full batches per
+    epoch; `report(metrics, checkpoint)` runs every log_every and checkpoint_every steps and at
+    the last step (the same steps on every rank: Ray's report is a barrier)."""
+    cfg = tuner.cfg
+    times = PhaseTimes()
+    losses: list[float] = []
+    window_start, window_steps = time.perf_counter(), 0
+    while progress.step < cfg.max_steps:
+        batches, took_any = iter(next(epochs)), False
+        while progress.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            t1 = time.perf_counter()
+            step = progress.step + 1
+            if before_step is not None:
+                before_step(step)
+            losses.append(tuner.train_step(batch, step))
+            progress.add_step(step, batch[COL_KEY])
+            took_any, window_steps = True, window_steps + 1
+            t2 = time.perf_counter()
+            times.data_s, times.step_s = times.data_s + t1 - t0, times.step_s + t2 - t1
+            checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
+            if checkpoint or step % cfg.log_every == 0:
+                elapsed = t2 - window_start
+                metrics = {"step": step, "loss": sum(losses) / len(losses), "epoch_steps_done": window_steps,
+                           "images_per_s": window_steps * cfg.batch_size * world_size / max(elapsed, 1e-9),
+                           "steps_per_s": window_steps / max(elapsed, 1e-9), "lr": tuner.optimizer.param_groups[-1]["lr"],
+                           **{f"time_{k}": round(v, 4) for k, v in asdict(times).items()}}
+                report(metrics, checkpoint)
+                times.report_s += time.perf_counter() - t2
+                losses, window_start, window_steps = [], time.perf_counter(), 0
+        if not took_any:
+            raise DiffmixError(f"an epoch gave this worker no full batch of {cfg.batch_size} images: the train "
+                               "split is too small for --batch-size x --workers")
+    return progress
+
+
+def _noise_seed(seed: int, rank: int, start_step: int) -> int:
+    """Different noise per rank and per resumed attempt, reproducible from the config."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{rank}:{start_step}".encode()).digest()[:8], "little") >> 1
+
+
+def train_func(config: dict) -> None:
+    """Ray Train V2 per-worker entry point. `config` holds the FinetuneConfig ("cfg"), the class
+    prompts and tokens, the initializer ids, and the fail-once marker URI of the test hook."""
+    import tempfile
+
+    import ray.train
+    import ray.train.torch
+
+    from .. import storage
+
+    cfg: FinetuneConfig = config["cfg"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))  # = the CPUs Ray gave this worker
+    tuner = Finetuner(cfg, config["prompts"], config["tokens"], config["init_ids"], device,
+                      wrap=ray.train.torch.prepare_model)
+    progress = Progress()
+    if checkpoint := ray.train.get_checkpoint():
+        with checkpoint.as_directory() as folder:
+            progress = tuner.load(folder, rank)
+    torch.manual_seed(_noise_seed(cfg.seed, rank, progress.step))
+    shard = ray.train.get_dataset_shard("train")
+    epochs = (shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, prefetch_batches=2)
+              for _ in iter(int, 1))
+
+    def report(metrics: dict, with_checkpoint: bool) -> None:
+        if rank == 0:
+            print(f"finetune step {metrics['step']}/{cfg.max_steps} loss {metrics['loss']:.4f} "
+                  f"{metrics['images_per_s']:.2f} images/s", flush=True)
+        with tempfile.TemporaryDirectory() as folder:
+            saved = None
+            if with_checkpoint:
+                tuner.save(folder, progress, rank)
+                saved = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=saved,
+                             checkpoint_dir_name=f"checkpoint_step={metrics['step']:08d}" if saved else None)
+
+    def fail_once(step: int) -> None:  # test hook: a worker dies mid-run, once
+        marker = config.get("fail_marker")
+        if cfg._fail_at_step == step and rank == min(1, world - 1) and marker and not storage.exists(marker):
+            storage.write_text_atomic(marker, f"rank {rank} exited before step {step}\n")
+            os._exit(1)
+
+    train(tuner, epochs, progress, report, world_size=world, before_step=fail_once)
