@@ -84,7 +84,6 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
         build_model(cfg.arch, info.num_classes, cfg.pretrained)  # a wrong file fails here, not in N workers
     identity = _identity(cfg, info.fingerprint, [s.manifest.get("identity", {}).get("model_fingerprint", "")
                                                  + ":" + storage.normalize(s.uri) for s in syn_sets])
-    had_run = bool(storage.list_dir(out)) and storage.exists(storage.join(out, "_run.json"))
     resumed = storage.claim_output(out, "train-cls", identity, overwrite)
     if resumed and storage.exists(storage.join(out, SUCCESS)):
         console.print(f"{out} already holds this finished classifier run")
@@ -92,7 +91,7 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
     if resumed and not resume:
         raise DiffmixError(f"{out} holds an unfinished train-cls run of this config: pass --resume to continue it "
                            "from its last epoch checkpoint, or --overwrite to start again")
-    if resume and not (resumed and had_run):
+    if resume and not resumed:
         raise DiffmixError(f"--resume: {out} holds no earlier run of this config to continue")
 
     if not ray.is_initialized():

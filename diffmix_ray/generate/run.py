@@ -59,6 +59,19 @@ class Inputs:
     identity: dict
 
 
+def _normalized(identity: dict) -> dict:
+    """YAML and Python give `multiplier: 5` where the CLI gives 5.0; the same run must hash the
+    same however it was configured, so numbers are floats wherever the option is a float."""
+    out = dict(identity)
+    for key in ("multiplier", "strength", "guidance"):
+        if out.get(key) is not None:
+            out[key] = float(out[key])
+    for key in ("strength_set", "strength_beta"):
+        if out.get(key) is not None:
+            out[key] = [float(v) for v in out[key]]
+    return out
+
+
 def resolve_inputs(cfg: GenerateConfig) -> Inputs:
     """Validate the config and every input (dataset, model, bank) before any output is touched."""
     cfg.validate()
@@ -76,7 +89,7 @@ def resolve_inputs(cfg: GenerateConfig) -> Inputs:
                                f"dataset has {dataset.info.num_classes}: some target classes have no token")
         if cfg.mode == "da-fusion" and bank.mode != "ti":
             raise DiffmixError(f"--mode da-fusion uses a TI-only bank; {cfg.concepts} is a {bank.mode} bank")
-    identity = cfg.output_identity() | {
+    identity = _normalized(cfg.output_identity()) | {
         "dataset": dataset.uri, "dataset_fingerprint": dataset.info.fingerprint,
         "model_fingerprint": model.fingerprint, "concepts_fingerprint": bank.fingerprint if bank else None}
     return Inputs(cfg, out, dataset, model.fingerprint, bank, identity)

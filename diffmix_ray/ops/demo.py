@@ -10,12 +10,14 @@ from .. import storage
 from ..console import console
 from ..errors import DiffmixError
 
-STEPS = ("prepare", "generate")
+STEPS = ("prepare", "generate", "train-cls", "report")
 
 
 def run_demo(out: str, overwrite: bool = False) -> dict[str, str]:
     from ..data.prepare import PrepareConfig, prepare
     from ..data.sample import SAMPLE_SUPER_CLASS, write_sample_imagefolder
+    from ..classify.config import ClassifyConfig
+    from ..classify.run import run_classify
     from ..generate.config import GenerateConfig
     from ..generate.run import run_generate
 
@@ -24,7 +26,8 @@ def run_demo(out: str, overwrite: bool = False) -> dict[str, str]:
         raise DiffmixError("the demo writes to local disk; pass a local --out")
     t0 = time.perf_counter()
     paths = {"raw": os.path.join(out, "raw"), "dataset": os.path.join(out, "dataset"),
-             "synthetic": os.path.join(out, "synthetic")}
+             "synthetic": os.path.join(out, "synthetic"), "classifier": os.path.join(out, "classifier"),
+             "report": os.path.join(out, "report")}
 
     console.rule(f"[bold]1/{len(STEPS)} prepare: built-in sample dataset -> canonical dataset")
     if overwrite or not os.path.isdir(paths["raw"]):
@@ -38,6 +41,17 @@ def run_demo(out: str, overwrite: bool = False) -> dict[str, str]:
     run_generate(GenerateConfig(dataset=paths["dataset"], model="tiny", out=paths["synthetic"], mode="real-mix",
                                 multiplier=2, steps=10, batch_size=8, cpus_per_actor=1, rows_per_shard=64),
                  overwrite=overwrite)
+
+    console.rule(f"[bold]3/{len(STEPS)} train-cls: a timm classifier on real + synthetic data (Ray Train)")
+    run_classify(ClassifyConfig(dataset=paths["dataset"], synthetic=(paths["synthetic"],), arch="test_resnet",
+                                out=paths["classifier"], img_size=48, epochs=4, batch_size=16, lr=0.01,
+                                optimizer="adamw", weight_decay=0.0, warmup_epochs=0.0, synthetic_p=0.3),
+                 overwrite=overwrite, resume=os.path.exists(os.path.join(paths["classifier"], "_run.json")))
+
+    console.rule(f"[bold]4/{len(STEPS)} report: contact sheet, accuracy plot, comparison table")
+    from .report import run_report
+
+    run_report([paths["synthetic"], paths["classifier"]], paths["report"])
 
     console.print(f"[green]demo finished in {time.perf_counter() - t0:.1f} s[/green]: "
                   + ", ".join(f"{k} at {v}" for k, v in paths.items()))

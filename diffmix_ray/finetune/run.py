@@ -1,0 +1,196 @@
+"""The `finetune` driver: validate every input -> claim <out> -> TorchTrainer.fit -> concept bank.
+Only this module (and loop.train_func) knows about Ray Train.
+
+Layout of <out>: `_run.json` (written first: which config owns this output), `train/<run name>/`
+(Ray Train's run folder with its checkpoints; the run name is a hash of the config, so rerunning
+the same command finds it and Ray resumes from its latest checkpoint) and the concept bank at the
+root, `concepts.json` written last."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+
+from .. import canonical, storage
+from ..console import console
+from ..contracts import CONCEPTS_JSON, RUN_JSON
+from ..errors import DiffmixError
+from ..models import concepts as bank_io
+from ..models.loader import ModelRef, resolve_model
+from .config import FinetuneConfig
+from .data import epoch_rows
+
+TRAIN_DIR = "train"
+FAIL_MARKER = "_fail_once"  # test hook (FinetuneConfig._fail_at_step): fires once per run folder
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything the driver resolved before any worker starts."""
+
+    cfg: FinetuneConfig
+    out: str
+    dataset: canonical.Dataset
+    model: ModelRef
+    tokens: list[str]
+    prompts: list[str]
+    init_ids: list[int]
+    initializer: str  # how the class tokens were initialised, for the bank's train_config
+    identity: dict
+    run_name: str
+
+
+def load_tokenizer(model: ModelRef):
+    """Only the tokenizer: enough to check the initializer and the prompts on the driver."""
+    if model.kind == "preset":
+        from ..models.presets import build_tokenizer
+
+        return build_tokenizer()
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(os.path.join(model.local_path, "tokenizer"), local_files_only=True)
+
+
+def _check_dataset(cfg: FinetuneConfig, dataset: canonical.Dataset) -> None:
+    info = dataset.info
+    counts = info.class_counts("train")
+    if not info.files.get("train") or sum(counts) == 0:
+        raise DiffmixError(f"{dataset.uri} has no train images (splits: {sorted(info.counts) or 'none'}); finetune "
+                           "learns from the train split only: prepare the dataset with a train split")
+    if empty := [f"{c} ({info.classes[c]})" for c, n in enumerate(counts) if n == 0]:
+        raise DiffmixError(f"{dataset.uri}: class(es) {', '.join(empty[:5])} have no train images, so their tokens "
+                           "could not be learned; prepare the dataset so every class has train images")
+    per_worker = epoch_rows(counts, cfg.class_balanced) // cfg.workers
+    if per_worker < cfg.batch_size:
+        raise DiffmixError(f"an epoch of {dataset.uri} gives each of {cfg.workers} workers {per_worker} train images, "
+                           f"fewer than --batch-size {cfg.batch_size}; lower --batch-size or --workers")
+
+
+def resolve_inputs(cfg: FinetuneConfig) -> Inputs:
+    """Validate the config, dataset, model and output location; raise DiffmixError on any problem."""
+    from .loop import initializer_ids
+
+    cfg.validate()
+    if not cfg.out:
+        raise DiffmixError("--out is required: where the concept bank (and the training checkpoints) go")
+    out = storage.normalize(cfg.out)
+    storage.check_bucket(out)
+    dataset = canonical.open_dataset(cfg.dataset)
+    _check_dataset(cfg, dataset)
+    model = resolve_model(cfg.model)
+    tokens = cfg.tokens(dataset.info.num_classes)
+    init_ids, initializer = [], "none (mode lora trains no tokens)"
+    if cfg.has_tokens:
+        tokenizer = load_tokenizer(model)
+        if clash := [t for t in tokens if t in tokenizer.get_vocab()]:
+            raise DiffmixError(f"the tokenizer of {model.spec} already has tokens {clash[:3]}; fine-tune from the "
+                               "base model, not from a model that already holds a concept bank")
+        init_ids, initializer = initializer_ids(tokenizer, cfg.initializer_token)
+    identity = cfg.identity() | {"dataset": dataset.uri, "dataset_fingerprint": dataset.info.fingerprint,
+                                 "model_fingerprint": model.fingerprint}
+    prompts = cfg.prompts(dataset.info.classes, dataset.info.super_class)
+    return Inputs(cfg, out, dataset, model, tokens, prompts, init_ids, initializer, identity,
+                  f"finetune-{storage.config_hash(identity)}")
+
+
+def _claim(inputs: Inputs, overwrite: bool, resume: bool) -> bool:
+    """True when <out> holds this very run (resume). --resume insists on that."""
+    if resume and not overwrite:
+        run_uri = storage.join(inputs.out, RUN_JSON)
+        have = storage.read_json(run_uri) if storage.exists(run_uri) else None
+        if have is None or have.get("config_hash") != storage.config_hash(inputs.identity):
+            why = "holds no finetune run" if have is None else "holds a run with a different config"
+            raise DiffmixError(f"--resume: {inputs.out} {why}; rerun the original command unchanged, or drop "
+                               "--resume to start a new run")
+    return storage.claim_output(inputs.out, "finetune", inputs.identity, overwrite)
+
+
+def _fit(inputs: Inputs):
+    import ray
+    from ray.data import DataContext
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchTrainer
+
+    from .data import train_dataset
+    from .loop import train_func
+
+    cfg = inputs.cfg
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    DataContext.get_current().enable_operator_progress_bars = console.is_terminal
+    train_uri = storage.join(inputs.out, TRAIN_DIR)
+    storage.makedirs(train_uri)
+    filesystem, path = storage.arrow_filesystem(train_uri) if storage.is_s3(train_uri) else (None, train_uri)
+    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"cfg": cfg, "prompts": inputs.prompts, "tokens": inputs.tokens, "init_ids": inputs.init_ids,
+                           "fail_marker": storage.join(train_uri, inputs.run_name, FAIL_MARKER)},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=inputs.run_name, storage_path=path, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep)),
+        datasets={"train": train_dataset(inputs.dataset, inputs.model.resolution, cfg.class_balanced)},
+    )
+    try:
+        return trainer.fit()
+    except TrainingFailedError as e:
+        raise DiffmixError(f"fine-tuning failed ({cfg.max_failures} restarts allowed): {e}\nRerun the same command "
+                           "to resume from the last checkpoint") from e
+
+
+def bank_weights(lora_peft: dict, embeds: dict, cfg: FinetuneConfig) -> tuple[dict | None, dict | None]:
+    """Checkpoint tensors -> what save_bank takes: LoRA in diffusers' key format, with the
+    alpha/rank scale folded into the up weights (diffusers loads a LoRA without alphas at scale 1)."""
+    lora = None
+    if cfg.has_lora:
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        scale = cfg.alpha / cfg.rank
+        lora = convert_state_dict_to_diffusers({k: (v * scale if "lora_B" in k else v) for k, v in lora_peft.items()})
+    return lora, (embeds if cfg.has_tokens else None)
+
+
+def write_bank(inputs: Inputs, checkpoint_dir: str, extra: dict | None = None) -> bank_io.ConceptBank:
+    from .loop import read_trained
+
+    cfg, info = inputs.cfg, inputs.dataset.info
+    lora_peft, embeds, step = read_trained(checkpoint_dir)
+    if step != cfg.max_steps:
+        raise DiffmixError(f"the latest checkpoint is at step {step}, not --max-steps {cfg.max_steps}; rerun the same "
+                           "command to finish training")
+    lora, tokens = bank_weights(lora_peft, embeds, cfg)
+    bank = bank_io.ConceptBank(
+        tokens=inputs.tokens, class_names=list(info.classes), prompt_template=cfg.prompt_template,
+        super_class=info.super_class, mode=cfg.mode,
+        base_model={"spec": inputs.model.spec, "fingerprint": inputs.model.fingerprint},
+        dataset_fingerprint=info.fingerprint,
+        train_config=dataclasses.asdict(cfg) | {"out": inputs.out, "dataset": inputs.dataset.uri,
+                                                "initializer": inputs.initializer, "run_name": inputs.run_name,
+                                                "steps": step} | (extra or {}))
+    bank_io.save_bank(inputs.out, bank, lora, tokens)
+    return bank
+
+
+def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = False) -> bank_io.ConceptBank:
+    """Fine-tune (or resume, or find already finished) and return the concept bank at cfg.out."""
+    started = time.perf_counter()
+    inputs = resolve_inputs(cfg)
+    resumed = _claim(inputs, overwrite, resume)
+    if resumed and storage.exists(storage.join(inputs.out, CONCEPTS_JSON)):
+        console.print(f"{inputs.out} already holds the finished concept bank of this config; nothing to do")
+        return bank_io.load_bank(inputs.out)[0]
+    console.print(f"finetune {cfg.mode}: {inputs.dataset.info.num_classes} classes, "
+                  f"{inputs.dataset.info.split_size('train')} train images, {cfg.max_steps} steps x {cfg.batch_size} "
+                  f"x {cfg.workers} worker(s); run {inputs.run_name}" + (" (resuming)" if resumed else ""))
+    result = _fit(inputs)
+    if result.checkpoint is None:
+        raise DiffmixError(f"training at {inputs.out} ended without a checkpoint; rerun the same command")
+    metrics = dict(result.metrics or {})
+    with result.checkpoint.as_directory() as folder:
+        bank = write_bank(inputs, folder, {"final_metrics": metrics, "checkpoint": result.checkpoint.path})
+    console.print(f"[green]concept bank written to {inputs.out}[/green] ({cfg.max_steps} steps, "
+                  f"{time.perf_counter() - started:.1f} s this run)")
+    return bank
