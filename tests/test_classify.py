@@ -89,7 +89,7 @@ def shapes(tmp_path_factory):
 
 
 def cfg(shapes, out, **kw):
-    base = dict(dataset=shapes, arch="test_resnet", out=str(out), img_size=32, epochs=6, batch_size=16, lr=0.01,
+    base = dict(dataset=shapes, arch="test_resnet", out=str(out), img_size=32, epochs=5, batch_size=8, lr=0.01,
                 optimizer="adamw", weight_decay=0.0, warmup_epochs=0.0, cpus_per_worker=1.0, seed=0)
     return ClassifyConfig(**(base | kw))
 

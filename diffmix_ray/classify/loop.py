@@ -123,6 +123,7 @@ def train_func(cfg: dict) -> None:
             sched.step_update(step)
             losses.append(float(loss.detach()))
             seen += len(x)
+        train_seconds = time.perf_counter() - t0
         eval_model = model.module if hasattr(model, "module") else model
         if world > 1:  # BN running stats drift per rank after DDP's last broadcast: score rank 0's model
             import torch.distributed as dist
@@ -134,7 +135,9 @@ def train_func(cfg: dict) -> None:
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, "val": val,
                   "test": test, "lr": opt.param_groups[0]["lr"], "seconds": seconds,
-                  "images_per_s": seen * world / seconds if seconds else 0.0, "steps": step}
+                  "train_seconds": train_seconds, "steps": step,
+                  # training throughput (all ranks), evaluation excluded
+                  "images_per_s": seen * world / train_seconds if train_seconds else 0.0}
         history = history + [record]
         metrics = {"epoch": epoch, "train_loss": record["train_loss"], "val_top1": val["top1"],
                    "test_top1": test["top1"], "images_per_s": record["images_per_s"]}

@@ -85,6 +85,7 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
     identity = _identity(cfg, info.fingerprint, [s.manifest.get("identity", {}).get("model_fingerprint", "")
                                                  + ":" + storage.normalize(s.uri) for s in syn_sets])
     resumed = storage.claim_output(out, "train-cls", identity, overwrite)
+    from ..ops.jobs import announce; announce("train-cls", storage.config_hash(identity))  # noqa: E702
     if resumed and storage.exists(storage.join(out, SUCCESS)):
         console.print(f"{out} already holds this finished classifier run")
         return storage.read_json(storage.join(out, METRICS_JSON))
