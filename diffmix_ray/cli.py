@@ -308,11 +308,22 @@ def make_tiny(out: str = typer.Argument(..., help="Directory to write the diffus
 
 @model_app.command("stage")
 @friendly
-def stage(uri: str = typer.Argument(..., help="s3:// URI of a diffusers model folder.")):
+def stage(uri: str = typer.Argument(..., help="s3:// URI of a diffusers model folder."),
+          all_nodes: bool = typer.Option(False, "--all-nodes", help="Stage on every alive node of the Ray "
+                                         "cluster (RAY_ADDRESS), one pinned task per node.")):
     """Copy a model folder from S3 into this node's cache once (later loads reuse it)."""
-    from .models.loader import stage_model
+    if not all_nodes:
+        from .models.loader import stage_model
 
-    console.print(stage_model(uri))
+        console.print(stage_model(uri))
+        return
+    import json
+
+    from .ops.stage import stage_on_all_nodes
+
+    for row in stage_on_all_nodes(uri):
+        console.print(f"{row['host']} ({row['node_id'][:12]}): {row['path'] or row.get('skipped')}")
+        print(json.dumps(row))
 
 
 @app.command()
@@ -323,6 +334,14 @@ def demo(out: str = typer.Option("demo-out", help="Local folder for every stage'
     from .ops.demo import run_demo
 
     run_demo(out, overwrite=overwrite)
+
+
+from .finetune.command import finetune as _finetune  # noqa: E402
+app.command(name="finetune")(friendly(_finetune))
+
+
+from .ops.jobs import register_job_commands  # noqa: E402
+register_job_commands(app, friendly)
 
 
 def main() -> None:  # pragma: no cover - `python -m diffmix_ray`

@@ -93,8 +93,7 @@ class FinetuneConfig:
         if not self.use_gpu and self.precision in ("fp16", "bf16"):
             raise DiffmixError(f"precision {self.precision} needs GPUs (--gpus-per-worker > 0); CPU training "
                                "runs in fp32: use precision auto or fp32")
-        if self.initializer_token is not None and (not self.initializer_token.strip()
-                                                   or self.initializer_token != self.initializer_token.strip()):
+        if self.initializer_token is not None and len(self.initializer_token.split()) != 1:
             raise DiffmixError(f"--initializer-token {self.initializer_token!r} must be one word without spaces")
         self._check_template()
 

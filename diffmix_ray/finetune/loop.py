@@ -28,6 +28,7 @@ from .data import COL_KEY, COL_PIXELS
 CKPT_WEIGHTS = "trainable.safetensors"  # "lora.<peft key>" and "embed.<token>" tensors, rank 0
 CKPT_OPTIMIZER = "optimizer.pt"  # optimizer (compact), grad scaler, step; rank 0
 CKPT_PROGRESS = "progress-rank{rank}.json"  # every rank: the steps it took, the data it saw
+FAIL_DELAY_S = 3.0  # test hook only: see train_func.fail_once
 
 
 def initializer_ids(tokenizer, word: str | None) -> tuple[list[int], str]:
@@ -156,18 +157,17 @@ class Finetuner:
         self.restore_mask = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
         self.restore_mask[self.token_ids] = False
 
-    def train_step(self, batch: dict, step: int) -> float:
-        """One optimizer step on `batch` (uint8 pixels + labels); `step` counts from 1."""
-        cfg, device = self.cfg, self.device
-        warm = min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-        for g in self.optimizer.param_groups:
-            g["lr"] = g["base_lr"] * warm
+    def loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The denoising loss on `batch` (uint8 pixels + labels): epsilon- or v-prediction MSE at
+        random timesteps. A seeded `generator` fixes latents, noise and timesteps (evaluation)."""
+        device = self.device
         pixels = batch[COL_PIXELS].to(device, non_blocking=True).float() / 127.5 - 1.0
         with torch.no_grad():
-            latents = self.vae.encode(pixels.to(self.weight_dtype)).latent_dist.sample()
+            latents = self.vae.encode(pixels.to(self.weight_dtype)).latent_dist.sample(generator)
             latents = latents.float() * self.vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), device=device)
+        noise = torch.randn(latents.shape, generator=generator, device=device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),),
+                                  generator=generator, device=device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         prediction_type = self.noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":
@@ -181,7 +181,15 @@ class Finetuner:
         with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             pred = self.denoiser(noisy, timesteps, input_ids)
-        loss = F.mse_loss(pred.float(), target.float())
+        return F.mse_loss(pred.float(), target.float())
+
+    def train_step(self, batch: dict, step: int) -> float:
+        """One optimizer step on `batch`; `step` counts from 1 (it sets the warmup factor)."""
+        cfg = self.cfg
+        warm = min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * warm
+        loss = self.loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -287,6 +295,7 @@ class PhaseTimes:
     """Seconds spent per phase, for the log line and the benchmark: waiting for data, the step
     itself (forward, backward, optimizer), and reporting (checkpoint writing and upload)."""
 
+    first_batch_s: float = 0.0  # included in data_s: the wait while the data pipeline starts up
     data_s: float = 0.0
     step_s: float = 0.0
     report_s: float = 0.0
@@ -317,11 +326,13 @@ def train(tuner: Finetuner, epochs: Iterator[Iterable[dict]], progress: Progress
             progress.add_step(step, batch[COL_KEY])
             took_any, window_steps = True, window_steps + 1
             t2 = time.perf_counter()
+            if not times.data_s:
+                times.first_batch_s = t1 - t0
             times.data_s, times.step_s = times.data_s + t1 - t0, times.step_s + t2 - t1
             checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
             if checkpoint or step % cfg.log_every == 0:
                 elapsed = t2 - window_start
-                metrics = {"step": step, "loss": sum(losses) / len(losses), "epoch_steps_done": window_steps,
+                metrics = {"step": step, "loss": sum(losses) / len(losses),
                            "images_per_s": window_steps * cfg.batch_size * world_size / max(elapsed, 1e-9),
                            "steps_per_s": window_steps / max(elapsed, 1e-9), "lr": tuner.optimizer.param_groups[-1]["lr"],
                            **{f"time_{k}": round(v, 4) for k, v in asdict(times).items()}}
@@ -382,6 +393,10 @@ def train_func(config: dict) -> None:
         marker = config.get("fail_marker")
         if cfg._fail_at_step == step and rank == min(1, world - 1) and marker and not storage.exists(marker):
             storage.write_text_atomic(marker, f"rank {rank} exited before step {step}\n")
+            # Ray's controller collects reports every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); a worker that
+            # dies sooner after a checkpoint takes its registration along and the run resumes from the one
+            # before. Dying later makes the test's resume point known.
+            time.sleep(FAIL_DELAY_S)
             os._exit(1)
 
     train(tuner, epochs, progress, report, world_size=world, before_step=fail_once)

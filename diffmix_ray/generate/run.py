@@ -309,6 +309,7 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
     inputs = resolve_inputs(cfg)
     out = inputs.out
     resumed = storage.claim_output(out, "generate", inputs.identity, overwrite)
+    from ..ops.jobs import announce; announce("generate", storage.config_hash(inputs.identity))  # noqa: E702
     if resumed and storage.exists(storage.join(out, SUCCESS)):
         manifest = storage.read_json(storage.join(out, MANIFEST_JSON))
         console.print(f"{out} is complete ({manifest['counts']['generated']} images); nothing to do")

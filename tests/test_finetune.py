@@ -1,0 +1,309 @@
+"""`diffmix-ray finetune`: the training step in-process (fast), then as few real Ray Train fits as
+the behaviour needs: one 2-worker DDP fit with a worker killed mid-run (resume, step accounting,
+rank agreement, the bank it writes), and one failed-then-rerun 1-worker fit (rerun resumes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from diffmix_ray import canonical, storage
+from diffmix_ray.contracts import CONCEPTS_JSON, DATASET_JSON, LEARNED_EMBEDS, LORA_WEIGHTS
+from diffmix_ray.errors import DiffmixError
+from diffmix_ray.finetune import run as ft_run
+from diffmix_ray.finetune.config import FinetuneConfig
+from diffmix_ray.finetune.data import balanced_repeats, decode_batch, local_batches, repeat_rows
+from diffmix_ray.finetune.loop import Finetuner, Progress, train
+from diffmix_ray.models import concepts as bank_io
+from diffmix_ray.models.loader import load_pipeline
+
+MAX_STEPS = 8
+
+
+def _cfg(dataset: str, out: str, **kw) -> FinetuneConfig:
+    base = dict(dataset=dataset, out=out, model="tiny", max_steps=MAX_STEPS, batch_size=2, checkpoint_every=3,
+                log_every=2, lr=1e-2, ti_lr=5e-2, seed=0, cpus_per_worker=0.5)
+    return FinetuneConfig(**(base | kw))
+
+
+def _checkpoint(out: str, step: int) -> str:
+    (run_dir,) = [d for d in os.listdir(os.path.join(out, "train")) if d.startswith("finetune-")]
+    return os.path.join(out, "train", run_dir, f"checkpoint_step={step:08d}")
+
+
+def _progress(out: str, step: int, rank: int) -> dict:
+    with open(os.path.join(_checkpoint(out, step), f"progress-rank{rank}.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process: the step, the loss, the embedding guard, the bank format (no Ray)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(sample_dataset, tmp_path_factory):
+    """60 seeded steps with a high lr, run by the plain loop; lora_alpha = 2 x rank exercises the
+    alpha folding of the bank export."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = _cfg(sample_dataset, str(tmp_path_factory.mktemp("inproc") / "out"), max_steps=60, batch_size=4,
+               lr=5e-2, ti_lr=5e-2, log_every=10, checkpoint_every=1000, rank=4, lora_alpha=8)
+    inputs = ft_run.resolve_inputs(cfg)
+    tuner = Finetuner(cfg, inputs.prompts, inputs.tokens, inputs.init_ids, torch.device("cpu"))
+    probe = next(iter(next(local_batches(inputs.dataset, 64, 16, False, seed=123))))
+
+    def probe_loss() -> float:  # fixed images, noise and timesteps: a noise-free loss to compare
+        with torch.no_grad():
+            return float(tuner.loss(probe, torch.Generator().manual_seed(7)))
+
+    before = probe_loss()
+    reports: list[dict] = []
+    progress = train(tuner, local_batches(inputs.dataset, 64, 4, False, seed=0), Progress(),
+                     lambda metrics, checkpoint: reports.append(metrics))
+    return dict(cfg=cfg, inputs=inputs, tuner=tuner, progress=progress, reports=reports, before=before,
+                after=probe_loss())
+
+
+def test_loss_decreases_over_a_short_seeded_run(trained):
+    losses = [r["loss"] for r in trained["reports"]]
+    assert len(losses) == 6 and [r["step"] for r in trained["reports"]] == [10, 20, 30, 40, 50, 60]
+    assert trained["after"] < trained["before"] - 0.03, (trained["before"], trained["after"])
+    assert np.mean(losses[-2:]) < losses[0], losses
+
+
+def test_only_class_token_rows_of_the_embedding_change(trained):
+    tuner = trained["tuner"]
+    base, _ = load_pipeline("tiny")
+    original = base.text_encoder.get_input_embeddings().weight
+    weight = tuner.embeddings.weight.detach()
+    vocab = original.shape[0]
+    assert min(tuner.token_ids) == vocab and weight.shape[0] == vocab + len(tuner.tokens)
+    assert torch.equal(weight[:vocab], original)  # bit-identical, weight decay included
+    initial = original[trained["inputs"].init_ids].mean(0)
+    for token_id in tuner.token_ids:
+        assert not torch.allclose(weight[token_id], initial)
+
+
+def test_bank_reproduces_the_trained_model(trained, tmp_path):
+    """Checkpoint folder -> bank -> fresh pipeline: the same noise prediction as the trained modules."""
+    tuner, inputs = trained["tuner"], trained["inputs"]
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    tuner.save(str(folder), trained["progress"], rank=0)
+    bank_inputs = dataclasses.replace(inputs, out=str(tmp_path / "bank"))
+    bank_run = ft_run.write_bank(bank_inputs, str(folder))
+    bank, local = bank_io.load_bank(str(tmp_path / "bank"))
+    assert bank.mode == "ti+lora" and bank.tokens == inputs.tokens and bank.train_config["steps"] == 60
+    assert bank == dataclasses.replace(bank_run, fingerprint=bank.fingerprint)
+    pipe, _ = load_pipeline("tiny")
+    bank_io.apply_bank(pipe, bank, local)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([10, 500])
+    ids = tuner.prompt_ids[torch.tensor([1, 3])]
+    assert torch.equal(pipe.tokenizer(inputs.prompts[1:4:2], padding="max_length", max_length=77,
+                                      return_tensors="pt").input_ids, ids)
+    with torch.no_grad():
+        trained_pred = tuner.denoiser(latents, t, ids)
+        loaded_pred = pipe.unet(latents, t, pipe.text_encoder(ids)[0]).sample
+    torch.testing.assert_close(loaded_pred, trained_pred, rtol=1e-4, atol=1e-5)
+
+
+def test_class_balanced_repeat_and_leakage_guard():
+    assert balanced_repeats([10, 2, 5]) == [1, 5, 2]
+    import pyarrow as pa
+
+    table = pa.table({"label": pa.array([0, 1, 1, 2], pa.int32()), "x": ["a", "b", "c", "d"]})
+    assert repeat_rows(table, [1, 3, 0]).column("x").to_pylist() == ["a", "b", "b", "b", "c", "c", "c"]
+    batch = {"image_id": np.array(["v1"], dtype=object), "image": np.array([b"\xff"], dtype=object),
+             "label": np.array([0]), "split": np.array(["val"], dtype=object)}
+    with pytest.raises(DiffmixError, match=r"leakage guard: rows of split\(s\) \['val'\]"):
+        decode_batch(batch, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: each refused with a clear error before any worker starts
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_fit(monkeypatch):
+    def fail(*_):
+        pytest.fail("a training run started although the input is bad")
+
+    monkeypatch.setattr(ft_run, "_fit", fail)
+
+
+def _edited_dataset(src: str, dst: str, edit) -> str:
+    shutil.copytree(src, dst)
+    info = canonical.open_dataset(dst).info
+    edit(info)
+    with open(os.path.join(dst, DATASET_JSON), "w", encoding="utf-8") as f:
+        f.write(info.to_json())
+    return dst
+
+
+def _expect(cfg: FinetuneConfig, pattern: str, **kw) -> None:
+    with pytest.raises(DiffmixError, match=pattern):
+        ft_run.run_finetune(cfg, **kw)
+    assert not os.path.exists(os.path.join(cfg.out, "train"))
+
+
+def test_dataset_without_train_images_is_refused(sample_dataset, tmp_path, no_fit):
+    def drop_train(info):
+        info.counts.pop("train")
+        info.files.pop("train")
+
+    dataset = _edited_dataset(sample_dataset, str(tmp_path / "ds"), drop_train)
+    _expect(_cfg(dataset, str(tmp_path / "out")), r"has no train images .*prepare the dataset with a train split")
+
+
+def test_class_without_train_images_is_refused(sample_dataset, tmp_path, no_fit):
+    dataset = _edited_dataset(sample_dataset, str(tmp_path / "ds"),
+                              lambda info: info.counts["train"].update({"2": 0}))
+    name = canonical.open_dataset(dataset).info.classes[2]
+    _expect(_cfg(dataset, str(tmp_path / "out")), rf"class\(es\) 2 \({name}\) have no train images")
+
+
+def test_model_folder_missing_a_component_is_refused(sample_dataset, tmp_path, no_fit):
+    from diffmix_ray.models.presets import write_preset
+
+    model = write_preset("tiny", str(tmp_path / "model"))
+    shutil.rmtree(os.path.join(model, "vae"))
+    _expect(_cfg(sample_dataset, str(tmp_path / "out"), model=model), r"missing vae/")
+
+
+@pytest.mark.parametrize("change, pattern", [
+    (dict(mode="dreambooth"), r"--mode 'dreambooth' is unknown; choose one of ti\+lora, ti, lora"),
+    (dict(rank=0), r"--rank 0 must be a positive LoRA rank"),
+    (dict(initializer_token="bird photo"), r"must be one word"),
+    (dict(initializer_token="ktn"), r"--initializer-token 'ktn' is 3 tokens .* pick a word the tokenizer keeps whole"),
+    (dict(prompt_template="a photo of a {super_class}"), r"lacks \{token\}"),
+    (dict(batch_size=7, workers=4), r"gives each of 4 workers 6 train images, fewer than --batch-size 7"),
+    (dict(precision="fp16"), r"precision fp16 needs GPUs"),
+])
+def test_bad_options_are_refused(sample_dataset, tmp_path, no_fit, change, pattern):
+    _expect(_cfg(sample_dataset, str(tmp_path / "out"), **change), pattern)
+
+
+def test_s3_output_without_credentials_is_refused(sample_dataset, tmp_path, s3_env, monkeypatch, no_fit):
+    bucket = s3_env.make_bucket()
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    with pytest.raises(DiffmixError, match=r"no AWS credentials found for s3://.*AWS_ACCESS_KEY_ID"):
+        ft_run.run_finetune(_cfg(sample_dataset, f"{bucket}/bank"))
+
+
+def test_resume_flag_needs_a_run_to_resume(sample_dataset, tmp_path, no_fit):
+    _expect(_cfg(sample_dataset, str(tmp_path / "out")), r"--resume: .* holds no finetune run", resume=True)
+
+
+def test_cli_reports_bad_options_without_a_traceback(sample_dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffmix_ray.cli import app
+
+    result = CliRunner().invoke(app, ["finetune", "--dataset", sample_dataset, "--out", str(tmp_path / "o"),
+                                      "--rank", "-1"])
+    assert result.exit_code == 2 and "--rank -1 must be a positive LoRA rank" in result.output
+    assert "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Train: one 2-worker DDP fit whose rank 1 dies once before step 5
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ddp_run(ray_local, sample_dataset, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ddp") / "bank")
+    cfg = _cfg(sample_dataset, out, workers=2, max_failures=1, _fail_at_step=5)
+    bank = ft_run.run_finetune(cfg)
+    return cfg, bank, out
+
+
+def test_killed_worker_resumes_from_last_checkpoint_without_repeating_steps(ddp_run):
+    cfg, _, out = ddp_run
+    assert os.path.exists(os.path.join(os.path.dirname(_checkpoint(out, MAX_STEPS)), "_fail_once"))  # it did die
+    for rank in (0, 1):
+        progress = _progress(out, MAX_STEPS, rank)
+        assert progress["resumed_at"] == [3]  # restarted from the checkpoint at step 3, not from 0
+        assert progress["step_ranges"] == [[1, MAX_STEPS]]  # every step exactly once, in order
+        assert progress["images_seen"] == MAX_STEPS * cfg.batch_size
+
+
+def test_ddp_ranks_end_identical_while_seeing_different_data(ddp_run):
+    _, _, out = ddp_run
+    rank0, rank1 = _progress(out, MAX_STEPS, 0), _progress(out, MAX_STEPS, 1)
+    assert rank0["param_digest"] == rank1["param_digest"]
+    assert rank0["data_digest"] != rank1["data_digest"]
+
+
+def _img2img(pipe, prompt: str) -> np.ndarray:
+    from PIL import Image
+
+    source = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    return pipe(prompt=prompt, image=source, strength=0.8, num_inference_steps=5, guidance_scale=7.5,
+                generator=torch.Generator().manual_seed(3), output_type="np").images[0]
+
+
+def test_bank_from_a_fit_loads_with_generate_and_plain_diffusers(ddp_run, tmp_path):
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from safetensors.torch import load_file
+
+    from diffmix_ray.models.presets import write_preset
+
+    _, written, out = ddp_run
+    bank, local = bank_io.load_bank(out)
+    assert bank.tokens == ["<class_0>", "<class_1>", "<class_2>", "<class_3>"] and bank.mode == "ti+lora"
+    assert bank.base_model["fingerprint"] == load_pipeline("tiny")[1].fingerprint
+    assert bank.dataset_fingerprint == canonical.open_dataset(written.train_config["dataset"]).info.fingerprint
+    base, _ = load_pipeline("tiny")
+    tuned, _ = load_pipeline("tiny")
+    bank_io.apply_bank(tuned, bank, local)  # what generate does
+    prompt0, prompt1 = bank.prompt(0), bank.prompt(1)
+    assert np.abs(_img2img(tuned, prompt0) - _img2img(base, prompt0)).max() > 1e-3
+    assert np.abs(_img2img(tuned, prompt0) - _img2img(tuned, prompt1)).max() > 1e-3
+
+    plain = StableDiffusionImg2ImgPipeline.from_pretrained(write_preset("tiny", str(tmp_path / "model")),
+                                                           safety_checker=None, requires_safety_checker=False)
+    plain.set_progress_bar_config(disable=True)
+    plain.load_lora_weights(out, weight_name=LORA_WEIGHTS)
+    embeds = load_file(os.path.join(out, LEARNED_EMBEDS))
+    plain.load_textual_inversion(list(embeds.values()), token=list(embeds.keys()))
+    np.testing.assert_allclose(_img2img(plain, prompt1), _img2img(tuned, prompt1), atol=1e-5)
+
+
+def test_rerun_of_a_finished_run_is_a_noop_and_other_configs_are_refused(ddp_run, monkeypatch, no_fit):
+    cfg, _, out = ddp_run
+    before = os.path.getmtime(os.path.join(out, CONCEPTS_JSON))
+    again = ft_run.run_finetune(dataclasses.replace(cfg, max_failures=3, log_every=4))  # execution knobs only
+    assert again.tokens == ["<class_0>", "<class_1>", "<class_2>", "<class_3>"]
+    assert os.path.getmtime(os.path.join(out, CONCEPTS_JSON)) == before
+    with pytest.raises(DiffmixError, match=r"refusing to write into .*different config.*--overwrite"):
+        ft_run.run_finetune(dataclasses.replace(cfg, lr=2e-2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Train: a run that dies (no retries left), then the same command again resumes it
+# ---------------------------------------------------------------------------------------------
+def test_rerunning_a_failed_run_resumes_from_its_checkpoint(ray_local, sample_dataset, tmp_path):
+    out = str(tmp_path / "bank")
+    cfg = _cfg(sample_dataset, out, mode="ti", max_steps=6, checkpoint_every=2, batch_size=4, max_failures=0,
+               _fail_at_step=4)
+    with pytest.raises(DiffmixError, match=r"(?s)fine-tuning failed .*Rerun the same command to resume"):
+        ft_run.run_finetune(cfg)
+    assert not storage.exists(os.path.join(out, CONCEPTS_JSON))
+    bank = ft_run.run_finetune(cfg, resume=True)
+    progress = _progress(out, 6, 0)
+    assert progress["resumed_at"] == [2] and progress["step_ranges"] == [[1, 6]]
+    assert bank.mode == "ti" and not os.path.exists(os.path.join(out, LORA_WEIGHTS))
+    assert sorted(load_file_keys(os.path.join(out, LEARNED_EMBEDS))) == bank.tokens
+
+
+def load_file_keys(path: str) -> list[str]:
+    from safetensors.torch import load_file
+
+    return list(load_file(path))
