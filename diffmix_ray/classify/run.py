@@ -14,6 +14,7 @@ from .. import canonical, storage
 from ..console import console, logger
 from ..contracts import COL_LABEL, COL_SOURCE_LABEL, COL_STRENGTH, COL_TARGET_LABEL, SUCCESS
 from ..errors import DiffmixError
+from ..ops.jobs import announce
 from ..synthetic import open_synthetic
 from . import data, labels
 from .config import ClassifyConfig
@@ -85,7 +86,7 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
     identity = _identity(cfg, info.fingerprint, [s.manifest.get("identity", {}).get("model_fingerprint", "")
                                                  + ":" + storage.normalize(s.uri) for s in syn_sets])
     resumed = storage.claim_output(out, "train-cls", identity, overwrite)
-    from ..ops.jobs import announce; announce("train-cls", storage.config_hash(identity))  # noqa: E702
+    announce("train-cls", storage.config_hash(identity))  # inside a Ray job: where to watch it, which run it is
     if resumed and storage.exists(storage.join(out, SUCCESS)):
         console.print(f"{out} already holds this finished classifier run")
         return storage.read_json(storage.join(out, METRICS_JSON))

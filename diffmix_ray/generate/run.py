@@ -25,6 +25,7 @@ from ..console import console, logger
 from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_PAIR_ID, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH,
                          COL_TARGET_LABEL, MANIFEST_JSON, PLAN_DIR, SHARD_SCHEMA, SHARDS_DIR, SUCCESS)
 from ..errors import DiffmixError
+from ..ops.jobs import announce
 from ..models import concepts as bank_io
 from ..models.loader import resolve_model
 from .config import GenerateConfig
@@ -309,7 +310,7 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
     inputs = resolve_inputs(cfg)
     out = inputs.out
     resumed = storage.claim_output(out, "generate", inputs.identity, overwrite)
-    from ..ops.jobs import announce; announce("generate", storage.config_hash(inputs.identity))  # noqa: E702
+    announce("generate", storage.config_hash(inputs.identity))  # inside a Ray job: where to watch it, which run it is
     if resumed and storage.exists(storage.join(out, SUCCESS)):
         manifest = storage.read_json(storage.join(out, MANIFEST_JSON))
         console.print(f"{out} is complete ({manifest['counts']['generated']} images); nothing to do")
