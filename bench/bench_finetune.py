@@ -4,10 +4,11 @@ time goes: waiting for data, the training step (forward, backward, optimizer) an
 (checkpoints). The phases are timed inside the loop (loop.PhaseTimes) and read back from the
 final metrics of rank 0.
 
-    .venv/bin/python bench/bench_finetune.py [--steps 30] [--batch-size 2] [--cpus 2]
+    .venv/bin/python bench/bench_finetune.py [--steps 30] [--batch-size 2] [--threads 1]
 
-Prints figures; asserts nothing. Both runs share the machine's --cpus cores: 1 worker with all
-of them as torch threads, or 2 workers with --cpus/2 each."""
+Prints figures; asserts nothing. Each worker gets --threads torch threads (default 1): on a busy
+2-core machine a 2-thread worker ran 18x slower per step than a 1-thread one (0.28 s vs 5.0 s,
+OpenMP threads fighting other processes), which would measure the machine, not the code."""
 
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ import tempfile
 import time
 
 
-def one_run(dataset: str, out: str, workers: int, steps: int, batch_size: int, cpus: int) -> dict:
+def one_run(dataset: str, out: str, workers: int, steps: int, batch_size: int, threads: int) -> dict:
     from diffmix_ray.finetune.config import FinetuneConfig
     from diffmix_ray.finetune.run import run_finetune
 
     cfg = FinetuneConfig(dataset=dataset, out=out, model="bench", max_steps=steps, batch_size=batch_size,
-                         workers=workers, cpus_per_worker=max(1, cpus // workers), checkpoint_every=max(1, steps // 3),
+                         workers=workers, cpus_per_worker=threads, checkpoint_every=max(1, steps // 3),
                          log_every=steps, seed=0)
     t0 = time.perf_counter()
     bank = run_finetune(cfg)
@@ -51,7 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--per-class", type=int, default=16)
     args = ap.parse_args()
 
@@ -63,15 +64,15 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with tempfile.TemporaryDirectory() as tmp:
         # Logical CPUs = 2 x cores: the training workers and Ray Data's decode tasks both get a share.
-        ray.init(num_cpus=2 * args.cpus, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=2 * (os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
                  _temp_dir=os.path.join("/tmp", f"bench-ft-ray-{os.getpid()}"))
         raw = write_sample_imagefolder(os.path.join(tmp, "raw"), num_classes=4, per_class=args.per_class, size=160)
         ds = os.path.join(tmp, "ds")
         prepare(PrepareConfig("imagefolder", raw, super_class="shape", val_fraction=0.1), ds, show_progress=False)
-        results = [one_run(ds, os.path.join(tmp, f"ft-{w}"), w, args.steps, args.batch_size, args.cpus)
+        results = [one_run(ds, os.path.join(tmp, f"ft-{w}"), w, args.steps, args.batch_size, args.threads)
                    for w in (1, 2)]
         ray.shutdown()
-    print(json.dumps({"model": "bench (128 px, ~24M-param UNet)", "cores": args.cpus, "runs": results}, indent=2))
+    print(json.dumps({"model": "bench (128 px, ~24M-param UNet)", "cores": os.cpu_count(), "runs": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ import typer
 
 
 def finetune(
-    dataset: Optional[str] = typer.Option(None, help="Canonical dataset URI (from `prepare`); only its train split is read."),
-    model: Optional[str] = typer.Option(None, help="Base model: tiny | bench | a diffusers folder | s3://... (default tiny)."),
+    dataset: Optional[str] = typer.Option(None, help="Canonical dataset URI (from `prepare`); reads its train split."),
+    model: Optional[str] = typer.Option(None, help="Base model: tiny | bench | a diffusers folder | s3://..."),
     out: Optional[str] = typer.Option(None, help="Output URI: the concept bank at its root, checkpoints under train/."),
     config: Optional[str] = typer.Option(None, help="YAML file with any of these options (flags override it)."),
     mode: Optional[str] = typer.Option(None, help="ti+lora (default: class tokens + UNet LoRA) | ti | lora."),
@@ -21,7 +21,7 @@ def finetune(
     batch_size: Optional[int] = typer.Option(None, help="Images per worker per step (default 2)."),
     workers: Optional[int] = typer.Option(None, help="Data-parallel training workers (default 1)."),
     gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs per worker (default 0 = CPU, fp32)."),
-    cpus_per_worker: Optional[float] = typer.Option(None, help="CPUs per worker; on CPU also its torch threads (default 1)."),
+    cpus_per_worker: Optional[float] = typer.Option(None, help="CPUs per worker (= torch threads on CPU; default 1)."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps (default 5000)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the LoRA init and the noise (default 42)."),
     initializer_token: Optional[str] = typer.Option(
@@ -30,7 +30,7 @@ def finetune(
     prompt_template: Optional[str] = typer.Option(None, help="Training prompt with {token} and {super_class} "
                                                              "(default 'a photo of a {token} {super_class}')."),
     class_balanced: Optional[bool] = typer.Option(None, "--class-balanced/--no-class-balanced",
-                                                  help="Repeat rare classes so each is seen about equally (long-tail)."),
+                                                  help="Repeat rare classes so each is seen about equally often."),
     overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again."),
     resume: bool = typer.Option(False, help="Insist on resuming the run at --out (fail if it holds none)."),
 ):

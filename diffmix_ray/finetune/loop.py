@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,29 +23,13 @@ import torch.nn.functional as F
 
 from ..errors import DiffmixError
 from ..models.loader import load_pipeline
-from .config import DEFAULT_INITIALIZER, LORA_TARGETS, FinetuneConfig
+from .config import LORA_TARGETS, FinetuneConfig
 from .data import COL_KEY, COL_PIXELS
 
 CKPT_WEIGHTS = "trainable.safetensors"  # "lora.<peft key>" and "embed.<token>" tensors, rank 0
 CKPT_OPTIMIZER = "optimizer.pt"  # optimizer (compact), grad scaler, step; rank 0
 CKPT_PROGRESS = "progress-rank{rank}.json"  # every rank: the steps it took, the data it saw
 FAIL_DELAY_S = 3.0  # test hook only: see train_func.fail_once
-
-
-def initializer_ids(tokenizer, word: str | None) -> tuple[list[int], str]:
-    """Ids whose mean embedding starts every class token, and how they were chosen. An explicit
-    word must be one token; the default "ktn" falls back to the mean of its pieces when the
-    tokenizer splits it (the built-in presets' byte-level tokenizer does)."""
-    chosen = word or DEFAULT_INITIALIZER
-    ids = tokenizer.encode(chosen, add_special_tokens=False)
-    if len(ids) == 1:
-        return ids, f"{chosen!r} (one token)"
-    if word is not None:
-        pieces = tokenizer.convert_ids_to_tokens(ids)
-        raise DiffmixError(f"--initializer-token {word!r} is {len(ids)} tokens for this model's tokenizer {pieces}; "
-                           "each class token starts from ONE existing token: pick a word the tokenizer keeps "
-                           f"whole, or omit the flag for the default {DEFAULT_INITIALIZER!r}")
-    return ids, f"mean of the {len(ids)} pieces of {chosen!r}"
 
 
 def precision_dtypes(precision: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
@@ -221,16 +206,14 @@ class Finetuner:
             h.update(name.encode() + tensor.numpy().tobytes())
         return h.hexdigest()
 
-    def _optimizer_state(self) -> dict:
-        """The optimizer state with the embedding matrix's moments cut to the class-token rows: the
-        other rows' moments never matter (their gradients are zero and the rows are restored), and
-        for SD 1.5 the full moments would be ~300 MB per checkpoint."""
-        state = self.optimizer.state_dict()
+    def _map_embedding_moments(self, state: dict, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+        """`state` (an optimizer state dict) with fn applied to the embedding matrix's Adam moments
+        (param 0). Checkpoints keep only the class-token rows: the other rows' moments never matter
+        (their gradients are zero and the rows are restored), and for SD 1.5 they would add ~300 MB."""
         if self.cfg.has_tokens and 0 in state["state"]:
-            state["state"] = dict(state["state"])  # the inner dicts are the live optimizer's: copy
-            rows = {k: (v[self.token_ids].clone() if k in ("exp_avg", "exp_avg_sq") else v)
-                    for k, v in state["state"][0].items()}
-            state["state"][0] = rows
+            state["state"] = dict(state["state"])  # the inner dicts may be the live optimizer's: copy
+            moments = state["state"][0]
+            state["state"][0] = {k: fn(v) if k in ("exp_avg", "exp_avg_sq") else v for k, v in moments.items()}
         return state
 
     def save(self, folder: str, progress: Progress, rank: int) -> None:
@@ -239,43 +222,34 @@ class Finetuner:
         progress.param_digest = self.param_digest()
         if rank == 0:
             save_file(self.trainable_tensors(), os.path.join(folder, CKPT_WEIGHTS))
-            torch.save({"optimizer": self._optimizer_state(), "scaler": self.scaler.state_dict(),
-                        "step": progress.step}, os.path.join(folder, CKPT_OPTIMIZER))
+            optimizer = self._map_embedding_moments(self.optimizer.state_dict(), lambda m: m[self.token_ids].clone())
+            torch.save({"optimizer": optimizer, "scaler": self.scaler.state_dict(), "step": progress.step},
+                       os.path.join(folder, CKPT_OPTIMIZER))
         with open(os.path.join(folder, CKPT_PROGRESS.format(rank=rank)), "w", encoding="utf-8") as f:
             json.dump(asdict(progress), f)
 
     def load(self, folder: str, rank: int) -> Progress:
         from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        tensors = load_file(os.path.join(folder, CKPT_WEIGHTS))
-        if self.cfg.has_lora:
-            lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
-            result = set_peft_model_state_dict(self.unet, lora)
-            if getattr(result, "unexpected_keys", None):
-                raise DiffmixError(f"checkpoint in {folder} does not match this LoRA (unexpected "
-                                   f"{result.unexpected_keys[:3]}); it belongs to another run: use --overwrite")
+        lora, embeds, step = read_trained(folder)
+        if self.cfg.has_lora and (unexpected := set_peft_model_state_dict(self.unet, lora).unexpected_keys):
+            raise DiffmixError(f"the checkpoint in {folder} does not fit this LoRA (unexpected {unexpected[:3]})")
         with torch.no_grad():
             for token, token_id in zip(self.tokens, self.token_ids):
-                self.embeddings.weight[token_id] = tensors[f"embed.{token}"].to(self.embeddings.weight.device)
+                self.embeddings.weight[token_id] = embeds[token].to(self.embeddings.weight.device)
+
+        def full_rows(rows: torch.Tensor) -> torch.Tensor:
+            moments = torch.zeros(self.embeddings.weight.shape, dtype=rows.dtype)
+            moments[self.token_ids] = rows
+            return moments
+
         saved = torch.load(os.path.join(folder, CKPT_OPTIMIZER), map_location="cpu", weights_only=True)
-        state = saved["optimizer"]
-        if self.cfg.has_tokens and 0 in state["state"]:
-            full = {}
-            for k, v in state["state"][0].items():
-                if k in ("exp_avg", "exp_avg_sq"):
-                    moments = torch.zeros(self.embeddings.weight.shape, dtype=v.dtype)
-                    moments[self.token_ids] = v
-                    v = moments
-                full[k] = v
-            state["state"][0] = full
-        self.optimizer.load_state_dict(state)
+        self.optimizer.load_state_dict(self._map_embedding_moments(saved["optimizer"], full_rows))
         self.scaler.load_state_dict(saved["scaler"])
-        mine = os.path.join(folder, CKPT_PROGRESS.format(rank=rank))
-        path = mine if os.path.exists(mine) else os.path.join(folder, CKPT_PROGRESS.format(rank=0))
-        with open(path, encoding="utf-8") as f:
+        mine = os.path.join(folder, CKPT_PROGRESS.format(rank=rank))  # absent if the world grew
+        with open(mine if os.path.exists(mine) else os.path.join(folder, CKPT_PROGRESS.format(rank=0))) as f:
             progress = Progress(**json.load(f))
-        progress.resumed_at.append(saved["step"])
+        progress.resumed_at.append(step)
         return progress
 
 
@@ -334,7 +308,8 @@ def train(tuner: Finetuner, epochs: Iterator[Iterable[dict]], progress: Progress
                 elapsed = t2 - window_start
                 metrics = {"step": step, "loss": sum(losses) / len(losses),
                            "images_per_s": window_steps * cfg.batch_size * world_size / max(elapsed, 1e-9),
-                           "steps_per_s": window_steps / max(elapsed, 1e-9), "lr": tuner.optimizer.param_groups[-1]["lr"],
+                           "steps_per_s": window_steps / max(elapsed, 1e-9),
+                           "lr": tuner.optimizer.param_groups[-1]["lr"],
                            **{f"time_{k}": round(v, 4) for k, v in asdict(times).items()}}
                 report(metrics, checkpoint)
                 times.report_s += time.perf_counter() - t2
@@ -378,9 +353,10 @@ def train_func(config: dict) -> None:
               for _ in iter(int, 1))
 
     def report(metrics: dict, with_checkpoint: bool) -> None:
-        if rank == 0:
-            print(f"finetune step {metrics['step']}/{cfg.max_steps} loss {metrics['loss']:.4f} "
-                  f"{metrics['images_per_s']:.2f} images/s", flush=True)
+        if rank == 0:  # Ray Train's worker logging: the job log and the dashboard show it
+            logging.getLogger("diffmix_ray.finetune").info(
+                "finetune step %d/%d loss %.4f %.2f images/s", metrics["step"], cfg.max_steps, metrics["loss"],
+                metrics["images_per_s"])
         with tempfile.TemporaryDirectory() as folder:
             saved = None
             if with_checkpoint:

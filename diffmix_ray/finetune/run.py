@@ -19,7 +19,8 @@ from ..contracts import CONCEPTS_JSON, RUN_JSON
 from ..errors import DiffmixError
 from ..models import concepts as bank_io
 from ..models.loader import ModelRef, resolve_model
-from .config import FinetuneConfig
+from ..ops.jobs import announce
+from .config import DEFAULT_INITIALIZER, FinetuneConfig
 from .data import epoch_rows
 
 TRAIN_DIR = "train"
@@ -53,6 +54,22 @@ def load_tokenizer(model: ModelRef):
     return CLIPTokenizer.from_pretrained(os.path.join(model.local_path, "tokenizer"), local_files_only=True)
 
 
+def initializer_ids(tokenizer, word: str | None) -> tuple[list[int], str]:
+    """Ids whose mean embedding starts every class token, and how they were chosen. An explicit
+    word must be one token; the default "ktn" falls back to the mean of its pieces when the
+    tokenizer splits it (the built-in presets' byte-level tokenizer does)."""
+    chosen = word or DEFAULT_INITIALIZER
+    ids = tokenizer.encode(chosen, add_special_tokens=False)
+    if len(ids) == 1:
+        return ids, f"{chosen!r} (one token)"
+    if word is not None:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise DiffmixError(f"--initializer-token {word!r} is {len(ids)} tokens for this model's tokenizer {pieces}; "
+                           "each class token starts from ONE existing token: pick a word the tokenizer keeps "
+                           f"whole, or omit the flag for the default {DEFAULT_INITIALIZER!r}")
+    return ids, f"mean of the {len(ids)} pieces of {chosen!r}"
+
+
 def _check_dataset(cfg: FinetuneConfig, dataset: canonical.Dataset) -> None:
     info = dataset.info
     counts = info.class_counts("train")
@@ -70,8 +87,6 @@ def _check_dataset(cfg: FinetuneConfig, dataset: canonical.Dataset) -> None:
 
 def resolve_inputs(cfg: FinetuneConfig) -> Inputs:
     """Validate the config, dataset, model and output location; raise DiffmixError on any problem."""
-    from .loop import initializer_ids
-
     cfg.validate()
     if not cfg.out:
         raise DiffmixError("--out is required: where the concept bank (and the training checkpoints) go")
@@ -179,6 +194,7 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = Fa
     started = time.perf_counter()
     inputs = resolve_inputs(cfg)
     resumed = _claim(inputs, overwrite, resume)
+    announce("finetune", storage.config_hash(inputs.identity))  # inside a Ray job: where to watch it
     if resumed and storage.exists(storage.join(inputs.out, CONCEPTS_JSON)):
         console.print(f"{inputs.out} already holds the finished concept bank of this config; nothing to do")
         return bank_io.load_bank(inputs.out)[0]
