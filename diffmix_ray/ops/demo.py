@@ -10,7 +10,7 @@ from .. import storage
 from ..console import console
 from ..errors import DiffmixError
 
-STEPS = ("prepare", "generate", "train-cls", "report")
+STEPS = ("prepare", "finetune", "generate", "train-cls", "report")
 
 
 def run_demo(out: str, overwrite: bool = False) -> dict[str, str]:
@@ -18,6 +18,8 @@ def run_demo(out: str, overwrite: bool = False) -> dict[str, str]:
     from ..data.sample import SAMPLE_SUPER_CLASS, write_sample_imagefolder
     from ..classify.config import ClassifyConfig
     from ..classify.run import run_classify
+    from ..finetune.config import FinetuneConfig
+    from ..finetune.run import run_finetune
     from ..generate.config import GenerateConfig
     from ..generate.run import run_generate
 
@@ -26,7 +28,7 @@ def run_demo(out: str, overwrite: bool = False) -> dict[str, str]:
         raise DiffmixError("the demo writes to local disk; pass a local --out")
     t0 = time.perf_counter()
     paths = {"raw": os.path.join(out, "raw"), "dataset": os.path.join(out, "dataset"),
-             "synthetic": os.path.join(out, "synthetic"), "classifier": os.path.join(out, "classifier"),
+             "concepts": os.path.join(out, "concepts"), "synthetic": os.path.join(out, "synthetic"), "classifier": os.path.join(out, "classifier"),
              "report": os.path.join(out, "report")}
 
     console.rule(f"[bold]1/{len(STEPS)} prepare: built-in sample dataset -> canonical dataset")
@@ -36,19 +38,25 @@ def run_demo(out: str, overwrite: bool = False) -> dict[str, str]:
                           val_fraction=0.2, test_fraction=0.2), paths["dataset"], overwrite=overwrite,
             show_progress=False)
 
-    console.rule(f"[bold]2/{len(STEPS)} generate: real-mix translations with the tiny model on local Ray")
+    console.rule(f"[bold]2/{len(STEPS)} finetune: one token per class + UNet LoRA on the tiny model (Ray Train)")
     _init_local_ray(out)
-    run_generate(GenerateConfig(dataset=paths["dataset"], model="tiny", out=paths["synthetic"], mode="real-mix",
-                                multiplier=2, steps=10, batch_size=8, cpus_per_actor=1, rows_per_shard=64),
+    run_finetune(FinetuneConfig(dataset=paths["dataset"], out=paths["concepts"], model="tiny", rank=4, lr=1e-3,
+                                ti_lr=1e-3, max_steps=30, batch_size=4, checkpoint_every=15, log_every=10),
                  overwrite=overwrite)
 
-    console.rule(f"[bold]3/{len(STEPS)} train-cls: a timm classifier on real + synthetic data (Ray Train)")
+    console.rule(f"[bold]3/{len(STEPS)} generate: diff-mix translations with the concept bank (Ray Data)")
+    run_generate(GenerateConfig(dataset=paths["dataset"], model="tiny", concepts=paths["concepts"],
+                                out=paths["synthetic"], mode="diff-mix", multiplier=2, steps=10, batch_size=8,
+                                cpus_per_actor=1, rows_per_shard=64),
+                 overwrite=overwrite)
+
+    console.rule(f"[bold]4/{len(STEPS)} train-cls: a timm classifier on real + synthetic data (Ray Train)")
     run_classify(ClassifyConfig(dataset=paths["dataset"], synthetic=(paths["synthetic"],), arch="test_resnet",
                                 out=paths["classifier"], img_size=48, epochs=4, batch_size=16, lr=0.01,
                                 optimizer="adamw", weight_decay=0.0, warmup_epochs=0.0, synthetic_p=0.3),
                  overwrite=overwrite, resume=os.path.exists(os.path.join(paths["classifier"], "_run.json")))
 
-    console.rule(f"[bold]4/{len(STEPS)} report: contact sheet, accuracy plot, comparison table")
+    console.rule(f"[bold]5/{len(STEPS)} report: contact sheet, accuracy plot, comparison table")
     from .report import run_report
 
     run_report([paths["synthetic"], paths["classifier"]], paths["report"])
