@@ -37,12 +37,7 @@ class Dataset:
         """One split as an Arrow table (image bytes included unless `columns` leaves them out)."""
         if split not in SPLITS:
             raise DiffmixError(f"unknown split {split!r}; expected one of {SPLITS}")
-        tables = []
-        for uri in self.files(split):
-            fs, path = storage.arrow_filesystem(uri)
-            with storage.explained(uri):
-                table = pq.read_table(path, filesystem=fs, columns=columns)
-            tables.append(table)
+        tables = [storage.read_parquet(uri, columns) for uri in self.files(split)]
         if not tables:
             schema = DATASET_SCHEMA if columns is None else pa.schema([DATASET_SCHEMA.field(c) for c in columns])
             return schema.empty_table()

@@ -131,6 +131,15 @@ def check_bucket(uri: str) -> None:
             raise DiffmixError(f"S3 bucket {bucket!r} does not exist (for {uri}); create it or fix the URI") from None
 
 
+def read_parquet(uri: str, columns: list[str] | None = None):
+    """One Parquet file as an Arrow table (only `columns`, when given)."""
+    import pyarrow.parquet as pq
+
+    fs, path = arrow_filesystem(uri)
+    with explained(uri):
+        return pq.read_table(path, filesystem=fs, columns=columns)
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     with explained(uri):

@@ -30,11 +30,7 @@ class SyntheticSet:
     def read(self, columns: list[str]):
         import pyarrow as pa
 
-        tables = []
-        for uri in self.files:
-            fs, path = storage.arrow_filesystem(uri)
-            with storage.explained(uri):
-                tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+        tables = [storage.read_parquet(uri, columns) for uri in self.files]
         return pa.concat_tables(tables) if tables else pa.schema([SHARD_SCHEMA.field(c) for c in columns]).empty_table()
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -49,6 +50,14 @@ def cli_args(dataset: str, out: str, **overrides) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 def shard_names(out: str) -> list[str]:
     return [n for n in storage.list_dir(storage.join(out, SHARDS_DIR)) if n.endswith(".parquet")]
+
+
+def shard_mtimes(out: str) -> dict[str, float]:
+    return {n: os.path.getmtime(os.path.join(out, SHARDS_DIR, n)) for n in shard_names(out)}
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
 
 
 def read_shards(out: str) -> pa.Table:
@@ -192,22 +201,16 @@ def test_real_mix_output_is_complete(real_mix_run, sample_dataset):
 def test_rerun_does_nothing_other_config_is_refused_overwrite_replaces(real_mix_run, sample_dataset, tmp_path,
                                                                           capsys):
     out = copy_of(real_mix_run, tmp_path)
-    before = {n: os.path.getmtime(os.path.join(out, SHARDS_DIR, n)) for n in shard_names(out)}
+    before = shard_mtimes(out)
     run_generate(config(sample_dataset, out))
     assert "nothing to do" in capsys.readouterr().err
-    assert {n: os.path.getmtime(os.path.join(out, SHARDS_DIR, n)) for n in shard_names(out)} == before
+    assert shard_mtimes(out) == before
     with pytest.raises(DiffmixError, match="--overwrite"):
         run_generate(config(sample_dataset, out, seed=1))
-    assert {n: os.path.getmtime(os.path.join(out, SHARDS_DIR, n)) for n in shard_names(out)} == before
+    assert shard_mtimes(out) == before
     run_generate(config(sample_dataset, out, seed=1, limit=6), overwrite=True)
     table = assert_complete(out, sample_dataset, class_names(sample_dataset))
     assert table.num_rows == 6 and all(i.startswith("s1-") for i in table.column("pair_id").to_pylist())
-
-
-def pixels(data: bytes):
-    import numpy as np
-
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
 
 
 def test_resume_regenerates_exactly_the_lost_pairs(real_mix_run, sample_dataset, tmp_path):

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .. import storage
 from ..contracts import COL_IMAGE, COL_LABEL, COL_SOURCE_LABEL, COL_STRENGTH, COL_TARGET_LABEL
@@ -45,9 +44,7 @@ class Rows:
 
 def load_image_column(uri: str) -> pa.Table:
     """Runs as a Ray task: the image column of one shard, kept in the object store."""
-    fs, path = storage.arrow_filesystem(uri)
-    with storage.explained(uri):
-        return pq.read_table(path, filesystem=fs, columns=[COL_IMAGE])
+    return storage.read_parquet(uri, [COL_IMAGE])
 
 
 def rows_of(tables: list[pa.Table], file_offset: int, synthetic: bool) -> Rows:

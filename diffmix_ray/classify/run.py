@@ -41,14 +41,7 @@ def _load_columns(uris: list[str]) -> list:
 
 
 def _meta(uris: list[str], columns: list[str]) -> list:
-    import pyarrow.parquet as pq
-
-    out = []
-    for u in uris:
-        fs, path = storage.arrow_filesystem(u)
-        with storage.explained(u):
-            out.append(pq.read_table(path, filesystem=fs, columns=columns))
-    return out
+    return [storage.read_parquet(u, columns) for u in uris]
 
 
 def summarize(history: list[dict], train_counts: list[int], cfg: ClassifyConfig, long_tail: bool) -> dict:

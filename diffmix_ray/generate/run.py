@@ -103,16 +103,10 @@ def build_plan(inputs: Inputs) -> pa.Table:
                      inputs.dataset.info.num_classes, inputs.cfg)
 
 
-def _read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
-    fs, path = storage.arrow_filesystem(uri)
-    with storage.explained(uri):
-        return pq.read_table(path, filesystem=fs, columns=columns)
-
-
 def write_plan(out: str, plan: pa.Table) -> None:
     uri = storage.join(out, PLAN_DIR, PLAN_FILE)
     if storage.exists(uri):
-        existing = _read_parquet(uri)
+        existing = storage.read_parquet(uri)
         if existing.equals(plan):
             return
         logger.warning("the stored plan differs from the recomputed one; replacing it")
@@ -155,7 +149,7 @@ def compact_duplicates(out: str, found: dict[str, list[str]]) -> int:
         if not dup:
             continue
         uri = storage.join(out, SHARDS_DIR, name)
-        table = _read_parquet(uri)
+        table = storage.read_parquet(uri)
         keep = pc.invert(pc.is_in(table.column(COL_PAIR_ID), value_set=pa.array(dup, pa.string())))
         fs, path = storage.arrow_filesystem(uri)
         with storage.explained(uri):
@@ -196,7 +190,7 @@ def _todo(inputs: Inputs, plan: pa.Table, done: set[str]) -> tuple[pa.Table, lis
         return todo.sort_by([(COL_TARGET_LABEL, "ascending")]), files
     loc: dict[str, tuple[int, int]] = {}
     for f, uri in enumerate(files):
-        for r, image_id in enumerate(_read_parquet(uri, [COL_IMAGE_ID]).column(COL_IMAGE_ID).to_pylist()):
+        for r, image_id in enumerate(storage.read_parquet(uri, [COL_IMAGE_ID]).column(COL_IMAGE_ID).to_pylist()):
             loc[image_id] = (f, r)
     where = [loc[i] for i in todo.column(COL_SOURCE_ID).to_pylist()]
     todo = todo.append_column(COL_FILE, pa.array([w[0] for w in where], pa.int32()))
