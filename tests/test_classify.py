@@ -199,3 +199,23 @@ def test_evaluate_and_report(ray_local, shapes, tmp_path):
     assert files == ["accuracy.png", "comparison.html", "comparison.md", "contact-syn.png"]
     table = (tmp_path / "report" / "comparison.md").read_text()
     assert "| run |" in table and f"{100 * metrics['summary']['test_top1']:.2f}" in table
+
+
+def test_seeds_run_one_job_each_and_aggregate(tmp_path, monkeypatch):
+    from diffmix_ray.classify import run as run_mod
+
+    calls = []
+
+    def fake_run(cfg, overwrite=False, resume=False):
+        calls.append((cfg.seed, cfg.out))
+        top = {2020: 0.80, 2021: 0.84, 2022: 0.82}[cfg.seed]
+        return {"summary": {"test_top1": top, "val_top1": top + 0.01}}
+
+    monkeypatch.setattr(run_mod, "run_classify", fake_run)
+    base = ClassifyConfig(dataset="d", arch="test_resnet", out=str(tmp_path / "multi"))
+    summary = run_mod.run_seeds(base, [2020, 2021, 2022])
+    assert [s for s, _ in calls] == [2020, 2021, 2022]
+    assert [os.path.basename(o) for _, o in calls] == ["seed-2020", "seed-2021", "seed-2022"]
+    assert summary["test_top1_mean"] == pytest.approx(0.82)
+    assert summary["test_top1_std"] == pytest.approx(np.std([0.80, 0.84, 0.82]))
+    assert json.loads((tmp_path / "multi" / "summary.json").read_text())["seeds"] == [2020, 2021, 2022]
