@@ -80,13 +80,18 @@ def main() -> None:
         raw = write_sample_imagefolder(os.path.join(tmp, "raw"), num_classes=4, per_class=args.per_class, size=96)
         ds = os.path.join(tmp, "ds")
         prepare(PrepareConfig("imagefolder", raw, super_class="shape", val_fraction=0.1), ds, show_progress=False)
-        ingest, per_epoch = ingest_rate(ds, os.path.join(tmp, "run"), args.arch, args.img_size, args.batch_size,
-                                        args.epochs, args.threads)
         n_train = int(args.per_class * 4 * 0.9)
         steps = max(10, (n_train // args.batch_size) * (args.epochs - 1))
-        memory = in_memory_rate(ds, args.arch, args.img_size, args.batch_size, steps, args.threads)
+        # In-memory before and after the Ray run (which starts and leaves daemons): the mean is the
+        # floor, the spread says how steady the machine was.
+        before = in_memory_rate(ds, args.arch, args.img_size, args.batch_size, steps, args.threads)
+        ingest, per_epoch = ingest_rate(ds, os.path.join(tmp, "run"), args.arch, args.img_size, args.batch_size,
+                                        args.epochs, args.threads)
+        after = in_memory_rate(ds, args.arch, args.img_size, args.batch_size, steps, args.threads)
+        memory = (before + after) / 2
     result = {"arch": args.arch, "img_size": args.img_size, "batch_size": args.batch_size,
               "ingest_images_per_s": round(ingest, 2), "in_memory_images_per_s": round(memory, 2),
+              "in_memory_before_after": [round(before, 2), round(after, 2)],
               "ratio_ingest_over_memory": round(ingest / memory, 3), "ingest_per_epoch": [round(r, 2) for r in per_epoch]}
     print(json.dumps(result, indent=2))
 
