@@ -18,6 +18,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -147,32 +148,44 @@ def reference_loop(pipe, pairs: list[dict], args, out_dir: str) -> dict:
 # (b) the system, as a user runs it: the CLI in its own process with its own local Ray
 # ---------------------------------------------------------------------------------------------
 class TreeMemory:
-    """Peak memory of a process and all its descendants (the Ray it starts: GCS, raylet, workers),
-    sampled every `period` s. RSS double-counts pages shared between processes (libraries, the
-    object store), so the proportional set size (PSS) is recorded too."""
+    """Peak memory of a process and all its descendants (the Ray it starts: GCS, raylet, workers).
+    RSS double-counts pages shared between processes (libraries, the object store), so the
+    proportional set size (PSS) is recorded too. Sampling must stay cheap on a 2-core machine
+    (reading PSS of every process 4x a second cost a quarter of a core): RSS every 0.5 s; the
+    process list and PSS every 2 s."""
 
-    def __init__(self, pid: int, period: float = 0.25):
-        self.root, self.period = psutil.Process(pid), period
+    def __init__(self, pid: int, period: float = 0.5, slow_every: int = 4):
+        self.root, self.period, self.slow_every = psutil.Process(pid), period, slow_every
         self.peak_rss = self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        procs: list[psutil.Process] = []
+        tick = 0
         while not self._stop.is_set():
+            slow = tick % self.slow_every == 0
+            if slow:
+                try:
+                    procs = [self.root] + self.root.children(recursive=True)
+                except psutil.Error:
+                    return
             rss = pss = 0
-            try:
-                procs = [self.root] + self.root.children(recursive=True)
-            except psutil.Error:
-                return
             for p in procs:
                 try:
-                    info = p.memory_full_info()
+                    if slow:
+                        info = p.memory_full_info()
+                        pss += getattr(info, "pss", info.rss)
+                    else:
+                        info = p.memory_info()
                     rss += info.rss
-                    pss += getattr(info, "pss", info.rss)
                 except psutil.Error:
                     pass
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            self.peak_rss = max(self.peak_rss, rss)
+            if slow:
+                self.peak_pss = max(self.peak_pss, pss)
+            tick += 1
             self._stop.wait(self.period)
 
     def stop(self) -> None:
@@ -194,12 +207,17 @@ def system_run(cfg, work: str, name: str) -> dict:
     log_path = os.path.join(work, f"{name}.log")
     with open(log_path, "w") as log:
         started = time.time()
-        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         memory = TreeMemory(proc.pid)
-        rc = proc.wait()
-        wall = time.time() - started
-        memory.stop()
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+        try:
+            rc = proc.wait()
+        finally:  # interrupted: take the command and the Ray it started down with us
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            wall = time.time() - started
+            memory.stop()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
     if rc != 0:
         sys.exit(f"{name}: diffmix-ray generate failed (exit {rc}); see {log_path}")
     import pyarrow.parquet as pq

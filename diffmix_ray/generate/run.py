@@ -23,15 +23,15 @@ import pyarrow.parquet as pq
 from .. import canonical, storage
 from ..console import console, logger
 from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_PAIR_ID, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH,
-                         COL_TARGET_LABEL, MANIFEST_JSON, PLAN_DIR, SHARD_SCHEMA, SHARDS_DIR, SUCCESS)
+                         COL_TARGET_LABEL, MANIFEST_JSON, PLAN_DIR, SHARDS_DIR, SUCCESS)
 from ..errors import DiffmixError
 from ..ops.jobs import announce
 from ..models import concepts as bank_io
 from ..models.loader import resolve_model
 from .config import GenerateConfig
 from .plan import make_plan
-from .sources import COL_FILE, COL_ROW, attach_sources
-from .translate import COL_ERROR, Translator
+from .sources import COL_FILE, COL_ROW, attach_sources, keep_good_rows  # light: no torch in their workers
+from .translate import Translator
 
 PLAN_FILE = "plan-00000.parquet"
 FAILED_DIR = "failed"
@@ -196,18 +196,6 @@ def _todo(inputs: Inputs, plan: pa.Table, done: set[str]) -> tuple[pa.Table, lis
     todo = todo.append_column(COL_FILE, pa.array([w[0] for w in where], pa.int32()))
     todo = todo.append_column(COL_ROW, pa.array([w[1] for w in where], pa.int64()))
     return todo.sort_by([(COL_STRENGTH, "ascending"), (COL_FILE, "ascending"), (COL_ROW, "ascending")]), files
-
-
-def keep_good_rows(batch: pa.Table, failed_uri: str) -> pa.Table:
-    """Record failed pairs under <out>/failed/ and pass on only good rows, in the shard schema."""
-    errors = batch.column(COL_ERROR).to_pylist()
-    bad = [i for i, e in enumerate(errors) if e]
-    if bad:
-        ids = batch.column(COL_PAIR_ID).to_pylist()
-        storage.write_json_atomic(storage.join(failed_uri, f"{uuid.uuid4().hex}.json"),
-                                  [{"pair_id": ids[i], "error": errors[i]} for i in bad])
-    good = batch.filter(pa.array([not e for e in errors]))
-    return pa.table([good.column(f.name).cast(f.type) for f in SHARD_SCHEMA], schema=SHARD_SCHEMA)
 
 
 def _ray_pipeline(inputs: Inputs, todo: pa.Table, files: list[str], started: float) -> None:

@@ -22,9 +22,8 @@ from ..errors import DiffmixError
 from ..images import decode_rgb
 from ..models import concepts as bank_io
 from ..models.loader import load_pipeline, to_text2img
+from .sources import COL_ERROR, COL_SOURCE_IMAGE  # internal columns, defined beside the light stages
 
-COL_SOURCE_IMAGE = "_source_image"  # internal: source bytes attached before translation
-COL_ERROR = "_error"  # internal: "" for a good image, else why the pair failed
 BLACK_MAX = 2.0 / 255.0  # an image whose brightest pixel is below this is treated as black
 DEFAULT_REAL_TEMPLATE = "a photo of a {token} {super_class}"
 
