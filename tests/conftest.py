@@ -73,6 +73,7 @@ def ray_local(tmp_path_factory):
 
     # 4 logical CPUs on a 2-core machine: translation actors + Ray Data tasks never starve each other.
     ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
+             _node_ip_address="127.0.0.1",  # the network rule: loopback only
              log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

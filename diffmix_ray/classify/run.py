@@ -15,6 +15,7 @@ from ..console import console, logger
 from ..contracts import COL_LABEL, COL_SOURCE_LABEL, COL_STRENGTH, COL_TARGET_LABEL, SUCCESS
 from ..errors import DiffmixError
 from ..ops.jobs import announce
+from ..ops.local_ray import init_ray
 from ..synthetic import open_synthetic
 from . import data, labels
 from .config import ClassifyConfig
@@ -89,8 +90,7 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
     if resume and not resumed:
         raise DiffmixError(f"--resume: {out} holds no earlier run of this config to continue")
 
-    if not ray.is_initialized():
-        ray.init()
+    init_ray(min_cpus=cfg.workers * cfg.cpus_per_worker)
     train_files = dataset.files("train")
     syn_files = [f for s in syn_sets for f in s.files]
     val_files, test_files = dataset.files("val"), dataset.files("test")

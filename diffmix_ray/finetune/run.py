@@ -20,6 +20,7 @@ from ..errors import DiffmixError
 from ..models import concepts as bank_io
 from ..models.loader import ModelRef, resolve_model
 from ..ops.jobs import announce
+from ..ops.local_ray import init_ray
 from .config import DEFAULT_INITIALIZER, FinetuneConfig
 from .data import epoch_rows
 
@@ -132,8 +133,7 @@ def _fit(inputs: Inputs):
     from .loop import train_func
 
     cfg = inputs.cfg
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+    init_ray(min_cpus=cfg.workers * cfg.cpus_per_worker)
     DataContext.get_current().enable_operator_progress_bars = console.is_terminal
     train_uri = storage.join(inputs.out, TRAIN_DIR)
     storage.makedirs(train_uri)

@@ -9,8 +9,6 @@ shard set equals the plan; duplicates (a pair in two files) are compacted away b
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
 import time
 import uuid
 from collections import Counter
@@ -26,6 +24,7 @@ from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_PAIR_ID, COL_SOURCE_ID, CO
                          COL_TARGET_LABEL, MANIFEST_JSON, PLAN_DIR, SHARDS_DIR, SUCCESS)
 from ..errors import DiffmixError
 from ..ops.jobs import announce
+from ..ops.local_ray import init_ray
 from ..models import concepts as bank_io
 from ..models.loader import resolve_model
 from .config import GenerateConfig
@@ -241,34 +240,6 @@ def _ray_pipeline(inputs: Inputs, todo: pa.Table, files: list[str], started: flo
                      ray_remote_args={"num_cpus": LIGHT_STAGE_CPUS})
 
 
-def _init_ray(cfg: GenerateConfig) -> None:
-    """Join the Ray the environment names (RAY_ADDRESS, e.g. under `ray job submit`, or a
-    `ray start` on this node). Otherwise start a private one for this run:
-      * bound to loopback: nothing outside this machine needs to reach it;
-      * with at least the actors' CPUs plus one logical CPU for the light stages (reading sources,
-        recording failures, writing shards), so --cpus-per-actor may claim every core on a laptop
-        without the pipeline waiting forever for a CPU;
-      * DIFFMIX_RAY_DASHBOARD=0 skips the dashboard (~10 processes; seconds of start-up on a
-        small machine); RAY_TMPDIR relocates Ray's files, as everywhere in Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    try:
-        from ray._private.utils import read_ray_address  # the address `ray start` leaves behind
-
-        started_here = read_ray_address() is not None
-    except Exception:  # noqa: BLE001 - private API; if it moved, fall back to Ray's own choice
-        started_here = True
-    if os.environ.get("RAY_ADDRESS") or started_here:
-        ray.init(log_to_driver=True)
-        return
-    num_cpus = max(os.cpu_count() or 1, math.ceil(cfg.max_actors * cfg.cpus_per_actor) + 1)
-    dashboard = os.environ.get("DIFFMIX_RAY_DASHBOARD", "1").strip().lower() not in ("0", "false", "no", "off")
-    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=dashboard,
-             log_to_driver=True)
-
-
 def _versions() -> dict[str, str]:
     out = {}
     for pkg in ("diffmix-ray", "ray", "torch", "diffusers", "transformers", "peft", "pyarrow"):
@@ -309,7 +280,7 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
                   + (f"; deleted {len(removed)} unreadable shard(s)" if removed else ""))
     gen_started = time.perf_counter()
     if todo.num_rows:
-        _init_ray(cfg)
+        init_ray(min_cpus=cfg.max_actors * cfg.cpus_per_actor)
         from ..ops.metrics import PlanMetrics
 
         gauges = PlanMetrics(run=storage.config_hash(inputs.identity))

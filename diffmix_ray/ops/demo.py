@@ -73,4 +73,5 @@ def _init_local_ray(out: str) -> None:
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
         return
     temp = os.path.join("/tmp", f"diffmix-demo-ray-{os.getpid()}")  # Ray needs a short socket path
-    ray.init(include_dashboard=False, _temp_dir=temp, log_to_driver=False, configure_logging=False)
+    ray.init(include_dashboard=False, _temp_dir=temp, _node_ip_address="127.0.0.1", log_to_driver=False,
+             configure_logging=False)  # loopback only: nothing outside this machine needs to reach it
