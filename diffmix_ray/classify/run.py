@@ -62,7 +62,6 @@ def summarize(history: list[dict], train_counts: list[int], cfg: ClassifyConfig,
 
 
 def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = False) -> dict:
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

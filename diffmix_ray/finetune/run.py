@@ -124,7 +124,6 @@ def _claim(inputs: Inputs, overwrite: bool, resume: bool) -> bool:
 
 
 def _fit(inputs: Inputs):
-    import ray
     from ray.data import DataContext
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer

@@ -197,7 +197,7 @@ def _todo(inputs: Inputs, plan: pa.Table, done: set[str]) -> tuple[pa.Table, lis
     return todo.sort_by([(COL_STRENGTH, "ascending"), (COL_FILE, "ascending"), (COL_ROW, "ascending")]), files
 
 
-def _ray_pipeline(inputs: Inputs, todo: pa.Table, files: list[str], started: float) -> None:
+def _ray_pipeline(inputs: Inputs, todo: pa.Table, files: list[str]) -> None:
     import ray
     from ray.data import ActorPoolStrategy, DataContext, SaveMode
     from ray.data.datasource import FilenameProvider
@@ -285,7 +285,7 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
 
         gauges = PlanMetrics(run=storage.config_hash(inputs.identity))
         gauges.set(plan.num_rows, todo.num_rows)
-        _ray_pipeline(inputs, todo, files, started)
+        _ray_pipeline(inputs, todo, files)
     gen_seconds = time.perf_counter() - gen_started
     found, removed_after = scan_shards(out)
     dropped += compact_duplicates(out, found)
