@@ -113,21 +113,12 @@ def _floats(text: Optional[str], flag: str) -> Optional[tuple[float, ...]]:
         raise DiffmixError(f"{flag} {text!r} must be comma-separated numbers, e.g. 0.3,0.5,0.7") from None
 
 
-def _generate_config(dataset, model, concepts, out, config, mode, multiplier, per_image, source_sampling,
-                     target_sampling, strength, strength_set, strength_beta, seed, steps, guidance, prompt_template,
-                     batch_size, min_actors, max_actors, gpus_per_actor, cpus_per_actor, memory_per_actor_gb,
-                     rows_per_shard, jpeg_quality, limit):
+def _generate_config(config: Optional[str] = None, **flags):
     from . import config as cfgmod
     from .generate.config import GenerateConfig
 
-    flags = dict(dataset=dataset, model=model, concepts=concepts, out=out, mode=mode, multiplier=multiplier,
-                 per_image=per_image, source_sampling=source_sampling, target_sampling=target_sampling,
-                 strength=strength, strength_set=_floats(strength_set, "--strength-set"),
-                 strength_beta=_floats(strength_beta, "--strength-beta"), seed=seed, steps=steps, guidance=guidance,
-                 prompt_template=prompt_template, batch_size=batch_size, min_actors=min_actors, max_actors=max_actors,
-                 gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
-                 memory_per_actor_gb=memory_per_actor_gb, rows_per_shard=rows_per_shard, jpeg_quality=jpeg_quality,
-                 limit=limit)
+    for key in ("strength_set", "strength_beta"):
+        flags[key] = _floats(flags[key], "--" + key.replace("_", "-"))
     return cfgmod.build(GenerateConfig, config, flags)
 
 
@@ -153,12 +144,17 @@ GENERATE_OPTIONS = dict(
     batch_size=typer.Option(None, help="Pairs per translation call (default 8)."),
     min_actors=typer.Option(None, help="Translation actors, autoscaling minimum (default 1)."),
     max_actors=typer.Option(None, help="Translation actors, autoscaling maximum (default 1)."),
-    gpus_per_actor=typer.Option(None, help="GPUs per actor (fractions pack several per GPU; default 0 = CPU)."),
+    gpus_per_actor=typer.Option(None, help="GPUs per actor (fractions pack several per GPU). Default: 1 when the Ray "
+                                "cluster has GPUs or its autoscaler can add them, else 0 (CPU, fp32)."),
     cpus_per_actor=typer.Option(None, help="CPUs per actor; on CPU also its torch threads (default 1)."),
     memory_per_actor_gb=typer.Option(None, help="Host memory reserved per actor, so Ray does not over-pack nodes."),
     rows_per_shard=typer.Option(None, help="Images per Parquet shard (default 1000)."),
     jpeg_quality=typer.Option(None, help="JPEG quality of generated images (default 95)."),
     limit=typer.Option(None, help="Only the first N pairs of the plan (smoke runs)."),
+    compile=typer.Option(None, "--compile/--no-compile", help="torch.compile the UNet: minutes per actor at start, "
+                         "faster batches after (batches are padded to --batch-size). Default off."),
+    compile_cache=typer.Option(None, help="URI (folder or s3://) where the first actor stores its compiled kernels "
+                               "and the others load them, so they start warm. Needs --compile."),
 )
 GENERATE_TYPES = dict(dataset=Optional[str], model=Optional[str], concepts=Optional[str], out=Optional[str],
                       config=Optional[str], mode=Optional[str], multiplier=Optional[float], per_image=Optional[int],
@@ -168,7 +164,7 @@ GENERATE_TYPES = dict(dataset=Optional[str], model=Optional[str], concepts=Optio
                       batch_size=Optional[int], min_actors=Optional[int], max_actors=Optional[int],
                       gpus_per_actor=Optional[float], cpus_per_actor=Optional[float],
                       memory_per_actor_gb=Optional[float], rows_per_shard=Optional[int], jpeg_quality=Optional[int],
-                      limit=Optional[int])
+                      limit=Optional[int], compile=Optional[bool], compile_cache=Optional[str])
 
 
 def with_generate_options(fn):

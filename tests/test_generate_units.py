@@ -14,9 +14,10 @@ from diffmix_ray import canonical
 from diffmix_ray.contracts import COL_IMAGE, COL_IMAGE_ID, COL_LABEL
 from diffmix_ray.errors import DiffmixError
 from diffmix_ray.generate.config import GenerateConfig
-from diffmix_ray.generate.plan import inverse_frequency_weights, make_plan
+from diffmix_ray.generate.cpu_stages import COL_ERROR, COL_PIXELS, decode_sources
+from diffmix_ray.generate.plan import denoising_steps, inverse_frequency_weights, make_plan
 from diffmix_ray.generate.run import resolve_inputs
-from diffmix_ray.generate.translate import COL_ERROR, COL_SOURCE_IMAGE, Translator
+from diffmix_ray.generate.translate import Translator
 
 IDS = [f"img{i:03d}" for i in range(40)]
 LABELS = [i % 4 for i in range(40)]
@@ -93,10 +94,12 @@ def test_config_validation(kw, msg):
         GenerateConfig(dataset="d", **({"mode": "real-mix"} | kw)).validate()
 
 
-def _batch(dataset_uri: str, targets: list[int], strengths: list[float], seeds: list[int]) -> dict:
+def _batch(dataset_uri: str, targets: list[int], strengths: list[float], seeds: list[int], resolution: int = 64,
+           sources: list[bytes] | None = None) -> dict:
+    """What the stage before translation hands the actor: plan columns + decoded, resized pixels."""
     train = canonical.open_dataset(dataset_uri).read_split("train")
     n = len(targets)
-    return {
+    plan = {
         "pair_id": np.array([f"p{i}" for i in range(n)], dtype=object),
         "source_id": np.array(train.column(COL_IMAGE_ID).to_pylist()[:n], dtype=object),
         "source_label": np.array(train.column(COL_LABEL).to_pylist()[:n], dtype=np.int32),
@@ -104,12 +107,16 @@ def _batch(dataset_uri: str, targets: list[int], strengths: list[float], seeds: 
         "strength": np.array(strengths, dtype=np.float32),
         "seed": np.array(seeds, dtype=np.int64),
         "mode": np.array(["diff-mix"] * n, dtype=object),
-        COL_SOURCE_IMAGE: np.array(train.column(COL_IMAGE).to_pylist()[:n], dtype=object),
     }
+    return decode_sources(plan, sources or train.column(COL_IMAGE).to_pylist()[:n], resolution)
 
 
-def _pixels(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+def _one(batch: dict, i: int) -> dict:
+    return {k: v[i:i + 1] for k, v in batch.items()}
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(a.astype(np.int16) - b.astype(np.int16))
 
 
 @pytest.fixture(scope="module")
@@ -120,32 +127,105 @@ def translator(sample_dataset, tiny_bank):
 
 def test_mixed_batch_equals_each_pair_alone(translator, sample_dataset):
     """The reference's bug: one target and one strength per batch. Here a batch of pairs with
-    different targets, strengths and seeds gives, pair by pair, the image of that pair alone."""
+    different targets, strengths and seeds gives, pair by pair, the image of that pair alone
+    (with a concept bank: fused LoRA, class tokens)."""
     batch = _batch(sample_dataset, targets=[1, 2, 3, 0, 2], strengths=[0.7, 0.3, 0.7, 0.9, 0.5],
                    seeds=[11, 22, 33, 44, 55])
     together = translator(batch)
     assert list(together[COL_ERROR]) == [""] * 5
     for i in range(5):
-        alone = translator({k: v[i:i + 1] for k, v in batch.items()})
+        alone = translator(_one(batch, i))
         assert alone["prompt"][0] == together["prompt"][i]
-        diff = np.abs(_pixels(alone[COL_IMAGE][0]) - _pixels(together[COL_IMAGE][i]))
-        # Float outputs agree to ~1e-4 (batched matmuls round differently); after uint8 rounding
-        # ~0.5% of pixels move by one level, which JPEG spreads over their 8x8 blocks.
-        assert diff.mean() < 1.0 and diff.max() <= 16, f"pair {i}: mean {diff.mean():.3f} max {diff.max()}"
+        # Floats agree to ~1e-4 (batched matmuls round differently): at most one uint8 level.
+        assert _diff(alone[COL_PIXELS][0], together[COL_PIXELS][i]).max() <= 1, f"pair {i}"
     # and the pairs really differ from one another (targets/strengths/seeds matter)
-    assert np.abs(_pixels(together[COL_IMAGE][0]) - _pixels(together[COL_IMAGE][2])).mean() > 5
+    assert _diff(together[COL_PIXELS][0], together[COL_PIXELS][2]).mean() > 5
 
 
-def test_batched_floats_equal_single_pair_floats(translator, sample_dataset):
+def test_hot_path_equals_plain_diffusers(translator, sample_dataset, tiny_bank):
+    """Fused LoRA, prompt embeddings computed once, one VAE encode per batch and uint8 on the
+    device give the images plain diffusers gives pair by pair: the bank loaded unfused, PIL
+    input, the prompt as text, a per-image encode inside the pipeline."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
     from diffmix_ray.images import decode_rgb
+    from diffmix_ray.models import concepts as bank_io
+    from diffmix_ray.models.loader import load_pipeline
 
-    batch = _batch(sample_dataset, targets=[1, 2, 3], strengths=[0.6] * 3, seeds=[9, 8, 7])
-    images = [decode_rgb(b) for b in batch[COL_SOURCE_IMAGE]]
-    prompts = [translator.prompt(int(t)) for t in batch["target_label"]]
-    together = translator._run(prompts, [9, 8, 7], 0.6, images)
-    for i in range(3):
-        alone = translator._run(prompts[i:i + 1], [[9, 8, 7][i]], 0.6, images[i:i + 1])
-        assert np.allclose(alone[0], together[i], atol=1e-3)
+    pipe, _ = load_pipeline("tiny")
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    bank, local = bank_io.load_bank(tiny_bank)
+    bank_io.apply_bank(pipe, bank, local)
+    strengths, seeds, targets = [0.7, 0.35, 0.9], [3, 4, 5], [2, 3, 1]
+    batch = _batch(sample_dataset, targets=targets, strengths=strengths, seeds=seeds)
+    ours = translator(batch)[COL_PIXELS]
+    train = canonical.open_dataset(sample_dataset).read_split("train")
+    for i, data in enumerate(train.column(COL_IMAGE).to_pylist()[:3]):
+        source = decode_rgb(data).resize((64, 64), Image.BILINEAR)
+        with torch.inference_mode():
+            ref = pipe(prompt=[bank.prompt(targets[i])], image=[source], strength=strengths[i], num_inference_steps=6,
+                       guidance_scale=7.5, generator=[torch.Generator().manual_seed(seeds[i])],
+                       output_type="np").images[0]
+        assert _diff(np.round(ref * 255).astype(np.uint8), ours[i]).max() <= 1, f"pair {i}"
+
+
+def test_fused_and_unfused_lora_agree(translator, sample_dataset, tiny_bank):
+    info = canonical.open_dataset(sample_dataset).info
+    unfused = Translator("tiny", "mix", info.classes, info.super_class, concepts=tiny_bank, steps=6, threads=2,
+                         fuse_lora=False)
+    batch = _batch(sample_dataset, targets=[1, 2], strengths=[0.9, 0.6], seeds=[1, 2])
+    assert _diff(unfused(batch)[COL_PIXELS], translator(batch)[COL_PIXELS]).max() <= 1
+
+
+def test_every_pair_runs_exactly_its_denoising_steps(translator, sample_dataset, monkeypatch):
+    """s = 0.04, 0.08, ..., 0.96 at 25 steps runs 1, 2, ..., 24 steps. Stored as float32, 14 of
+    them (0.12 = 0.11999999731...) lost a step to diffusers' int(steps x s)."""
+    strengths = [round(0.04 * k, 2) for k in range(1, 25)]
+    assert int(25 * float(np.float32(0.12))) == 2  # the bug the plan's float32 column invites
+    calls: list[int] = []
+    unet = translator.pipe.unet
+    hook = unet.register_forward_hook(lambda *_: calls.__setitem__(-1, calls[-1] + 1))
+    real = translator.translate
+
+    def counting(pixels, labels, seeds, n_steps):
+        calls.append(0)
+        result = real(pixels, labels, seeds, n_steps)
+        ran.append((n_steps, calls[-1], len(labels)))
+        return result
+
+    ran: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(translator, "steps", 25)
+    monkeypatch.setattr(translator, "translate", counting)
+    try:
+        out = translator(_batch(sample_dataset, targets=[1] * 24, strengths=strengths, seeds=list(range(24)),
+                                sources=[canonical.open_dataset(sample_dataset).read_split("train")
+                                         .column(COL_IMAGE).to_pylist()[0]] * 24))
+    finally:
+        hook.remove()
+    assert list(out[COL_ERROR]) == [""] * 24
+    assert ran == [(k, k, 1) for k in range(1, 25)]  # one UNet call (CFG batched) per step, one pair each
+    assert [denoising_steps(np.float32(s), 25) for s in strengths] == list(range(1, 25))
+    assert denoising_steps(np.float32(0.7), 25) == 17  # diffusers' int(25 x 0.7) for the paper's default
+
+
+def test_bf16_weights_on_cpu(sample_dataset, tiny_bank, translator):
+    """Reduced precision on the CPU, so a dtype mismatch anywhere on the hot path (uint8 -> model
+    dtype, embeddings, noise, decode -> uint8) fails here and not first on a rented GPU."""
+    info = canonical.open_dataset(sample_dataset).info
+    bf16 = Translator("tiny", "mix", info.classes, info.super_class, concepts=tiny_bank, steps=6, threads=2,
+                      dtype="bfloat16")
+    assert bf16.pipe.unet.dtype == torch_dtype("bfloat16")
+    batch = _batch(sample_dataset, targets=[1, 2], strengths=[0.7, 0.7], seeds=[1, 2])
+    out = bf16(batch)
+    assert list(out[COL_ERROR]) == ["", ""]
+    assert _diff(out[COL_PIXELS], translator(batch)[COL_PIXELS]).mean() < 12  # bf16 keeps ~3 digits
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
 
 
 def test_bank_tokens_condition_generation(translator, sample_dataset):
@@ -153,7 +233,7 @@ def test_bank_tokens_condition_generation(translator, sample_dataset):
     batch = {k: np.concatenate([v[:1], v[:1]]) if k != "target_label" else v for k, v in batch.items()}
     out = translator(batch)  # same source and seed, two different class tokens
     assert out["prompt"][0] == "a photo of a <class_1> shape" and out["prompt"][1] == "a photo of a <class_2> shape"
-    assert np.abs(_pixels(out[COL_IMAGE][0]) - _pixels(out[COL_IMAGE][1])).mean() > 5
+    assert _diff(out[COL_PIXELS][0], out[COL_PIXELS][1]).mean() > 5
 
 
 def test_bank_changes_output_vs_base_model(translator, sample_dataset):
@@ -161,26 +241,46 @@ def test_bank_changes_output_vs_base_model(translator, sample_dataset):
     base = Translator("tiny", "mix", info.classes, info.super_class, steps=6, threads=2,
                       prompt_template="a photo of a <class_1> shape")  # same prompt text, no bank
     batch = _batch(sample_dataset, targets=[1], strengths=[0.9], seeds=[5])
-    assert np.abs(_pixels(base(batch)[COL_IMAGE][0]) - _pixels(translator(batch)[COL_IMAGE][0])).mean() > 5
+    assert _diff(base(batch)[COL_PIXELS][0], translator(batch)[COL_PIXELS][0]).mean() > 5
 
 
 def test_bad_source_and_nan_output_are_counted_not_fatal(translator, sample_dataset, monkeypatch):
-    batch = _batch(sample_dataset, targets=[1, 2, 3], strengths=[0.7] * 3, seeds=[1, 2, 3])
-    batch[COL_SOURCE_IMAGE][1] = b"\xff\xd8 definitely not a jpeg"
+    train = canonical.open_dataset(sample_dataset).read_split("train")
+    sources = train.column(COL_IMAGE).to_pylist()[:3]
+    sources[1] = b"\xff\xd8 definitely not a jpeg"
+    batch = _batch(sample_dataset, targets=[1, 2, 3], strengths=[0.7] * 3, seeds=[1, 2, 3], sources=sources)
+    assert batch[COL_ERROR][1].startswith("source image failed to decode")
     out = translator(batch)
     assert out[COL_ERROR][0] == "" and out[COL_ERROR][2] == ""
     assert out[COL_ERROR][1].startswith("source image failed to decode")
-    real_run = translator._run
+    real = translator.translate
 
-    def poisoned(prompts, seeds, strength, images):
-        arr = real_run(prompts, seeds, strength, images)
-        arr[0, 0, 0, 0] = np.nan  # as an fp16 overflow would
-        arr[-1] = 0.0  # and a black image
-        return arr
+    def poisoned(pixels, labels, seeds, n_steps):
+        images, finite, black = real(pixels, labels, seeds, n_steps)
+        finite[0] = False  # as an fp16 overflow would
+        black[-1] = True  # and a black image
+        return images, finite, black
 
-    monkeypatch.setattr(translator, "_run", poisoned)
+    monkeypatch.setattr(translator, "translate", poisoned)
     out = translator(_batch(sample_dataset, targets=[1, 2, 3], strengths=[0.7] * 3, seeds=[1, 2, 3]))
     assert "NaN" in out[COL_ERROR][0] and out[COL_ERROR][1] == "" and "black" in out[COL_ERROR][2]
+
+
+def test_black_and_nan_detection_on_the_device(translator, sample_dataset, monkeypatch):
+    """The checks themselves: a decoded image of NaNs and an all -1 image are flagged."""
+    vae = translator.pipe.vae
+    real_decode = vae.decode
+
+    def decode(latents, *a, **kw):
+        out = real_decode(latents, *a, **kw)
+        out.sample[0] = float("nan")
+        out.sample[1] = -1.0
+        return out
+
+    monkeypatch.setattr(vae, "decode", decode)
+    batch = _batch(sample_dataset, targets=[1, 2, 3], strengths=[0.7] * 3, seeds=[1, 2, 3])
+    out = translator(batch)
+    assert "NaN" in out[COL_ERROR][0] and "black" in out[COL_ERROR][1] and out[COL_ERROR][2] == ""
 
 
 def test_bank_for_another_dataset_or_model_is_refused(sample_dataset, tiny_bank, tmp_path):
@@ -216,3 +316,105 @@ def test_empty_train_split_is_refused(tmp_path):
     json.dump(meta, open(os.path.join(out, "dataset.json"), "w"))
     with pytest.raises(DiffmixError, match="train split .* is empty"):
         resolve_inputs(GenerateConfig(dataset=out, mode="real-mix", out=str(tmp_path / "o")))
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU stages around the actor, block sizing and the GPU default
+# ---------------------------------------------------------------------------------------------
+def test_prepare_sources_reads_decodes_and_chunks(sample_dataset):
+    import pyarrow as pa
+
+    from diffmix_ray.generate.cpu_stages import COL_FILE, COL_ROW, COL_SOURCE_H, COL_SOURCE_W, prepare_sources
+    from diffmix_ray.images import decode_rgb
+
+    from diffmix_ray import storage
+
+    ds = canonical.open_dataset(sample_dataset)
+    files = ds.files("train")
+    train = ds.read_split("train")
+    plan_rows = make_plan(train.column(COL_IMAGE_ID).to_pylist(), train.column(COL_LABEL).to_pylist(), 4,
+                          GenerateConfig(dataset="d", mode="real-mix", limit=7))
+    # locate each source as run._todo does
+    where = {}
+    for f, uri in enumerate(files):
+        for r, image_id in enumerate(storage.read_parquet(uri, [COL_IMAGE_ID]).column(COL_IMAGE_ID).to_pylist()):
+            where[image_id] = (f, r)
+    locs = [where[i] for i in plan_rows.column("source_id").to_pylist()]
+    table = plan_rows.append_column(COL_FILE, pa.array([l[0] for l in locs], pa.int32()))
+    table = table.append_column(COL_ROW, pa.array([l[1] for l in locs], pa.int64()))
+    chunks = list(prepare_sources(table, files, resolution=64, chunk_rows=3))
+    assert [len(c["pair_id"]) for c in chunks] == [3, 3, 1]
+    assert COL_FILE not in chunks[0] and chunks[0][COL_PIXELS].shape == (3, 64, 64, 3)
+    by_id = dict(zip(train.column(COL_IMAGE_ID).to_pylist(), train.column(COL_IMAGE).to_pylist()))
+    first = decode_rgb(by_id[chunks[0]["source_id"][0]])
+    assert (chunks[0][COL_SOURCE_W][0], chunks[0][COL_SOURCE_H][0]) == first.size
+    assert np.array_equal(chunks[0][COL_PIXELS][0], np.asarray(first.resize((64, 64), Image.BILINEAR)))
+    assert [e for c in chunks for e in c[COL_ERROR]] == [""] * 7
+    assert [i for c in chunks for i in c["pair_id"]] == plan_rows.column("pair_id").to_pylist()
+
+
+def test_finish_images_resizes_back_records_failures_and_fits_the_schema(tmp_path):
+    import json
+    import os
+
+    from diffmix_ray.contracts import SHARD_SCHEMA
+    from diffmix_ray.generate.cpu_stages import COL_SOURCE_H, COL_SOURCE_W, finish_images
+
+    n = 3
+    batch = {"pair_id": np.array(["a", "b", "c"], dtype=object), "source_id": np.array(["x", "y", None], dtype=object),
+             "source_label": np.array([0, 1, 2], dtype=np.int32), "target_label": np.array([1, 2, 0], dtype=np.int32),
+             "strength": np.array([0.7] * n, dtype=np.float32), "seed": np.arange(n, dtype=np.int64),
+             "mode": np.array(["diff-mix"] * n, dtype=object),
+             COL_PIXELS: np.full((n, 64, 64, 3), 128, dtype=np.uint8),
+             COL_SOURCE_W: np.array([50, 0, 10], dtype=np.int32), COL_SOURCE_H: np.array([30, 0, 10], dtype=np.int32),
+             COL_ERROR: np.array(["", "", "generated image is black"], dtype=object),
+             "prompt": np.array(["p0", "p1", "p2"], dtype=object)}
+    out = finish_images(batch, str(tmp_path / "failed"), jpeg_quality=90)
+    assert out.schema == SHARD_SCHEMA and out.column("pair_id").to_pylist() == ["a", "b"]
+    assert out.column("width").to_pylist() == [50, 64] and out.column("height").to_pylist() == [30, 64]
+    assert Image.open(io.BytesIO(out.column("image")[0].as_py())).size == (50, 30)
+    assert out.column("source_id").to_pylist() == ["x", "y"]
+    (record,) = os.listdir(tmp_path / "failed")
+    assert json.load(open(tmp_path / "failed" / record)) == [{"pair_id": "c", "error": "generated image is black"}]
+    empty = finish_images({k: v[2:] for k, v in batch.items()}, None, 90)
+    assert empty.num_rows == 0 and empty.schema == SHARD_SCHEMA
+
+
+@pytest.mark.parametrize("rows, batch, actors, resolution", [
+    (6_400_000, 16, 8, 512), (6_400_000, 32, 8, 512), (640_000, 8, 1, 64), (100, 4, 2, 64), (13, 8, 4, 64)])
+def test_blocks_are_whole_batches_about_a_shard_and_feed_every_actor(rows, batch, actors, resolution):
+    from diffmix_ray.generate.run import CHUNK_BYTES, block_rows
+
+    cfg = GenerateConfig(dataset="d", mode="real-mix", batch_size=batch, max_actors=actors)
+    block, chunk = block_rows(rows, cfg, resolution)
+    assert block % chunk == 0 and chunk % batch == 0
+    assert chunk * resolution * resolution * 3 <= max(CHUNK_BYTES, batch * resolution * resolution * 3)
+    assert block < cfg.rows_per_shard + chunk
+    if rows >= 2 * actors * batch:
+        assert rows / block >= 2 * actors * 0.5  # every actor gets blocks (rounding up to batches aside)
+    if rows > 100_000:
+        assert rows / block <= rows / 900  # ~a shard per block: thousands of blocks, not hundreds of thousands
+
+
+def test_gpu_default_follows_the_cluster(monkeypatch, capsys):
+    from diffmix_ray.ops import local_ray
+
+    for now, most, expected in ((0, 0, 0.0), (0, 16, 1.0), (4, 4, 1.0)):
+        monkeypatch.setattr(local_ray, "cluster_gpus", lambda now=now, most=most: (float(now), float(most)))
+        assert local_ray.resolve_gpus(None, "generate", "actor") == expected
+    said = capsys.readouterr()
+    assert "running on CPU in fp32" in " ".join((said.out + said.err).split())
+    assert local_ray.resolve_gpus(0.5, "generate", "actor") == 0.5  # what the user asks wins
+
+
+def test_gpu_default_on_the_test_cluster_is_cpu(ray_local):
+    from diffmix_ray.ops.local_ray import cluster_gpus
+
+    assert cluster_gpus() == (0.0, 0.0)
+
+
+def test_too_few_steps_for_the_strength_is_refused():
+    with pytest.raises(DiffmixError, match="less than one denoising step"):
+        GenerateConfig(dataset="d", mode="real-mix", strength=0.05, steps=10).validate()
+    with pytest.raises(DiffmixError, match="needs --compile"):
+        GenerateConfig(dataset="d", mode="real-mix", compile_cache="/tmp/x").validate()

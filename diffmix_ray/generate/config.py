@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import DiffmixError
@@ -48,12 +49,14 @@ class GenerateConfig:
     batch_size: int = 8
     min_actors: int = 1
     max_actors: int = 1
-    gpus_per_actor: float = 0.0
+    gpus_per_actor: float | None = None  # None: 1 when the Ray cluster has (or can add) GPUs, else 0
     cpus_per_actor: float = 1.0
     memory_per_actor_gb: float | None = None
     rows_per_shard: int = 1000
     jpeg_quality: int = 95
     limit: int | None = None  # generate only the first N pairs of the plan (smoke runs)
+    compile: bool = False  # torch.compile the UNet (batches padded to batch_size)
+    compile_cache: str | None = None  # URI shared by actors: the first compiles, the rest load
 
     def __post_init__(self) -> None:
         if self.multiplier is None and self.per_image is None:
@@ -97,11 +100,22 @@ class GenerateConfig:
             raise DiffmixError(f"--strength-beta {self.strength_beta} must be two positive numbers a,b")
         if self.steps < 1 or self.guidance < 0:
             raise DiffmixError("--steps must be >= 1 and --guidance >= 0")
+        if self.kind != "gen":
+            from .plan import BETA_CLIP, denoising_steps
+
+            lowest = (min(DA_FUSION_STRENGTHS) if self.mode == "da-fusion" else BETA_CLIP[0] if self.strength_beta
+                      else min(self.strength_set or (self.strength,)))
+            if denoising_steps(lowest, self.steps) < 1:
+                raise DiffmixError(f"strength {lowest} x --steps {self.steps} is less than one denoising step: the "
+                                   f"image would come back unchanged; raise the strength or --steps (>= "
+                                   f"{math.ceil(1 / lowest)})")
+        if self.compile_cache and not self.compile:
+            raise DiffmixError("--compile-cache stores compiled kernels: it needs --compile")
         if self.batch_size < 1 or self.rows_per_shard < 1:
             raise DiffmixError("--batch-size and --rows-per-shard must be >= 1")
         if not 1 <= self.min_actors <= self.max_actors:
             raise DiffmixError(f"actors: need 1 <= --min-actors ({self.min_actors}) <= --max-actors ({self.max_actors})")
-        if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
+        if (self.gpus_per_actor or 0) < 0 or self.cpus_per_actor <= 0:
             raise DiffmixError("--gpus-per-actor must be >= 0 and --cpus-per-actor > 0")
         if not 1 <= self.jpeg_quality <= 100:
             raise DiffmixError(f"--jpeg-quality {self.jpeg_quality} must be in 1..100")

@@ -14,29 +14,32 @@ from ..contracts import COL_IMAGE, COL_IMAGE_ID, COL_SOURCE_ID, COL_SOURCE_LABEL
 from ..errors import DiffmixError
 from .config import GenerateConfig
 from .run import build_plan, resolve_inputs
-from .translate import COL_SOURCE_IMAGE, Translator
+from .translate import Translator, translate_locally
 
 
 def calibrate_images_per_second(inputs, plan, pairs: int) -> tuple[float, float]:
-    """Translate `pairs` plan rows on this machine, one batch at a time; returns (images/s after
-    the first batch, model start-up seconds). The first batch warms kernels and is not counted."""
+    """Translate `pairs` plan rows on this machine through the generate stages (decode + resize,
+    translation, resize + JPEG), one batch at a time; returns (images/s after the first batch,
+    model start-up seconds). The first batch warms kernels and is not counted."""
     cfg = inputs.cfg
     info = inputs.dataset.info
     t0 = time.perf_counter()
     translator = Translator(cfg.model, cfg.kind, info.classes, info.super_class, concepts=cfg.concepts,
                             steps=cfg.steps, guidance=cfg.guidance, prompt_template=cfg.prompt_template,
-                            jpeg_quality=cfg.jpeg_quality, threads=int(cfg.cpus_per_actor))
+                            threads=int(cfg.cpus_per_actor), batch_size=cfg.batch_size, compile=cfg.compile,
+                            compile_cache=cfg.compile_cache)
     startup = time.perf_counter() - t0
     rows = plan.slice(0, max(pairs, cfg.batch_size * 2))
+    by_id = {}
     if cfg.kind != "gen":
         train = inputs.dataset.read_split("train", columns=[COL_IMAGE_ID, COL_IMAGE])
         by_id = dict(zip(train.column(COL_IMAGE_ID).to_pylist(), train.column(COL_IMAGE).to_pylist()))
-        rows = rows.append_column(COL_SOURCE_IMAGE, [[by_id[i] for i in rows.column(COL_SOURCE_ID).to_pylist()]])
-    batches = [rows.slice(i, cfg.batch_size) for i in range(0, rows.num_rows, cfg.batch_size)]
     timed_images, timed_seconds = 0, 0.0
-    for k, batch in enumerate(batches):
+    for k, start in enumerate(range(0, rows.num_rows, cfg.batch_size)):
+        batch = rows.slice(start, cfg.batch_size)
+        sources = None if cfg.kind == "gen" else [by_id[i] for i in batch.column(COL_SOURCE_ID).to_pylist()]
         t = time.perf_counter()
-        translator({name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names})
+        translate_locally(translator, batch, sources, cfg.jpeg_quality)
         if k > 0:
             timed_images += batch.num_rows
             timed_seconds += time.perf_counter() - t
@@ -73,13 +76,15 @@ def estimate(cfg: GenerateConfig, images_per_second: float | None = None, calibr
     if images_per_second:
         actors = cfg.max_actors
         wall_h = n / (images_per_second * actors) / 3600
-        gpu_h = n / images_per_second / 3600 * cfg.gpus_per_actor
+        # Unset means "1 on a GPU cluster" (the generate default there): price the run that way.
+        gpus = 1.0 if cfg.gpus_per_actor is None else cfg.gpus_per_actor
+        gpu_h = n / images_per_second / 3600 * gpus
         result.update(images_per_second=images_per_second, wall_hours=wall_h, gpu_hours=gpu_h)
         source = "calibrated here" if calibrate else "given"
         console.print(f"throughput {images_per_second:.2f} images/s per actor ({source}"
                       + (f"; model start-up {startup:.1f} s" if startup is not None else "") + ")")
         console.print(f"estimate with {actors} actor(s): wall {wall_h * 60:.1f} min, "
-                      f"{gpu_h:.2f} GPU-hours at {cfg.gpus_per_actor} GPU/actor")
+                      f"{gpu_h:.2f} GPU-hours at {gpus:g} GPU/actor")
     else:
         console.print("pass --images-per-second or --calibrate N for a time and GPU-hour estimate")
     return result

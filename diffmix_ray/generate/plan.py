@@ -17,6 +17,17 @@ from ..errors import DiffmixError
 from .config import DA_FUSION_STRENGTHS, GenerateConfig
 
 BETA_CLIP = (0.1, 0.9)
+# Strengths are stored as float32 (the plan contract): 0.12 becomes 0.11999999731..., and
+# diffusers' int(steps * strength) would run 2 of 25 steps instead of 3. A product within this
+# tolerance of an integer counts as that integer.
+STEP_TOLERANCE = 1e-4
+
+
+def denoising_steps(strength: float, steps: int) -> int:
+    """How many of `steps` sampler steps a pair of this strength runs: floor(steps x s) of the
+    decimal strength, as diffusers' img2img computes it for a float64 strength (s = 0.7 of 25 ->
+    17; s = 0.12 -> 3, where float32 storage alone would give 2)."""
+    return min(steps, int(steps * float(strength) + STEP_TOLERANCE))
 
 
 def pair_seed(run_seed: int, index: int) -> int:

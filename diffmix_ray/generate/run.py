@@ -9,6 +9,7 @@ shard set equals the plan; duplicates (a pair in two files) are compacted away b
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import uuid
 from collections import Counter
@@ -24,19 +25,24 @@ from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_PAIR_ID, COL_SOURCE_ID, CO
                          COL_TARGET_LABEL, MANIFEST_JSON, PLAN_DIR, SHARDS_DIR, SUCCESS)
 from ..errors import DiffmixError
 from ..ops.jobs import announce
-from ..ops.local_ray import init_ray
+from ..ops.local_ray import init_ray, resolve_gpus
 from ..models import concepts as bank_io
 from ..models.loader import resolve_model
 from .config import GenerateConfig
-from .plan import make_plan
-from .sources import COL_FILE, COL_ROW, attach_sources, keep_good_rows  # light: no torch in their workers
+from .cpu_stages import COL_FILE, COL_ROW, finish_images, prepare_sources  # no torch in their workers
+from .plan import denoising_steps, make_plan
 from .translate import Translator
 
 PLAN_FILE = "plan-00000.parquet"
 FAILED_DIR = "failed"
-# Reading source rows, recording failures and writing shards mostly wait on storage: a quarter
-# CPU each keeps them from queueing behind the translation actors for a whole core.
-LIGHT_STAGE_CPUS = 0.25
+# The CPU stages (read + decode + resize before, resize + JPEG after, the shard writes) cost a few
+# ms of CPU per image and partly wait on storage: a quarter CPU each lets several run beside the
+# translation actors instead of queueing for a whole core.
+CPU_STAGE_CPUS = 0.25
+# Decoded pixels travel from the stage before translation to the actors in chunks of at most
+# this many bytes (a multiple of the batch size in rows); Ray Data coalesces them into blocks of
+# whole chunks, so the actors' batches come out full.
+CHUNK_BYTES = 32 * 2**20
 
 
 class IncompleteOutput(DiffmixError):
@@ -57,6 +63,7 @@ class Inputs:
     model_fingerprint: str
     bank: bank_io.ConceptBank | None
     identity: dict
+    resolution: int  # the model's image side in pixels
 
 
 def _normalized(identity: dict) -> dict:
@@ -92,7 +99,7 @@ def resolve_inputs(cfg: GenerateConfig) -> Inputs:
     identity = _normalized(cfg.output_identity()) | {
         "dataset": dataset.uri, "dataset_fingerprint": dataset.info.fingerprint,
         "model_fingerprint": model.fingerprint, "concepts_fingerprint": bank.fingerprint if bank else None}
-    return Inputs(cfg, out, dataset, model.fingerprint, bank, identity)
+    return Inputs(cfg, out, dataset, model.fingerprint, bank, identity, model.resolution)
 
 
 def build_plan(inputs: Inputs) -> pa.Table:
@@ -182,7 +189,7 @@ def _read_failures(out: str, missing: set[str]) -> list[dict]:
 
 def _todo(inputs: Inputs, plan: pa.Table, done: set[str]) -> tuple[pa.Table, list[str]]:
     """Plan rows still missing, with the location of their source image, ordered so that a batch
-    shares one strength (one img2img call) and reads neighbouring rows of the same shard."""
+    runs one number of denoising steps (one pipeline call) and reads neighbouring rows of a shard."""
     todo = plan.filter(pc.invert(pc.is_in(plan.column(COL_PAIR_ID), value_set=pa.array(sorted(done), pa.string()))))
     files = inputs.dataset.files("train")
     if inputs.cfg.kind == "gen":
@@ -192,12 +199,28 @@ def _todo(inputs: Inputs, plan: pa.Table, done: set[str]) -> tuple[pa.Table, lis
         for r, image_id in enumerate(storage.read_parquet(uri, [COL_IMAGE_ID]).column(COL_IMAGE_ID).to_pylist()):
             loc[image_id] = (f, r)
     where = [loc[i] for i in todo.column(COL_SOURCE_ID).to_pylist()]
+    steps = [denoising_steps(s, inputs.cfg.steps) for s in todo.column(COL_STRENGTH).to_pylist()]
     todo = todo.append_column(COL_FILE, pa.array([w[0] for w in where], pa.int32()))
     todo = todo.append_column(COL_ROW, pa.array([w[1] for w in where], pa.int64()))
-    return todo.sort_by([(COL_STRENGTH, "ascending"), (COL_FILE, "ascending"), (COL_ROW, "ascending")]), files
+    todo = todo.append_column("_steps", pa.array(steps, pa.int32()))
+    todo = todo.sort_by([("_steps", "ascending"), (COL_FILE, "ascending"), (COL_ROW, "ascending")])
+    return todo.drop_columns(["_steps"]), files
 
 
-def _ray_pipeline(inputs: Inputs, todo: pa.Table, files: list[str]) -> None:
+def block_rows(rows: int, cfg: GenerateConfig, resolution: int) -> tuple[int, int]:
+    """(rows per plan block, rows per chunk of decoded pixels), both multiples of the batch size.
+    A plan block is about a shard (the driver's cost is per block: 6.4M pairs in 32-row blocks
+    are 200k blocks per stage, in 1,000-row blocks 6.4k), but small runs still get >= 2 blocks
+    per actor so every actor has work."""
+    b = cfg.batch_size
+    per_actor = b * math.ceil(rows / (2 * cfg.max_actors * b))
+    shard = b * math.ceil(cfg.rows_per_shard / b)
+    chunk = max(b, min(b * (CHUNK_BYTES // (b * resolution * resolution * 3)), shard, per_actor))
+    return chunk * max(1, min(math.ceil(shard / chunk), math.ceil(per_actor / chunk))), chunk
+
+
+def _ray_pipeline(inputs: Inputs, todo: pa.Table, files: list[str], gpus_per_actor: float,
+                  translator=Translator) -> None:
     import ray
     from ray.data import ActorPoolStrategy, DataContext, SaveMode
     from ray.data.datasource import FilenameProvider
@@ -214,30 +237,32 @@ def _ray_pipeline(inputs: Inputs, todo: pa.Table, files: list[str]) -> None:
     ctx.enable_operator_progress_bars = console.is_terminal  # job logs: dashboard + summary instead
     ctx.actor_init_retry_on_errors = True  # a flaky model download should not kill the run
     info = inputs.dataset.info
-    chunk = max(cfg.batch_size * 4, 1)
-    blocks = [todo.slice(i, chunk) for i in range(0, todo.num_rows, chunk)]
-    ds = ray.data.from_arrow(blocks)
+    block, chunk = block_rows(todo.num_rows, cfg, inputs.resolution)
+    ds = ray.data.from_arrow([todo.slice(i, block) for i in range(0, todo.num_rows, block)])
     if cfg.kind != "gen":
-        ds = ds.map_batches(attach_sources, fn_kwargs={"files": files}, batch_format="pyarrow",
-                            batch_size=chunk, num_cpus=LIGHT_STAGE_CPUS)
+        ds = ds.map_batches(prepare_sources, fn_kwargs={"files": files, "resolution": inputs.resolution,
+                                                         "chunk_rows": chunk},
+                            batch_format="pyarrow", batch_size=None, num_cpus=CPU_STAGE_CPUS)
     translator_args = dict(model=cfg.model, kind=cfg.kind, class_names=info.classes, super_class=info.super_class,
                            concepts=cfg.concepts, steps=cfg.steps, guidance=cfg.guidance,
-                           prompt_template=cfg.prompt_template, jpeg_quality=cfg.jpeg_quality,
-                           threads=max(1, int(cfg.cpus_per_actor)), report_metrics=True)
+                           prompt_template=cfg.prompt_template, threads=max(1, int(cfg.cpus_per_actor)),
+                           device="cuda" if gpus_per_actor > 0 else None, batch_size=cfg.batch_size,
+                           compile=cfg.compile, compile_cache=cfg.compile_cache, report_metrics=True)
     remote = {}
     if cfg.memory_per_actor_gb:
         remote["memory"] = int(cfg.memory_per_actor_gb * 2**30)
-    ds = ds.map_batches(Translator, fn_constructor_kwargs=translator_args, batch_size=cfg.batch_size,
-                        batch_format="numpy", num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor,
+    ds = ds.map_batches(translator, fn_constructor_kwargs=translator_args, batch_size=cfg.batch_size,
+                        batch_format="numpy", num_gpus=gpus_per_actor, num_cpus=cfg.cpus_per_actor,
                         compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors,
                                                   initial_size=cfg.max_actors), **remote)
-    ds = ds.map_batches(keep_good_rows, fn_kwargs={"failed_uri": storage.join(inputs.out, FAILED_DIR)},
-                        batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_STAGE_CPUS)
+    ds = ds.map_batches(finish_images, fn_kwargs={"failed_uri": storage.join(inputs.out, FAILED_DIR),
+                                                  "jpeg_quality": cfg.jpeg_quality},
+                        batch_format="numpy", batch_size=None, num_cpus=CPU_STAGE_CPUS)
     fs, path = storage.arrow_filesystem(storage.join(inputs.out, SHARDS_DIR))
     storage.makedirs(storage.join(inputs.out, SHARDS_DIR))
     ds.write_parquet(path, filesystem=fs, min_rows_per_file=cfg.rows_per_shard, max_rows_per_file=cfg.rows_per_shard,
                      filename_provider=ShardNames(), mode=SaveMode.APPEND,
-                     ray_remote_args={"num_cpus": LIGHT_STAGE_CPUS})
+                     ray_remote_args={"num_cpus": CPU_STAGE_CPUS})
 
 
 def _versions() -> dict[str, str]:
@@ -281,11 +306,12 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
     gen_started = time.perf_counter()
     if todo.num_rows:
         init_ray(min_cpus=cfg.max_actors * cfg.cpus_per_actor)
+        gpus = resolve_gpus(cfg.gpus_per_actor, "generate", "actor")
         from ..ops.metrics import PlanMetrics
 
         gauges = PlanMetrics(run=storage.config_hash(inputs.identity))
         gauges.set(plan.num_rows, todo.num_rows)
-        _ray_pipeline(inputs, todo, files)
+        _ray_pipeline(inputs, todo, files, gpus)
     gen_seconds = time.perf_counter() - gen_started
     found, removed_after = scan_shards(out)
     dropped += compact_duplicates(out, found)
