@@ -58,11 +58,23 @@ class DatasetInfo:
     fingerprint: str
     parent_fingerprint: str | None = None
     config: dict[str, Any] = field(default_factory=dict)  # resolved prepare options
+    # Long-tail grouping of classes by train images: many = more than `many`, few = fewer than
+    # `few`, medium = the rest. None in files written before it existed (readers use 20 and 5).
+    shot_thresholds: dict[str, int] | None = None
     contract_version: int = CONTRACT_VERSION
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def splits(self) -> list[str]:
+        """The splits this dataset has, in SPLITS order. A split it lacks (no val when prepared with
+        --val-fraction 0, no test for a source without one) has no entry in counts or files."""
+        return [s for s in SPLITS if self.split_size(s) > 0]
+
+    def has_split(self, split: str) -> bool:
+        return self.split_size(split) > 0
 
     def split_size(self, split: str) -> int:
         return sum(self.counts.get(split, {}).values())
@@ -104,6 +116,11 @@ class DatasetInfo:
             for c in self.counts[split]:
                 if not 0 <= int(c) < self.num_classes:
                     raise DiffmixError(f"{where}: class index {c} out of range 0..{self.num_classes - 1}")
+        if self.shot_thresholds is not None:
+            many, few = self.shot_thresholds.get("many"), self.shot_thresholds.get("few")
+            if not (isinstance(many, int) and isinstance(few, int) and 0 <= few < many):
+                raise DiffmixError(f"{where}: shot_thresholds {self.shot_thresholds} must be "
+                                   "{\"many\": M, \"few\": F} with whole numbers M > F >= 0")
 
 
 # ---------------------------------------------------------------------------------------------
