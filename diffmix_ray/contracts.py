@@ -37,6 +37,11 @@ DATASET_SCHEMA = pa.schema(
 )
 
 
+# many/medium/few grouping of classes by train images when a dataset.json records none (written
+# before `shot_thresholds` existed): CUB's in the Diff-Mix reference, this project's earlier fixed value.
+DEFAULT_SHOT_THRESHOLDS = (20, 5)
+
+
 def dataset_shard_name(split: str, index: int) -> str:
     """Shards are per split so a stage that may only see `train` never opens another split's file."""
     return f"{split}-{index:05d}.parquet"
@@ -75,6 +80,12 @@ class DatasetInfo:
 
     def has_split(self, split: str) -> bool:
         return self.split_size(split) > 0
+
+    def many_few(self) -> tuple[int, int]:
+        """(many, few) thresholds: many = more than `many` train images, few = fewer than `few`."""
+        if self.shot_thresholds is None:
+            return DEFAULT_SHOT_THRESHOLDS
+        return self.shot_thresholds["many"], self.shot_thresholds["few"]
 
     def split_size(self, split: str) -> int:
         return sum(self.counts.get(split, {}).values())

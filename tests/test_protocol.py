@@ -323,3 +323,14 @@ def test_shot_thresholds_on_a_balanced_dataset_warn(tmp_path, warnings_seen):
     warnings_seen.clear()
     prepare(PrepareConfig("imagefolder", src, super_class="x"), str(tmp_path / "default"))
     assert not warnings_seen  # defaults are recorded silently
+
+
+def test_a_dataset_json_without_thresholds_reads_as_cubs(tmp_path):
+    src = fx.make_imagefolder(str(tmp_path / "raw"), {"a": 3, "b": 3})
+    info = prepare(PrepareConfig("imagefolder", src, super_class="x", shot_thresholds="9,4"), str(tmp_path / "o"))
+    assert info.many_few() == (9, 4)
+    meta = tmp_path / "o" / "dataset.json"
+    old = json.loads(meta.read_text())
+    del old["shot_thresholds"]  # as written before the field existed
+    meta.write_text(json.dumps(old))
+    assert canonical.open_dataset(str(tmp_path / "o")).info.many_few() == (20, 5)

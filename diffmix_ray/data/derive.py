@@ -52,8 +52,8 @@ class DeriveConfig:
 
 def _parent_thresholds(info: DatasetInfo) -> tuple[int, int]:
     if info.shot_thresholds:
-        return info.shot_thresholds["many"], info.shot_thresholds["few"]
-    return protocol.default_shot_thresholds(info.source.get("format"))
+        return info.many_few()
+    return protocol.default_shot_thresholds(info.source.get("format"))  # a parent written before they existed
 
 
 def _warn_about_parent(info: DatasetInfo, construction: str) -> None:

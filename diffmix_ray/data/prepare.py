@@ -22,7 +22,10 @@ from ..contracts import SPLITS, DatasetInfo
 from ..errors import DiffmixError
 from ..images import BadImage, canonicalize
 from . import output, protocol, readers, splits
-from .derive import DeriveConfig, derive  # noqa: F401 - `prepare --from` lives beside `prepare`
+from .derive import DeriveConfig, derive
+
+# DeriveConfig/derive are re-exported: `prepare --from` is the same command, and callers import both here.
+__all__ = ["BAD_IMAGE_POLICIES", "FORMATS", "DeriveConfig", "PrepareConfig", "derive", "prepare"]
 
 FORMATS = ("imagefolder", "cub", "flowers102", "parquet")
 BAD_IMAGE_POLICIES = ("fail", "skip")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Sequence
 
+from ..contracts import DEFAULT_SHOT_THRESHOLDS
 from ..errors import DiffmixError
 
 # "official": the source's own split. "reference": the Diff-Mix code's seeded 50/50 per class over
@@ -23,7 +24,6 @@ DEFAULT_LONG_TAIL = "reference"
 # many = more than MANY train images, few = fewer than FEW, medium = the rest. The reference reports
 # CUB with (20, 5) and Flowers with (30, 10); any other dataset gets CUB's.
 SHOT_THRESHOLDS_BY_FORMAT = {"flowers102": (30, 10)}
-DEFAULT_SHOT_THRESHOLDS = (20, 5)
 
 
 def parse_shot_thresholds(value: Any) -> tuple[int, int] | None:
