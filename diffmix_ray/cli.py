@@ -60,7 +60,7 @@ def prepare(
                                                   "parent's). Recorded in dataset.json."),
     split: Optional[str] = typer.Option(None, help="flowers102: official (trn/val/tst, default) or reference (the "
                                         "Diff-Mix code's seeded 50/50 per class over all images)."),
-    seed: Optional[int] = typer.Option(None, help="Seed for split carving and subsets (default 0)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for split carving, the Flowers-102 reference split and subsets (default 0)."),
     super_class: Optional[str] = typer.Option(None, help="Word used in prompts for every class (bird, flower, ...)."),
     val_fraction: Optional[float] = typer.Option(None, help="Val share carved from train when the source has no val split (default 0.1; 0 = no val split)."),
     test_fraction: Optional[float] = typer.Option(None, help="Test share carved from train when the source has no test split (default 0)."),
