@@ -51,10 +51,18 @@ def prepare(
     source: Optional[str] = typer.Option(None, help="Raw dataset path or s3:// URI."),
     from_: Optional[str] = typer.Option(None, "--from", help="Derive a subset of this canonical dataset instead."),
     shots: Optional[int] = typer.Option(None, help="Derived: K train images per class (few-shot)."),
-    imbalance_ratio: Optional[float] = typer.Option(None, help="Derived: long-tail with n_max/n_min = R (e.g. 100)."),
-    seed: Optional[int] = typer.Option(None, help="Seed for split carving and subsets (default 0)."),
+    imbalance_ratio: Optional[float] = typer.Option(None, help="Derived: long-tail with imbalance ratio R (e.g. 100)."),
+    long_tail: Optional[str] = typer.Option(None, help="Derived, with --imbalance-ratio: reference (default; the Diff-Mix "
+                                            "code's avg*(1/R)^(i/(C-2)), classes by size) or geometric "
+                                            "(n_max*R^(-i/(C-1)), seeded class order)."),
+    shot_thresholds: Optional[str] = typer.Option(None, help="MANY,FEW: many = more than MANY train images, few = fewer "
+                                                  "than FEW; default flowers102 30,10, others 20,5 (derived: the "
+                                                  "parent's). Recorded in dataset.json."),
+    split: Optional[str] = typer.Option(None, help="flowers102: official (trn/val/tst, default) or reference (the "
+                                        "Diff-Mix code's seeded 50/50 per class over all images)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for split carving, the Flowers-102 reference split and subsets (default 0)."),
     super_class: Optional[str] = typer.Option(None, help="Word used in prompts for every class (bird, flower, ...)."),
-    val_fraction: Optional[float] = typer.Option(None, help="Val share carved from train when the source has no val split (default 0.1)."),
+    val_fraction: Optional[float] = typer.Option(None, help="Val share carved from train when the source has no val split (default 0.1; 0 = no val split)."),
     test_fraction: Optional[float] = typer.Option(None, help="Test share carved from train when the source has no test split (default 0)."),
     on_bad_image: Optional[str] = typer.Option(None, help="fail (default: list every bad file) or skip (count them)."),
     image_column: Optional[str] = typer.Option(None, help="Parquet: image column (bytes or {bytes,path}); default 'image'."),
@@ -71,20 +79,27 @@ def prepare(
     from . import config as cfgmod
     from .data import prepare as prep
 
+    raw_only = {"--source": source, "--format": format, "--super-class": super_class, "--val-fraction": val_fraction,
+                "--test-fraction": test_fraction, "--on-bad-image": on_bad_image, "--image-column": image_column,
+                "--label-column": label_column, "--split-column": split_column, "--id-column": id_column,
+                "--class-names": class_names, "--split": split}
     if from_ is not None:
-        if source or format:
-            raise DiffmixError("--from derives from a canonical dataset; do not combine it with --source/--format")
-        cfg = cfgmod.build(prep.DeriveConfig, config, dict(parent=from_, shots=shots, imbalance_ratio=imbalance_ratio,
-                                                           seed=seed, name=name))
+        if given := [flag for flag, value in raw_only.items() if value is not None]:
+            raise DiffmixError(f"--from derives from a canonical dataset, whose splits and images are fixed; "
+                               f"{', '.join(given)} only apply when reading a raw source: drop them")
+        cfg = cfgmod.build(prep.DeriveConfig, config, dict(
+            parent=from_, shots=shots, imbalance_ratio=imbalance_ratio, seed=seed, name=name, long_tail=long_tail,
+            shot_thresholds=shot_thresholds))
         info = prep.derive(cfg, out, overwrite=overwrite)
     else:
-        if shots is not None or imbalance_ratio is not None:
-            raise DiffmixError("--shots/--imbalance-ratio derive from a canonical dataset: pass --from URI")
+        if shots is not None or imbalance_ratio is not None or long_tail is not None:
+            raise DiffmixError("--shots/--imbalance-ratio/--long-tail derive a subset of a canonical dataset: "
+                               "prepare the full dataset first, then pass --from URI")
         cfg = cfgmod.build(prep.PrepareConfig, config, dict(
             format=format, source=source, super_class=super_class, name=name, val_fraction=val_fraction,
             test_fraction=test_fraction, seed=seed, on_bad_image=on_bad_image, image_column=image_column,
             label_column=label_column, split_column=split_column, id_column=id_column,
-            class_names=_read_class_names(class_names)))
+            class_names=_read_class_names(class_names), split=split, shot_thresholds=shot_thresholds))
         info = prep.prepare(cfg, out, overwrite=overwrite, show_progress=not quiet)
     _print_dataset_summary(out, info)
 
@@ -100,6 +115,15 @@ def _print_dataset_summary(out: str, info) -> None:
             counts = info.class_counts(split)
             table.add_row(split, str(sum(counts)), str(min(counts)), str(max(counts)))
     console.print(table)
+    absent = [s for s in ("val", "test") if not info.has_split(s)]
+    if absent:
+        console.print(f"no {' or '.join(absent)} split")
+    if info.subset.get("kind") == "long-tail":
+        console.print(f"long tail: {info.subset.get('construction', 'geometric')} construction, "
+                      f"imbalance ratio {info.subset['imbalance_ratio']:g}")
+    if info.shot_thresholds:
+        console.print(f"many/medium/few: more than {info.shot_thresholds['many']} / otherwise / fewer than "
+                      f"{info.shot_thresholds['few']} train images")
     skipped = info.skipped.get("bad_files", 0)
     console.print(f"fingerprint {info.fingerprint[:16]}  skipped bad files: {skipped}  -> {out}")
 

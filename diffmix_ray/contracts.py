@@ -37,6 +37,11 @@ DATASET_SCHEMA = pa.schema(
 )
 
 
+# many/medium/few grouping of classes by train images when a dataset.json records none (written
+# before `shot_thresholds` existed): CUB's in the Diff-Mix reference, this project's earlier fixed value.
+DEFAULT_SHOT_THRESHOLDS = (20, 5)
+
+
 def dataset_shard_name(split: str, index: int) -> str:
     """Shards are per split so a stage that may only see `train` never opens another split's file."""
     return f"{split}-{index:05d}.parquet"
@@ -58,11 +63,29 @@ class DatasetInfo:
     fingerprint: str
     parent_fingerprint: str | None = None
     config: dict[str, Any] = field(default_factory=dict)  # resolved prepare options
+    # Long-tail grouping of classes by train images: many = more than `many`, few = fewer than
+    # `few`, medium = the rest. None in files written before it existed (readers use 20 and 5).
+    shot_thresholds: dict[str, int] | None = None
     contract_version: int = CONTRACT_VERSION
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def splits(self) -> list[str]:
+        """The splits this dataset has, in SPLITS order. A split it lacks (no val when prepared with
+        --val-fraction 0, no test for a source without one) has no entry in counts or files."""
+        return [s for s in SPLITS if self.split_size(s) > 0]
+
+    def has_split(self, split: str) -> bool:
+        return self.split_size(split) > 0
+
+    def many_few(self) -> tuple[int, int]:
+        """(many, few) thresholds: many = more than `many` train images, few = fewer than `few`."""
+        if self.shot_thresholds is None:
+            return DEFAULT_SHOT_THRESHOLDS
+        return self.shot_thresholds["many"], self.shot_thresholds["few"]
 
     def split_size(self, split: str) -> int:
         return sum(self.counts.get(split, {}).values())
@@ -104,6 +127,11 @@ class DatasetInfo:
             for c in self.counts[split]:
                 if not 0 <= int(c) < self.num_classes:
                     raise DiffmixError(f"{where}: class index {c} out of range 0..{self.num_classes - 1}")
+        if self.shot_thresholds is not None:
+            many, few = self.shot_thresholds.get("many"), self.shot_thresholds.get("few")
+            if not (isinstance(many, int) and isinstance(few, int) and 0 <= few < many):
+                raise DiffmixError(f"{where}: shot_thresholds {self.shot_thresholds} must be "
+                                   "{\"many\": M, \"few\": F} with whole numbers M > F >= 0")
 
 
 # ---------------------------------------------------------------------------------------------

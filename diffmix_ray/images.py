@@ -7,6 +7,7 @@ is converted to RGB and re-encoded: JPEG sources stay JPEG (quality 95), others 
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -20,7 +21,20 @@ Image.MAX_IMAGE_PIXELS = 180_000_000
 
 
 class BadImage(ValueError):
-    """The bytes are not a decodable image; the message says why."""
+    """The bytes are not a decodable image; the message says why. It never names the file (these
+    functions see bytes only): callers prefix the file or row, as `prepare` does."""
+
+
+# PIL puts the repr of the stream it was handed into some messages ("cannot identify image file
+# <_io.BytesIO object at 0x7f...>"): meaningless to a user, and it hides which file is bad.
+_STREAM_REPR = re.compile(r"\s*<_io\.\w+ object at 0x[0-9a-fA-F]+>")
+
+
+def _reason(err: BaseException) -> str:
+    text = _STREAM_REPR.sub("", str(err)).strip()
+    if isinstance(err, Image.UnidentifiedImageError):
+        text = "cannot identify the image format (not an image, or a format PIL cannot read)"
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -54,7 +68,7 @@ def decode_rgb(data: bytes) -> Image.Image:
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage(f"{type(e).__name__}: {e}") from e
+        raise BadImage(_reason(e)) from e
 
 
 def canonicalize(data: bytes) -> tuple[bytes, int, int]:
@@ -66,7 +80,7 @@ def canonicalize(data: bytes) -> tuple[bytes, int, int]:
         fmt, mode = probe.format, probe.mode
         rotated = probe.getexif().get(0x0112, 1) not in (1, None)  # EXIF Orientation
     except (OSError, SyntaxError, ValueError) as e:
-        raise BadImage(f"{type(e).__name__}: {e}") from e
+        raise BadImage(_reason(e)) from e
     img = decode_rgb(data)
     if fmt in ("JPEG", "PNG") and mode == "RGB" and not rotated:
         return data, img.width, img.height

@@ -216,12 +216,28 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
-def claim_output(out: str, stage: str, config: dict[str, Any], overwrite: bool = False) -> bool:
+def _holds_no_result(entries: list[str], have: dict[str, Any] | None, stage: str,
+                     disposable: tuple[str, ...]) -> bool:
+    """True when `out` holds only a claim: its _run.json (and a leftover temp file of it), plus, for
+    a claim by this same stage, the entries that stage declares disposable (partial work it always
+    redoes from scratch). Such an output is what a run that failed before writing a result leaves."""
+    if have is None:
+        return False
+    extra = [e for e in entries if not e.startswith(RUN_JSON)]
+    return all(e in disposable for e in extra) if have.get("stage") == stage else not extra
+
+
+def claim_output(out: str, stage: str, config: dict[str, Any], overwrite: bool = False,
+                 disposable: tuple[str, ...] = ()) -> bool:
     """Make `out` belong to this (stage, config). Returns True when `out` already belonged to the
-    same run (a resume); False when it was empty or was wiped because of `overwrite`.
+    same run (a resume); False when it was empty, held no result, or was wiped because of `overwrite`.
 
     Refuses a non-empty `out` that holds another stage's or another config's output, unless
-    `overwrite`, in which case everything under `out` is deleted first."""
+    `overwrite`, in which case everything under `out` is deleted first. An output with no result in
+    it is not owned: a run that failed before writing anything (bad input, say) leaves only its
+    _run.json, and the corrected rerun must not need --overwrite. `disposable` names the entries
+    this stage never resumes from (`prepare` rewrites images/ on every attempt), so a claim holding
+    only those is free too."""
     out = normalize(out)
     check_bucket(out)
     run_uri = join(out, RUN_JSON)
@@ -232,7 +248,7 @@ def claim_output(out: str, stage: str, config: dict[str, Any], overwrite: bool =
         same = have is not None and have.get("stage") == stage and have.get("config_hash") == want["config_hash"]
         if same and not overwrite:
             return True
-        if not overwrite:
+        if not overwrite and not _holds_no_result(entries, have, stage, disposable):
             if have is None:
                 why = "it is not empty and was not written by diffmix-ray"
             elif have.get("stage") != stage:

@@ -67,11 +67,17 @@ def make_cub(root: str, num_classes: int = 3, per_class: int = 4) -> str:
     return root
 
 
-def make_flowers102(root: str, per_class: int = 3) -> str:
+def make_flowers102(root: str, per_class: int | list[int] = 3, interleave: bool = False) -> str:
+    """Flowers-102 layout. `per_class` may list each class's image count; `interleave` numbers the
+    images round-robin over classes (as in the real data, where a class's images are not contiguous)."""
     import scipy.io
 
     n_classes = 102
-    labels = np.repeat(np.arange(1, n_classes + 1), per_class)
+    sizes = [per_class] * n_classes if isinstance(per_class, int) else list(per_class)
+    labels = np.repeat(np.arange(1, n_classes + 1), sizes)
+    if interleave:
+        rank = np.concatenate([np.arange(n) for n in sizes])  # position within its class
+        labels = labels[np.lexsort((labels, rank))]
     for i in range(len(labels)):
         write(os.path.join(root, "jpg", f"image_{i + 1:05d}.jpg"), image_bytes(colour(i), size=(8, 8)))
     ids = np.arange(1, len(labels) + 1)

@@ -53,6 +53,24 @@ def test_corrupt_jpeg(tmp_path, folder):
     _expect_bad(tmp_path, folder, bad, r"corrupt\.jpg: .*(cannot identify|Error)")
 
 
+def test_unreadable_file_is_named_not_an_in_memory_stream(tmp_path, folder):
+    """PIL names the stream it was given ("<_io.BytesIO object at 0x...>"): the message names the file."""
+    bad = fx.write(os.path.join(folder, "fine", "mystery.png"), b"plain text with an image extension")
+    info = _expect_bad(tmp_path, folder, bad, r"mystery\.png: UnidentifiedImageError: cannot identify the image format")
+    assert "BytesIO" not in info.skipped["bad"][0] and " at 0x" not in info.skipped["bad"][0]
+    with pytest.raises(ValueError) as err:
+        canonicalize(b"plain text")
+    assert "BytesIO" not in str(err.value) and "0x" not in str(err.value)
+
+
+def test_damaged_parquet_file_is_named(tmp_path):
+    fx.make_parquet(str(tmp_path / "src" / "a.parquet"), [0, 1])
+    bad = fx.write(str(tmp_path / "src" / "b.parquet"), b"PAR1 not really parquet")
+    with pytest.raises(DiffmixError, match=re.escape(bad) + ".*(magic bytes|corrupted)"):
+        prepare(PrepareConfig("parquet", str(tmp_path / "src"), super_class="x", image_column="img",
+                              label_column="target"), str(tmp_path / "out"))
+
+
 def test_zero_byte_file(tmp_path, folder):
     bad = fx.write(os.path.join(folder, "good", "empty.png"), b"")
     _expect_bad(tmp_path, folder, bad, r"empty file \(0 bytes\)")

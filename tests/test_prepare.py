@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from diffmix_ray import canonical
+from diffmix_ray import canonical, storage
 from diffmix_ray.cli import app
 from diffmix_ray.data import splits
 from diffmix_ray.data.prepare import DeriveConfig, PrepareConfig, derive, prepare
@@ -119,13 +119,14 @@ def test_few_shot_exact_counts_and_lineage(parent, tmp_path):
     assert set(_ids(canonical.open_dataset(str(tmp_path / "k2c")), "train")) != set(_ids(child, "train"))
 
 
-def test_long_tail_counts_follow_formula(parent, tmp_path):
-    info = derive(DeriveConfig(parent, imbalance_ratio=6.0, seed=3), str(tmp_path / "lt"))
+def test_geometric_long_tail_counts_follow_formula(parent, tmp_path):
+    # `reference` is the default construction now (tests/test_protocol.py); geometric stays selectable
+    info = derive(DeriveConfig(parent, imbalance_ratio=6.0, seed=3, long_tail="geometric"), str(tmp_path / "lt"))
     n_max = 6  # 12 per class minus 3 val and 3 test
     expected = splits.long_tail_targets(5, n_max, 6.0, 3)
     assert sorted(expected, reverse=True) == [6, 3, 2, 1, 1]  # floor(6 * 6^(-i/4)), at least 1
     assert info.class_counts("train") == expected
-    assert info.subset["targets"] == expected
+    assert info.subset["targets"] == expected and info.subset["construction"] == "geometric"
 
 
 def test_long_tail_order_depends_on_seed():
@@ -155,6 +156,64 @@ def test_refuses_foreign_non_empty_output(tmp_path):
     with pytest.raises(DiffmixError, match="not written by diffmix-ray"):
         prepare(PrepareConfig("imagefolder", str(src), super_class="x"), str(out))
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_failed_run_that_wrote_nothing_does_not_block_the_corrected_rerun(tmp_path):
+    src = fx.make_imagefolder(str(tmp_path / "raw"), {"a": 3, "b": 3})
+    fx.write(os.path.join(src, "a", "broken.jpg"), b"not a jpeg")
+    out = tmp_path / "out"
+    runner = CliRunner()
+    args = ["prepare", "--format", "imagefolder", "--source", src, "--super-class", "x", "--out", str(out), "--quiet"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "1 bad file(s)" in res.output
+    assert sorted(os.listdir(out)) == ["_run.json"]  # the claim, and nothing else
+    res = runner.invoke(app, args + ["--on-bad-image", "skip"])  # a different config, same --out
+    assert res.exit_code == 0, res.output
+    assert canonical.open_dataset(str(out)).info.skipped["bad_files"] == 1
+
+
+def test_interrupted_attempt_does_not_block_another_config(tmp_path):
+    """Shards of an attempt that died before dataset.json are never resumed (every attempt rewrites
+    images/), so they do not make the output anyone's; a complete dataset still does."""
+    src = fx.make_imagefolder(str(tmp_path / "raw"), {"a": 4, "b": 4})
+    out = tmp_path / "out"
+    prepare(PrepareConfig("imagefolder", str(src), super_class="x"), str(out))
+    (out / "dataset.json").unlink()  # as if killed before the commit point
+    info = prepare(PrepareConfig("imagefolder", str(src), super_class="x", val_fraction=0.5), str(out))
+    assert info.class_counts("val") == [2, 2]
+    with pytest.raises(DiffmixError, match="different config.*--overwrite"):
+        prepare(PrepareConfig("imagefolder", str(src), super_class="x"), str(out))
+
+
+@pytest.mark.parametrize("entries, taken", [
+    ([], True),  # a bare claim: nothing to lose
+    (["images/train-00000.parquet"], True),  # only what the claiming stage declared disposable
+    (["shards/shard-00000.parquet"], False),  # partial work the stage would resume: still owned
+    (["dataset.json"], False),  # a finished result
+])
+def test_claim_output_takes_over_a_claim_that_holds_no_result(tmp_path, entries, taken):
+    out = tmp_path / "out"
+    storage.claim_output(str(out), "prepare", {"seed": 0})
+    for rel in entries:
+        fx.write(str(out / rel), b"x")
+    if taken:
+        assert storage.claim_output(str(out), "prepare", {"seed": 1}, disposable=("images",)) is False
+        assert sorted(os.listdir(out)) == ["_run.json"]
+        assert json.loads((out / "_run.json").read_text())["config"] == {"seed": 1}
+    else:
+        with pytest.raises(DiffmixError, match="different config"):
+            storage.claim_output(str(out), "prepare", {"seed": 1}, disposable=("images",))
+        assert (out / entries[0]).exists()
+
+
+def test_claim_output_disposable_entries_belong_to_the_claiming_stage(tmp_path):
+    out = tmp_path / "out"
+    storage.claim_output(str(out), "generate", {"seed": 0})
+    assert storage.claim_output(str(out), "prepare", {"seed": 0}) is False  # a bare claim of another stage
+    storage.claim_output(str(out), "generate", {"seed": 0}, overwrite=True)
+    fx.write(str(out / "images" / "x.parquet"), b"x")  # not generate's to dispose of
+    with pytest.raises(DiffmixError, match="holds the output of `generate`"):
+        storage.claim_output(str(out), "prepare", {"seed": 0}, disposable=("images",))
 
 
 def test_interrupted_output_is_not_a_dataset(tmp_path):

@@ -70,3 +70,16 @@ def test_secrets_never_reach_outputs(tmp_path, s3_env):
         if path.endswith(".json"):
             text = fs.cat_file(path).decode()
             assert os.environ["AWS_SECRET_ACCESS_KEY"] not in text and "AWS_SECRET" not in text
+
+
+def test_failed_prepare_into_s3_does_not_block_the_corrected_rerun(tmp_path, s3_env):
+    bucket = s3_env.make_bucket()
+    src = fx.make_imagefolder(str(tmp_path / "raw"), {"a": 3, "b": 3})
+    fx.write(os.path.join(src, "b", "empty.jpg"), b"")
+    with pytest.raises(DiffmixError, match="empty.jpg: empty file"):
+        prepare(PrepareConfig("imagefolder", src, super_class="x"), f"{bucket}/ds", show_progress=False)
+    assert storage.list_dir(f"{bucket}/ds") == ["_run.json"]
+    info = prepare(PrepareConfig("imagefolder", src, super_class="x", on_bad_image="skip"), f"{bucket}/ds",
+                   show_progress=False)
+    assert info.skipped["bad_files"] == 1
+

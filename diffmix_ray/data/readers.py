@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from .. import storage
 from ..errors import DiffmixError
 from ..images import is_image_name
+from .splits import reference_halves
 
 SPLIT_DIR_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 FLOWERS102_CLASSES_FILE = "flowers102_classes.txt"
@@ -152,8 +153,10 @@ def _flowers_class_names() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def read_flowers102(source: str) -> RawListing:
-    """Oxford Flowers-102: jpg/, imagelabels.mat, setid.mat; the official trn/val/tst ids."""
+def read_flowers102(source: str, split: str = "official", seed: int = 0) -> RawListing:
+    """Oxford Flowers-102: jpg/, imagelabels.mat, and setid.mat for the official trn/val/tst ids.
+    split="reference" is the Diff-Mix code's split instead: every image, 50/50 per class, seeded
+    (train/test, no val; `prepare` carves val from train when asked); it needs no setid.mat."""
     import scipy.io
 
     fs, root = storage.filesystem(source)
@@ -163,7 +166,7 @@ def read_flowers102(source: str) -> RawListing:
         with storage.explained(source):
             if not fs.exists(path):
                 raise DiffmixError(f"{name} is missing from {source}; a flowers102 source holds jpg/, "
-                                   "imagelabels.mat and setid.mat")
+                                   "imagelabels.mat and (for the official split) setid.mat")
             raw = fs.cat_file(path)
         try:
             return scipy.io.loadmat(io.BytesIO(raw))
@@ -171,21 +174,36 @@ def read_flowers102(source: str) -> RawListing:
             raise DiffmixError(f"{name} in {source} is not a readable MATLAB file ({e})") from e
 
     labels = load_mat("imagelabels.mat").get("labels")
-    setid = load_mat("setid.mat")
-    if labels is None or not all(k in setid for k in ("trnid", "valid", "tstid")):
-        raise DiffmixError(f"imagelabels.mat/setid.mat in {source} lack 'labels' or 'trnid'/'valid'/'tstid'")
+    if labels is None:
+        raise DiffmixError(f"imagelabels.mat in {source} lacks 'labels'")
     labels = labels.ravel().astype(int)
     names = _flowers_class_names()
     if labels.min() < 1 or labels.max() > len(names):
         raise DiffmixError(f"imagelabels.mat in {source} has labels outside 1..{len(names)}")
     listing = RawListing(classes=names, items=[], default_super_class="flower")
-    for split, key in (("train", "trnid"), ("val", "valid"), ("test", "tstid")):
+
+    def item(num: int, split_name: str) -> RawItem:
+        return RawItem(f"image_{num:05d}", int(labels[num - 1]) - 1, split_name,
+                       _display(source, posixpath.join(root, f"jpg/image_{num:05d}.jpg")))
+
+    if split == "reference":
+        # The reference lists jpg/*.jpg sorted (image_00001 first) against imagelabels.mat: every
+        # labelled image, in number order within each class. Splitting the listing, not the images
+        # that decode, means a skipped bad file never moves another image across the split.
+        per_class: list[list[str]] = [[] for _ in names]
+        for num in range(1, len(labels) + 1):
+            per_class[int(labels[num - 1]) - 1].append(f"image_{num:05d}")
+        split_of = reference_halves(per_class, seed)
+        listing.items = [item(num, split_of[f"image_{num:05d}"]) for num in range(1, len(labels) + 1)]
+        return listing
+    setid = load_mat("setid.mat")
+    if not all(k in setid for k in ("trnid", "valid", "tstid")):
+        raise DiffmixError(f"setid.mat in {source} lacks 'trnid'/'valid'/'tstid'")
+    for split_name, key in (("train", "trnid"), ("val", "valid"), ("test", "tstid")):
         for num in sorted(int(i) for i in setid[key].ravel()):
             if not 1 <= num <= len(labels):
                 raise DiffmixError(f"setid.mat in {source} names image {num}, outside 1..{len(labels)}")
-            rel = f"jpg/image_{num:05d}.jpg"
-            listing.items.append(RawItem(f"image_{num:05d}", int(labels[num - 1]) - 1, split,
-                                         _display(source, posixpath.join(root, rel))))
+            listing.items.append(item(num, split_name))
     return listing
 
 
@@ -216,7 +234,8 @@ def read_parquet_table(source: str, image_column: str, label_column: str, split_
         listing = RawListing(classes=[], items=[])
         names = class_names
         for file in files:
-            pf = pq.ParquetFile(fs.open(file, "rb"))
+            with storage.explained(_display(source, file)):  # a damaged file is named, not the folder
+                pf = pq.ParquetFile(fs.open(file, "rb"))
             cols = pf.schema_arrow.names
             for flag, col in (("--image-column", image_column), ("--label-column", label_column),
                               ("--split-column", split_column), ("--id-column", id_column)):
@@ -225,7 +244,8 @@ def read_parquet_table(source: str, image_column: str, label_column: str, split_
                                        f"(columns: {cols})")
             names = names or _hf_class_names(pf.schema_arrow, label_column)
             wanted = [c for c in (image_column, label_column, split_column, id_column) if c]
-            table = pf.read(columns=list(dict.fromkeys(wanted)))
+            with storage.explained(_display(source, file)):
+                table = pf.read(columns=list(dict.fromkeys(wanted)))
             stem = posixpath.splitext(posixpath.basename(file))[0]
             images = table.column(image_column).to_pylist()
             labels = table.column(label_column).to_pylist()

@@ -63,9 +63,24 @@ def few_shot(rows: Iterable[tuple[str, int]], shots: int, seed: int) -> tuple[se
     return chosen, short
 
 
+def reference_halves(class_ids: list[list[str]], seed: int) -> dict[str, str]:
+    """The Diff-Mix code's Flowers-102 split, call for call, so the same seed gives the same images:
+    one np.random.default_rng(seed) is consumed class by class in label order; each class's ids (in
+    file order) are permuted and the first int(0.5 * n) of the permutation are train, the rest test.
+    Unlike the other functions here, classes share one stream: that is what the reference does."""
+    rng = np.random.default_rng(seed)
+    split_of: dict[str, str] = {}
+    for ids in class_ids:
+        perm = rng.permutation(len(ids))
+        cut = int(0.5 * len(ids))
+        split_of.update((ids[i], "train") for i in perm[:cut])
+        split_of.update((ids[i], "test") for i in perm[cut:])
+    return split_of
+
+
 def long_tail_targets(num_classes: int, n_max: int, ratio: float, seed: int) -> list[int]:
-    """Per-class target counts n_i = floor(n_max * R^(-rank_i / (C-1))), >= 1, where rank_i is the
-    class's position in a seeded random order (so which classes are rare depends on the seed)."""
+    """"geometric": n_i = floor(n_max * R^(-rank_i / (C-1))), >= 1, where rank_i is the class's
+    position in a seeded random order (so which classes are rare depends on the seed)."""
     if ratio < 1.0:
         raise DiffmixError(f"--imbalance-ratio {ratio} must be >= 1 (it is n_max / n_min, e.g. 100)")
     order = _rng(seed, "long-tail-order").permutation(num_classes)
@@ -76,14 +91,41 @@ def long_tail_targets(num_classes: int, n_max: int, ratio: float, seed: int) -> 
     return targets
 
 
-def long_tail(rows: Iterable[tuple[str, int]], num_classes: int, ratio: float, seed: int
-              ) -> tuple[set[str], list[int]]:
-    """Subsample each class to its long-tail target; returns ids and the targets used."""
+def reference_long_tail_targets(class_sizes: list[int], ratio: float) -> list[int]:
+    """"reference" (the Diff-Mix code's gen_imbalanced_data): avg = N / C over the train split;
+    classes ranked by size, largest first, ties in label order (its stable sort over labels in
+    order); the class at rank i keeps max(1, int(avg * IF^(i / (C - 2)))) with IF = 1 / R. The last
+    rank's exponent exceeds 1, so its target falls below avg / R: kept, as the reference has it."""
+    num_classes = len(class_sizes)
+    if num_classes < 3:
+        raise DiffmixError(f"--long-tail reference needs at least 3 classes (its exponent divides by C - 2); "
+                           f"this dataset has {num_classes}: use --long-tail geometric")
+    avg = sum(class_sizes) / num_classes
+    factor = 1.0 / ratio  # the reference takes IF = 0.01 for R = 100; 1/R is the same double
+    order = sorted(range(num_classes), key=lambda c: -class_sizes[c])
+    targets = [0] * num_classes
+    for rank, label in enumerate(order):
+        targets[label] = max(int(avg * factor ** (rank / (num_classes - 2.0))), 1)
+    return targets
+
+
+def long_tail(rows: Iterable[tuple[str, int]], num_classes: int, ratio: float, seed: int,
+              construction: str = "reference") -> tuple[set[str], list[int], dict[int, int]]:
+    """Subsample each class to its long-tail target. Returns the ids, the targets, and the classes
+    with fewer images than their target (class -> images lacking; they keep all theirs)."""
     groups = by_class(rows)
-    n_max = max((len(ids) for ids in groups.values()), default=0)
-    targets = long_tail_targets(num_classes, n_max, ratio, seed)
+    sizes = [len(groups.get(c, [])) for c in range(num_classes)]
+    if construction == "reference":
+        targets = reference_long_tail_targets(sizes, ratio)
+    elif construction == "geometric":
+        targets = long_tail_targets(num_classes, max(sizes, default=0), ratio, seed)
+    else:
+        raise DiffmixError(f"--long-tail {construction!r}: choose reference or geometric")
     chosen: set[str] = set()
     for label, ids in groups.items():
+        # Which images a class keeps is seeded per class (the reference draws them with Python's
+        # global random.sample, whose stream depends on its row order: not reproducible here).
         order = _rng(seed, "long-tail", label).permutation(len(ids))
         chosen.update(ids[i] for i in order[: targets[label]])
-    return chosen, targets
+    short = {c: t - n for c, (t, n) in enumerate(zip(targets, sizes)) if t > n}
+    return chosen, targets, short
