@@ -261,7 +261,7 @@ def train_cls(
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds: one run each, then mean ± std."),
     workers: Optional[int] = typer.Option(None, help="Ray Train workers (DDP)."),
     cpus_per_worker: Optional[float] = typer.Option(None, help="CPUs per worker (default 1)."),
-    gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs per worker (default 0)."),
+    gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs per worker. Default: 1 when the Ray cluster has GPUs or its autoscaler can add them, else 0 (CPU)."),
     resume: bool = typer.Option(False, help="Continue an unfinished run of the same config from its last epoch."),
     overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again."),
 ):

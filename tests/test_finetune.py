@@ -226,7 +226,7 @@ def test_model_folder_missing_a_component_is_refused(sample_dataset, tmp_path, n
     (dict(initializer_token="ktn"), r"--initializer-token 'ktn' is 3 tokens .* pick a word the tokenizer keeps whole"),
     (dict(prompt_template="a photo of a {super_class}"), r"lacks \{token\}"),
     (dict(batch_size=7, workers=4), r"gives each of 4 workers 6 train images, fewer than --batch-size 7"),
-    (dict(precision="fp16"), r"precision fp16 needs GPUs"),
+    (dict(precision="fp16", gpus_per_worker=0), r"precision fp16 needs GPUs"),
 ])
 def test_bad_options_are_refused(sample_dataset, tmp_path, no_fit, change, pattern):
     _expect(_cfg(sample_dataset, str(tmp_path / "out"), **change), pattern)

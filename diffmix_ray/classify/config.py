@@ -40,7 +40,7 @@ class ClassifyConfig:
     seed: int = 2020
     workers: int = 1
     cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float | None = None  # None: 1 when the Ray cluster has (or can add) GPUs, else 0
     max_failures: int = 2
     _fail_at_epoch: int | None = None  # test hook: rank 1 dies once at this epoch
 
@@ -67,7 +67,7 @@ class ClassifyConfig:
             raise DiffmixError(f"--label-smoothing {self.label_smoothing} must be in [0, 1)")
         if (self.cutmix or self.mixup) and self.synthetic:
             raise DiffmixError("--cutmix/--mixup are the real-data baselines; run them without --synthetic")
-        if self.workers < 1 or self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+        if self.workers < 1 or self.cpus_per_worker <= 0 or (self.gpus_per_worker or 0) < 0:
             raise DiffmixError("--workers must be >= 1, --cpus-per-worker > 0, --gpus-per-worker >= 0")
 
     def resolved_p(self, subset_kind: str | None) -> float:

@@ -15,7 +15,7 @@ from ..console import console, logger
 from ..contracts import COL_LABEL, COL_SOURCE_LABEL, COL_STRENGTH, COL_TARGET_LABEL, SUCCESS
 from ..errors import DiffmixError
 from ..ops.jobs import announce
-from ..ops.local_ray import init_ray
+from ..ops.local_ray import init_ray, resolve_gpus
 from ..synthetic import open_synthetic
 from . import data, labels
 from .config import ClassifyConfig
@@ -90,6 +90,7 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
         raise DiffmixError(f"--resume: {out} holds no earlier run of this config to continue")
 
     init_ray(min_cpus=cfg.workers * cfg.cpus_per_worker)
+    gpus = resolve_gpus(cfg.gpus_per_worker, "train-cls", "worker")
     train_files = dataset.files("train")
     syn_files = [f for s in syn_sets for f in s.files]
     val_files, test_files = dataset.files("val"), dataset.files("test")
@@ -114,8 +115,8 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
     fs, path = storage.arrow_filesystem(storage.join(out, "train"))
     trainer = TorchTrainer(
         train_func, train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpus > 0,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, "GPU": gpus}),
         run_config=RunConfig(name=f"train-cls-{storage.config_hash(identity)[:10]}", storage_path=path,
                              storage_filesystem=fs if storage.is_s3(out) else None,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),

@@ -20,7 +20,7 @@ def finetune(
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 35000, the reference's)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per worker per step (default 2)."),
     workers: Optional[int] = typer.Option(None, help="Data-parallel training workers (default 1)."),
-    gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs per worker (default 0 = CPU, fp32)."),
+    gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs per worker. Default: 1 when the Ray cluster has GPUs or its autoscaler can add them, else 0 (CPU, fp32)."),
     cpus_per_worker: Optional[float] = typer.Option(None, help="CPUs per worker (= torch threads on CPU; default 1)."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps (default 5000)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the LoRA init and the noise (default 42)."),

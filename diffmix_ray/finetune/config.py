@@ -44,7 +44,7 @@ class FinetuneConfig:
     precision: str = "auto"  # GPU: bf16 where supported, else fp16; CPU: fp32
     # execution
     workers: int = 1
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float | None = None  # None: 1 when the Ray cluster has (or can add) GPUs, else 0
     cpus_per_worker: float = 1.0
     checkpoint_every: int = 5000
     checkpoints_to_keep: int = 2
@@ -66,7 +66,7 @@ class FinetuneConfig:
 
     @property
     def use_gpu(self) -> bool:
-        return self.gpus_per_worker > 0
+        return (self.gpus_per_worker or 0) > 0
 
     def validate(self) -> None:
         if self.mode not in BANK_MODES:
@@ -85,12 +85,12 @@ class FinetuneConfig:
             raise DiffmixError("--max-steps and --batch-size must be >= 1, warmup_steps >= 0")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.checkpoints_to_keep < 1:
             raise DiffmixError("--checkpoint-every, log_every and checkpoints_to_keep must be >= 1")
-        if self.workers < 1 or self.cpus_per_worker <= 0 or self.gpus_per_worker < 0 or self.max_failures < 0:
+        if self.workers < 1 or self.cpus_per_worker <= 0 or (self.gpus_per_worker or 0) < 0 or self.max_failures < 0:
             raise DiffmixError("--workers must be >= 1, --cpus-per-worker > 0, --gpus-per-worker >= 0, "
                                "max_failures >= 0")
         if self.precision not in PRECISIONS:
             raise DiffmixError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
-        if not self.use_gpu and self.precision in ("fp16", "bf16"):
+        if self.gpus_per_worker is not None and not self.use_gpu and self.precision in ("fp16", "bf16"):
             raise DiffmixError(f"precision {self.precision} needs GPUs (--gpus-per-worker > 0); CPU training "
                                "runs in fp32: use precision auto or fp32")
         if self.initializer_token is not None and len(self.initializer_token.split()) != 1:

@@ -20,7 +20,7 @@ from ..errors import DiffmixError
 from ..models import concepts as bank_io
 from ..models.loader import ModelRef, resolve_model
 from ..ops.jobs import announce
-from ..ops.local_ray import init_ray
+from ..ops.local_ray import init_ray, resolve_gpus
 from .config import DEFAULT_INITIALIZER, FinetuneConfig
 from .data import epoch_rows
 
@@ -131,8 +131,9 @@ def _fit(inputs: Inputs):
     from .data import train_dataset
     from .loop import train_func
 
-    cfg = inputs.cfg
-    init_ray(min_cpus=cfg.workers * cfg.cpus_per_worker)
+    init_ray(min_cpus=inputs.cfg.workers * inputs.cfg.cpus_per_worker)
+    cfg = dataclasses.replace(inputs.cfg, gpus_per_worker=resolve_gpus(inputs.cfg.gpus_per_worker, "finetune", "worker"))
+    cfg.validate()  # again, now that the GPU count is known (fp16/bf16 need GPUs)
     DataContext.get_current().enable_operator_progress_bars = console.is_terminal
     train_uri = storage.join(inputs.out, TRAIN_DIR)
     storage.makedirs(train_uri)
