@@ -13,7 +13,7 @@ from .errors import DiffmixError
 
 app = typer.Typer(help="Diff-Mix inter-class image translation as a distributed batch system on Ray.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-model_app = typer.Typer(help="Model utilities (tiny/bench presets, staging).", no_args_is_help=True)
+model_app = typer.Typer(help="Model utilities (tiny/bench/sd15 presets, staging).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
 
@@ -149,7 +149,7 @@ def _generate_config(config: Optional[str] = None, **flags):
 # Options shared by `generate` and `plan` (plan = the same arguments, no generation).
 GENERATE_OPTIONS = dict(
     dataset=typer.Option(None, help="Canonical dataset URI (from `prepare`)."),
-    model=typer.Option(None, help="Base model: tiny | bench | a diffusers folder | s3://... (default tiny)."),
+    model=typer.Option(None, help="Base model: tiny | bench | sd15 | a diffusers folder | s3://... (default tiny)."),
     concepts=typer.Option(None, help="Concept bank URI (from `finetune`); needed by diff-* and da-fusion modes."),
     out=typer.Option(None, help="Output URI for plan/, shards/, manifest.json, _SUCCESS."),
     config=typer.Option(None, help="YAML file with any of these options (flags override it)."),
@@ -312,17 +312,26 @@ def report(runs: list[str] = typer.Argument(..., help="generate outputs and/or t
             console.print(f"{kind}: {p}")
 
 
-@model_app.command("make-tiny")
+@model_app.command("make-tiny", help="The old name of `model make` (same options; default preset tiny).")
+@model_app.command("make")
 @friendly
-def make_tiny(out: str = typer.Argument(..., help="Directory to write the diffusers folder into."),
-              preset: str = typer.Option("tiny", help="tiny (tests/demo) or bench (benchmarks)."),
-              seed: int = typer.Option(0, help="Weight seed."),
-              overwrite: bool = typer.Option(False, help="Replace a non-empty OUT.")):
-    """Write a built-in, randomly initialised SD-shaped model as a normal diffusers folder (local or s3://)."""
+def make_model(out: str = typer.Argument(..., help="Directory (or s3:// URI) to write the diffusers folder into."),
+               preset: str = typer.Option("tiny", help="tiny (tests, demo), bench (CPU benchmarks) or sd15 (SD 1.5's "
+                                          "exact architecture: GPU benchmarks; ~4 GB RAM to build)."),
+               seed: int = typer.Option(0, help="Weight seed: same preset and seed, same weights."),
+               dtype: Optional[str] = typer.Option(None, help="float32 | float16 weights on disk (default: float16 "
+                                                   "for sd15: half the disk, and what a GPU runs; float32 for "
+                                                   "tiny/bench)."),
+               overwrite: bool = typer.Option(False, help="Replace a non-empty OUT.")):
+    """Write a built-in, randomly initialised SD-shaped model as a normal diffusers folder (local or s3://).
+    Its images are noise: it is for tests, benchmarks and calibration, not for results."""
     from .models.loader import write_model
+    from .models.presets import preset_config, resolve_write_dtype
 
-    written = write_model(f"{preset}:{seed}", out, overwrite=overwrite)
-    console.print(f"wrote the '{preset}' model (seed {seed}) to {written}")
+    preset_config(preset)  # an unknown name fails here, listing the presets, before any work
+    dtype = resolve_write_dtype(preset, dtype)
+    written = write_model(f"{preset}:{seed}", out, overwrite=overwrite, dtype=dtype)
+    console.print(f"wrote the '{preset}' model (seed {seed}, {dtype}) to {written}")
 
 
 @model_app.command("stage")

@@ -26,7 +26,7 @@ from diffmix_ray.models import (
     write_model,
     write_preset,
 )
-from diffmix_ray.models import loader
+from diffmix_ray.models import loader, preset_modules, preset_tokenizer
 from diffmix_ray.models.presets import PRESETS, PROMPT_WORDS
 
 PROMPTS = ["a photo of a bird", "a photo of a flower"]
@@ -126,6 +126,124 @@ def test_presets_resolve_without_files():
         load_pipeline("tiny:x")
     with pytest.raises(DiffmixError, match="unknown pipeline kind"):
         load_pipeline("tiny", pipeline="inpaint")
+
+
+def test_existing_presets_keep_their_fingerprints():
+    # Concept banks and generate manifests record these; a new PresetConfig field must not move them.
+    assert PRESETS["tiny"].fingerprint(0) == "36b1dd77810ef7834238add5c5630874818c8e963905233fcc252e0faa4d6d49"
+    assert PRESETS["tiny"].fingerprint(7) == "67e240a5c8173ab47e6b4f16c464192e40b4d91b7049d6e178914883481a8fd7"
+    assert PRESETS["bench"].fingerprint(0) == "979941f82c37ef402a567e98d9c626da1755e3f75dee9088af4cdbc08c6b2a9a"
+    assert PRESETS["bench"].fingerprint(7) == "a3d26e0bf5cc9c4d550ee7e4b4fa7db87463cda4e29c586c542afa1d31f82583"
+    assert len({PRESETS[name].fingerprint(0) for name in PRESETS}) == len(PRESETS)
+
+
+def _n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_sd15_has_sd15s_architecture_without_materialising_weights():
+    modules = preset_modules("sd15")  # meta device: shapes only, no 4 GB of weights
+    assert all(p.is_meta for m in modules.values() for p in m.parameters())
+    unet, vae, text = modules["unet"], modules["vae"], modules["text_encoder"]
+    assert (_n_params(unet), _n_params(vae), _n_params(text)) == (859_520_964, 83_653_863, 123_060_480)
+
+    assert unet.config.sample_size == 64 and unet.config.cross_attention_dim == 768
+    assert tuple(unet.config.block_out_channels) == (320, 640, 1280, 1280)
+    assert tuple(unet.config.down_block_types) == ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    assert tuple(unet.config.up_block_types) == ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    assert (unet.config.layers_per_block, unet.config.attention_head_dim) == (2, 8)
+    assert (unet.config.norm_num_groups, unet.config.norm_eps, unet.config.use_linear_projection) == (32, 1e-5, False)
+
+    assert tuple(vae.config.block_out_channels) == (128, 256, 512, 512)
+    assert (vae.config.layers_per_block, vae.config.norm_num_groups, vae.config.latent_channels) == (2, 32, 4)
+    assert (vae.config.sample_size, vae.config.scaling_factor) == (512, 0.18215)
+
+    c = text.config
+    assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (49408, 768, 3072, 12)
+    assert (c.num_attention_heads, c.max_position_embeddings, c.hidden_act) == (12, 77, "quick_gelu")
+    assert (c.projection_dim, c.layer_norm_eps) == (768, 1e-5)
+
+    config = PRESETS["sd15"]
+    assert (config.resolution, config.latent_size, config.write_dtype) == (512, 64, "float16")
+    ref = loader.resolve_model("sd15:3")  # resolving a preset builds nothing
+    assert (ref.kind, ref.resolution, ref.fingerprint) == ("preset", 512, config.fingerprint(3))
+
+
+def test_sd15_tokenizer_matches_the_embedding_rows_and_grows_with_class_tokens(tmp_path):
+    tok, small = preset_tokenizer("sd15"), build_tokenizer()
+    assert len(tok) == 49408 == PRESETS["sd15"].text_vocab_size
+    assert len(preset_tokenizer("tiny")) == len(small) < 600  # the other presets' tokenizer is unchanged
+    assert (tok.bos_token_id, tok.eos_token_id) == (small.bos_token_id, small.eos_token_id) == (0, 1)
+    text = "a photo of a <unused 600> bird, ünïcødé"
+    assert tok(text).input_ids == small(text).input_ids  # the fillers are never produced
+    assert max(tok(text).input_ids) < len(small)
+
+    tok.save_pretrained(tmp_path)  # what a written sd15 folder holds, and what finetune reloads
+    tok = type(tok).from_pretrained(tmp_path, local_files_only=True)
+    assert len(tok) == 49408
+    classes = ["<class_0>", "<class_1>", "<class_2>"]
+    assert tok.add_tokens(classes) == 3 and len(tok) == 49408 + 3
+    assert tok.convert_tokens_to_ids(classes) == [49408, 49409, 49410]
+    text_encoder = preset_modules("sd15")["text_encoder"]
+    text_encoder.resize_token_embeddings(len(tok), mean_resizing=False)  # as textual inversion does
+    assert text_encoder.get_input_embeddings().weight.shape == (49408 + 3, 768)
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from diffmix_ray.cli import app
+
+    return CliRunner().invoke(app, ["model", *args])
+
+
+def test_model_make_writes_a_preset_that_loads_back(tiny_dir, tmp_path):
+    made = _cli("make", "--preset", "tiny", str(tmp_path / "tiny"))
+    assert made.exit_code == 0, made.output
+    assert dir_fingerprint(str(tmp_path / "tiny")) == dir_fingerprint(tiny_dir)  # float32, as written before
+    alias = _cli("make-tiny", str(tmp_path / "alias"))  # the old name keeps working
+    assert alias.exit_code == 0, alias.output
+    assert dir_fingerprint(str(tmp_path / "alias")) == dir_fingerprint(tiny_dir)
+
+    half = _cli("make", "--preset", "tiny", "--seed", "3", "--dtype", "float16", str(tmp_path / "half"))
+    assert half.exit_code == 0 and "float16" in half.output, half.output
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "half" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    pipe, _ = load_pipeline(str(tmp_path / "half"))  # float32 on CPU, from float16 files
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float32
+    expected = _weights(build_pipeline("tiny", 3))
+    assert all(torch.equal(v, expected[k].half().float()) for k, v in _weights(pipe).items())
+
+
+def test_model_make_refuses_bad_arguments_before_building(tiny_dir, tmp_path, monkeypatch):
+    from diffmix_ray.models import presets
+
+    monkeypatch.setattr(presets, "_modules", lambda *a: pytest.fail("built a model for a bad command"))
+    unknown = _cli("make", "--preset", "sd14", str(tmp_path / "x"))
+    assert unknown.exit_code == 2
+    assert "unknown model preset 'sd14'" in unknown.output and "'sd15'" in unknown.output
+    bad_dtype = _cli("make", "--preset", "sd15", "--dtype", "int8", str(tmp_path / "x"))
+    assert bad_dtype.exit_code == 2 and "float16" in bad_dtype.output and "float32" in bad_dtype.output
+    with pytest.raises(DiffmixError, match="applies only to built-in presets"):
+        write_model(tiny_dir, str(tmp_path / "copy"), dtype="float16")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "copy").exists()
+
+
+def test_interrupted_preset_write_is_refused_as_incomplete(tmp_path, monkeypatch):
+    from diffmix_ray.models import presets
+
+    def crash(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    # The scheduler is saved just before model_index.json: stop the write there.
+    monkeypatch.setattr(presets.PNDMScheduler, "save_pretrained", crash)
+    with pytest.raises(KeyboardInterrupt):
+        write_model("tiny", str(tmp_path / "m"))
+    assert (tmp_path / "m" / "unet").is_dir()
+    with pytest.raises(DiffmixError, match="model_index.json"):
+        load_pipeline(str(tmp_path / "m"))
 
 
 @pytest.mark.parametrize("remove", ["vae", "model_index.json"])

@@ -47,9 +47,10 @@ class Inputs:
 def load_tokenizer(model: ModelRef):
     """Only the tokenizer: enough to check the initializer and the prompts on the driver."""
     if model.kind == "preset":
-        from ..models.presets import build_tokenizer
+        from ..models.loader import parse_preset
+        from ..models.presets import preset_tokenizer
 
-        return build_tokenizer()
+        return preset_tokenizer(parse_preset(model.spec)[0])
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(os.path.join(model.local_path, "tokenizer"), local_files_only=True)

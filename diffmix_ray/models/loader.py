@@ -1,7 +1,8 @@
 """Turn a model spec into a ready Stable Diffusion pipeline, the same way on a laptop and a cluster.
 
 A spec is one of:
-  * a preset name, `tiny` or `bench`, optionally with a seed: `tiny:7` (built in memory, no files);
+  * a preset name, `tiny`, `bench` or `sd15`, optionally with a seed: `tiny:7` (built in memory,
+    no files; see presets.py);
   * a local diffusers folder (model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/);
     to use a folder named like a preset, write it as a path: `./tiny`;
   * `s3://bucket/prefix` holding such a folder: staged once per node into a local cache;
@@ -29,7 +30,7 @@ import torch
 
 from .. import storage
 from ..errors import DiffmixError
-from .presets import PRESETS, build_pipeline, preset_config, write_preset
+from .presets import PRESETS, build_pipeline, preset_config, resolve_write_dtype, write_preset
 
 MODEL_INDEX = "model_index.json"
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -152,7 +153,7 @@ def _layout_error(where: str, missing: list[str]) -> DiffmixError:
         f"{where} is not a complete diffusers Stable Diffusion folder: missing {', '.join(missing)}. "
         f"It needs {MODEL_INDEX} plus the subfolders {', '.join(c + '/' for c in REQUIRED_COMPONENTS)} "
         "(the layout `save_pretrained` and `huggingface-cli download <repo>` produce); copy the missing "
-        "parts again, or write a test model with `diffmix-ray model make-tiny OUT`")
+        "parts again, or write a test model with `diffmix-ray model make --preset tiny OUT`")
 
 
 def validate_model_dir(path: str) -> None:
@@ -371,20 +372,33 @@ def load_pipeline(spec: str, *, device: str | None = None, dtype: torch.dtype | 
     return pipe, ref
 
 
-def write_model(spec: str, out: str, overwrite: bool = False) -> str:
+def write_model(spec: str, out: str, overwrite: bool = False, dtype: str | None = None) -> str:
     """Write the model `spec` names as a diffusers folder at `out` (local path or s3://).
-    Refuses a non-empty `out` unless `overwrite`. Returns the normalized `out`."""
+    Refuses a non-empty `out` unless `overwrite`. `dtype` (float32 | float16) applies to presets
+    only (default: the preset's own, float16 for sd15); a folder is copied byte for byte.
+    Returns the normalized `out`."""
     out = storage.normalize(out)
     if storage.list_dir(out) and not overwrite:
         raise DiffmixError(f"refusing to write a model into {out}: it is not empty; "
                            "choose another path or pass overwrite")
+    preset = parse_preset(spec)
+    if preset:
+        dtype = resolve_write_dtype(preset[0], dtype)
+    elif dtype is not None:  # checked before resolving: that may stage or download the model
+        raise DiffmixError(f"dtype {dtype!r} applies only to built-in presets ({', '.join(sorted(PRESETS))}); "
+                           f"{redact(spec)} is copied as it is: drop the dtype, or convert the folder yourself")
     ref = resolve_model(spec)
     if ref.local_path == out:
         raise DiffmixError(f"{out} is the model's own folder; choose a different output path")
+    if preset and not storage.is_s3(out):
+        # Straight into `out`: no temporary copy of a multi-GB model. write_preset saves
+        # model_index.json last, so an interrupted write is refused as incomplete on load.
+        if overwrite:
+            storage.remove_tree(out)
+        return write_preset(preset[0], out, seed=preset[1], dtype=dtype)
     with tempfile.TemporaryDirectory(prefix="diffmix-model-") as tmp:
-        if ref.kind == "preset":
-            name, seed = parse_preset(spec)
-            source = write_preset(name, tmp, seed=seed)
+        if preset:
+            source = write_preset(preset[0], tmp, seed=preset[1], dtype=dtype)
         else:
             source = ref.local_path
         rels = _list_files(source)

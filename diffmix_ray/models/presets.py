@@ -1,9 +1,11 @@
 """Stable-Diffusion-shaped pipelines built from config alone: offline, seeded, random weights.
 
-They have SD 1.5's architecture families, scheduler and folder layout, only smaller, so every code
-path (tokenizer, text encoder, VAE x8, UNet with cross-attention, PNDM, save/load, LoRA, textual
+They have SD 1.5's architecture families, scheduler and folder layout, so every code path
+(tokenizer, text encoder, VAE x8, UNet with cross-attention, PNDM, save/load, LoRA, textual
 inversion) runs in tests and demos without the hub. `tiny` is for tests; `bench` is big enough for
-CPU timings to mean something. Their images are noise: they exercise the system, not the method."""
+CPU timings to mean something; `sd15` is SD 1.5's exact architecture (1.07B parameters), for GPU
+benchmarks and calibration at the real model's cost. Their images are noise: they exercise the
+system, not the method."""
 
 from __future__ import annotations
 
@@ -44,10 +46,16 @@ SD15_SCHEDULER = dict(
 )
 SD_VAE_SCALING_FACTOR = 0.18215
 
+WRITE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
 
 @dataclass(frozen=True)
 class PresetConfig:
-    """Sizes of one preset. The VAE downsamples by 2**(len(vae_channels)-1), 8 like SD's."""
+    """Sizes of one preset. The VAE downsamples by 2**(len(vae_channels)-1), 8 like SD's.
+
+    Fields with a default were added after `tiny` and `bench` existed; the fingerprint hashes them
+    only where a preset sets them to something else, so adding one never changes an existing
+    preset's fingerprint (and so never invalidates the concept banks and outputs that record it)."""
 
     name: str
     description: str
@@ -63,6 +71,14 @@ class PresetConfig:
     text_intermediate: int
     text_layers: int
     text_heads: int
+    vae_layers_per_block: int = 1
+    # None: the byte-level tokenizer's own size (~560). A number pads the tokenizer with inert
+    # entries to exactly this size, so len(tokenizer) == the embedding rows (see build_tokenizer).
+    text_vocab_size: int | None = None
+    # CLIPTextConfig.projection_dim: unused by CLIPTextModel, but recorded in its config.json as
+    # the real checkpoint records it. None keeps transformers' default (512).
+    text_projection_dim: int | None = None
+    write_dtype: str = "float32"  # what `model make` writes unless told otherwise
 
     @property
     def vae_scale_factor(self) -> int:
@@ -74,7 +90,11 @@ class PresetConfig:
 
     def fingerprint(self, seed: int) -> str:
         """Identifies the weights build_pipeline(name, seed) produces (for a given library version)."""
-        blob = json.dumps({"preset": dataclasses.asdict(self), "seed": seed}, sort_keys=True)
+        fields = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.default is not dataclasses.MISSING and fields[f.name] == f.default:
+                del fields[f.name]
+        blob = json.dumps({"preset": fields, "seed": seed}, sort_keys=True)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -111,6 +131,37 @@ PRESETS: dict[str, PresetConfig] = {
         text_layers=2,
         text_heads=4,
     ),
+    # SD 1.5's unet/, vae/ and text_encoder/ config.json (runwayml/stable-diffusion-v1-5); every
+    # field not set here is a diffusers/transformers default equal to the real config's value
+    # (UNet norm_num_groups 32, norm_eps 1e-5, silu, flip_sin_to_cos, no linear projection;
+    # CLIP quick_gelu, layer_norm_eps 1e-5). Parameters: UNet 859.52M, VAE 83.65M, text 123.06M.
+    # fp16 safety of the default (unscaled) init, measured once in fp32 on CPU, seed 0, diffusers
+    # 0.42.1 / transformers 5.24.0, as the max |output| of every module: text encoder 4.2; UNet
+    # 6.2 (64x64 latents, batch 2, t=500; output finite, std 0.32, cond-uncond difference std
+    # 0.39); VAE 16.2 (encode of a 512^2 image, decode of N(0,1)/0.18215 latents: mean pixel 0.51,
+    # 0.6% black). A full img2img (DPM-Solver++, guidance 7.5, strength 0.7, 5 steps) peaked at
+    # UNet 8.8, VAE 37.1, final latents max 12.2, image mean 0.51. fp16's limit is 65504, so the
+    # weights need no rescaling; a library whose init changes should be measured again.
+    "sd15": PresetConfig(
+        name="sd15",
+        description="SD 1.5's exact architecture (1.07B params), 512 px, random weights; for GPU benchmarks",
+        resolution=512,
+        unet_channels=(320, 640, 1280, 1280),
+        unet_down_blocks=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        unet_up_blocks=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        unet_layers_per_block=2,
+        unet_attention_head_dim=8,
+        vae_channels=(128, 256, 512, 512),
+        vae_norm_groups=32,
+        text_hidden=768,
+        text_intermediate=3072,
+        text_layers=12,
+        text_heads=12,
+        vae_layers_per_block=2,
+        text_vocab_size=49408,
+        text_projection_dim=768,
+        write_dtype="float16",
+    ),
 }
 
 
@@ -121,9 +172,14 @@ def preset_config(name: str) -> PresetConfig:
         raise DiffmixError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
-def build_tokenizer() -> CLIPTokenizer:
+def build_tokenizer(vocab_size: int | None = None) -> CLIPTokenizer:
     """A CLIP BPE tokenizer built in memory: the 256 byte-level symbols (plain and end-of-word
-    forms) make any text encodable; merges give PROMPT_WORDS one token each."""
+    forms) make any text encodable; merges give PROMPT_WORDS one token each.
+
+    `vocab_size` pads the vocabulary with filler entries up to that size. Textual inversion resizes
+    the text encoder's embeddings to len(tokenizer) + new tokens, so a tokenizer smaller than the
+    embedding matrix would shrink it. The fillers contain a space, which CLIP's pre-tokenizer
+    always splits on, and no merge builds them: no text ever encodes to one."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {BOS_TOKEN: 0, EOS_TOKEN: 1}
     for symbol in alphabet:
@@ -140,12 +196,23 @@ def build_tokenizer() -> CLIPTokenizer:
             if pair not in merges:
                 merges.append(pair)
             vocab.setdefault(merged, len(vocab))
+    if vocab_size is not None:
+        if vocab_size < len(vocab):
+            raise DiffmixError(f"a preset tokenizer needs at least {len(vocab)} entries, "
+                               f"got text_vocab_size={vocab_size}")
+        for i in range(len(vocab), vocab_size):
+            vocab[f"<unused {i}>"] = i
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_PROMPT_TOKENS)
 
 
-def _build_components(config: PresetConfig) -> dict:
-    tokenizer = build_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
+def preset_tokenizer(preset: str) -> CLIPTokenizer:
+    """The tokenizer of build_pipeline(preset): its length equals the text encoder's vocabulary."""
+    return build_tokenizer(preset_config(preset).text_vocab_size)
+
+
+def _text_encoder(config: PresetConfig, tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    extra = {} if config.text_projection_dim is None else {"projection_dim": config.text_projection_dim}
+    return CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=config.text_hidden,
         intermediate_size=config.text_intermediate,
@@ -155,8 +222,12 @@ def _build_components(config: PresetConfig) -> dict:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **extra,
     ))
-    unet = UNet2DConditionModel(
+
+
+def _unet(config: PresetConfig) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
         sample_size=config.latent_size,
         in_channels=4,
         out_channels=4,
@@ -167,48 +238,109 @@ def _build_components(config: PresetConfig) -> dict:
         attention_head_dim=config.unet_attention_head_dim,
         cross_attention_dim=config.text_hidden,
     )
-    n_vae_blocks = len(config.vae_channels)
-    vae = AutoencoderKL(
+
+
+def _vae(config: PresetConfig) -> AutoencoderKL:
+    n_blocks = len(config.vae_channels)
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n_vae_blocks,
-        up_block_types=("UpDecoderBlock2D",) * n_vae_blocks,
+        down_block_types=("DownEncoderBlock2D",) * n_blocks,
+        up_block_types=("UpDecoderBlock2D",) * n_blocks,
         block_out_channels=config.vae_channels,
         norm_num_groups=config.vae_norm_groups,
-        layers_per_block=1,
+        layers_per_block=config.vae_layers_per_block,
         latent_channels=4,
         sample_size=config.resolution,
         scaling_factor=SD_VAE_SCALING_FACTOR,
     )
-    return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                scheduler=PNDMScheduler(**SD15_SCHEDULER))
 
 
-def build_pipeline(preset: str, seed: int = 0) -> StableDiffusionImg2ImgPipeline:
-    """The preset's img2img pipeline on CPU in float32. Same preset and seed give bit-identical
-    weights; the caller's global RNG state is left as it was."""
-    config = preset_config(preset)
-    # Module constructors draw from torch's global CPU generator: seed it inside a fork so the
-    # weights depend only on `seed` and the caller's random stream is untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        components = _build_components(config)
-    for module in (components["vae"], components["text_encoder"], components["unet"]):
-        module.eval()
-    pipe = StableDiffusionImg2ImgPipeline(**components, safety_checker=None, feature_extractor=None,
-                                          image_encoder=None, requires_safety_checker=False)
+def _modules(config: PresetConfig, tokenizer: CLIPTokenizer):
+    """(name, module) for the text encoder, UNet and VAE, built one at a time in this order: the
+    order they draw from torch's global generator, which is what fixes the weights for a seed.
+    Yielding them one by one lets write_preset save and free each before building the next."""
+    yield "text_encoder", _text_encoder(config, tokenizer).eval()
+    yield "unet", _unet(config).eval()
+    yield "vae", _vae(config).eval()
+
+
+def preset_modules(preset: str, device: str | torch.device = "meta") -> dict[str, torch.nn.Module]:
+    """The preset's text encoder, UNet and VAE, by default on the meta device: the architecture and
+    parameter shapes without allocating or initialising weights (seconds and no RAM even for
+    sd15). On a real device the weights are NOT build_pipeline's: use it for shapes only."""
+    tokenizer = preset_tokenizer(preset)
+    with torch.device(device):
+        return dict(_modules(preset_config(preset), tokenizer))
+
+
+def _pipeline(modules: dict, tokenizer: CLIPTokenizer) -> StableDiffusionImg2ImgPipeline:
+    pipe = StableDiffusionImg2ImgPipeline(**modules, tokenizer=tokenizer, scheduler=PNDMScheduler(**SD15_SCHEDULER),
+                                          safety_checker=None, feature_extractor=None, image_encoder=None,
+                                          requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def write_preset(preset: str, out_dir: str, seed: int = 0) -> str:
+def build_pipeline(preset: str, seed: int = 0) -> StableDiffusionImg2ImgPipeline:
+    """The preset's img2img pipeline on CPU in float32. Same preset and seed give bit-identical
+    weights; the caller's global RNG state is left as it was. sd15 takes ~4.3 GB and ~10-30 s."""
+    config = preset_config(preset)
+    tokenizer = preset_tokenizer(preset)
+    # Module constructors draw from torch's global CPU generator: seed it inside a fork so the
+    # weights depend only on `seed` and the caller's random stream is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        modules = dict(_modules(config, tokenizer))
+    return _pipeline(modules, tokenizer)
+
+
+def resolve_write_dtype(preset: str, dtype: str | None) -> str:
+    """`dtype` checked, or the preset's default for writing (float16 for sd15, float32 otherwise)."""
+    config = preset_config(preset)
+    if dtype is None:
+        return config.write_dtype
+    if dtype not in WRITE_DTYPES:
+        raise DiffmixError(f"unknown dtype {dtype!r} for writing a preset; use one of {sorted(WRITE_DTYPES)} "
+                           f"(the {preset!r} preset's default is {config.write_dtype})")
+    return dtype
+
+
+def write_preset(preset: str, out_dir: str, seed: int = 0, dtype: str | None = None) -> str:
     """Save the preset as a diffusers folder (model_index.json, unet/, vae/, text_encoder/,
-    tokenizer/, scheduler/) that loads like any Stable Diffusion checkpoint. Returns out_dir."""
+    tokenizer/, scheduler/) that loads like any Stable Diffusion checkpoint. Returns out_dir.
+
+    The weights are build_pipeline(preset, seed)'s, cast to `dtype` (default: the preset's
+    write_dtype). Components are built, saved and freed one at a time, so peak RAM is about the
+    largest one in float32 (the sd15 UNet: 3.4 GB) rather than the whole model. model_index.json
+    is written last, so an interrupted write leaves a folder the loader refuses as incomplete."""
+    config = preset_config(preset)
+    torch_dtype = WRITE_DTYPES[resolve_write_dtype(preset, dtype)]
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
-    pipe = build_pipeline(preset, seed)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    _write_classic_tokenizer_files(pipe.tokenizer, os.path.join(out_dir, "tokenizer"))
+    tokenizer = preset_tokenizer(preset)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name, module in _modules(config, tokenizer):
+            # nn.Module.to casts exactly as ModelMixin.to does, minus the spurious "should be kept
+            # in float32: []" warning diffusers 0.42 logs on every dtype cast (none of these
+            # models lists modules to keep in float32).
+            torch.nn.Module.to(module, torch_dtype)
+            # The same call DiffusionPipeline.save_pretrained makes, so the files are identical.
+            module.save_pretrained(os.path.join(out_dir, name), **_save_kwargs(module))
+            del module
+    shell = _pipeline(preset_modules(preset), tokenizer)  # meta modules: only their classes matter now
+    tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
+    _write_classic_tokenizer_files(tokenizer, os.path.join(out_dir, "tokenizer"))
+    shell.scheduler.save_pretrained(os.path.join(out_dir, "scheduler"))
+    shell.save_config(out_dir)  # model_index.json, last
     return out_dir
+
+
+def _save_kwargs(module: torch.nn.Module) -> dict:
+    if isinstance(module, CLIPTextModel):
+        # diffusers passes this for transformers >= 5, whose default would prefix adapter keys.
+        return {"save_peft_format": False}
+    return {"safe_serialization": True, "variant": None}
 
 
 def _write_classic_tokenizer_files(tokenizer: CLIPTokenizer, folder: str) -> None:
