@@ -33,7 +33,7 @@ def finetune(
                                                   help="Repeat rare classes so each is seen about equally often."),
     gradient_checkpointing: Optional[bool] = typer.Option(
         None, "--gradient-checkpointing/--no-gradient-checkpointing",
-        help="Recompute the UNet's activations in backward: less GPU memory, about a third more compute (default off)."),
+        help="Recompute the UNet's activations in backward: less GPU memory, slower steps (default off)."),
     compile_unet: Optional[bool] = typer.Option(
         None, "--compile/--no-compile",
         help="torch.compile the UNet: compiles during the first steps, then runs faster ones (default off)."),

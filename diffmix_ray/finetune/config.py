@@ -52,7 +52,7 @@ class FinetuneConfig:
     max_failures: int = 3
     # Speed/memory trade-offs that leave the trained weights as they are (up to float rounding), so a
     # resume may change them. Both off by default: see docs/finetune.md for what they cost and give.
-    gradient_checkpointing: bool = False  # UNet activations recomputed in backward: less memory, ~1/3 more compute
+    gradient_checkpointing: bool = False  # UNet activations recomputed in backward: less memory, slower steps
     compile: bool = False  # torch.compile the UNet (in place): slow first steps, then faster ones
     _fail_at_step: int | None = None  # test hook: rank 1 dies once, just before this step
 

@@ -27,9 +27,9 @@ class ClassTokenEmbedding(torch.nn.Module):
     def __init__(self, base: torch.nn.Embedding, first_id: int, vectors: torch.Tensor):
         super().__init__()
         if first_id > base.num_embeddings:
-            raise DiffmixError(f"the class tokens start at id {first_id}, past the text encoder's {base.num_embeddings} "
-                               "embedding rows: the model's tokenizer and text encoder disagree on the vocabulary; "
-                               "use a model folder whose tokenizer matches its text encoder")
+            raise DiffmixError(f"the class tokens start at id {first_id}, past the text encoder's "
+                               f"{base.num_embeddings} embedding rows: the model's tokenizer and text encoder "
+                               "disagree on the vocabulary; use a model folder whose tokenizer fits its text encoder")
         self.base = base.requires_grad_(False)
         self.first_id = first_id
         self.vectors = torch.nn.Parameter(vectors.detach().clone().float())
