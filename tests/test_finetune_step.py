@@ -218,3 +218,20 @@ def test_compile_keeps_parameter_names_and_the_step(setup, monkeypatch):
     a, b = plain.trainable_tensors(), compiled.trainable_tensors()
     for name in a:
         torch.testing.assert_close(a[name], b[name], **CLOSE)
+
+
+def test_cli_and_yaml_pass_the_speed_options(sample_dataset, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from diffmix_ray.cli import app
+
+    seen = []
+    monkeypatch.setattr(ft_run, "run_finetune", lambda cfg, **kw: seen.append(cfg))
+    args = ["finetune", "--dataset", sample_dataset, "--out", str(tmp_path / "o")]
+    assert CliRunner().invoke(app, args + ["--gradient-checkpointing", "--compile"]).exit_code == 0
+    config = tmp_path / "ft.yaml"
+    config.write_text("gradient_checkpointing: true\ncompile: true\n")
+    assert CliRunner().invoke(app, args + ["--config", str(config), "--no-compile"]).exit_code == 0
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert [(c.gradient_checkpointing, c.compile) for c in seen] == [(True, True), (True, False), (False, False)]
+    assert seen[0].identity() == seen[2].identity()  # execution options: a resume may switch them
