@@ -80,17 +80,25 @@ def test_loss_decreases_over_a_short_seeded_run(trained):
     assert np.mean(losses[-2:]) < losses[0], losses
 
 
-def test_only_class_token_rows_of_the_embedding_change(trained):
+def test_only_the_class_token_vectors_change(trained):
+    """The base vocabulary's embeddings stay bit-identical (weight decay included); every class
+    token's vector moved away from its initialiser; the lookup serves both."""
     tuner = trained["tuner"]
     base, _ = load_pipeline("tiny")
     original = base.text_encoder.get_input_embeddings().weight
-    weight = tuner.embeddings.weight.detach()
+    lookup = tuner.class_tokens
+    assert torch.equal(lookup.base.weight, original) and not lookup.base.weight.requires_grad
     vocab = original.shape[0]
-    assert min(tuner.token_ids) == vocab and weight.shape[0] == vocab + len(tuner.tokens)
-    assert torch.equal(weight[:vocab], original)  # bit-identical, weight decay included
+    assert lookup.first_id == vocab and lookup.vectors.shape == (len(tuner.tokens), original.shape[1])
+    assert [p for p in tuner.text_encoder.parameters() if p.requires_grad] == [lookup.vectors]
     initial = original[trained["inputs"].init_ids].mean(0)
-    for token_id in tuner.token_ids:
-        assert not torch.allclose(weight[token_id], initial)
+    for row in lookup.vectors.detach():
+        assert not torch.allclose(row, initial)
+    ids = torch.tensor([[0, 5, vocab - 1, vocab, vocab + 3]])
+    with torch.no_grad():
+        looked_up = lookup(ids)[0]
+    assert torch.equal(looked_up[:3], original[[0, 5, vocab - 1]])
+    assert torch.equal(looked_up[3:], lookup.vectors.detach()[[0, 3]])
 
 
 def test_bank_reproduces_the_trained_model(trained, tmp_path):

@@ -31,6 +31,12 @@ def finetune(
                                                              "(default 'a photo of a {token} {super_class}')."),
     class_balanced: Optional[bool] = typer.Option(None, "--class-balanced/--no-class-balanced",
                                                   help="Repeat rare classes so each is seen about equally often."),
+    gradient_checkpointing: Optional[bool] = typer.Option(
+        None, "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute the UNet's activations in backward: less GPU memory, slower steps (default off)."),
+    compile_unet: Optional[bool] = typer.Option(
+        None, "--compile/--no-compile",
+        help="torch.compile the UNet: compiles during the first steps, then runs faster ones (default off)."),
     overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again."),
     resume: bool = typer.Option(False, help="Insist on resuming the run at --out (fail if it holds none)."),
 ):
@@ -43,5 +49,6 @@ def finetune(
         dataset=dataset, model=model, out=out, mode=mode, rank=rank, lr=lr, ti_lr=ti_lr, max_steps=max_steps,
         batch_size=batch_size, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
         checkpoint_every=checkpoint_every, seed=seed, initializer_token=initializer_token,
-        prompt_template=prompt_template, class_balanced=class_balanced))
+        prompt_template=prompt_template, class_balanced=class_balanced,
+        gradient_checkpointing=gradient_checkpointing, compile=compile_unet))
     run_finetune(cfg, overwrite=overwrite, resume=resume)

@@ -17,7 +17,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every UNet attention q/k/
 
 # Options that do not change the trained weights: they may differ between a run and its resume.
 EXECUTION_KNOBS = ("out", "gpus_per_worker", "cpus_per_worker", "checkpoint_every", "checkpoints_to_keep",
-                   "log_every", "max_failures", "_fail_at_step")
+                   "log_every", "max_failures", "gradient_checkpointing", "compile", "_fail_at_step")
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,12 @@ class FinetuneConfig:
     cpus_per_worker: float = 1.0
     checkpoint_every: int = 5000
     checkpoints_to_keep: int = 2
-    log_every: int = 50
+    log_every: int = 50  # also how often the loss is read back from the device (a host sync)
     max_failures: int = 3
+    # Speed/memory trade-offs that leave the trained weights as they are (up to float rounding), so a
+    # resume may change them. Both off by default: see docs/finetune.md for what they cost and give.
+    gradient_checkpointing: bool = False  # UNet activations recomputed in backward: less memory, slower steps
+    compile: bool = False  # torch.compile the UNet (in place): slow first steps, then faster ones
     _fail_at_step: int | None = None  # test hook: rank 1 dies once, just before this step
 
     @property

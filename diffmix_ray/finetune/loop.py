@@ -2,11 +2,15 @@
 worker (`train_func`, the only function here that touches Ray).
 
 What is trained (as diffusers' textual_inversion.py + train_dreambooth_lora.py, merged like the
-Diff-Mix reference): one new token per class, whose embedding row is the only row of the text
-encoder's embedding matrix that changes (gradients of the other rows are zeroed and the rows are
-copied back after every optimizer step, which also undoes weight decay on them), plus a peft LoRA
-on every UNet attention q/k/v/out projection. The UNet and text encoder run inside one module
-(`Denoiser`), so under DDP the whole forward pass goes through the wrapper and gradients sync."""
+Diff-Mix reference): one new token per class, whose vector lives in its own small parameter that
+feeds the text encoder's token lookup (tokens.ClassTokenEmbedding; the base vocabulary's matrix
+stays frozen), plus a peft LoRA on every UNet attention q/k/v/out projection. The UNet and text
+encoder run inside one module (`Denoiser`), so under DDP the whole forward pass goes through the
+wrapper and gradients sync.
+
+The step never waits for the device: the loss stays on it until a report reads the window's mean,
+and the image keys a rank saw are hashed into its progress record only when a report or checkpoint
+needs it. (A float16 run's GradScaler still checks for inf each step: dynamic loss scaling needs it.)"""
 
 from __future__ import annotations
 
@@ -25,9 +29,12 @@ from ..errors import DiffmixError
 from ..models.loader import load_pipeline
 from .config import LORA_TARGETS, FinetuneConfig
 from .data import COL_KEY, COL_PIXELS
+from .tokens import ClassTokenEmbedding, install_class_tokens
 
 CKPT_WEIGHTS = "trainable.safetensors"  # "lora.<peft key>" and "embed.<token>" tensors, rank 0
-CKPT_OPTIMIZER = "optimizer.pt"  # optimizer (compact), grad scaler, step; rank 0
+# Optimizer state, grad scaler, step; rank 0. Param 0 is the class vectors (C x hidden): the layout the
+# full-matrix path wrote too, after cutting its moments to the class-token rows, so old checkpoints load.
+CKPT_OPTIMIZER = "optimizer.pt"
 CKPT_PROGRESS = "progress-rank{rank}.json"  # every rank: the steps it took, the data it saw
 FAIL_DELAY_S = 3.0  # test hook only: see train_func.fail_once
 
@@ -64,6 +71,11 @@ class Progress:
     data_digest: str = ""  # running sha256 over the image keys seen, in order
     param_digest: str = ""  # sha256 of the trainable weights when saved (equal on all DDP ranks)
 
+    def __post_init__(self) -> None:
+        # Keys of the steps not yet in data_digest, still where the batch put them (the GPU under Ray):
+        # copying them to the host every step would make every step wait for the device.
+        self._pending: list[torch.Tensor] = []
+
     def add_step(self, step: int, keys: torch.Tensor) -> None:
         if self.step_ranges and self.step_ranges[-1][1] == step - 1:
             self.step_ranges[-1][1] = step
@@ -71,7 +83,21 @@ class Progress:
             self.step_ranges.append([step, step])
         self.step = step
         self.images_seen += len(keys)
-        self.data_digest = hashlib.sha256(self.data_digest.encode() + keys.cpu().numpy().tobytes()).hexdigest()
+        self._pending.append(keys.detach().clone())  # a copy: a loader may reuse the batch's buffers
+
+    def flush(self) -> None:
+        """Hash the pending steps' keys into data_digest, step by step as before (one running sha256
+        per step, so records written before and after this change continue each other), with one
+        device-to-host copy for all of them."""
+        if not self._pending:
+            return
+        host = torch.cat(self._pending).cpu().numpy()
+        start = 0
+        for keys in self._pending:
+            chunk = host[start:start + len(keys)]
+            self.data_digest = hashlib.sha256(self.data_digest.encode() + chunk.tobytes()).hexdigest()
+            start += len(keys)
+        self._pending.clear()
 
 
 class Finetuner:
@@ -91,10 +117,9 @@ class Finetuner:
         for module in (self.vae, self.text_encoder, self.unet):
             module.requires_grad_(False)
         self.tokens = tokens if cfg.has_tokens else []
-        self.token_ids: list[int] = []
-        self.frozen_rows = self.restore_mask = None
+        self.class_tokens: ClassTokenEmbedding | None = None
         if cfg.has_tokens:
-            self._add_class_tokens(init_ids)
+            self.class_tokens = install_class_tokens(self.tokenizer, self.text_encoder, self.tokens, init_ids)
         if cfg.has_lora:
             from peft import LoraConfig
 
@@ -104,16 +129,22 @@ class Finetuner:
         cast_training_params([self.unet, self.text_encoder], dtype=torch.float32)
         self.prompt_ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                                          truncation=True, return_tensors="pt").input_ids.to(device)
-        for label, token_id in enumerate(self.token_ids):
-            if token_id not in self.prompt_ids[label]:
+        for label, token in enumerate(self.tokens):
+            if self.tokenizer.convert_tokens_to_ids(token) not in self.prompt_ids[label]:
                 raise DiffmixError(f"the prompt of class {label} is longer than the tokenizer's "
                                    f"{self.tokenizer.model_max_length} tokens and loses its class token; "
                                    "shorten --prompt-template")
+        if cfg.gradient_checkpointing:  # recompute the UNet's activations in backward: less memory, more compute
+            self.unet.enable_gradient_checkpointing()
+        if cfg.compile:
+            # In place (nn.Module.compile), not torch.compile(unet): parameter names stay as they are, so
+            # checkpoints, peft's LoRA state and the bank export see the same keys with or without it.
+            self.unet.compile()
         denoiser = Denoiser(self.unet, self.text_encoder).train()
         self.denoiser = wrap(denoiser) if wrap else denoiser
         groups = []
-        if cfg.has_tokens:  # param index 0 in the optimizer state: see _optimizer_state
-            groups.append({"params": [self.embeddings.weight], "lr": cfg.ti_lr})
+        if self.class_tokens is not None:  # param index 0 in the optimizer state, as in old checkpoints
+            groups.append({"params": [self.class_tokens.vectors], "lr": cfg.ti_lr})
         if cfg.has_lora:
             groups.append({"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": cfg.lr})
         self.params = [p for g in groups for p in g["params"]]
@@ -121,26 +152,6 @@ class Finetuner:
         for g in self.optimizer.param_groups:
             g["base_lr"] = g["lr"]
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
-
-    @property
-    def embeddings(self) -> torch.nn.Embedding:
-        return self.text_encoder.get_input_embeddings()
-
-    def _add_class_tokens(self, init_ids: list[int]) -> None:
-        clash = [t for t in self.tokens if t in self.tokenizer.get_vocab()]
-        if clash:
-            raise DiffmixError(f"the base model's tokenizer already has tokens {clash[:3]}; fine-tune from the "
-                               "base model itself, not from a pipeline that already holds a concept bank")
-        self.tokenizer.add_tokens(self.tokens)
-        self.token_ids = self.tokenizer.convert_tokens_to_ids(self.tokens)
-        self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
-        weight = self.embeddings.weight
-        with torch.no_grad():
-            weight[self.token_ids] = weight[init_ids].mean(0)
-        weight.requires_grad_(True)
-        self.frozen_rows = weight.detach().clone().float()
-        self.restore_mask = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
-        self.restore_mask[self.token_ids] = False
 
     def loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         """The denoising loss on `batch` (uint8 pixels + labels): epsilon- or v-prediction MSE at
@@ -162,14 +173,15 @@ class Finetuner:
         else:
             raise DiffmixError(f"the base model's scheduler predicts {prediction_type!r}; finetune supports "
                                "epsilon and v_prediction")
-        input_ids = self.prompt_ids[batch["label"].to(device)]
+        input_ids = self.prompt_ids[batch["label"].to(device, non_blocking=True)]
         with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             pred = self.denoiser(noisy, timesteps, input_ids)
         return F.mse_loss(pred.float(), target.float())
 
-    def train_step(self, batch: dict, step: int) -> float:
-        """One optimizer step on `batch`; `step` counts from 1 (it sets the warmup factor)."""
+    def train_step(self, batch: dict, step: int) -> torch.Tensor:
+        """One optimizer step on `batch`; `step` counts from 1 (it sets the warmup factor). Returns the
+        loss as a detached tensor on the device: reading it (float()) waits for the step to finish."""
         cfg = self.cfg
         warm = min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else 1.0
         for g in self.optimizer.param_groups:
@@ -178,16 +190,10 @@ class Finetuner:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        if self.restore_mask is not None and self.embeddings.weight.grad is not None:
-            self.embeddings.weight.grad[self.restore_mask] = 0  # only class-token rows learn or count for clipping
         torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.restore_mask is not None:
-            with torch.no_grad():  # undo AdamW's decoupled weight decay on every other row
-                weight = self.embeddings.weight
-                weight[self.restore_mask] = self.frozen_rows[self.restore_mask].to(weight.dtype)
-        return float(loss.detach())
+        return loss.detach()
 
     # -- checkpoints -----------------------------------------------------------------------------
     def trainable_tensors(self) -> dict[str, torch.Tensor]:
@@ -196,8 +202,8 @@ class Finetuner:
         out = {}
         if self.cfg.has_lora:
             out.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(self.unet).items()})
-        for token, token_id in zip(self.tokens, self.token_ids):
-            out[f"embed.{token}"] = self.embeddings.weight[token_id]
+        if self.class_tokens is not None:
+            out.update({f"embed.{token}": row for token, row in zip(self.tokens, self.class_tokens.vectors)})
         return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
 
     def param_digest(self) -> str:
@@ -206,25 +212,15 @@ class Finetuner:
             h.update(name.encode() + tensor.numpy().tobytes())
         return h.hexdigest()
 
-    def _map_embedding_moments(self, state: dict, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
-        """`state` (an optimizer state dict) with fn applied to the embedding matrix's Adam moments
-        (param 0). Checkpoints keep only the class-token rows: the other rows' moments never matter
-        (their gradients are zero and the rows are restored), and for SD 1.5 they would add ~300 MB."""
-        if self.cfg.has_tokens and 0 in state["state"]:
-            state["state"] = dict(state["state"])  # the inner dicts may be the live optimizer's: copy
-            moments = state["state"][0]
-            state["state"][0] = {k: fn(v) if k in ("exp_avg", "exp_avg_sq") else v for k, v in moments.items()}
-        return state
-
     def save(self, folder: str, progress: Progress, rank: int) -> None:
         from safetensors.torch import save_file
 
+        progress.flush()
         progress.param_digest = self.param_digest()
         if rank == 0:
             save_file(self.trainable_tensors(), os.path.join(folder, CKPT_WEIGHTS))
-            optimizer = self._map_embedding_moments(self.optimizer.state_dict(), lambda m: m[self.token_ids].clone())
-            torch.save({"optimizer": optimizer, "scaler": self.scaler.state_dict(), "step": progress.step},
-                       os.path.join(folder, CKPT_OPTIMIZER))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                        "step": progress.step}, os.path.join(folder, CKPT_OPTIMIZER))
         with open(os.path.join(folder, CKPT_PROGRESS.format(rank=rank)), "w", encoding="utf-8") as f:
             json.dump(asdict(progress), f)
 
@@ -234,17 +230,20 @@ class Finetuner:
         lora, embeds, step = read_trained(folder)
         if self.cfg.has_lora and (unexpected := set_peft_model_state_dict(self.unet, lora).unexpected_keys):
             raise DiffmixError(f"the checkpoint in {folder} does not fit this LoRA (unexpected {unexpected[:3]})")
-        with torch.no_grad():
-            for token, token_id in zip(self.tokens, self.token_ids):
-                self.embeddings.weight[token_id] = embeds[token].to(self.embeddings.weight.device)
-
-        def full_rows(rows: torch.Tensor) -> torch.Tensor:
-            moments = torch.zeros(self.embeddings.weight.shape, dtype=rows.dtype)
-            moments[self.token_ids] = rows
-            return moments
-
         saved = torch.load(os.path.join(folder, CKPT_OPTIMIZER), map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(self._map_embedding_moments(saved["optimizer"], full_rows))
+        if self.class_tokens is not None:
+            vectors = self.class_tokens.vectors
+            if missing := [t for t in self.tokens if t not in embeds]:
+                raise DiffmixError(f"the checkpoint in {folder} lacks the embeddings of {missing[:3]}; it belongs "
+                                   "to another run: start again with --overwrite")
+            moments = saved["optimizer"]["state"].get(0, {}).get("exp_avg")
+            if moments is not None and moments.shape != vectors.shape:
+                raise DiffmixError(f"the checkpoint in {folder} holds token moments of shape {tuple(moments.shape)}, "
+                                   f"not {tuple(vectors.shape)}; it belongs to another run: start again with "
+                                   "--overwrite")
+            with torch.no_grad():
+                vectors.copy_(torch.stack([embeds[t] for t in self.tokens]))
+        self.optimizer.load_state_dict(saved["optimizer"])
         self.scaler.load_state_dict(saved["scaler"])
         mine = os.path.join(folder, CKPT_PROGRESS.format(rank=rank))  # absent if the world grew
         with open(mine if os.path.exists(mine) else os.path.join(folder, CKPT_PROGRESS.format(rank=0))) as f:
@@ -267,7 +266,9 @@ def read_trained(folder: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.
 @dataclass
 class PhaseTimes:
     """Seconds spent per phase, for the log line and the benchmark: waiting for data, the step
-    itself (forward, backward, optimizer), and reporting (checkpoint writing and upload)."""
+    itself (forward, backward, optimizer), and reporting (checkpoint writing and upload). On a GPU
+    the steps are queued without waiting for them, so a step's time is mostly counted when the
+    report waits for the window's last step (it goes to step_s) or when a full queue blocks."""
 
     first_batch_s: float = 0.0  # included in data_s: the wait while the data pipeline starts up
     data_s: float = 0.0
@@ -275,15 +276,22 @@ class PhaseTimes:
     report_s: float = 0.0
 
 
+def mean_loss(losses: list[torch.Tensor]) -> float:
+    """The mean of a window's per-step losses: one device-to-host copy, summed in float64 as the
+    per-step floats were before."""
+    return float(torch.stack(losses).cpu().double().mean())
+
+
 def train(tuner: Finetuner, epochs: Iterator[Iterable[dict]], progress: Progress,
           report: Callable[[dict, bool], None], world_size: int = 1,
           before_step: Callable[[int], None] | None = None) -> Progress:
     """Run steps progress.step+1 .. max_steps. `epochs` yields one iterable of full batches per
     epoch; `report(metrics, checkpoint)` runs every log_every and checkpoint_every steps and at
-    the last step (the same steps on every rank: Ray's report is a barrier)."""
+    the last step (the same steps on every rank: Ray's report is a barrier). Between reports
+    nothing here waits for the device."""
     cfg = tuner.cfg
     times = PhaseTimes()
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []
     window_start, window_steps = time.perf_counter(), 0
     while progress.step < cfg.max_steps:
         batches, took_any = iter(next(epochs)), False
@@ -305,18 +313,23 @@ def train(tuner: Finetuner, epochs: Iterator[Iterable[dict]], progress: Progress
             times.data_s, times.step_s = times.data_s + t1 - t0, times.step_s + t2 - t1
             checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
             if checkpoint or step % cfg.log_every == 0:
-                elapsed = t2 - window_start
-                metrics = {"step": step, "loss": sum(losses) / len(losses),
+                loss = mean_loss(losses)  # waits for the window's queued steps: the window's only sync
+                progress.flush()
+                t3 = time.perf_counter()
+                times.step_s += t3 - t2
+                elapsed = t3 - window_start
+                metrics = {"step": step, "loss": loss,
                            "images_per_s": window_steps * cfg.batch_size * world_size / max(elapsed, 1e-9),
                            "steps_per_s": window_steps / max(elapsed, 1e-9),
                            "lr": tuner.optimizer.param_groups[-1]["lr"],
                            **{f"time_{k}": round(v, 4) for k, v in asdict(times).items()}}
                 report(metrics, checkpoint)
-                times.report_s += time.perf_counter() - t2
+                times.report_s += time.perf_counter() - t3
                 losses, window_start, window_steps = [], time.perf_counter(), 0
         if not took_any:
             raise DiffmixError(f"an epoch gave this worker no full batch of {cfg.batch_size} images: the train "
                                "split is too small for --batch-size x --workers")
+    progress.flush()
     return progress
 
 
