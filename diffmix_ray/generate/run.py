@@ -220,7 +220,9 @@ def block_rows(rows: int, cfg: GenerateConfig, resolution: int) -> tuple[int, in
 
 
 def _ray_pipeline(inputs: Inputs, todo: pa.Table, files: list[str], gpus_per_actor: float,
-                  translator=Translator) -> None:
+                  translator=Translator, before=prepare_sources, after=finish_images) -> None:
+    """The Ray Data pipeline. The stages are parameters so that bench/bench_generate_overhead.py can
+    run this very pipeline with no-op stages and measure what the machinery itself costs."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext, SaveMode
     from ray.data.datasource import FilenameProvider
@@ -240,7 +242,7 @@ def _ray_pipeline(inputs: Inputs, todo: pa.Table, files: list[str], gpus_per_act
     block, chunk = block_rows(todo.num_rows, cfg, inputs.resolution)
     ds = ray.data.from_arrow([todo.slice(i, block) for i in range(0, todo.num_rows, block)])
     if cfg.kind != "gen":
-        ds = ds.map_batches(prepare_sources, fn_kwargs={"files": files, "resolution": inputs.resolution,
+        ds = ds.map_batches(before, fn_kwargs={"files": files, "resolution": inputs.resolution,
                                                          "chunk_rows": chunk},
                             batch_format="pyarrow", batch_size=None, num_cpus=CPU_STAGE_CPUS)
     translator_args = dict(model=cfg.model, kind=cfg.kind, class_names=info.classes, super_class=info.super_class,
@@ -255,12 +257,14 @@ def _ray_pipeline(inputs: Inputs, todo: pa.Table, files: list[str], gpus_per_act
                         batch_format="numpy", num_gpus=gpus_per_actor, num_cpus=cfg.cpus_per_actor,
                         compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors,
                                                   initial_size=cfg.max_actors), **remote)
-    ds = ds.map_batches(finish_images, fn_kwargs={"failed_uri": storage.join(inputs.out, FAILED_DIR),
+    ds = ds.map_batches(after, fn_kwargs={"failed_uri": storage.join(inputs.out, FAILED_DIR),
                                                   "jpeg_quality": cfg.jpeg_quality},
                         batch_format="numpy", batch_size=None, num_cpus=CPU_STAGE_CPUS)
     fs, path = storage.arrow_filesystem(storage.join(inputs.out, SHARDS_DIR))
     storage.makedirs(storage.join(inputs.out, SHARDS_DIR))
-    ds.write_parquet(path, filesystem=fs, min_rows_per_file=cfg.rows_per_shard, max_rows_per_file=cfg.rows_per_shard,
+    # At least rows_per_shard rows a file: whole blocks (multiples of the batch size) are not cut,
+    # so a shard holds rows_per_shard rounded up to whole blocks rather than 1000 + a few.
+    ds.write_parquet(path, filesystem=fs, min_rows_per_file=cfg.rows_per_shard,
                      filename_provider=ShardNames(), mode=SaveMode.APPEND,
                      ray_remote_args={"num_cpus": CPU_STAGE_CPUS})
 
