@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from ..errors import DiffmixError
 from .losses import LOSSES
@@ -53,9 +52,9 @@ class ClassifyConfig:
     # non-generative baselines (real data only)
     cutmix: bool = False
     mixup: bool = False
-    # many/medium/few: "MANY,FEW" (many = more than MANY train images, few = fewer than FEW);
-    # default: the dataset's (dataset.json shot_thresholds)
-    shot_thresholds: Any = None
+    # many/medium/few as (MANY, FEW): many = more than MANY train images, few = fewer than FEW;
+    # "20,5" or [20, 5] are accepted; None = the dataset's (dataset.json shot_thresholds)
+    shot_thresholds: tuple[int, int] | None = None
     seed: int = 2020
     workers: int = 1
     cpus_per_worker: float = 1.0
@@ -69,8 +68,8 @@ class ClassifyConfig:
                                                         else self.synthetic))
         if isinstance(self.lr_milestones, (list, str)):  # YAML list or "160,180" from the command line
             object.__setattr__(self, "lr_milestones", parse_ints("--lr-milestones", self.lr_milestones))
-        if isinstance(self.shot_thresholds, list):  # keep the config hashable and JSON-stable
-            object.__setattr__(self, "shot_thresholds", tuple(self.shot_thresholds))
+        # one form, so "20,5" and [20, 5] are the same run (the output's identity hashes the config)
+        object.__setattr__(self, "shot_thresholds", parse_shot_thresholds(self.shot_thresholds))
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -91,7 +90,6 @@ class ClassifyConfig:
         if (self.cutmix or self.mixup) and self.synthetic:
             raise DiffmixError("--cutmix/--mixup are the real-data baselines; run them without --synthetic")
         self._validate_recipe()
-        self.thresholds()
         if self.workers < 1 or self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
             raise DiffmixError("--workers must be >= 1, --cpus-per-worker > 0, --gpus-per-worker >= 0")
 
@@ -137,10 +135,6 @@ class ClassifyConfig:
         if not 0.0 <= self.drw_beta < 1.0:
             raise DiffmixError(f"--drw-beta {self.drw_beta} must be in [0, 1)")
 
-    def thresholds(self) -> tuple[int, int] | None:
-        """--shot-thresholds as (many, few); None = the dataset's."""
-        return parse_shot_thresholds(self.shot_thresholds)
-
     def resolved_p(self, subset_kind: str | None) -> float:
         """The paper's replacement probability: 0.1 conventionally, 0.3 for few-shot/long-tail."""
         if self.synthetic_p is not None:
@@ -157,7 +151,8 @@ def parse_ints(flag: str, value) -> tuple[int, ...]:
 
 
 def parse_shot_thresholds(value) -> tuple[int, int] | None:
-    """'20,5', [20, 5] or (20, 5) -> (20, 5); None stays None (the dataset's thresholds apply)."""
+    """'20,5', [20, 5] or (20, 5) -> (20, 5); None stays None (the dataset's thresholds apply).
+    prepare has its own parser for the same option: a stage does not import another's internals."""
     if value is None:
         return None
     hint = "(many = more than MANY train images, few = fewer than FEW)"

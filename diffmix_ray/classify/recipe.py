@@ -77,7 +77,7 @@ def resolve(cfg: ClassifyConfig, info: DatasetInfo, num_real: int, num_synthetic
     # the reference's loss sees class indices only for real-only, unsmoothed, unmixed training
     hard = not num_synthetic and not (cfg.cutmix or cfg.mixup) and cfg.label_smoothing == 0
 
-    thresholds, th_from = cfg.thresholds(), "--shot-thresholds"
+    thresholds, th_from = cfg.shot_thresholds, "--shot-thresholds"
     if thresholds is None:
         thresholds = info.many_few() if long_tail else None
         th_from = ("dataset.json" if info.shot_thresholds else "default (dataset.json has none)") if long_tail \
@@ -91,7 +91,7 @@ def resolve(cfg: ClassifyConfig, info: DatasetInfo, num_real: int, num_synthetic
     r.set("peak_lr", peak, f"--lr {cfg.lr:g} x global batch {global_batch} / {cfg.lr_base_batch} (--lr-scaling linear)"
           if cfg.lr_scaling == "linear" else f"--lr {cfg.lr:g}, not scaled with the global batch {global_batch}")
     r.set("global_batch", global_batch, f"--batch-size {cfg.batch_size} x --workers {cfg.workers}")
-    r.set("schedule", schedule.describe(), f"--schedule {cfg.schedule}")
+    r.set("schedule", schedule.describe(), f"--schedule {cfg.schedule}" if cfg.schedule != "cosine" else "default")
     r.set("warmup_epochs", warm, warm_from)
     if cfg.schedule == "step":
         r.set("lr_milestones", list(milestones), "--lr-milestones" if cfg.lr_milestones is not None

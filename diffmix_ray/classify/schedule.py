@@ -49,9 +49,11 @@ class Schedule:
 
     def describe(self) -> str:
         if self.kind == "cosine":
-            return (f"cosine to 0 over {self.total_steps} steps, linear warm-up over the first {self.warmup_steps} "
-                    f"({self.warmup_epochs:g} epochs), peak lr {self.peak_lr:g}")
-        return (f"step: linear warm-up over {self.warmup_epochs:g} epochs, x{self.decay:g} from each of epochs "
+            warm = (f"linear warm-up over the first {self.warmup_steps} ({self.warmup_epochs:g} epochs)"
+                    if self.warmup_steps else "no warm-up")
+            return f"cosine to 0 over {self.total_steps} steps, {warm}, peak lr {self.peak_lr:g}"
+        warm = f"linear warm-up over {self.warmup_epochs:g} epochs" if self.warmup_epochs else "no warm-up"
+        return (f"step: {warm}, x{self.decay:g} from each of epochs "
                 f"{', '.join(map(str, self.milestones)) or '(none)'}, peak lr {self.peak_lr:g}")
 
 
