@@ -441,6 +441,9 @@ def test_select_and_missing_splits(tmp_path):
     assert s["missing_splits"] == ["test"] and s["test_shot_groups"] is None and s["select"] == "last"
     assert "no test score: the dataset has no test split" in result_line(s) and "0.000" not in result_line(s)
     assert summarize(history, [10], "val")["selected_epoch"] == 1
+    from diffmix_ray.classify.summary import mean_std
+
+    assert mean_std([0.8, None]) == (None, None) and mean_std([0.8, 0.6]) == pytest.approx((0.7, 0.1))  # over seeds
 
 
 def test_bad_image_names_its_file_and_row():
