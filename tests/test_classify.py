@@ -427,7 +427,7 @@ def test_long_tail_defaults_follow_the_paper(tmp_path):
 
 def test_select_and_missing_splits(tmp_path):
     from diffmix_ray.classify.recipe import check_splits
-    from diffmix_ray.classify.summary import result_line
+    from diffmix_ray.classify.summary import mean_std, result_line
 
     no_val = _info(splits=("train", "test"))
     with pytest.raises(DiffmixError, match="has no val split.*--select last"):
@@ -441,8 +441,6 @@ def test_select_and_missing_splits(tmp_path):
     assert s["missing_splits"] == ["test"] and s["test_shot_groups"] is None and s["select"] == "last"
     assert "no test score: the dataset has no test split" in result_line(s) and "0.000" not in result_line(s)
     assert summarize(history, [10], "val")["selected_epoch"] == 1
-    from diffmix_ray.classify.summary import mean_std
-
     assert mean_std([0.8, None]) == (None, None) and mean_std([0.8, 0.6]) == pytest.approx((0.7, 0.1))  # over seeds
 
 
