@@ -287,7 +287,15 @@ def train_cls(
     workers: Optional[int] = typer.Option(None, help="Ray Train workers (DDP)."),
     cpus_per_worker: Optional[float] = typer.Option(None, help="CPUs per worker (default 1)."),
     gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs per worker. Default: 1 when the Ray cluster has GPUs or its autoscaler can add them, else 0 (CPU)."),
-    resume: bool = typer.Option(False, help="Continue an unfinished run of the same config from its last epoch."),
+    gpu_decode: Optional[bool] = typer.Option(None, "--gpu-decode", help="Decode JPEGs (nvJPEG) and augment on "
+                                              "each worker's GPU instead of CPU data workers: for nodes with few "
+                                              "CPU cores per GPU. GPU workers only."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Epochs between full checkpoints (default 10; one is "
+                                                   "always written after the last epoch). A resumed run restarts "
+                                                   "from the last one."),
+    test_every_epoch: Optional[bool] = typer.Option(None, "--test-every-epoch", help="Score test every epoch (for "
+                                                    "curves) instead of once, on the selected weights."),
+    resume: bool = typer.Option(False, help="Continue an unfinished run of the same config from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again."),
 ):
     """Train a timm classifier on real data plus synthetic shards (Ray Train, DDP)."""
@@ -304,7 +312,8 @@ def train_cls(
         label_smoothing=label_smoothing, select=select, shot_thresholds=shot_thresholds, synthetic_p=synthetic_p,
         synthetic_sampling=synthetic_sampling, gamma=gamma,
         allow_incomplete=allow_incomplete, cutmix=cutmix, mixup=mixup, seed=seed, workers=workers,
-        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker))
+        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, gpu_decode=gpu_decode,
+        checkpoint_every=checkpoint_every, test_every_epoch=test_every_epoch))
     if seeds:
         run_seeds(cfg, [int(s) for s in seeds.split(",")], overwrite=overwrite, resume=resume)
     else:

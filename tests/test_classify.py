@@ -164,7 +164,9 @@ def test_pretrained_local_weights_load(shapes, tmp_path):
 def test_label_bookkeeping_end_to_end(ray_local, shapes, tmp_path):
     """Synthetic-only training (p = 1) on low-strength shards (images = sources, soft labels from
     the shards) matches the real baseline; with the shards' labels shuffled it falls to chance."""
-    real = run_classify(cfg(shapes, tmp_path / "real"))["summary"]["test_top1"]
+    real_run = run_classify(cfg(shapes, tmp_path / "real", test_every_epoch=True))
+    real = real_run["summary"]["test_top1"]
+    assert all(e["test"] is not None for e in real_run["epochs"])  # --test-every-epoch: curves, as before
     good = fx.fake_synthetic(str(tmp_path / "good"), shapes, 0.04)
     bad = fx.fake_synthetic(str(tmp_path / "bad"), shapes, 0.04, shuffle_labels=True, seed=3)
     syn = run_classify(cfg(shapes, tmp_path / "syn", synthetic=(good,), synthetic_p=1.0))["summary"]["test_top1"]
@@ -176,11 +178,16 @@ def test_label_bookkeeping_end_to_end(ray_local, shapes, tmp_path):
 
 def test_killed_worker_resumes_from_epoch_checkpoint(ray_local, shapes, tmp_path):
     out = tmp_path / "ft"
-    metrics = run_classify(cfg(shapes, out, epochs=3, workers=2, cpus_per_worker=0.5, _fail_at_epoch=1))
+    metrics = run_classify(cfg(shapes, out, epochs=3, workers=2, cpus_per_worker=0.5, _fail_at_epoch=1,
+                               checkpoint_every=1))
     assert os.path.exists(out / "failed-once")  # the worker really died once
     assert [e["epoch"] for e in metrics["epochs"]] == [0, 1, 2]  # each epoch exactly once
     assert (out / "_SUCCESS").exists() and (out / "best" / "model.pt").exists()
-    # a rerun of the finished run is a no-op; another config is refused
+    best = json.loads((out / "best" / "model.json").read_text())
+    assert best["epoch"] == metrics["summary"]["selected_epoch"]  # the selection survived the restart
+    # test scored once, on the selected epoch's weights
+    assert [("test" in e) for e in metrics["epochs"]] == [e["epoch"] == best["epoch"] for e in metrics["epochs"]]
+    # a rerun of the finished run is a no-op (execution options may differ); another config is refused
     assert run_classify(cfg(shapes, out, epochs=3, workers=2, cpus_per_worker=0.5))["summary"] == metrics["summary"]
     with pytest.raises(DiffmixError, match="different config"):
         run_classify(cfg(shapes, out, epochs=4))
@@ -200,6 +207,9 @@ def test_evaluate_and_report(ray_local, shapes, tmp_path):
     assert res.exit_code == 0, res.output
     scored = json.loads(res.stdout.strip().splitlines()[-1])
     assert scored["top1"] == pytest.approx(metrics["summary"]["test_top1"])  # same weights, same data
+    assert scored["per_class"] == pytest.approx(metrics["summary"]["test_per_class"])
+    chosen = metrics["summary"]["selected_epoch"]  # test is scored at the reported epoch only
+    assert [e["epoch"] for e in metrics["epochs"] if "test" in e] == [chosen]
     syn = fx.fake_synthetic(str(tmp_path / "syn"), shapes, 0.5)
     res = CliRunner().invoke(app, ["report", str(out), syn, "--out", str(tmp_path / "report")])
     assert res.exit_code == 0, res.output
@@ -233,6 +243,9 @@ def test_seeds_run_one_job_each_and_aggregate(tmp_path, monkeypatch):
 # Recipes as functions (no Ray): image pipelines, schedules, losses, selection, thresholds,
 # long-tail defaults, bad images
 # ---------------------------------------------------------------------------------------------
+PIXELS = "ToPixels(uint8 HWC)"
+
+
 def _steps(d, training):
     from diffmix_ray.classify.transforms import pipeline
 
@@ -246,16 +259,17 @@ def test_reference_pipeline(res_mode, resize, crop):
     from diffmix_ray.classify.transforms import data_config, pipeline
 
     d = data_config("test_resnet", "reference", None, res_mode)
-    norm = "Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))"
+    assert (d["mean"], d["std"]) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # ImageNet's, applied by ToInput
     assert _steps(d, True) == [
         f"Resize(size=({resize}, {resize}), interpolation=bilinear, max_size=None, antialias=True)",
-        f"RandomCrop(size=({crop}, {crop}), padding=8)", "RandomHorizontalFlip(p=0.5)", "ToTensor()", norm]
+        f"RandomCrop(size=({crop}, {crop}), padding=8)", "RandomHorizontalFlip(p=0.5)", PIXELS]
     assert _steps(d, False) == [
         f"Resize(size=({resize}, {resize}), interpolation=bilinear, max_size=None, antialias=True)",
-        f"CenterCrop(size=({crop}, {crop}))", "ToTensor()", norm]
+        f"CenterCrop(size=({crop}, {crop}))", PIXELS]
     img = Image.new("RGB", (300, 170), (10, 200, 30))  # not square: Resize((r, r)) squashes it
     for training in (True, False):
-        assert tuple(pipeline(d, training)(img).shape) == (3, crop, crop)
+        out = pipeline(d, training)(img)
+        assert out.shape == (crop, crop, 3) and out.dtype == np.uint8
 
 
 def test_long_tail_and_timm_pipelines():
@@ -274,11 +288,10 @@ def test_long_tail_and_timm_pipelines():
     assert _steps(tm, True)[0].startswith("RandomResizedCropAndInterpolation(size=(40, 40)")
     img = Image.new("RGB", (300, 170))
     for d in (lt, tm):
-        # every pipeline ends with the one step that makes the model's input, normalisation last
-        assert _steps(d, True)[-2:] == _steps(d, False)[-2:] == [
-            "ToTensor()", f"Normalize(mean={tuple(d['mean'])}, std={tuple(d['std'])})"]
+        # every pipeline ends with the data workers' uint8 step; normalisation is ToInput's, on the device
+        assert _steps(d, True)[-1] == _steps(d, False)[-1] == PIXELS
         for training in (True, False):
-            assert tuple(pipeline(d, training)(img).shape) == (3, d["img_size"], d["img_size"])
+            assert pipeline(d, training)(img).shape == (d["img_size"], d["img_size"], 3)
 
 
 @pytest.mark.parametrize("kw, msg", [
@@ -452,7 +465,7 @@ def test_bad_image_names_its_file_and_row():
 
     column = pa.array([fx.image_bytes(), b"not an image at all"], pa.binary())
     tf = pipeline(data_config("test_resnet", "reference", None, None), False)
-    assert images_of({0: column}, np.array([0]), np.array([0]), ["s3://b/x.parquet"], tf).shape == (1, 3, 224, 224)
+    assert images_of({0: column}, np.array([0]), np.array([0]), ["s3://b/x.parquet"], tf).shape == (1, 224, 224, 3)
     with pytest.raises(DiffmixError) as err:
         images_of({0: column}, np.array([0, 0]), np.array([0, 1]), ["s3://b/x.parquet"], tf)
     assert "row 1 of s3://b/x.parquet" in str(err.value) and "BytesIO" not in str(err.value)
@@ -532,3 +545,274 @@ def test_reference_recipe_on_a_dataset_without_test(ray_local, shapes_no_test, t
     table = (tmp_path / "report" / "comparison.md").read_text()
     assert f"| last | 2 | {100 * m['summary']['val_top1']:.2f} | — |" in table  # test: no score, not 0.00
     assert "run: its dataset has no test split" in table
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 12: uint8 ingest, labels and normalisation on the device, the step without host reads,
+# --gpu-decode's tensor path, run plans of whole batches, the selected weights (no Ray Train)
+# ---------------------------------------------------------------------------------------------
+AUGMENTS = ("timm", "reference", "reference-lt")
+
+
+def _photos(n=4, seed=0, fmt="JPEG"):
+    """Encoded images with structure (gradients, a bright square, noise) in a few sizes and aspects,
+    so that crops, flips and colour changes all show in the pixels."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        w, h = [(150, 110), (96, 140), (128, 128), (200, 90)][i % 4]
+        yy, xx = np.mgrid[0:h, 0:w]
+        arr = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 127 // (w + h) + 60], -1).astype(np.int64)
+        arr[h // 4:h // 2, w // 3:w // 2] = 250
+        arr = np.clip(arr + rng.integers(-20, 20, arr.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+        out.append(buf.getvalue())
+    return out
+
+
+def _data_cfg(augment):
+    from diffmix_ray.classify.transforms import data_config
+
+    return data_config("test_resnet", augment, 48 if augment == "timm" else None, None)
+
+
+def _seeded(fn, seed):
+    import random
+
+    import torch
+
+    random.seed(seed)  # timm's crops draw from `random`, torchvision's from torch
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    return fn()
+
+
+@pytest.mark.parametrize("augment", AUGMENTS)
+def test_uint8_ingest_gives_the_old_model_input(augment):
+    """The data workers' uint8 pixels, normalised on the device by ToInput, are the tensors the old
+    float pipeline (augmentation -> ToTensor -> Normalize on the worker) produced, on fixed seeds."""
+    import torch
+    from torchvision import transforms as T
+
+    from diffmix_ray.classify.data import decode
+    from diffmix_ray.classify.transforms import ToInput, augmentations, pipeline
+
+    d = _data_cfg(augment)
+    images = [decode(b, f"photo {i}") for i, b in enumerate(_photos())]
+    for training in (True, False):
+        old_tf = T.Compose(augmentations(d, training) + [T.ToTensor(), T.Normalize(tuple(d["mean"]), tuple(d["std"]))])
+        new_tf = pipeline(d, training)
+        for seed in (0, 1):
+            old = torch.stack([_seeded(lambda: old_tf(img), seed + i) for i, img in enumerate(images)])
+            pixels = np.stack([_seeded(lambda: new_tf(img), seed + i) for i, img in enumerate(images)])
+            assert pixels.dtype == np.uint8 and pixels.shape == (4, d["img_size"], d["img_size"], 3)
+            for channels_last in (False, True):
+                x = ToInput(d, "cpu", channels_last)(torch.from_numpy(pixels))
+                assert x.dtype == torch.float32 and x.shape == old.shape
+                assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+                torch.testing.assert_close(x, old, rtol=0, atol=1e-6)
+        if training:  # the comparison is not between two constants: the seed moves the crop
+            first = [_seeded(lambda: new_tf(images[0]), s) for s in (0, 1)]
+            assert not np.array_equal(*first)
+
+
+def test_soft_targets_on_the_device_match_the_workers_old_labels():
+    import torch
+
+    from diffmix_ray.classify.step import Inputs, soft_targets
+
+    rng = np.random.default_rng(0)
+    n, C = 64, 7
+    source, target = rng.integers(0, C, n), rng.integers(0, C, n)
+    strength = rng.choice([0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0], n).astype(np.float32)
+    for gamma, eps in ((0.5, 0.1), (1.0, 0.0), (2.0, 0.3)):
+        old = lab.smooth(lab.soft_labels(source, target, strength, gamma, C), eps).astype(np.float32)
+        new = soft_targets(torch.from_numpy(source), torch.from_numpy(target), torch.from_numpy(strength), gamma, C, eps)
+        assert new.dtype == torch.float32
+        np.testing.assert_allclose(new.numpy(), old, rtol=0, atol=1e-7)
+    inputs = Inputs(_data_cfg("reference"), "cpu", C, gamma=0.5, smoothing=0.1)
+    batch = {"image": torch.zeros(n, 8, 8, 3, dtype=torch.uint8), "source": torch.from_numpy(source),
+             "label": torch.from_numpy(target), "strength": torch.from_numpy(strength)}
+    _, y = inputs(batch)
+    np.testing.assert_allclose(y.numpy(), lab.smooth(lab.soft_labels(source, target, strength, 0.5, C), 0.1), atol=1e-7)
+
+
+def _model_and_batches(n_batches=3, bs=4, size=32, C=4):
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=C)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.randint(0, 256, (bs, size, size, 3), dtype=torch.uint8, generator=g),
+                "source": torch.randint(0, C, (bs,), generator=g), "label": torch.randint(0, C, (bs,), generator=g),
+                "strength": torch.rand(bs, generator=g)} for _ in range(n_batches)]
+    return model, batches
+
+
+@pytest.mark.parametrize("loss", ["ce", "balanced-softmax", "drw", "mixup"])
+def test_classifier_step_reads_nothing_back_to_the_host(loss):
+    """Training steps and evaluation batches queue work without waiting for it: the only read is the
+    epoch's loss (mean_loss) and the accuracy counts, after the loop."""
+    import torch
+    from timm.data import Mixup
+
+    from diffmix_ray.classify import step
+    from diffmix_ray.classify.losses import Criterion
+
+    from .host_syncs import HostCopies, HostSyncs
+
+    torch.set_num_threads(1)
+    model, batches = _model_and_batches()
+    crit = Criterion("ce" if loss == "mixup" else loss, [5, 3, 2, 1], drw_epoch=0, hard_labels=loss == "drw").to("cpu")
+    mixup = Mixup(mixup_alpha=1.0, prob=1.0, label_smoothing=0.1, num_classes=4) if loss == "mixup" else None
+    inputs = step.Inputs({"mean": [0.5] * 3, "std": [0.5] * 3, "img_size": 32}, "cpu", 4, 0.5, 0.1, mixup=mixup)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    correct, total = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    syncs = HostSyncs(lambda: set())
+    with HostCopies(syncs), syncs:
+        losses = step.train_epoch(model, iter(batches), 3, inputs, opt, scaler, crit.for_epoch(1), lambda s: 0.1 * s, 0)
+        model.eval()
+        for batch in batches:
+            step.count_correct(model, batch, inputs, correct, total)
+    assert syncs.events == [], syncs.events
+    assert len(losses) == 3 and np.isfinite(step.mean_loss(losses))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2)  # the schedule's rate of the last step (step 2)
+    labels = torch.cat([b["label"] for b in batches])
+    assert torch.equal(total, torch.bincount(labels, minlength=4).double()) and (correct <= total).all()
+
+
+def test_channels_last_for_convolutional_models_only():
+    import timm
+    import torch
+
+    from diffmix_ray.classify import step
+
+    cnn, vit = timm.create_model("test_resnet", num_classes=3), timm.create_model("test_vit", num_classes=3)
+    assert step.is_convolutional(cnn) and not step.is_convolutional(vit)  # a ViT's one conv is its patch embedding
+    assert not step.use_channels_last(cnn, torch.device("cpu"))  # CUDA only: fp32 CPU runs stay as they were
+    assert step.use_channels_last(cnn, torch.device("cuda")) and not step.use_channels_last(vit, torch.device("cuda"))
+    # the same step in either layout: the layout changes the speed, not the result
+    torch.set_num_threads(1)
+    results = []
+    for channels_last in (False, True):
+        model, batches = _model_and_batches(n_batches=2)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        inputs = step.Inputs({"mean": [0.5] * 3, "std": [0.5] * 3, "img_size": 32}, "cpu", 4,
+                             channels_last=channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = step.train_epoch(model, iter(batches), 2, inputs, opt, torch.amp.GradScaler("cuda", enabled=False),
+                                  lambda lg, y, lb: step_loss(lg, y), lambda s: 0.1, 0)
+        results.append([float(v) for v in losses])
+    assert results[0] == pytest.approx(results[1], rel=1e-4)
+
+
+def step_loss(logits, y):
+    from diffmix_ray.classify.losses import soft_ce
+
+    return soft_ce(logits, y)
+
+
+@pytest.mark.parametrize("augment", AUGMENTS)
+def test_gpu_decode_tensor_path_on_cpu(augment):
+    """--gpu-decode's path (torchvision decoders, the augmentation as transforms.v2 on tensors) run
+    on the CPU: the model input's shape and dtype, the same steps as the PIL pipeline, and for the
+    deterministic eval pipeline the same pixels within resampling differences."""
+    import torch
+
+    from diffmix_ray.classify import gpu_decode
+    from diffmix_ray.classify.data import decode
+    from diffmix_ray.classify.step import Inputs
+    from diffmix_ray.classify.transforms import augmentations, pipeline, tensor_augmentations
+
+    d = _data_cfg(augment)
+    blobs = _photos(3) + _photos(1, seed=1, fmt="PNG")  # PNG: decoded on the CPU, then moved
+    s = d["img_size"]
+    for training in (True, False):
+        names = [type(t).__name__.replace("AndInterpolation", "") for t in augmentations(d, training)]
+        assert [type(t).__name__ for t in tensor_augmentations(d, training).transforms] == names
+        pixels = gpu_decode.augment(gpu_decode.decode(blobs, "cpu"), tensor_augmentations(d, training))
+        assert pixels.dtype == torch.uint8 and pixels.shape == (4, 3, s, s)
+        batch = {"image": blobs, "source": torch.zeros(4, dtype=torch.long), "label": torch.arange(4),
+                 "strength": torch.zeros(4)}
+        x, y = Inputs(d, "cpu", 5, gpu_decode=True)(batch, training)
+        assert x.dtype == torch.float32 and x.shape == (4, 3, s, s) and y.shape == (4, 5)
+        if not training:
+            cpu = np.stack([pipeline(d, False)(decode(b, "x")) for b in blobs])  # the data workers' path
+            diff = np.abs(pixels.permute(0, 2, 3, 1).numpy().astype(int) - cpu.astype(int))
+            assert diff.mean() < 2.0, diff.mean()  # PIL and torch resample a little differently
+
+
+def test_gpu_decode_names_a_bad_image_and_is_refused_without_a_gpu(tmp_path):
+    import torch
+
+    from diffmix_ray.classify.step import Inputs
+
+    batch = {"image": _photos(1) + [b"\xff\xd8\xff not really a jpeg"], "file": np.array([0, 3]),
+             "row": np.array([5, 7]), "source": torch.zeros(2, dtype=torch.long),
+             "label": torch.zeros(2, dtype=torch.long), "strength": torch.zeros(2)}
+    inputs = Inputs(_data_cfg("reference"), "cpu", 2, gpu_decode=True,
+                    where=lambda b, i: f"row {b['row'][i]} of shard-{b['file'][i]}.parquet")
+    with pytest.raises(DiffmixError, match="cannot decode the image at row 7 of shard-3.parquet"):
+        inputs(batch)
+    with pytest.raises(DiffmixError, match="--gpu-decode decodes .* on each worker's GPU.*--gpus-per-worker 0.*drop "
+                                           "--gpu-decode"):
+        cfg("d", tmp_path, gpu_decode=True, gpus_per_worker=0).validate()
+    with pytest.raises(DiffmixError, match="--checkpoint-every 0 counts epochs"):
+        cfg("d", tmp_path, checkpoint_every=0).validate()
+
+
+def test_gpu_decode_is_refused_on_a_cluster_without_gpus(ray_local, shapes, tmp_path):
+    out = tmp_path / "o"
+    with pytest.raises(DiffmixError, match="--gpu-decode .*the Ray cluster has no GPUs.*drop --gpu-decode"):
+        run_classify(cfg(shapes, out, gpu_decode=True))
+    assert not out.exists() or not any(p.name != "_run.json" for p in out.iterdir())  # nothing was trained
+
+
+def test_run_rows_are_the_epochs_in_whole_batches():
+    from diffmix_ray.classify.data import Rows, epoch_rows, run_rows
+
+    real = Rows(np.zeros(23, np.int32), np.arange(23), np.arange(23) % 3, np.arange(23) % 3, np.zeros(23, np.float32))
+    syn = Rows(np.ones(10, np.int32), np.arange(10), np.zeros(10, np.int32), np.ones(10, np.int32),
+               np.full(10, 0.5, np.float32))
+    rows, steps = run_rows(real, syn, 0.5, None, 3, range(2, 5), rank=1, world=2, batch_size=4)
+    assert steps == 2 and len(rows) == 3 * 8  # 23 rows: 11 per rank, 2 whole batches of 4
+    for i, epoch in enumerate(range(2, 5)):
+        expected = epoch_rows(real, syn, 0.5, None, 3, epoch, 1, 2)
+        np.testing.assert_array_equal(rows.row[8 * i:8 * (i + 1)], expected.row[:8])
+        np.testing.assert_array_equal(rows.file[8 * i:8 * (i + 1)], expected.file[:8])
+    assert run_rows(real, syn, 0.5, None, 3, range(5, 5), 0, 1, 4)[0].table().num_rows == 0  # resumed at the end
+
+
+def test_selected_weights_follow_val_and_survive_checkpoints():
+    import torch
+
+    from diffmix_ray.classify.selected import Selected
+
+    model = torch.nn.Linear(2, 1)
+    sel, history = Selected(), []
+    for epoch, v in enumerate([0.5, 0.8, 0.8, 0.6]):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        history.append({"epoch": epoch, "val": {"top1": v}})
+        sel.update(history, "val", 4, model)
+    assert sel.epoch == 1 and float(sel.weights["weight"][0, 0]) == 1.0  # earliest best, its own weights
+    assert sel.checkpoint_fields(1)["selected_weights"] is None  # the checkpoint's model is those weights
+    saved = {"model": model.state_dict(), "epoch": 3, "history": history} | sel.checkpoint_fields(3)
+    again = Selected.restore(saved, "val", 4)
+    assert again.epoch == 1 and float(again.weights["weight"][0, 0]) == 1.0
+    # a checkpoint from before issue 12: the selection is replayed over its history
+    old = {"model": model.state_dict(), "epoch": 3, "history": history}
+    assert (Selected.restore(old, "val", 4).epoch, Selected.restore(old, "val", 4).weights) == (1, None)
+    assert Selected.restore(old | {"epoch": 1, "history": history[:2]}, "val", 4).weights is not None
+    last = Selected()
+    for i in range(1, 5):
+        last.update(history[:i], "last", 4, model)
+    assert last.epoch == 3 and Selected.restore(old, "last", 4).epoch == 3

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Callable
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from diffmix_ray.finetune.data import local_batches
 from diffmix_ray.finetune.loop import CKPT_OPTIMIZER, CKPT_WEIGHTS, Finetuner, Progress, train
 
 from .finetune_reference import FullMatrixFinetuner
+from .host_syncs import HostCopies, HostSyncs
 
 # Written by the pre-issue-12 code (commit 689756f): 3 steps of `_cfg()` below on the sample dataset.
 OLD_CHECKPOINT = os.path.join(os.path.dirname(__file__), "data", "finetune_checkpoint_v1")
@@ -121,46 +121,6 @@ def test_checkpoints_keep_the_old_layout(setup, tmp_path):
     old = _reference(inputs)
     assert old.load(str(tmp_path)) == 3
     _assert_same_weights(new, old)
-
-
-class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records what would make a CUDA step wait for the device: reading a value (item/float/bool),
-    copies to the host, and boolean-mask indexing (a nonzero). On CPU these are cheap, so they are
-    recorded by name rather than timed. `on_host` are tensors that live on the host even in a GPU
-    run (AdamW's step counters: PyTorch keeps them there so that reading them costs no sync)."""
-
-    def __init__(self, on_host: Callable[[], set[int]]):
-        super().__init__()
-        self.step, self.events, self.on_host = 0, [], on_host
-
-    def record(self, name: str, tensor) -> None:
-        if not (isinstance(tensor, torch.Tensor) and id(tensor) in self.on_host()):
-            self.events.append((self.step, name))
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name, kwargs = str(func.overloadpacket), kwargs or {}
-        source = args[0] if args else None
-        if name in ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select"):
-            self.record(name, source)
-        elif name == "aten._to_copy" and "device" in kwargs and kwargs["device"] != source.device:
-            self.record(name, source)
-        elif name.startswith("aten.index") and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                                                   for i in (args[1] if len(args) > 1 else ()) or ()):
-            self.record(name, source)
-        return func(*args, **kwargs)
-
-
-class HostCopies(torch.overrides.TorchFunctionMode):
-    """On CPU `.cpu()` and `.numpy()` dispatch nothing; record the calls."""
-
-    def __init__(self, syncs: HostSyncs):
-        super().__init__()
-        self.syncs = syncs
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in ("cpu", "numpy", "tolist", "item"):
-            self.syncs.record(func.__name__, args[0] if args else None)
-        return func(*args, **(kwargs or {}))
 
 
 def test_no_host_sync_between_reports(setup):

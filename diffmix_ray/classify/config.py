@@ -13,6 +13,9 @@ OPTIMIZERS = ("sgd", "adamw")
 SYNTHETIC_SAMPLING = ("uniform", "inverse-frequency")
 SELECT = ("val", "last")
 LR_SCALING = ("none", "linear")
+GPU_DECODE_ON_CPU = ("--gpu-decode decodes and augments the images on each worker's GPU (nvJPEG), but this run's "
+                     "workers get no GPU ({why}): drop --gpu-decode (the data workers then decode on CPU), or "
+                     "run on GPUs")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,10 @@ class ClassifyConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | None = None  # None: 1 when the Ray cluster has (or can add) GPUs, else 0
     max_failures: int = 2
+    # execution (issue 12; none changes what is trained, so a run may resume with them changed):
+    gpu_decode: bool = False  # decode JPEGs (nvJPEG) and augment on the training GPU, not on CPU workers
+    checkpoint_every: int = 10  # epochs between full checkpoints (and one after the last epoch)
+    test_every_epoch: bool = False  # score test every epoch (curves) instead of once on the selected weights
     _fail_at_epoch: int | None = None  # test hook: rank 1 dies once at this epoch
 
     def __post_init__(self) -> None:
@@ -92,6 +99,11 @@ class ClassifyConfig:
         self._validate_recipe()
         if self.workers < 1 or self.cpus_per_worker <= 0 or (self.gpus_per_worker or 0) < 0:
             raise DiffmixError("--workers must be >= 1, --cpus-per-worker > 0, --gpus-per-worker >= 0")
+        if self.checkpoint_every < 1:
+            raise DiffmixError(f"--checkpoint-every {self.checkpoint_every} counts epochs: it must be >= 1 (a "
+                               "checkpoint is always written after the last epoch too)")
+        if self.gpu_decode and self.gpus_per_worker is not None and self.gpus_per_worker <= 0:
+            raise DiffmixError(GPU_DECODE_ON_CPU.format(why=f"--gpus-per-worker {self.gpus_per_worker:g}"))
 
     def _validate_recipe(self) -> None:
         choices = ((self.augment, "--augment", AUGMENTS), (self.schedule, "--schedule", SCHEDULES),

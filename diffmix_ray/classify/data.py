@@ -1,12 +1,15 @@
 """Classifier input: image bytes live in Ray's object store (one object per shard file, loaded by
 tasks on the cluster, shared zero-copy by every worker on a node), and each epoch every rank
 streams its slice of a deterministic real/synthetic mix through Ray Data tasks that pick rows,
-decode, augment and attach soft labels. Random access by (file, row) is what lets a sample be
-replaced by any synthetic image without reading whole shards again."""
+decode and augment into uint8 pixels (or, with --gpu-decode, only ship the encoded bytes); the
+training device normalises and makes the soft labels. One dataset streams all of a run's epochs.
+Random access by (file, row) is what lets a sample be replaced by any synthetic image without
+reading whole shards again."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -81,6 +84,21 @@ def epoch_rows(real: Rows, synthetic: Rows, p: float, syn_weights: np.ndarray | 
     return mixed.take(np.arange(rank, per_rank * world, world))
 
 
+def run_rows(real: Rows, synthetic: Rows, p: float, syn_weights: np.ndarray | None, seed: int, epochs: range,
+             rank: int, world: int, batch_size: int) -> tuple[Rows, int]:
+    """This rank's samples for every epoch in `epochs`, one after another, and the steps of one epoch.
+    Each epoch is cut to whole batches (the rows an incomplete last batch would hold are left out, as
+    drop_last did), so that one dataset streams the whole run and batch k is the same whatever
+    surrounds it: no pipeline drains and refills at every epoch boundary."""
+    parts = [epoch_rows(real, synthetic, p, syn_weights, seed, e, rank, world) for e in epochs]
+    steps = (len(parts[0]) if parts else 0) // batch_size
+    keep = np.arange(steps * batch_size)
+    parts = [r.take(keep) for r in parts]
+    if not parts:
+        return real.take(np.arange(0)), steps
+    return Rows(*(np.concatenate([getattr(r, c) for r in parts]) for c in COLS)), steps
+
+
 def decode(data: bytes, where: str):
     """Decode one stored image; a bad one is named by where it lives (shard file and row)."""
     try:
@@ -90,38 +108,61 @@ def decode(data: bytes, where: str):
                            "written: re-run the stage that wrote it (prepare or generate)") from None
 
 
+def where(uris: list[str], file: int, row: int) -> str:
+    return f"row {int(row)} of {uris[int(file)]}"
+
+
 def images_of(columns: dict, files: np.ndarray, rows: np.ndarray, uris: list[str], tf) -> np.ndarray:
-    """Decode and transform the images at (file, row); `columns` maps a file index to its image column."""
-    out = []
-    for f, r in zip(files, rows):
-        img = decode(columns[int(f)][int(r)].as_py(), f"row {int(r)} of {uris[int(f)]}")
-        out.append(tf(img).numpy())
-    return np.stack(out).astype(np.float32)
+    """Decode and augment the images at (file, row) into one uint8 NHWC array (`tf` ends with
+    transforms.ToPixels); `columns` maps a file index to its image column."""
+    return np.stack([tf(decode(columns[int(f)][int(r)].as_py(), where(uris, f, r))) for f, r in zip(files, rows)])
 
 
-def load_batch(batch: pa.Table, refs: list, uris: list[str], num_classes: int, gamma: float, smoothing: float,
-               training: bool, data_cfg: dict) -> dict[str, np.ndarray]:
-    """Ray Data UDF: fetch the rows' bytes from the object store, decode, augment, label."""
+def load_batch(batch: pa.Table, refs: list, uris: list[str], training: bool, data_cfg: dict,
+               encoded: bool = False):
+    """Ray Data UDF: fetch the rows' bytes from the object store, then decode and augment them into
+    uint8 pixels, or (`encoded`, for --gpu-decode) ship the bytes as they are with their (file, row)
+    for error messages. Labels leave as (source, target, strength): the soft target is made on the
+    training device (step.soft_targets), so one batch serves any gamma and smoothing."""
     import ray
 
     files = batch.column("file").to_numpy()
     rows = batch.column("row").to_numpy()
     columns = {int(f): ray.get(refs[int(f)]).column(COL_IMAGE) for f in np.unique(files)}
-    images = images_of(columns, files, rows, uris, pipeline(data_cfg, training))
-    source = batch.column("source").to_numpy()
-    target = batch.column("target").to_numpy()
-    y = lab.soft_labels(source, target, batch.column("strength").to_numpy(), gamma, num_classes)
-    return {"image": images, "target": lab.smooth(y, smoothing).astype(np.float32), "label": target.astype(np.int64)}
+    labels = {"source": batch.column("source").to_numpy().astype(np.int64),
+              "label": batch.column("target").to_numpy().astype(np.int64),
+              "strength": batch.column("strength").to_numpy().astype(np.float32)}
+    if encoded:
+        image = pa.array([columns[int(f)][int(r)].as_py() for f, r in zip(files, rows)], pa.binary())
+        return pa.table({"image": image, "file": batch.column("file"), "row": batch.column("row"),
+                         **{k: pa.array(v) for k, v in labels.items()}})
+    return {"image": images_of(columns, files, rows, uris, pipeline(data_cfg, training)), **labels}
 
 
-def epoch_dataset(rows: Rows, refs: list, uris: list[str], num_classes: int, gamma: float, smoothing: float,
-                  training: bool, data_cfg: dict, block_rows: int):
-    """A Ray Dataset over `rows` that yields decoded, augmented, labelled batches."""
+def dataset(rows: Rows, refs: list, uris: list[str], training: bool, data_cfg: dict, block_rows: int,
+            encoded: bool = False):
+    """A Ray Dataset over `rows`, in their order, that yields augmented (or encoded) labelled rows."""
     import ray
 
     table = rows.table()
     blocks = [table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)] or [table]
-    return ray.data.from_arrow(blocks).map_batches(
+    ds = ray.data.from_arrow(blocks).map_batches(
         load_batch, batch_format="pyarrow", batch_size=block_rows, num_cpus=0.5,
-        fn_kwargs=dict(refs=refs, uris=uris, num_classes=num_classes, gamma=gamma, smoothing=smoothing, training=training,
-                       data_cfg=data_cfg))
+        fn_kwargs=dict(refs=refs, uris=uris, training=training, data_cfg=data_cfg, encoded=encoded))
+    # In order: the steps of an epoch are the batches of its rows (run_rows), never a neighbour's.
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def batches(ds, batch_size: int, device, encoded: bool = False, drop_last: bool = False) -> Iterator[dict]:
+    """The dataset's batches as step.py takes them: tensors on `device` (pinned and copied by Ray
+    Data's prefetch thread on a GPU), or with `encoded` the images as a list of bytes on the host."""
+    import torch
+
+    if not encoded:
+        yield from ds.iter_torch_batches(batch_size=batch_size, drop_last=drop_last, device=device,
+                                         prefetch_batches=2, pin_memory=device.type == "cuda")
+        return
+    for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, prefetch_batches=2):
+        out = {k: torch.as_tensor(b[k]).to(device, non_blocking=True) for k in ("source", "label", "strength")}
+        yield out | {"image": list(b["image"]), "file": b["file"], "row": b["row"]}

@@ -15,7 +15,7 @@ from ..errors import DiffmixError
 from .data import decode
 from .loop import BEST_DIR
 from .model import build_model
-from .transforms import pipeline
+from .transforms import ToInput, pipeline
 
 
 def load_best(run: str):
@@ -41,15 +41,15 @@ def evaluate(checkpoint: str, dataset_uri: str, split: str = "test", batch_size:
         raise DiffmixError(f"{dataset_uri} has no {split!r} split to evaluate on; it has "
                            f"{', '.join(info.splits) or 'none'}")
     table = dataset.read_split(split, columns=[COL_IMAGE_ID, COL_IMAGE, COL_LABEL])
-    tf = pipeline(meta["data_cfg"], training=False)
+    tf, to_input = pipeline(meta["data_cfg"], training=False), ToInput(meta["data_cfg"], "cpu")
     ids, images = table.column(COL_IMAGE_ID).to_pylist(), table.column(COL_IMAGE).to_pylist()
     labels = np.asarray(table.column(COL_LABEL).to_pylist())
     preds = []
-    with torch.no_grad():
+    with torch.no_grad():  # the run's evaluation path: uint8 pixels, then normalised as on its device
         for i in range(0, len(images), batch_size):
-            x = torch.stack([tf(decode(b, f"image_id {ids[j]!r} of {dataset_uri}, split {split}"))
-                             for j, b in enumerate(images[i:i + batch_size], start=i)])
-            preds.append(model(x).argmax(1).numpy())
+            pixels = np.stack([tf(decode(b, f"image_id {ids[j]!r} of {dataset_uri}, split {split}"))
+                               for j, b in enumerate(images[i:i + batch_size], start=i)])
+            preds.append(model(to_input(torch.from_numpy(pixels))).argmax(1).numpy())
     pred = np.concatenate(preds)
     per_class = [float((pred[labels == c] == c).mean()) if (labels == c).any() else None
                  for c in range(info.num_classes)]

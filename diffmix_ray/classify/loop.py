@@ -1,5 +1,14 @@
 """The per-worker classifier training function (Ray Train V2). Epoch-granular resume: the data
-iterator's position is not checkpointed, the epoch is."""
+iterator's position is not checkpointed, the epoch is.
+
+Per-epoch fixed costs are cut to what resume and selection need (docs/train-cls.md, "Fixed costs"):
+- one Ray Dataset streams every remaining epoch's batches (data.run_rows), so the pipeline neither
+  drains nor restarts at epoch boundaries, and the next epoch's images are prepared while val runs;
+  val's images are decoded once per attempt and kept in the object store;
+- a full checkpoint every `checkpoint_every` epochs and after the last one (resume restarts from
+  the last one written);
+- test is scored once, at the end, on the selected weights (selected.py), unless
+  `test_every_epoch`; best/ is written once, at the end."""
 
 from __future__ import annotations
 
@@ -10,46 +19,61 @@ import time
 import numpy as np
 import torch
 
-from . import data
+from . import data, step
 from .losses import Criterion
 from .model import build_model
+from .selected import Selected, cpu_copy
 
 CKPT_FILE = "state.pt"
 BEST_DIR = "best"  # <out>/best/model.pt + model.json: the selected weights (best val, or the last epoch)
+KEEP_EVAL_BYTES = 2 * 2**30  # a rank's decoded val (or test) images up to this size stay in the object store
 
 
-def _evaluate(model, rows: data.Rows, cfg: dict, device) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class (correct, total) over this rank's rows, summed over ranks by all-reduce. The
-    unwrapped module is used: DDP's forward would sync buffers and hang on uneven eval shards."""
-    import ray.train
-    import torch.distributed as dist
-
-    C = cfg["num_classes"]
-    correct = torch.zeros(C, dtype=torch.float64)
-    total = torch.zeros(C, dtype=torch.float64)
-    if len(rows):
-        ds = data.epoch_dataset(rows, cfg["refs"], cfg["uris"], C, 1.0, 0.0, False, cfg["data_cfg"], cfg["block_rows"])
-        model.eval()
-        with torch.no_grad():
-            for batch in ds.iter_torch_batches(batch_size=cfg["batch_size"], device=device):
-                pred = model(batch["image"]).argmax(1).cpu()
-                lab = batch["label"].cpu()
-                total += torch.bincount(lab, minlength=C).double()
-                correct += torch.bincount(lab[pred == lab], minlength=C).double()
-    if ray.train.get_context().get_world_size() > 1:
-        stacked = torch.stack([correct, total]).to(device)
-        dist.all_reduce(stacked)
-        correct, total = stacked.cpu()
-    return correct.numpy(), total.numpy()
+def _rank_rows(rows: data.Rows, rank: int, world: int) -> data.Rows:
+    return data.Rows(*[getattr(rows, c)[rank::world] for c in data.COLS])
 
 
-def _score(model, split: str, cfg: dict, device, rank: int, world: int) -> dict | None:
-    """Top-1 and per-class accuracy on `split`; None when the dataset has no such split (every rank
-    agrees on that, so none waits in an all-reduce the others skip)."""
-    rows = cfg[f"{split}_rows"]
-    if not len(rows):
+class _Split:
+    """One evaluation split on this rank: its dataset, built (and for val kept) once per attempt."""
+
+    def __init__(self, name: str, cfg: dict, rank: int, world: int, keep: bool):
+        self.name, self.cfg = name, cfg
+        self.exists = len(cfg[f"{name}_rows"]) > 0  # the same on every rank
+        self.rows = _rank_rows(cfg[f"{name}_rows"], rank, world)
+        self.keep, self._ds = keep, None
+
+    def dataset(self):
+        cfg, rows = self.cfg, self.rows
+        if self._ds is not None or not len(rows):
+            return self._ds
+        ds = data.dataset(rows, cfg["refs"], cfg["uris"], False, cfg["data_cfg"], cfg["block_rows"],
+                          encoded=cfg["gpu_decode"])
+        size = cfg["data_cfg"]["img_size"]
+        if self.keep and (cfg["gpu_decode"] or len(rows) * 3 * size * size <= KEEP_EVAL_BYTES):
+            self._ds = ds = ds.materialize()  # the eval pipeline is deterministic: decode once
+        return ds
+
+
+def _score(model, split: _Split, inputs: step.Inputs, cfg: dict, device, amp, world: int) -> dict | None:
+    """Top-1 and per-class accuracy; None when the dataset has no such split (every rank agrees, so
+    none waits in an all-reduce the others skip). The unwrapped module is used: DDP's forward would
+    sync buffers and hang on uneven eval shards."""
+    if not split.exists:
         return None
-    return _accuracy(*_evaluate(model, data.Rows(*[a[rank::world] for a in _cols(rows)]), cfg, device))
+    C = cfg["num_classes"]
+    correct = torch.zeros(C, dtype=torch.float64, device=device)
+    total = torch.zeros(C, dtype=torch.float64, device=device)
+    if (ds := split.dataset()) is not None:
+        model.eval()
+        for batch in data.batches(ds, cfg["batch_size"], device, cfg["gpu_decode"]):
+            step.count_correct(model, batch, inputs, correct, total, amp)
+    if world > 1:
+        import torch.distributed as dist
+
+        stacked = torch.stack([correct, total])
+        dist.all_reduce(stacked)
+        correct, total = stacked
+    return _accuracy(correct.cpu().numpy(), total.cpu().numpy())
 
 
 def _accuracy(correct: np.ndarray, total: np.ndarray) -> dict:
@@ -58,127 +82,151 @@ def _accuracy(correct: np.ndarray, total: np.ndarray) -> dict:
             "per_class": [None if np.isnan(v) else float(v) for v in per_class]}
 
 
+def _fail_once(cfg: dict, epoch: int, rank: int, world: int) -> None:
+    """Test hook: rank 1 (or 0 alone) dies once at epoch `_fail_at_epoch`."""
+    if cfg.get("_fail_at_epoch") == epoch and rank == min(1, world - 1):
+        marker = os.path.join(cfg["fail_marker_dir"], "failed-once")
+        if not os.path.exists(marker):  # fire once: the restarted worker must get past it
+            open(marker, "w").close()
+            os._exit(1)
+
+
 def train_func(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
+    from ray.data import DataContext
     from timm.data import Mixup
 
-    from ray.data import DataContext
+    from ..errors import DiffmixError
 
-    # Per-epoch datasets would each draw progress bars into the job log; the dashboard has them.
+    # One dataset per run rather than per epoch, but evaluation still draws bars into the job log.
     DataContext.get_current().enable_progress_bars = False
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if cfg["gpu_decode"] and device.type != "cuda":
+        raise DiffmixError("--gpu-decode needs a GPU per worker; this worker has none: run without --gpu-decode")
     torch.manual_seed(cfg["seed"] + rank)
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
-    model = ray.train.torch.prepare_model(build_model(cfg["arch"], cfg["num_classes"], cfg["pretrained"]))
+    net = build_model(cfg["arch"], cfg["num_classes"], cfg["pretrained"])
+    channels_last = step.use_channels_last(net, device)
+    model = ray.train.torch.prepare_model(net.to(memory_format=torch.channels_last) if channels_last else net)
+    module = model.module if hasattr(model, "module") else model
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg["optimizer"] == "sgd":
         opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
     else:
         opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    real, syn = cfg["real_rows"], cfg["syn_rows"]
     schedule = cfg["lr_schedule"]  # schedule.Schedule: the rate is a function of the step count
-    criterion = Criterion(cfg["loss"], cfg["train_counts"], cfg["drw_epoch"], cfg["drw_beta"], cfg["hard_labels"])
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    criterion = Criterion(cfg["loss"], cfg["train_counts"], cfg["drw_epoch"], cfg["drw_beta"],
+                          cfg["hard_labels"]).to(device)
+    amp = step.autocast_dtype(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     mixup = None
     if cfg["cutmix"] or cfg["mixup"]:
         mixup = Mixup(mixup_alpha=1.0 if cfg["mixup"] else 0.0, cutmix_alpha=1.0 if cfg["cutmix"] else 0.0,
                       prob=0.5, label_smoothing=cfg["label_smoothing"], num_classes=cfg["num_classes"])
+    uris = cfg["uris"]
+    inputs = step.Inputs(cfg["data_cfg"], device, cfg["num_classes"], cfg["gamma"], cfg["label_smoothing"],
+                         channels_last, cfg["gpu_decode"], mixup,
+                         where=lambda b, i: data.where(uris, b["file"][i], b["row"][i]))
 
-    start_epoch, history, step = 0, [], 0
+    start_epoch, history, n_steps, selected = 0, [], 0, Selected()
     if ckpt := ray.train.get_checkpoint():
         with ckpt.as_directory() as d:
             state = torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=False)
-        model.module.load_state_dict(state["model"]) if hasattr(model, "module") else model.load_state_dict(state["model"])
+        module.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        start_epoch, history, step = state["epoch"] + 1, state["history"], state["step"]
+        start_epoch, history, n_steps = state["epoch"] + 1, state["history"], state["step"]
+        selected = Selected.restore(state, cfg["select"], cfg["epochs"])
 
-    for epoch in range(start_epoch, cfg["epochs"]):
-        if cfg.get("_fail_at_epoch") == epoch and rank == min(1, world - 1):
-            marker = os.path.join(cfg["fail_marker_dir"], "failed-once")
-            if not os.path.exists(marker):  # fire once: the restarted worker must get past it
-                open(marker, "w").close()
-                os._exit(1)
+    epochs = cfg["epochs"]
+    rows, steps_per_epoch = data.run_rows(cfg["real_rows"], cfg["syn_rows"], cfg["p"], cfg["syn_weights"],
+                                          cfg["seed"], range(start_epoch, epochs), rank, world, cfg["batch_size"])
+    train_batches = None
+    if len(rows):
+        ds = data.dataset(rows, cfg["refs"], uris, True, cfg["data_cfg"], cfg["block_rows"], cfg["gpu_decode"])
+        train_batches = data.batches(ds, cfg["batch_size"], device, cfg["gpu_decode"])
+    val = _Split("val", cfg, rank, world, keep=True)
+    test = _Split("test", cfg, rank, world, keep=cfg["test_every_epoch"])
+    every = max(1, int(cfg["checkpoint_every"]))
+
+    for epoch in range(start_epoch, epochs):
+        _fail_once(cfg, epoch, rank, world)
         t0 = time.perf_counter()
-        rows = data.epoch_rows(real, syn, cfg["p"], cfg["syn_weights"], cfg["seed"], epoch, rank, world)
-        ds = data.epoch_dataset(rows, cfg["refs"], cfg["uris"], cfg["num_classes"], cfg["gamma"],
-                                cfg["label_smoothing"], True, cfg["data_cfg"], cfg["block_rows"])
-        loss_fn = criterion.for_epoch(epoch)
-        model.train()
-        losses, seen = [], 0
-        for batch in ds.iter_torch_batches(batch_size=cfg["batch_size"], drop_last=True, device=device,
-                                           prefetch_batches=2):
-            x, y = batch["image"], batch["target"]
-            if mixup is not None:
-                x, y = mixup(x, batch["label"])
-            for group in opt.param_groups:
-                group["lr"] = schedule.lr(step)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = model(x)
-            loss = loss_fn(logits, y, batch["label"])
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            step += 1
-            losses.append(float(loss.detach()))
-            seen += len(x)
+        losses = step.train_epoch(model, train_batches, steps_per_epoch, inputs, opt, scaler,
+                                  criterion.for_epoch(epoch), schedule.lr, n_steps, amp)
+        n_steps += steps_per_epoch
+        train_loss = step.mean_loss(losses)  # the epoch's one read of the training loss
         train_seconds = time.perf_counter() - t0
-        eval_model = model.module if hasattr(model, "module") else model
         if world > 1:  # BN running stats drift per rank after DDP's last broadcast: score rank 0's model
             import torch.distributed as dist
 
-            for buf in eval_model.buffers():
+            for buf in module.buffers():
                 dist.broadcast(buf.data, src=0)
-        val = _score(eval_model, "val", cfg, device, rank, world)
-        test = _score(eval_model, "test", cfg, device, rank, world)
-        seconds = time.perf_counter() - t0
-        record = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, "val": val,
-                  "test": test, "lr": opt.param_groups[0]["lr"], "seconds": seconds,
-                  "train_seconds": train_seconds, "steps": step,
-                  # training throughput (all ranks), evaluation excluded
-                  "images_per_s": seen * world / train_seconds if train_seconds else 0.0}
+        record = {"epoch": epoch, "train_loss": train_loss,
+                  "val": _score(module, val, inputs, cfg, device, amp, world)}
+        if cfg["test_every_epoch"] or not test.exists:  # null: the dataset has no test split
+            record["test"] = _score(module, test, inputs, cfg, device, amp, world)
+        record |= {"lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
+                   "train_seconds": train_seconds, "steps": n_steps,
+                   # training throughput (all ranks), evaluation excluded
+                   "images_per_s": steps_per_epoch * cfg["batch_size"] * world / train_seconds if train_seconds else 0.0}
         history = history + [record]
-        metrics = {"epoch": epoch, "train_loss": record["train_loss"], "images_per_s": record["images_per_s"]}
-        metrics |= {f"{k}_top1": r["top1"] for k, r in (("val", val), ("test", test)) if r is not None}
-        if rank == 0 and _selected_so_far(history, cfg["select"], cfg["epochs"]):  # the weights `evaluate` scores
-            save_best(cfg["out"], eval_model, epoch, val["top1"] if val else None, cfg)
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if rank == 0:  # one writer; every rank reports (report is a barrier)
-                torch.save({"model": eval_model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                            "history": history, "step": step}, os.path.join(d, CKPT_FILE))
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        selected.update(history, cfg["select"], epochs, module)
+        last = epoch == epochs - 1
+        state = None
+        if last or (epoch + 1) % every == 0:
+            # a copy: _finish loads the selected weights into the module before the last one is saved
+            state = {"model": cpu_copy(module.state_dict()), "optimizer": opt.state_dict(), "epoch": epoch,
+                     "step": n_steps}
+            state |= selected.checkpoint_fields(epoch)
+        if last:  # before the final checkpoint, which must hold the test score it adds
+            history = _finish(module, selected, history, test, inputs, cfg, device, amp, rank, world)
+        _report(record, state, history, rank)
+    if start_epoch >= epochs and history:  # resumed after the final checkpoint: end on it again
+        _report(history[-1], None, history, rank)
 
 
-def _selected_so_far(history: list[dict], select: str, epochs: int) -> bool:
-    """Whether the epoch just recorded is the one the run reports, as far as it knows: the best val
-    top-1 so far (earliest on ties), or, with --select last, the final epoch."""
-    if select == "last":
-        return history[-1]["epoch"] == epochs - 1
-    best_before = max((h["val"]["top1"] for h in history[:-1]), default=-1.0)
-    return history[-1]["val"]["top1"] > best_before
+def _finish(module, selected: Selected, history: list[dict], test: _Split, inputs, cfg: dict, device, amp,
+            rank: int, world: int) -> list[dict]:
+    """Score test on the selected weights (once) and write them to best/ (rank 0)."""
+    history = [dict(h) for h in history]
+    rec = next(h for h in history if h["epoch"] == selected.epoch)
+    if selected.weights is not None:
+        module.load_state_dict(selected.weights)  # the final checkpoint's state was taken before this
+    if test.exists and rec.get("test") is None:
+        rec["test"] = _score(module, test, inputs, cfg, device, amp, world)
+    if rank == 0 and selected.weights is not None:  # else: a checkpoint from before issue 12 left best/ as is
+        save_best(cfg["out"], selected.weights, selected.epoch, rec["val"]["top1"] if rec["val"] else None, cfg)
+    return history
 
 
-def save_best(out: str, model, epoch: int, val_top1: float | None, cfg: dict) -> None:
+def _report(record: dict, state: dict | None, history: list[dict], rank: int) -> None:
+    """Ray Train's report (a barrier: every rank calls it) with a checkpoint when `state` is given;
+    rank 0 writes it."""
+    import ray.train
+
+    metrics = {"epoch": record["epoch"], "train_loss": record["train_loss"], "images_per_s": record["images_per_s"]}
+    metrics |= {f"{k}_top1": history[-1][k]["top1"] for k in ("val", "test") if history[-1].get(k)}
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if state is not None and rank == 0:
+            torch.save(state | {"history": history}, os.path.join(d, CKPT_FILE))
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def save_best(out: str, weights: dict, epoch: int, val_top1: float | None, cfg: dict) -> None:
     import io
     import json
 
     from .. import storage
 
     buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
+    torch.save({k: v.contiguous() for k, v in weights.items()}, buf)  # channels_last or not: plain tensors
     storage.write_bytes_atomic(storage.join(out, BEST_DIR, "model.pt"), buf.getvalue())
     meta = {"arch": cfg["arch"], "num_classes": cfg["num_classes"], "epoch": epoch, "val_top1": val_top1,
             "select": cfg["select"], "data_cfg": cfg["data_cfg"], "dataset_fingerprint": cfg["dataset_fingerprint"]}
     storage.write_text_atomic(storage.join(out, BEST_DIR, "model.json"), json.dumps(meta, indent=2))
-
-
-def _cols(rows: data.Rows) -> list[np.ndarray]:
-    return [getattr(rows, c) for c in data.COLS]

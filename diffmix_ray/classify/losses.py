@@ -70,6 +70,12 @@ class Criterion:
         self.log_prior = torch.tensor(np.log(counts / counts.sum()), dtype=torch.float32)[None]
         self.weights = torch.tensor(drw_weights(counts, beta), dtype=torch.float32)
 
+    def to(self, device) -> "Criterion":
+        """Keep the class statistics on the training device: copying them there at every step would
+        make each step wait for the copy."""
+        self.log_prior, self.weights = self.log_prior.to(device), self.weights.to(device)
+        return self
+
     def for_epoch(self, epoch: int):
         if self.loss == "balanced-softmax":
             return lambda logits, target, labels: balanced_softmax(logits, target, self.log_prior)

@@ -1,6 +1,7 @@
 """The `train-cls` driver: validate -> resolve the recipe (recipe.py) -> claim the output -> load image
-columns into the object store -> TorchTrainer.fit (DDP, per-epoch checkpoints, automatic restarts) ->
-metrics.json (the epoch chosen by --select; test reported there) -> _SUCCESS."""
+columns into the object store -> TorchTrainer.fit (DDP, a checkpoint every --checkpoint-every epochs and
+after the last, automatic restarts) -> metrics.json (the epoch chosen by --select; test reported
+there) -> _SUCCESS."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from ..ops.jobs import announce
 from ..ops.local_ray import init_ray, resolve_gpus
 from ..synthetic import open_synthetic
 from . import data, labels
-from .config import ClassifyConfig
+from .config import GPU_DECODE_ON_CPU, ClassifyConfig
 from .loop import CKPT_FILE, train_func
 from .model import build_model, check_arch
 from .recipe import check_splits, resolve
@@ -26,7 +27,11 @@ from .summary import mean_std, result_line, summarize
 
 METRICS_JSON = "metrics.json"
 SUMMARY_JSON = "summary.json"
-EXECUTION_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "max_failures", "_fail_at_epoch", "out")
+# What may change between a run and its resume; also what runs started before these options existed
+# lack, so their identity (and resume) is unchanged.
+EXECUTION_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "max_failures", "_fail_at_epoch", "out",
+                  "gpu_decode", "checkpoint_every", "test_every_epoch")
+NEW_EXECUTION_KEYS = ("gpu_decode", "checkpoint_every", "test_every_epoch")
 
 
 def _identity(cfg: ClassifyConfig, dataset_fp: str, synthetic_fps: list[str]) -> dict:
@@ -80,6 +85,13 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
                                                  + ":" + storage.normalize(s.uri) for s in syn_sets])
     if cfg.lr_scaling == "linear":  # the rate then depends on the worker count, which otherwise may change
         identity["global_batch"] = cfg.batch_size * cfg.workers
+    gpus = None
+    if cfg.gpu_decode:  # refused before the output is claimed, which means asking Ray about GPUs now
+        init_ray(min_cpus=cfg.workers * cfg.cpus_per_worker)
+        gpus = resolve_gpus(cfg.gpus_per_worker, "train-cls", "worker")
+        if gpus <= 0:
+            raise DiffmixError(GPU_DECODE_ON_CPU.format(why="the Ray cluster has no GPUs, nor can its autoscaler "
+                                                            "add any"))
     resumed = storage.claim_output(out, "train-cls", identity, overwrite)
     announce("train-cls", storage.config_hash(identity))  # inside a Ray job: where to watch it, which run it is
     if resumed and storage.exists(storage.join(out, SUCCESS)):
@@ -91,8 +103,9 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
     if resume and not resumed:
         raise DiffmixError(f"--resume: {out} holds no earlier run of this config to continue")
 
-    init_ray(min_cpus=cfg.workers * cfg.cpus_per_worker)
-    gpus = resolve_gpus(cfg.gpus_per_worker, "train-cls", "worker")
+    if gpus is None:
+        init_ray(min_cpus=cfg.workers * cfg.cpus_per_worker)
+        gpus = resolve_gpus(cfg.gpus_per_worker, "train-cls", "worker")
     refs = _load_columns(all_files)
     train_counts = info.class_counts("train")
     syn_weights = (labels.synthetic_row_weights(syn.target, info.num_classes, recipe.synthetic_sampling,
@@ -138,7 +151,9 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
 def run_seeds(cfg: ClassifyConfig, seeds: list[int], overwrite: bool = False, resume: bool = False) -> dict:
     """One run per seed under <out>/seed-<s>/, then mean ± std of the selected test top-1."""
     out = storage.normalize(cfg.out)
-    storage.claim_output(out, "train-cls-seeds", dataclasses.asdict(cfg) | {"seeds": seeds}, overwrite)
+    # without the options added by issue 12, so multi-seed runs started before them still resume
+    ident = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NEW_EXECUTION_KEYS}
+    storage.claim_output(out, "train-cls-seeds", ident | {"seeds": seeds}, overwrite)
     runs = []
     for seed in seeds:
         sub = dataclasses.replace(cfg, seed=seed, out=storage.join(out, f"seed-{seed}"))

@@ -1,8 +1,12 @@
 """The classifier's image pipelines, defined here once for training, per-epoch evaluation and
-`evaluate`. A pipeline is the augmentation steps (PIL image in, PIL image out: geometry and colour)
-followed by one final step that turns pixels into the model's input (ToTensor + normalisation).
-That step is kept separate and last so that it can move onto the GPU (uint8 out of the data
-workers) by changing `to_input` and its caller only.
+`evaluate`. A pipeline is the augmentation steps (geometry and colour on 8-bit RGB pixels) followed
+by one final step, `ToInput`, that turns pixels into the model's input (float, normalised).
+
+The augmentation steps run where the images are decoded: on the Ray Data workers (PIL in, PIL out,
+then `ToPixels`: uint8 HWC arrays, a quarter of float32's bytes), or with --gpu-decode on the GPU
+(`tensor_augmentations`: the same steps as torchvision.transforms.v2 on uint8 CHW tensors, translated
+from the PIL steps so the two cannot drift apart). `ToInput` runs on the training device: ToTensor's
+/255 and Normalize's (x - mean) / std, in the same order and precision as before they moved there.
 
 - `timm`: the architecture's own timm pipeline (RandomResizedCrop 0.08-1 + flip + ColorJitter 0.4;
   eval Resize(size / crop_pct) + CenterCrop) with the architecture's normalisation.
@@ -70,11 +74,41 @@ def augmentations(d: dict, training: bool) -> list:
     raise DiffmixError(f"unknown augment {augment!r} in the data config; expected one of {', '.join(AUGMENTS)}")
 
 
-def to_input(d: dict) -> list:
-    """The final step: 8-bit RGB pixels -> float CHW tensor normalised for the model."""
-    from torchvision import transforms as T
+class ToPixels:
+    """The data workers' last step: PIL image -> uint8 HWC array (np.asarray: no transpose, no float)."""
 
-    return [T.ToTensor(), T.Normalize(tuple(d["mean"]), tuple(d["std"]))]
+    def __call__(self, img):
+        import numpy as np
+
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+    def __repr__(self) -> str:
+        return "ToPixels(uint8 HWC)"
+
+
+class ToInput:
+    """The final step, on the training device: uint8 pixels -> float NCHW normalised for the model.
+    `layout` is how the pixels arrive: NHWC from the data workers, NCHW from --gpu-decode.
+    channels_last: the result has NHWC strides (convolutions on tensor cores read them directly);
+    from NHWC pixels that is a free view, so only the uint8 copy is ever re-laid out."""
+
+    def __init__(self, d: dict, device, channels_last: bool = False):
+        import torch
+
+        self.mean = torch.tensor(d["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(d["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.channels_last = channels_last
+
+    def __call__(self, pixels, layout: str = "NHWC"):
+        import torch
+
+        if pixels.dtype != torch.uint8 or pixels.dim() != 4:
+            raise DiffmixError(f"ToInput expects a uint8 batch of images (4 dimensions), got {pixels.dtype} "
+                               f"{tuple(pixels.shape)}")
+        x = pixels.permute(0, 3, 1, 2) if layout == "NHWC" else pixels
+        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        # ToTensor then Normalize: x / 255, then (x - mean) / std, in float32 as they computed it
+        return x.float().div_(255).sub_(self.mean).div_(self.std)
 
 
 @functools.lru_cache(maxsize=8)
@@ -82,12 +116,43 @@ def _pipeline(key: str, training: bool):
     from torchvision import transforms as T
 
     d = json.loads(key)
-    return T.Compose(augmentations(d, training) + to_input(d))
+    return T.Compose(augmentations(d, training) + [ToPixels()])
 
 
 def pipeline(d: dict, training: bool):
-    """The whole pipeline (cached per process: data workers build it once, not per batch)."""
+    """What the data workers run: augmentation + ToPixels (cached per process: data workers build it
+    once, not per batch). The model's input is `ToInput(d, device)` of a stack of its outputs."""
     return _pipeline(json.dumps(d, sort_keys=True), training)
+
+
+def tensor_augmentations(d: dict, training: bool):
+    """The augmentation steps of `d` as torchvision.transforms.v2 on uint8 CHW tensors (any device),
+    for --gpu-decode: each PIL step translated with its parameters."""
+    from torchvision.transforms import v2
+
+    steps = []
+    for t in augmentations(d, training):
+        name = type(t).__name__
+        if name == "Resize":
+            steps.append(v2.Resize(t.size, interpolation=t.interpolation, max_size=t.max_size, antialias=True))
+        elif name == "CenterCrop":
+            steps.append(v2.CenterCrop(t.size))
+        elif name == "RandomCrop":
+            steps.append(v2.RandomCrop(t.size, padding=t.padding, pad_if_needed=t.pad_if_needed, fill=t.fill,
+                                       padding_mode=t.padding_mode))
+        elif name == "RandomHorizontalFlip":
+            steps.append(v2.RandomHorizontalFlip(t.p))
+        elif name in ("RandomResizedCrop", "RandomResizedCropAndInterpolation") and not isinstance(
+                t.interpolation, (tuple, list)):  # timm's "random" interpolation has no tensor version
+            steps.append(v2.RandomResizedCrop(t.size, scale=t.scale, ratio=t.ratio, interpolation=t.interpolation,
+                                              antialias=True))
+        elif name == "ColorJitter":
+            steps.append(v2.ColorJitter(t.brightness, t.contrast, t.saturation, t.hue))
+        else:
+            raise DiffmixError(f"--gpu-decode: the {d.get('augment', 'timm')} pipeline's step {t!r} has no tensor "
+                               "version here; run without --gpu-decode (the data workers then decode and augment "
+                               "on CPU)")
+    return v2.Compose(steps)
 
 
 def describe(d: dict) -> str:
