@@ -816,3 +816,32 @@ def test_selected_weights_follow_val_and_survive_checkpoints():
     for i in range(1, 5):
         last.update(history[:i], "last", 4, model)
     assert last.epoch == 3 and Selected.restore(old, "last", 4).epoch == 3
+
+
+def test_ray_data_ships_uint8_pixels_or_encoded_bytes(ray_local):
+    """The data workers' side of both paths, on Ray Data (no Ray Train): uint8 NHWC pixels in row
+    order with the labels for the device, or (--gpu-decode) the encoded bytes with their (file, row)."""
+    import pyarrow as pa
+    import torch
+
+    from diffmix_ray.classify import data
+    from diffmix_ray.classify.step import Inputs
+
+    blobs = _photos(4)
+    refs = [ray_local.put(pa.table({"image": pa.array(blobs[:2], pa.binary())})),
+            ray_local.put(pa.table({"image": pa.array(blobs[2:], pa.binary())}))]
+    rows = data.Rows(np.array([1, 0, 1, 0, 0], np.int32), np.array([1, 0, 0, 1, 1]), np.array([0, 1, 2, 3, 3]),
+                     np.array([0, 1, 2, 0, 3]), np.array([0, 0, 0, 0.5, 0], np.float32))
+    d = _data_cfg("reference")
+    s = d["img_size"]
+    got = list(data.batches(data.dataset(rows, refs, ["a.parquet", "b.parquet"], True, d, 2), 2, torch.device("cpu"),
+                            drop_last=True))
+    assert len(got) == 2 and got[0]["image"].dtype == torch.uint8 and got[0]["image"].shape == (2, s, s, 3)
+    assert torch.cat([b["label"] for b in got]).tolist() == [0, 1, 2, 0]  # in row order
+    assert torch.cat([b["strength"] for b in got]).tolist() == [0, 0, 0, 0.5]
+    enc = list(data.batches(data.dataset(rows, refs, ["a.parquet", "b.parquet"], False, d, 2, encoded=True), 3,
+                            torch.device("cpu"), encoded=True))
+    assert [len(b["image"]) for b in enc] == [3, 2] and bytes(enc[0]["image"][0]) == blobs[3]  # file 1, row 1
+    assert enc[1]["file"].tolist() == [0, 0] and enc[1]["row"].tolist() == [1, 1]
+    x, y = Inputs(d, "cpu", 4, gpu_decode=True)(enc[0], training=False)
+    assert x.shape == (3, 3, s, s) and y.shape == (3, 4)

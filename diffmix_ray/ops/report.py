@@ -104,7 +104,9 @@ def accuracy_plot(runs: list[tuple[str, dict]], out_png: str) -> str:
             if not x:
                 missing.append(f"{name}: no {split} split")
                 continue
-            line, = ax.plot(x, y, style, color=color, label=f"{name} {split}")
+            # test is scored at the reported epoch only (unless --test-every-epoch): a lone point needs a marker
+            marker = "o" if len(x) < len(m["epochs"]) else None
+            line, = ax.plot(x, y, style, color=color, marker=marker, label=f"{name} {split}")
             color = line.get_color()
         s = m["summary"]
         # the reported epoch: on the val curve that chose it, or (--select last) on test where there is one
