@@ -3,7 +3,7 @@ what a Ray Train worker runs) fed from memory in the ways the data path can feed
 loop, measured side by side in one process.
 
     python bench/bench_classify_step.py --device cuda      # one GPU: ResNet-50, 448 px, AMP; ~1-2 min
-    .venv/bin/python bench/bench_classify_step.py --device cpu   # here: ResNet-18, 224 px, fp32; ~2 min
+    .venv/bin/python bench/bench_classify_step.py --device cpu   # here: ResNet-18, 224 px, fp32; ~2-3 min
 
 Variants (--variants, comma-separated):
   bare         the floor: normalised float images already on the device (channels_last on CUDA), hard
@@ -12,9 +12,10 @@ Variants (--variants, comma-separated):
                workers shipped), copied to the device each step; NCHW model
   uint8        uint8 NHWC pixels in pinned host memory, copied and normalised on the device (ToInput),
                soft labels made there; NCHW model
-  uint8-cl     the same with channels_last (the default for CNNs on CUDA)
+  uint8-cl     the same with channels_last (the default for CNNs on CUDA; forced here on CPU too)
   gpu-decode   JPEG bytes in host memory, decoded (nvJPEG on CUDA) and augmented (transforms.v2) on the
-               device: --gpu-decode; channels_last as on the device's default
+               device: --gpu-decode; this and the variants below lay the model out as a run would on
+               the device (channels_last for a CNN on CUDA, not on CPU)
   cpu-decode   JPEG bytes decoded and augmented by PIL on --decode-threads host threads, a few batches
                ahead (the data workers' job, on the cores a GPU would have), then as uint8(-cl)
   eval-fp32, eval-amp   evaluation batches (uint8, channels_last as above): without and (CUDA only)
@@ -142,8 +143,9 @@ class Variant:
 
         s, dev = b.step, b.device
         self.name, self.b, self.s = name, b, s
-        self.channels_last = {"bare": b.conv and dev.type == "cuda", "float-host": False, "uint8": False}.get(
-            name, s.use_channels_last(b.model, dev))
+        # named layouts as named, on any device; the rest as the run would lay them out on this device
+        self.channels_last = {"bare": s.use_channels_last(b.model, dev), "float-host": False, "uint8": False,
+                              "uint8-cl": True}.get(name, s.use_channels_last(b.model, dev))
         self.inputs = s.Inputs(b.d, dev, b.args.classes, 0.5, 0.1, self.channels_last, gpu_decode=name == "gpu-decode")
         if name == "float-host":
             self.inputs = HostFloatInputs(self.inputs)
@@ -255,7 +257,7 @@ def main() -> None:
     ap.add_argument("--host-batches", type=int, default=2, help="distinct pre-augmented batches in memory")
     ap.add_argument("--decode-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                     help="cpu-decode: host threads decoding (the CPU cores a GPU would have)")
-    ap.add_argument("--steps", type=int, default=None, help="steps per round (default 10 CUDA, 3 CPU)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per round (default 10 CUDA, 2 CPU)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=None, help="steps per variant before timing (default 5 CUDA, 1 CPU)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
@@ -269,7 +271,7 @@ def main() -> None:
     for k, v in DEFAULTS["cuda" if device.type == "cuda" else "cpu"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.steps = args.steps or (10 if device.type == "cuda" else 3)
+    args.steps = args.steps or (10 if device.type == "cuda" else 2)
     args.warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
     args.images = max(args.images, args.batch_size * args.host_batches)
     default = [v for v in VARIANTS if device.type == "cuda" or v != "eval-amp"]

@@ -8,7 +8,9 @@ No Ray; about 2-3 minutes on one GPU (most of it writing the sd15 model once).
                            gives the same weights as the run that never stopped
   translate fp16           img2img with a concept bank: finite, non-black outputs
   translate invariance     each pair alone gives its image in the batch (fp16 tolerance)
-  classifier amp bf16/fp16 timm steps under autocast on a fixed batch: the loss falls
+  classifier amp bf16/fp16 the classifier step (uint8 in, channels_last) under autocast on a fixed
+                           batch: the loss falls; evaluation under autocast
+  classifier gpu-decode    nvJPEG + transforms.v2: shapes, and eval pixels within 2 levels of PIL's
 
     python bench/gpu_smoke.py [--preset sd15] [--device cuda]
 
@@ -162,30 +164,69 @@ def translate_checks(model: str, dataset: str, bank: str, device: str) -> None:
 
 
 def classifier_checks(device: str, amp_dtypes: list[torch.dtype]) -> None:
+    """The project's classifier step (classify/step.py: uint8 in, normalised and labelled on the device,
+    channels_last for the CNN on CUDA) and its --gpu-decode path."""
+    from diffmix_ray.classify import step
+    from diffmix_ray.classify.losses import soft_ce
     from diffmix_ray.classify.model import build_model
+    from diffmix_ray.classify.transforms import IMAGENET_MEAN, IMAGENET_STD
 
+    dev = torch.device(device)
     for amp in amp_dtypes:
         @check(f"classifier amp {str(amp).replace('torch.', '')}")
         def steps(amp=amp):
             torch.manual_seed(0)
-            model = build_model("resnet50" if device == "cuda" else "resnet18", 10).to(device)
-            model = model.to(memory_format=torch.channels_last)
+            model = build_model("resnet50" if device == "cuda" else "resnet18", 10).to(dev)
+            channels_last = step.use_channels_last(model, dev)
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
             side = 224 if device == "cuda" else 64
-            x = torch.randn(16, 3, side, side, device=device).to(memory_format=torch.channels_last)
-            y = torch.randint(0, 10, (16,), device=device)
+            d = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "img_size": side}
+            inputs = step.Inputs(d, dev, 10, channels_last=channels_last)
+            y = torch.randint(0, 10, (16,), device=dev)
+            batch = {"image": torch.randint(0, 256, (16, side, side, 3), dtype=torch.uint8, device=dev),
+                     "source": y, "label": y, "strength": torch.zeros(16, device=dev)}
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
             scaler = torch.amp.GradScaler(device, enabled=amp == torch.float16)
-            losses = []
-            for _ in range(25):
-                with torch.autocast(device, dtype=amp):
-                    loss = torch.nn.functional.cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                losses.append(float(loss))
-            ok = np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
-            return ok, f"loss {losses[0]:.3f} -> {losses[-1]:.3f} in 25 steps"
+            losses = [float(step.train_step(model, batch, inputs, opt, scaler, lambda lg, t, lb: soft_ce(lg, t), 1e-3,
+                                            amp)) for _ in range(25)]
+            correct = torch.zeros(10, dtype=torch.float64, device=dev)
+            total = torch.zeros_like(correct)
+            model.eval()
+            step.count_correct(model, batch, inputs, correct, total, amp)  # evaluation under the same autocast
+            ok = np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0] and float(total.sum()) == 16
+            return ok, (f"loss {losses[0]:.3f} -> {losses[-1]:.3f} in 25 steps, channels_last {channels_last}, "
+                        f"eval {float(correct.sum()):.0f}/16 on the fitted batch")
+
+    @check("classifier gpu-decode")
+    def decode():
+        import io
+
+        from PIL import Image
+
+        from diffmix_ray.classify import gpu_decode
+        from diffmix_ray.classify.transforms import data_config, pipeline, tensor_augmentations
+        from diffmix_ray.images import decode_rgb
+
+        rng = np.random.default_rng(0)
+        jpegs = []
+        for _ in range(8):
+            arr = np.clip(np.mgrid[0:375, 0:500][1][..., None] * [0.5, 0.3, 0.2] + rng.normal(0, 10, (375, 500, 3)),
+                          0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="JPEG", quality=95)
+            jpegs.append(buf.getvalue())
+        d = data_config("resnet50", "reference", None, 448)
+        decoded = gpu_decode.decode(jpegs, dev)
+        pixels = gpu_decode.augment(decoded, tensor_augmentations(d, False))
+        cpu = np.stack([pipeline(d, False)(decode_rgb(b)) for b in jpegs])
+        diff = float(np.abs(pixels.permute(0, 2, 3, 1).cpu().numpy().astype(int) - cpu.astype(int)).mean())
+        inputs = step.Inputs(d, dev, 10, gpu_decode=True, channels_last=dev.type == "cuda")
+        x, y = inputs({"image": jpegs, "source": torch.zeros(8, dtype=torch.long, device=dev),
+                       "label": torch.zeros(8, dtype=torch.long, device=dev), "strength": torch.zeros(8, device=dev)})
+        ok = (decoded[0].device.type == dev.type and tuple(x.shape) == (8, 3, 448, 448) and x.dtype == torch.float32
+              and diff < 2.0)
+        return ok, f"decoded on {decoded[0].device}, input {tuple(x.shape)}, eval pixels vs PIL: mean |diff| {diff:.2f}"
 
 
 def main() -> None:
