@@ -120,7 +120,8 @@ def main() -> None:
               "threads": args.threads, "gpus": args.gpus, "load": round(os.getloadavg()[0], 1),
               "ingest_images_per_s": round(ingest, 2), "in_memory_images_per_s": round(memory, 2),
               "in_memory_before_after": [round(before, 2), round(after, 2)],
-              "ratio_ingest_over_memory": round(ingest / memory, 3), "ingest_per_epoch": [round(r, 2) for r in per_epoch],
+              "ratio_ingest_over_memory": round(ingest / memory, 3),
+              "ingest_per_epoch": [round(r, 2) for r in per_epoch],
               "wall_s": round(time.perf_counter() - started, 1)}
     print(json.dumps(result, indent=2))
 

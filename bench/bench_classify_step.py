@@ -114,8 +114,9 @@ class Bench:
         for i in range(args.host_batches):
             u8 = torch.from_numpy(pixels[i * args.batch_size:(i + 1) * args.batch_size])
             labels = torch.randint(0, args.classes, (args.batch_size,), generator=g)
-            batch = {"image": u8, "source": labels, "label": labels,
-                     "strength": torch.zeros(args.batch_size), "jpeg": self.jpegs[i * args.batch_size:(i + 1) * args.batch_size]}
+            jpegs = self.jpegs[i * args.batch_size:(i + 1) * args.batch_size]
+            batch = {"image": u8, "source": labels, "label": labels, "strength": torch.zeros(args.batch_size),
+                     "jpeg": jpegs}
             if device.type == "cuda":
                 batch["image"] = u8.pin_memory()
             self.batches.append(batch)

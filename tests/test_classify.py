@@ -632,7 +632,7 @@ def test_soft_targets_on_the_device_match_the_workers_old_labels():
     strength = rng.choice([0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0], n).astype(np.float32)
     for gamma, eps in ((0.5, 0.1), (1.0, 0.0), (2.0, 0.3)):
         old = lab.smooth(lab.soft_labels(source, target, strength, gamma, C), eps).astype(np.float32)
-        new = soft_targets(torch.from_numpy(source), torch.from_numpy(target), torch.from_numpy(strength), gamma, C, eps)
+        new = soft_targets(*(torch.from_numpy(a) for a in (source, target, strength)), gamma, C, eps)
         assert new.dtype == torch.float32
         np.testing.assert_allclose(new.numpy(), old, rtol=0, atol=1e-7)
     inputs = Inputs(_data_cfg("reference"), "cpu", C, gamma=0.5, smoothing=0.1)

@@ -169,10 +169,11 @@ def train_func(cfg: dict) -> None:
                   "val": _score(module, val, inputs, cfg, device, amp, world)}
         if cfg["test_every_epoch"] or not test.exists:  # null: the dataset has no test split
             record["test"] = _score(module, test, inputs, cfg, device, amp, world)
+        seen = steps_per_epoch * cfg["batch_size"] * world
         record |= {"lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
                    "train_seconds": train_seconds, "steps": n_steps,
                    # training throughput (all ranks), evaluation excluded
-                   "images_per_s": steps_per_epoch * cfg["batch_size"] * world / train_seconds if train_seconds else 0.0}
+                   "images_per_s": seen / train_seconds if train_seconds else 0.0}
         history = history + [record]
         selected.update(history, cfg["select"], epochs, module)
         last = epoch == epochs - 1
