@@ -109,6 +109,8 @@ def train_func(cfg: dict) -> None:
     torch.manual_seed(cfg["seed"] + rank)
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
+    else:  # every training batch has the same shape: let cuDNN pick its fastest kernels once
+        torch.backends.cudnn.benchmark = True
     net = build_model(cfg["arch"], cfg["num_classes"], cfg["pretrained"])
     channels_last = step.use_channels_last(net, device)
     model = ray.train.torch.prepare_model(net.to(memory_format=torch.channels_last) if channels_last else net)
