@@ -7,9 +7,11 @@ pre-augmented), in one run.
     python bench/bench_classify.py --arch resnet50 --augment reference --res-mode 448 --batch-size 64 \\
         --per-class 200 --gpus 1                                               # a GPU node with Ray
 
-Prints figures; asserts nothing. Target: ingest/in-memory >= 0.9. The in-memory floor runs before
-and after the Ray run (which starts and leaves daemons): their mean is the floor, their spread says
-how steady the machine was."""
+Prints figures; asserts nothing. Target: ingest/in-memory >= 0.9. Figures are medians over epochs:
+the ingest run's epochs after the first (which includes the pipeline's start), and as many epochs'
+worth of in-memory steps before and after the Ray run (which starts and leaves daemons); the
+spread of the in-memory rounds says how steady the machine was. On a shared machine a neighbour's
+load moves both, and not alike: a Ray run has more threads to claim a share of the cores with."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 
-def in_memory_rate(dataset: str, args, steps: int) -> float:
+def in_memory_rates(dataset: str, args, steps: int, rounds: int) -> list[float]:
     """The worker's step (step.train_step: uint8 in, normalised and labelled on the device) on
     batches already augmented and held in memory: no data path at all."""
     from diffmix_ray import canonical
@@ -63,9 +65,12 @@ def in_memory_rate(dataset: str, args, steps: int) -> float:
 
     it = batches()
     step.mean_loss(step.train_epoch(model, it, 2, inputs, opt, scaler, loss_fn, lambda s: 0.01, 0, amp))  # warm-up
-    t0 = time.perf_counter()
-    step.mean_loss(step.train_epoch(model, it, steps, inputs, opt, scaler, loss_fn, lambda s: 0.01, 0, amp))
-    return steps * args.batch_size / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(rounds):  # one epoch's steps each, read once at the end as an epoch is
+        t0 = time.perf_counter()
+        step.mean_loss(step.train_epoch(model, it, steps, inputs, opt, scaler, loss_fn, lambda s: 0.01, 0, amp))
+        rates.append(steps * args.batch_size / (time.perf_counter() - t0))
+    return rates
 
 
 def ingest_rate(dataset: str, out: str, args) -> tuple[float, list]:
@@ -83,7 +88,7 @@ def ingest_rate(dataset: str, out: str, args) -> tuple[float, list]:
         res_mode=args.res_mode if args.augment != "timm" else None, epochs=args.epochs, batch_size=args.batch_size,
         lr=0.01, cpus_per_worker=args.threads, warmup_epochs=0, gpus_per_worker=float(args.gpus)))
     rates = [e["images_per_s"] for e in m["epochs"]]
-    return float(np.mean(rates[1:])), rates  # epoch 0 includes the pipeline's start and warm-up
+    return float(np.median(rates[1:])), rates  # epoch 0 includes the pipeline's start and warm-up
 
 
 def main() -> None:
@@ -110,16 +115,15 @@ def main() -> None:
                                        size=args.source_size)
         ds = os.path.join(tmp, "ds")
         prepare(PrepareConfig("imagefolder", raw, super_class="shape", val_fraction=0.1), ds, show_progress=False)
-        n_train = int(args.per_class * 4 * 0.9)
-        steps = max(10, (n_train // args.batch_size) * (args.epochs - 1))
-        before = in_memory_rate(ds, args, steps)
+        steps = max(2, int(args.per_class * 4 * 0.9) // args.batch_size)  # one epoch
+        before = in_memory_rates(ds, args, steps, args.epochs - 1)
         ingest, per_epoch = ingest_rate(ds, os.path.join(tmp, "run"), args)
-        after = in_memory_rate(ds, args, steps)
-        memory = (before + after) / 2
+        after = in_memory_rates(ds, args, steps, args.epochs - 1)
+        memory = float(np.median(before + after))
     result = {"arch": args.arch, "augment": args.augment, "batch_size": args.batch_size,
               "threads": args.threads, "gpus": args.gpus, "load": round(os.getloadavg()[0], 1),
               "ingest_images_per_s": round(ingest, 2), "in_memory_images_per_s": round(memory, 2),
-              "in_memory_before_after": [round(before, 2), round(after, 2)],
+              "in_memory_before": [round(r, 2) for r in before], "in_memory_after": [round(r, 2) for r in after],
               "ratio_ingest_over_memory": round(ingest / memory, 3),
               "ingest_per_epoch": [round(r, 2) for r in per_epoch],
               "wall_s": round(time.perf_counter() - started, 1)}
