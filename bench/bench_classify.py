@@ -19,13 +19,14 @@ import argparse
 import json
 import os
 import tempfile
+import threading
 import time
 
 import numpy as np
 import torch
 
 
-def in_memory_rates(dataset: str, args, steps: int, rounds: int) -> list[float]:
+def in_memory_rates(dataset: str, args, steps: int, rounds: int) -> tuple[list[float], list[float]]:
     """The worker's step (step.train_step: uint8 in, normalised and labelled on the device) on
     batches already augmented and held in memory: no data path at all."""
     from diffmix_ray import canonical
@@ -65,15 +66,47 @@ def in_memory_rates(dataset: str, args, steps: int, rounds: int) -> list[float]:
 
     it = batches()
     step.mean_loss(step.train_epoch(model, it, 2, inputs, opt, scaler, loss_fn, lambda s: 0.01, 0, amp))  # warm-up
-    rates = []
+    rates, cpu = [], []
     for _ in range(rounds):  # one epoch's steps each, read once at the end as an epoch is
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step.mean_loss(step.train_epoch(model, it, steps, inputs, opt, scaler, loss_fn, lambda s: 0.01, 0, amp))
         rates.append(steps * args.batch_size / (time.perf_counter() - t0))
-    return rates
+        cpu.append(steps * args.batch_size / (time.process_time() - c0))
+    return rates, cpu
 
 
-def ingest_rate(dataset: str, out: str, args) -> tuple[float, list]:
+class TreeCPU(threading.Thread):
+    """CPU seconds used by this process and everything it started (Ray's daemons, the Train worker,
+    the Ray Data workers), sampled every `period` s; a process that exits keeps its last reading."""
+
+    def __init__(self, period: float = 0.5):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.root, self.period, self.stop = psutil.Process(), period, threading.Event()
+        self.last: dict[int, float] = {}
+        self.samples: list[tuple[float, float]] = []
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.stop.is_set():
+            for p in [self.root] + self.root.children(recursive=True):
+                try:
+                    t = p.cpu_times()
+                    self.last[(p.pid, p.create_time())] = t.user + t.system
+                except psutil.Error:
+                    pass
+            # less this sampler's own CPU: it is the benchmark's, not the system's
+            self.samples.append((time.time(), sum(self.last.values()) - time.thread_time()))
+            self.stop.wait(self.period)
+
+    def between(self, t0: float, t1: float) -> float:
+        ts, cpu = zip(*self.samples)
+        return float(np.interp(t1, ts, cpu) - np.interp(t0, ts, cpu))
+
+
+def ingest_rate(dataset: str, out: str, args) -> tuple[float, list, list]:
     import ray
 
     from diffmix_ray.classify.config import ClassifyConfig
@@ -82,13 +115,21 @@ def ingest_rate(dataset: str, out: str, args) -> tuple[float, list]:
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    sampler = TreeCPU()
+    sampler.start()
     m = run_classify(ClassifyConfig(
         dataset=dataset, arch=args.arch, out=out, augment=args.augment,
         img_size=args.img_size if args.augment == "timm" else None,
         res_mode=args.res_mode if args.augment != "timm" else None, epochs=args.epochs, batch_size=args.batch_size,
         lr=0.01, cpus_per_worker=args.threads, warmup_epochs=0, gpus_per_worker=float(args.gpus)))
+    sampler.stop.set()
+    sampler.join()
     rates = [e["images_per_s"] for e in m["epochs"]]
-    return float(np.median(rates[1:])), rates  # epoch 0 includes the pipeline's start and warm-up
+    # CPU seconds everything spent while each epoch trained (evaluation excluded)
+    cpu = [e["images_per_s"] * e["train_seconds"] / max(sampler.between(e["started_at"], e["started_at"] +
+                                                                           e["train_seconds"]), 1e-9)
+           for e in m["epochs"]]
+    return float(np.median(rates[1:])), rates, cpu  # epoch 0 includes the pipeline's start and warm-up
 
 
 def main() -> None:
@@ -116,16 +157,21 @@ def main() -> None:
         ds = os.path.join(tmp, "ds")
         prepare(PrepareConfig("imagefolder", raw, super_class="shape", val_fraction=0.1), ds, show_progress=False)
         steps = max(2, int(args.per_class * 4 * 0.9) // args.batch_size)  # one epoch
-        before = in_memory_rates(ds, args, steps, args.epochs - 1)
-        ingest, per_epoch = ingest_rate(ds, os.path.join(tmp, "run"), args)
-        after = in_memory_rates(ds, args, steps, args.epochs - 1)
+        before, before_cpu = in_memory_rates(ds, args, steps, args.epochs - 1)
+        ingest, per_epoch, ingest_cpu = ingest_rate(ds, os.path.join(tmp, "run"), args)
+        after, after_cpu = in_memory_rates(ds, args, steps, args.epochs - 1)
         memory = float(np.median(before + after))
+        memory_cpu, ingest_cpu_med = float(np.median(before_cpu + after_cpu)), float(np.median(ingest_cpu[1:]))
     result = {"arch": args.arch, "augment": args.augment, "batch_size": args.batch_size,
               "threads": args.threads, "gpus": args.gpus, "load": round(os.getloadavg()[0], 1),
               "ingest_images_per_s": round(ingest, 2), "in_memory_images_per_s": round(memory, 2),
               "in_memory_before": [round(r, 2) for r in before], "in_memory_after": [round(r, 2) for r in after],
               "ratio_ingest_over_memory": round(ingest / memory, 3),
               "ingest_per_epoch": [round(r, 2) for r in per_epoch],
+              # per CPU second of everything involved: what a neighbour's load moves least
+              "ingest_images_per_cpu_s": round(ingest_cpu_med, 2), "in_memory_images_per_cpu_s": round(memory_cpu, 2),
+              "cpu_ratio_ingest_over_memory": round(ingest_cpu_med / memory_cpu, 3),
+              "ingest_per_cpu_s_per_epoch": [round(r, 2) for r in ingest_cpu],
               "wall_s": round(time.perf_counter() - started, 1)}
     print(json.dumps(result, indent=2))
 

@@ -156,7 +156,7 @@ def train_func(cfg: dict) -> None:
 
     for epoch in range(start_epoch, epochs):
         _fail_once(cfg, epoch, rank, world)
-        t0 = time.perf_counter()
+        started_at, t0 = time.time(), time.perf_counter()
         losses = step.train_epoch(model, train_batches, steps_per_epoch, inputs, opt, scaler,
                                   criterion.for_epoch(epoch), schedule.lr, n_steps, amp)
         n_steps += steps_per_epoch
@@ -173,7 +173,7 @@ def train_func(cfg: dict) -> None:
             record["test"] = _score(module, test, inputs, cfg, device, amp, world)
         seen = steps_per_epoch * cfg["batch_size"] * world
         record |= {"lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
-                   "train_seconds": train_seconds, "steps": n_steps,
+                   "train_seconds": train_seconds, "started_at": started_at, "steps": n_steps,
                    # training throughput (all ranks), evaluation excluded
                    "images_per_s": seen / train_seconds if train_seconds else 0.0}
         history = history + [record]
