@@ -168,7 +168,9 @@ def test_label_bookkeeping_end_to_end(ray_local, shapes, tmp_path):
     real = real_run["summary"]["test_top1"]
     assert all(e["test"] is not None for e in real_run["epochs"])  # --test-every-epoch: curves, as before
     good = fx.fake_synthetic(str(tmp_path / "good"), shapes, 0.04)
-    bad = fx.fake_synthetic(str(tmp_path / "bad"), shapes, 0.04, shuffle_labels=True, seed=3)
+    # seed 27: no class's most frequent shuffled label is its own. (With seed 3, two were: a model that fitted
+    # the shuffled labels scored 0.46-0.5 on test, before and after issue 12, and the bound below flickered.)
+    bad = fx.fake_synthetic(str(tmp_path / "bad"), shapes, 0.04, shuffle_labels=True, seed=27)
     syn = run_classify(cfg(shapes, tmp_path / "syn", synthetic=(good,), synthetic_p=1.0))["summary"]["test_top1"]
     shuf = run_classify(cfg(shapes, tmp_path / "shuf", synthetic=(bad,), synthetic_p=1.0))["summary"]["test_top1"]
     assert real >= 0.75, real
