@@ -13,7 +13,7 @@ from .errors import DiffmixError
 
 app = typer.Typer(help="Diff-Mix inter-class image translation as a distributed batch system on Ray.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-model_app = typer.Typer(help="Model utilities (tiny/bench/sd15 presets, staging).", no_args_is_help=True)
+model_app = typer.Typer(help="Model utilities (tiny/bench/sd15 presets, CLIP presets, staging).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
 
@@ -285,6 +285,43 @@ def train_cls(
 
 @app.command()
 @friendly
+def score(
+    synthetic: Optional[str] = typer.Option(None, help="A generate output (local path or s3://) whose shards to score."),
+    clip: Optional[str] = typer.Option(None, help="CLIP model: tiny | clip-b32 (random weights, for tests and benchmarks) "
+                                       "| a CLIPModel folder | s3://... | a hub id org/name (only when online)."),
+    classifier: Optional[str] = typer.Option(None, help="A finished train-cls run: adds its softmax probability of the "
+                                             "source and the target class."),
+    name: Optional[str] = typer.Option(None, help="Scores go to <synthetic>/scores/NAME/ (default 'default')."),
+    dataset: Optional[str] = typer.Option(None, help="The canonical dataset the shards were made from (default: the "
+                                          "one generate recorded; its fingerprint must match)."),
+    allow_incomplete: Optional[bool] = typer.Option(None, "--allow-incomplete", help="Score shards without _SUCCESS."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per scoring call (default 64)."),
+    min_actors: Optional[int] = typer.Option(None, help="Scoring actors, autoscaling minimum (default 1)."),
+    max_actors: Optional[int] = typer.Option(None, help="Scoring actors, autoscaling maximum (default 1)."),
+    gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs per actor. Default: 1 when the Ray cluster has GPUs "
+                                                   "or its autoscaler can add them, else 0 (CPU, fp32)."),
+    cpus_per_actor: Optional[float] = typer.Option(None, help="CPUs per actor; on CPU also its torch threads (default 1)."),
+    memory_per_actor_gb: Optional[float] = typer.Option(None, help="Host memory reserved per actor."),
+    rows_per_file: Optional[int] = typer.Option(None, help="Scores per Parquet file (default 100000)."),
+    config: Optional[str] = typer.Option(None, help="YAML file with any of these options."),
+    overwrite: bool = typer.Option(False, help="Delete a different scores run found under this name and start again."),
+):
+    """Score synthetic images (CLIP class and object scores, source similarity, a classifier's confidence) on a Ray
+    actor pool; writes <synthetic>/scores/NAME/ beside the shards, never changing them."""
+    from . import config as cfgmod
+    from .score.config import ScoreConfig
+    from .score.run import run_score
+
+    cfg = cfgmod.build(ScoreConfig, config, dict(
+        synthetic=synthetic, clip=clip, classifier=classifier, name=name, dataset=dataset,
+        allow_incomplete=allow_incomplete, batch_size=batch_size, min_actors=min_actors, max_actors=max_actors,
+        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, memory_per_actor_gb=memory_per_actor_gb,
+        rows_per_file=rows_per_file))
+    run_score(cfg, overwrite=overwrite)
+
+
+@app.command()
+@friendly
 def evaluate(checkpoint: str = typer.Option(..., help="A train-cls output directory (or its best/ folder)."),
              dataset: str = typer.Option(..., help="Canonical dataset URI to score on."),
              split: str = typer.Option("test", help="train | val | test.")):
@@ -332,6 +369,22 @@ def make_model(out: str = typer.Argument(..., help="Directory (or s3:// URI) to 
     dtype = resolve_write_dtype(preset, dtype)
     written = write_model(f"{preset}:{seed}", out, overwrite=overwrite, dtype=dtype)
     console.print(f"wrote the '{preset}' model (seed {seed}, {dtype}) to {written}")
+
+
+@model_app.command("make-clip")
+@friendly
+def make_clip(out: str = typer.Argument(..., help="Directory (or s3:// URI) to write the CLIPModel folder into."),
+              preset: str = typer.Option("tiny", help="tiny (tests, demo) or clip-b32 (CLIP ViT-B/32's exact "
+                                         "architecture: GPU benchmarks)."),
+              seed: int = typer.Option(0, help="Weight seed: same preset and seed, same weights."),
+              overwrite: bool = typer.Option(False, help="Replace a non-empty OUT.")):
+    """Write a built-in, randomly initialised CLIP model as a normal CLIPModel folder (config, weights, tokenizer,
+    preprocessor config), loadable by `score --clip OUT` and by transformers. Its scores mean nothing."""
+    from .models.clip import CLIP_PRESETS, write_clip
+
+    if preset not in CLIP_PRESETS:
+        raise DiffmixError(f"unknown CLIP preset {preset!r}; choose one of {', '.join(CLIP_PRESETS)}")
+    console.print(f"wrote the '{preset}' CLIP model (seed {seed}) to {write_clip(f'{preset}:{seed}', out, overwrite)}")
 
 
 @model_app.command("stage")

@@ -115,11 +115,13 @@ def scan_and_compact(folder: str, key: str = COL_PAIR_ID) -> Scan:
     return Scan(found, removed, compact_duplicates(folder, found, key))
 
 
-def settle(folder: str, planned: set[str], what: str, key: str = COL_PAIR_ID) -> tuple[Scan, set[str]]:
-    """After a run: (scan, planned ids still missing). Refuses ids outside the plan."""
+def settle(folder: str, planned: set[str], what: str, key: str = COL_PAIR_ID,
+           refuse_extra: bool = True) -> tuple[Scan, set[str]]:
+    """After a run: (scan, planned ids still missing). Refuses ids outside the plan unless told
+    not to (scores of an incomplete generate output whose generate, resumed, is redoing a shard)."""
     scan = scan_and_compact(folder, key)
     extra = scan.done - planned
-    if extra:
+    if extra and refuse_extra:
         raise DiffmixError(f"{folder} holds {len(extra)} {what} that are not in the plan (e.g. {sorted(extra)[:3]}); "
                            "the output was modified by hand: rerun with --overwrite")
     return scan, planned - scan.done
