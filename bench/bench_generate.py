@@ -203,7 +203,10 @@ def system_run(cfg, work: str, name: str) -> dict:
     args = [CLI, "generate", "--dataset", cfg.dataset, "--model", cfg.model, "--out", out, "--mode", cfg.mode,
             "--multiplier", str(cfg.multiplier), "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size),
             "--max-actors", "1", "--cpus-per-actor", str(cfg.cpus_per_actor),
-            "--rows-per-shard", str(cfg.rows_per_shard)]
+            "--rows-per-shard", str(cfg.rows_per_shard), "--strength", str(cfg.strength)]
+    for flag, value in (("--concepts", cfg.concepts), ("--limit", cfg.limit), ("--gpus-per-actor", cfg.gpus_per_actor)):
+        if value is not None:
+            args += [flag, str(value)]
     log_path = os.path.join(work, f"{name}.log")
     with open(log_path, "w") as log:
         started = time.time()

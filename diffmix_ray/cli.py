@@ -243,16 +243,41 @@ def train_cls(
     out: Optional[str] = typer.Option(None, help="Output URI: metrics.json, best/, checkpoints under train/."),
     config: Optional[str] = typer.Option(None, help="YAML file with any of these options."),
     pretrained: Optional[str] = typer.Option(None, help="Local weights file/folder for --arch (no hub access)."),
-    img_size: Optional[int] = typer.Option(None, help="Input resolution (default: the architecture's)."),
+    augment: Optional[str] = typer.Option(None, help="Image pipeline: timm (default; the architecture's) | reference "
+                                          "(Diff-Mix: Resize((r,r)) > RandomCrop(c, pad 8) > flip) | reference-lt "
+                                          "(its long-tail trainer: RandomResizedCrop > flip > ColorJitter 0.4)."),
+    res_mode: Optional[int] = typer.Option(None, help="reference pipelines: 224 | 384 | 448 = resize>crop 256>224, "
+                                           "440>384, 512>448 (default 224)."),
+    img_size: Optional[int] = typer.Option(None, help="--augment timm: input size (default: the architecture's)."),
     epochs: Optional[int] = typer.Option(None, help="Epochs (default 30)."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size per worker (default 32)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.05; cosine with warmup)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.05)."),
+    lr_scaling: Optional[str] = typer.Option(None, help="none (default) | linear: lr x global batch / --lr-base-batch."),
+    lr_base_batch: Optional[int] = typer.Option(None, help="Global batch --lr is given for under linear scaling "
+                                                "(default 256)."),
     optimizer: Optional[str] = typer.Option(None, help="sgd (default) | adamw."),
     weight_decay: Optional[float] = typer.Option(None, help="Weight decay (default 5e-4)."),
-    warmup_epochs: Optional[float] = typer.Option(None, help="Linear warmup, in epochs (default 1)."),
+    schedule: Optional[str] = typer.Option(None, help="cosine (default; to 0 over all steps) | step (x--lr-decay at "
+                                           "each --lr-milestones epoch; the long-tail trainer's)."),
+    warmup_fraction: Optional[float] = typer.Option(None, help="Linear warm-up over this share of all steps "
+                                                    "(default 0.1 with cosine, the reference's)."),
+    warmup_epochs: Optional[float] = typer.Option(None, help="Linear warm-up in epochs instead (default 5 with step)."),
+    lr_milestones: Optional[str] = typer.Option(None, help="step: epochs where the lr is multiplied by --lr-decay "
+                                                "(default 80%,90% of --epochs: 160,180 of 200)."),
+    lr_decay: Optional[float] = typer.Option(None, help="step: factor per milestone (default 0.01)."),
+    loss: Optional[str] = typer.Option(None, help="ce (default) | drw (class re-weighting from --drw-epoch) | "
+                                       "balanced-softmax."),
+    drw_epoch: Optional[int] = typer.Option(None, help="drw: first re-weighted epoch (default 80% of --epochs: 160 "
+                                            "of 200)."),
+    drw_beta: Optional[float] = typer.Option(None, help="drw: effective-number beta (default 0.9999)."),
     label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing on the soft target (default 0.1)."),
+    select: Optional[str] = typer.Option(None, help="val (default): report the epoch with the best val top-1 | last: "
+                                         "the final epoch (datasets without val; published-number protocol)."),
+    shot_thresholds: Optional[str] = typer.Option(None, help="MANY,FEW for many/medium/few (default: the dataset's, "
+                                                  "from dataset.json)."),
     synthetic_p: Optional[float] = typer.Option(None, help="P(replace a real sample by a synthetic one); default 0.1, 0.3 for few-shot/long-tail."),
-    synthetic_sampling: Optional[str] = typer.Option(None, help="uniform | inverse-frequency (by target class)."),
+    synthetic_sampling: Optional[str] = typer.Option(None, help="uniform | inverse-frequency (by target class ∝ "
+                                                     "1/(n_c+1)); default inverse-frequency on long-tailed datasets."),
     gamma: Optional[float] = typer.Option(None, help="Soft-label exponent: y = (1-s^g) src + s^g tgt (default 0.5)."),
     allow_incomplete: Optional[bool] = typer.Option(None, "--allow-incomplete", help="Accept shards without _SUCCESS."),
     cutmix: Optional[bool] = typer.Option(None, "--cutmix", help="CutMix baseline (real data only)."),
@@ -272,9 +297,12 @@ def train_cls(
 
     cfg = cfgmod.build(ClassifyConfig, config, dict(
         dataset=dataset, synthetic=tuple(synthetic) if synthetic else None, arch=arch, out=out,
-        pretrained=pretrained, img_size=img_size, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-        weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
-        synthetic_p=synthetic_p, synthetic_sampling=synthetic_sampling, gamma=gamma,
+        pretrained=pretrained, augment=augment, res_mode=res_mode, img_size=img_size, epochs=epochs,
+        batch_size=batch_size, lr=lr, lr_scaling=lr_scaling, lr_base_batch=lr_base_batch, optimizer=optimizer,
+        weight_decay=weight_decay, schedule=schedule, warmup_fraction=warmup_fraction, warmup_epochs=warmup_epochs,
+        lr_milestones=lr_milestones, lr_decay=lr_decay, loss=loss, drw_epoch=drw_epoch, drw_beta=drw_beta,
+        label_smoothing=label_smoothing, select=select, shot_thresholds=shot_thresholds, synthetic_p=synthetic_p,
+        synthetic_sampling=synthetic_sampling, gamma=gamma,
         allow_incomplete=allow_incomplete, cutmix=cutmix, mixup=mixup, seed=seed, workers=workers,
         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker))
     if seeds:
@@ -325,7 +353,7 @@ def score(
 def evaluate(checkpoint: str = typer.Option(..., help="A train-cls output directory (or its best/ folder)."),
              dataset: str = typer.Option(..., help="Canonical dataset URI to score on."),
              split: str = typer.Option("test", help="train | val | test.")):
-    """Re-score a trained classifier's val-selected weights on a dataset split."""
+    """Re-score a trained classifier's selected weights (its best/: by val, or the last epoch) on a dataset split."""
     import json
 
     from .classify.evaluate import evaluate as run_evaluate

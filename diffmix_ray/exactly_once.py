@@ -171,8 +171,10 @@ def finish(out: str, manifest: dict, missing: int, planned: int, failed: int, su
 
 
 def write_appending(ds, folder: str, prefix: str, rows_per_file: int, num_cpus: float) -> None:
-    """Write a Ray Dataset as Parquet files of `rows_per_file` rows into `folder`, beside what is
-    there: files named `<prefix>-<write uuid>-<task>`, so no run overwrites another's."""
+    """Write a Ray Dataset as Parquet files of at least `rows_per_file` rows into `folder`, beside
+    what is there: files named `<prefix>-<write uuid>-<task>`, so no run overwrites another's.
+    A minimum, not an exact count: whole blocks (multiples of the batch size) are not cut, so a
+    file holds rows_per_file rounded up to whole blocks rather than rows_per_file + a few."""
     from ray.data import SaveMode
     from ray.data.datasource import FilenameProvider
 
@@ -184,8 +186,8 @@ def write_appending(ds, folder: str, prefix: str, rows_per_file: int, num_cpus: 
 
     fs, path = storage.arrow_filesystem(folder)
     storage.makedirs(folder)
-    ds.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_file, max_rows_per_file=rows_per_file,
-                     filename_provider=Names(), mode=SaveMode.APPEND, ray_remote_args={"num_cpus": num_cpus})
+    ds.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_file, filename_provider=Names(),
+                     mode=SaveMode.APPEND, ray_remote_args={"num_cpus": num_cpus})
 
 
 def versions(packages: tuple[str, ...]) -> dict[str, str]:

@@ -105,39 +105,14 @@ def make_parquet(path: str, labels: list[int], hf_struct: bool = False, names: l
 
 
 def make_random_bank(out: str, model: str, dataset_uri: str, mode: str = "ti+lora", seed: int = 0) -> str:
-    """A concept bank with random (but seeded, non-zero) LoRA weights and token embeddings, in the
-    format `finetune` writes: enough to test loading and conditioning without training."""
-    import torch
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
+    """A concept bank with random (seeded, non-zero) LoRA weights and token embeddings for the
+    dataset at `dataset_uri`, in the format `finetune` writes."""
     from diffmix_ray import canonical
-    from diffmix_ray.contracts import DEFAULT_PROMPT_TEMPLATE, PLACEHOLDER_TEMPLATE
-    from diffmix_ray.models.concepts import ConceptBank, save_bank
-    from diffmix_ray.models.loader import load_pipeline
+    from diffmix_ray.models.concepts import write_random_bank
 
     info = canonical.open_dataset(dataset_uri).info
-    pipe, ref = load_pipeline(model)
-    torch.manual_seed(seed)
-    lora = None
-    if mode in ("ti+lora", "lora"):
-        pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                         target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-        with torch.no_grad():  # peft zero-initialises B; make the adapter actually change outputs
-            for name, p in pipe.unet.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.5)
-        lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
-    tokens = [PLACEHOLDER_TEMPLATE.format(index=i) for i in range(info.num_classes)]
-    embeds = {t: torch.randn(dim) for t in tokens}
-    bank = ConceptBank(tokens=tokens, class_names=info.classes, prompt_template=DEFAULT_PROMPT_TEMPLATE,
-                       super_class=info.super_class, mode=mode,
-                       base_model={"spec": ref.spec, "fingerprint": ref.fingerprint},
-                       dataset_fingerprint=info.fingerprint, train_config={"random": True, "seed": seed})
-    save_bank(out, bank, lora, embeds)
-    return out
+    return write_random_bank(out, model, info.classes, info.super_class, info.fingerprint, mode=mode, seed=seed,
+                             token_std=1.0)
 
 
 def fake_synthetic(out: str, dataset_uri: str, strength: float, shuffle_labels: bool = False, seed: int = 0,

@@ -234,3 +234,18 @@ def test_cli_and_yaml_pass_the_speed_options(sample_dataset, tmp_path, monkeypat
     assert CliRunner().invoke(app, args).exit_code == 0
     assert [(c.gradient_checkpointing, c.compile) for c in seen] == [(True, True), (True, False), (False, False)]
     assert seen[0].identity() == seen[2].identity()  # execution options: a resume may switch them
+
+
+def test_bf16_autocast_step_on_cpu(setup):
+    """The GPU's reduced-precision path on the CPU (bf16 frozen weights under bf16 autocast, fp32
+    trainables), so a dtype mismatch in it fails here and not first on a rented GPU."""
+    inputs, batches = setup
+    tuner = _tuner(inputs, precision="bf16")
+    assert tuner.unet.dtype == torch.bfloat16 and tuner.class_tokens.vectors.dtype == torch.float32
+    vocab = tuner.class_tokens.base.weight.clone()
+    start = {k: v.clone() for k, v in tuner.trainable_tensors().items()}
+    losses = [float(tuner.train_step(batch, step)) for step, batch in enumerate(batches[:3], start=1)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    moved = {k: float((v - start[k]).abs().max()) for k, v in tuner.trainable_tensors().items()}
+    assert min(moved.values()) > 0  # tokens and LoRA both train
+    assert torch.equal(vocab, tuner.class_tokens.base.weight)  # the vocabulary stays frozen

@@ -418,3 +418,23 @@ def test_too_few_steps_for_the_strength_is_refused():
         GenerateConfig(dataset="d", mode="real-mix", strength=0.05, steps=10).validate()
     with pytest.raises(DiffmixError, match="needs --compile"):
         GenerateConfig(dataset="d", mode="real-mix", compile_cache="/tmp/x").validate()
+
+
+def test_compiled_unet_pads_batches_and_shares_its_cache(translator, sample_dataset, tiny_bank, tmp_path):
+    """--compile: the UNet compiled once at start for the padded batch shape; a short batch is
+    padded (same images as eager); the second actor loads the first one's kernels."""
+    import os
+
+    info = canonical.open_dataset(sample_dataset).info
+    cache = str(tmp_path / "compile-cache")
+    make = lambda: Translator("tiny", "mix", info.classes, info.super_class, concepts=tiny_bank, steps=6, threads=2,
+                              batch_size=4, compile=True, compile_cache=cache)
+    first = make()
+    assert not first.compile_cache.loaded and len(os.listdir(cache)) == 1
+    batch = _batch(sample_dataset, targets=[1, 2, 3], strengths=[0.7, 0.7, 0.5], seeds=[1, 2, 3])
+    out = first(batch)  # groups of 2 and 1 pairs, each padded to 4
+    assert list(out[COL_ERROR]) == [""] * 3
+    assert _diff(out[COL_PIXELS], translator(batch)[COL_PIXELS]).max() <= 1
+    second = make()
+    assert second.compile_cache.loaded
+    assert _diff(second(batch)[COL_PIXELS], out[COL_PIXELS]).max() == 0

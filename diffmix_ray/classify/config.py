@@ -5,9 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import DiffmixError
+from .losses import LOSSES
+from .schedule import SCHEDULES
+from .transforms import AUGMENTS, RES_MODES
 
 OPTIMIZERS = ("sgd", "adamw")
 SYNTHETIC_SAMPLING = ("uniform", "inverse-frequency")
+SELECT = ("val", "last")
+LR_SCALING = ("none", "linear")
 
 
 @dataclass(frozen=True)
@@ -17,26 +22,39 @@ class ClassifyConfig:
     out: str
     synthetic: tuple[str, ...] = ()
     pretrained: str | None = None  # local file or directory of weights for `arch`; no hub access
-    img_size: int | None = None  # default: the architecture's own input size
+    augment: str = "timm"  # timm | reference | reference-lt (transforms.py)
+    img_size: int | None = None  # timm only; default: the architecture's own input size
+    res_mode: int | None = None  # reference pipelines only: 224 | 384 | 448 (default 224)
     epochs: int = 30
     batch_size: int = 32  # per worker
     lr: float = 0.05
+    lr_scaling: str = "none"  # linear: lr x global batch / lr_base_batch
+    lr_base_batch: int = 256
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
+    schedule: str = "cosine"  # cosine | step (schedule.py)
+    # warm-up: at most one of the two; default 0.1 of all steps (cosine), 5 epochs (step)
+    warmup_epochs: float | None = None
+    warmup_fraction: float | None = None
+    lr_milestones: tuple[int, ...] | None = None  # step: epochs where lr *= lr_decay; default 80%, 90%
+    lr_decay: float = 0.01
+    loss: str = "ce"  # ce | drw | balanced-softmax (losses.py)
+    drw_epoch: int | None = None  # drw: re-weight from this epoch; default 80% of epochs (160 of 200)
+    drw_beta: float = 0.9999
     label_smoothing: float = 0.1
+    select: str = "val"  # val: the epoch with the best val top-1; last: the final epoch
     # Diff-Mix mixing: replace each real sample with probability p by a synthetic one
     synthetic_p: float | None = None  # default 0.1; 0.3 for few-shot and long-tail datasets
-    synthetic_sampling: str = "uniform"
+    synthetic_sampling: str | None = None  # default uniform; inverse-frequency on long-tailed datasets
     gamma: float = 0.5  # soft label y = (1 - s^gamma) onehot(src) + s^gamma onehot(tgt)
     allow_incomplete: bool = False
     # non-generative baselines (real data only)
     cutmix: bool = False
     mixup: bool = False
-    # long-tail reporting: many > many_threshold train images, few < few_threshold
-    many_threshold: int = 20
-    few_threshold: int = 5
+    # many/medium/few as (MANY, FEW): many = more than MANY train images, few = fewer than FEW;
+    # "20,5" or [20, 5] are accepted; None = the dataset's (dataset.json shot_thresholds)
+    shot_thresholds: tuple[int, int] | None = None
     seed: int = 2020
     workers: int = 1
     cpus_per_worker: float = 1.0
@@ -48,6 +66,10 @@ class ClassifyConfig:
         if isinstance(self.synthetic, (list, str)):
             object.__setattr__(self, "synthetic", tuple([self.synthetic] if isinstance(self.synthetic, str)
                                                         else self.synthetic))
+        if isinstance(self.lr_milestones, (list, str)):  # YAML list or "160,180" from the command line
+            object.__setattr__(self, "lr_milestones", parse_ints("--lr-milestones", self.lr_milestones))
+        # one form, so "20,5" and [20, 5] are the same run (the output's identity hashes the config)
+        object.__setattr__(self, "shot_thresholds", parse_shot_thresholds(self.shot_thresholds))
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -58,7 +80,7 @@ class ClassifyConfig:
             raise DiffmixError(f"--optimizer {self.optimizer!r}: choose {' or '.join(OPTIMIZERS)}")
         if self.synthetic_p is not None and not 0.0 <= self.synthetic_p <= 1.0:
             raise DiffmixError(f"--synthetic-p {self.synthetic_p} is a probability: it must be in [0, 1]")
-        if self.synthetic_sampling not in SYNTHETIC_SAMPLING:
+        if self.synthetic_sampling is not None and self.synthetic_sampling not in SYNTHETIC_SAMPLING:
             raise DiffmixError(f"--synthetic-sampling {self.synthetic_sampling!r}: choose "
                                f"{' or '.join(SYNTHETIC_SAMPLING)}")
         if not self.gamma > 0:
@@ -67,11 +89,78 @@ class ClassifyConfig:
             raise DiffmixError(f"--label-smoothing {self.label_smoothing} must be in [0, 1)")
         if (self.cutmix or self.mixup) and self.synthetic:
             raise DiffmixError("--cutmix/--mixup are the real-data baselines; run them without --synthetic")
+        self._validate_recipe()
         if self.workers < 1 or self.cpus_per_worker <= 0 or (self.gpus_per_worker or 0) < 0:
             raise DiffmixError("--workers must be >= 1, --cpus-per-worker > 0, --gpus-per-worker >= 0")
+
+    def _validate_recipe(self) -> None:
+        choices = ((self.augment, "--augment", AUGMENTS), (self.schedule, "--schedule", SCHEDULES),
+                   (self.loss, "--loss", LOSSES), (self.select, "--select", SELECT),
+                   (self.lr_scaling, "--lr-scaling", LR_SCALING))
+        for value, flag, allowed in choices:
+            if value not in allowed:
+                raise DiffmixError(f"{flag} {value!r}: choose {' or '.join(allowed)}")
+        if self.augment == "timm" and self.res_mode is not None:
+            raise DiffmixError(f"--res-mode {self.res_mode} sets the reference pipelines' resize -> crop; with "
+                               "--augment timm give the input size as --img-size (or use --augment reference)")
+        if self.augment != "timm" and self.img_size is not None:
+            raise DiffmixError(f"--img-size is the input size of --augment timm; --augment {self.augment} takes "
+                               f"--res-mode {'|'.join(map(str, RES_MODES))} (resize -> crop "
+                               f"{', '.join(f'{r}->{c}' for r, c in RES_MODES.values())})")
+        if self.res_mode is not None and self.res_mode not in RES_MODES:
+            raise DiffmixError(f"--res-mode {self.res_mode}: choose {' or '.join(map(str, RES_MODES))}")
+        if self.warmup_epochs is not None and self.warmup_fraction is not None:
+            raise DiffmixError("give the warm-up once: --warmup-epochs N or --warmup-fraction F, not both")
+        if self.warmup_fraction is not None and not 0.0 <= self.warmup_fraction < 1.0:
+            raise DiffmixError(f"--warmup-fraction {self.warmup_fraction} is a share of all steps: it must be in [0, 1)")
+        if self.warmup_epochs is not None and not 0.0 <= self.warmup_epochs < self.epochs:
+            raise DiffmixError(f"--warmup-epochs {self.warmup_epochs} must be in [0, --epochs {self.epochs})")
+        if self.lr_base_batch < 1:
+            raise DiffmixError(f"--lr-base-batch {self.lr_base_batch} must be >= 1")
+        if self.lr_milestones is not None:
+            if self.schedule != "step":
+                raise DiffmixError("--lr-milestones belong to --schedule step; the cosine schedule has none")
+            ms = list(self.lr_milestones)
+            if ms != sorted(set(ms)) or any(not 0 < m < self.epochs for m in ms):
+                raise DiffmixError(f"--lr-milestones {','.join(map(str, ms))} must be increasing epochs between 1 and "
+                                   f"{self.epochs - 1} (--epochs {self.epochs}): a later one would never apply")
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise DiffmixError(f"--lr-decay {self.lr_decay} is the factor per milestone: it must be in (0, 1]")
+        if self.drw_epoch is not None:
+            if self.loss != "drw":
+                raise DiffmixError(f"--drw-epoch belongs to --loss drw (this run uses --loss {self.loss})")
+            if not 0 <= self.drw_epoch < self.epochs:
+                raise DiffmixError(f"--drw-epoch {self.drw_epoch} must be in [0, --epochs {self.epochs}): "
+                                   "a later one would never re-weight")
+        if not 0.0 <= self.drw_beta < 1.0:
+            raise DiffmixError(f"--drw-beta {self.drw_beta} must be in [0, 1)")
 
     def resolved_p(self, subset_kind: str | None) -> float:
         """The paper's replacement probability: 0.1 conventionally, 0.3 for few-shot/long-tail."""
         if self.synthetic_p is not None:
             return self.synthetic_p
         return 0.3 if subset_kind in ("few-shot", "long-tail") else 0.1
+
+
+def parse_ints(flag: str, value) -> tuple[int, ...]:
+    parts = [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else list(value)
+    try:
+        return tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise DiffmixError(f"{flag} {value!r} must be whole numbers separated by commas, e.g. 160,180") from None
+
+
+def parse_shot_thresholds(value) -> tuple[int, int] | None:
+    """'20,5', [20, 5] or (20, 5) -> (20, 5); None stays None (the dataset's thresholds apply).
+    prepare has its own parser for the same option: a stage does not import another's internals."""
+    if value is None:
+        return None
+    hint = "(many = more than MANY train images, few = fewer than FEW)"
+    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else list(value)
+    if len(parts) != 2 or any(isinstance(p, float) and p != int(p) for p in parts):
+        raise DiffmixError(f"--shot-thresholds {value!r} must be two whole numbers MANY,FEW, e.g. 20,5 {hint}")
+    many, few = parse_ints("--shot-thresholds", parts)
+    if few < 0 or many <= few:
+        raise DiffmixError(f"--shot-thresholds {many},{few} is out of order: give MANY first, larger than FEW, "
+                           f"and FEW >= 0, e.g. 20,5 {hint}")
+    return many, few

@@ -6,8 +6,6 @@ replaced by any synthetic image without reading whole shards again."""
 
 from __future__ import annotations
 
-import functools
-import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +13,10 @@ import pyarrow as pa
 
 from .. import storage
 from ..contracts import COL_IMAGE, COL_LABEL, COL_SOURCE_LABEL, COL_STRENGTH, COL_TARGET_LABEL
+from ..errors import DiffmixError
+from ..images import BadImage, decode_rgb
 from . import labels as lab
+from .transforms import pipeline
 
 COLS = ("file", "row", "source", "target", "strength")
 
@@ -80,38 +81,41 @@ def epoch_rows(real: Rows, synthetic: Rows, p: float, syn_weights: np.ndarray | 
     return mixed.take(np.arange(rank, per_rank * world, world))
 
 
-@functools.lru_cache(maxsize=4)
-def _transform(img_size: int, training: bool, mean: tuple, std: tuple, interpolation: str, crop_pct: float):
-    from timm.data import create_transform
+def decode(data: bytes, where: str):
+    """Decode one stored image; a bad one is named by where it lives (shard file and row)."""
+    try:
+        return decode_rgb(data)
+    except BadImage as e:
+        raise DiffmixError(f"cannot decode the image at {where}: {e}. The file was changed or damaged after it was "
+                           "written: re-run the stage that wrote it (prepare or generate)") from None
 
-    return create_transform(input_size=(3, img_size, img_size), is_training=training, mean=mean, std=std,
-                            interpolation=interpolation, crop_pct=crop_pct)
+
+def images_of(columns: dict, files: np.ndarray, rows: np.ndarray, uris: list[str], tf) -> np.ndarray:
+    """Decode and transform the images at (file, row); `columns` maps a file index to its image column."""
+    out = []
+    for f, r in zip(files, rows):
+        img = decode(columns[int(f)][int(r)].as_py(), f"row {int(r)} of {uris[int(f)]}")
+        out.append(tf(img).numpy())
+    return np.stack(out).astype(np.float32)
 
 
-def load_batch(batch: pa.Table, refs: list, num_classes: int, gamma: float, smoothing: float, training: bool,
-               data_cfg: dict) -> dict[str, np.ndarray]:
+def load_batch(batch: pa.Table, refs: list, uris: list[str], num_classes: int, gamma: float, smoothing: float,
+               training: bool, data_cfg: dict) -> dict[str, np.ndarray]:
     """Ray Data UDF: fetch the rows' bytes from the object store, decode, augment, label."""
     import ray
-    from PIL import Image
 
     files = batch.column("file").to_numpy()
     rows = batch.column("row").to_numpy()
     columns = {int(f): ray.get(refs[int(f)]).column(COL_IMAGE) for f in np.unique(files)}
-    tf = _transform(data_cfg["img_size"], training, tuple(data_cfg["mean"]), tuple(data_cfg["std"]),
-                    data_cfg["interpolation"], data_cfg["crop_pct"])
-    images = []
-    for f, r in zip(files, rows):
-        img = Image.open(io.BytesIO(columns[int(f)][int(r)].as_py())).convert("RGB")
-        images.append(tf(img).numpy())
+    images = images_of(columns, files, rows, uris, pipeline(data_cfg, training))
     source = batch.column("source").to_numpy()
     target = batch.column("target").to_numpy()
     y = lab.soft_labels(source, target, batch.column("strength").to_numpy(), gamma, num_classes)
-    return {"image": np.stack(images).astype(np.float32), "target": lab.smooth(y, smoothing).astype(np.float32),
-            "label": target.astype(np.int64)}
+    return {"image": images, "target": lab.smooth(y, smoothing).astype(np.float32), "label": target.astype(np.int64)}
 
 
-def epoch_dataset(rows: Rows, refs: list, num_classes: int, gamma: float, smoothing: float, training: bool,
-                  data_cfg: dict, block_rows: int):
+def epoch_dataset(rows: Rows, refs: list, uris: list[str], num_classes: int, gamma: float, smoothing: float,
+                  training: bool, data_cfg: dict, block_rows: int):
     """A Ray Dataset over `rows` that yields decoded, augmented, labelled batches."""
     import ray
 
@@ -119,5 +123,5 @@ def epoch_dataset(rows: Rows, refs: list, num_classes: int, gamma: float, smooth
     blocks = [table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)] or [table]
     return ray.data.from_arrow(blocks).map_batches(
         load_batch, batch_format="pyarrow", batch_size=block_rows, num_cpus=0.5,
-        fn_kwargs=dict(refs=refs, num_classes=num_classes, gamma=gamma, smoothing=smoothing, training=training,
+        fn_kwargs=dict(refs=refs, uris=uris, num_classes=num_classes, gamma=gamma, smoothing=smoothing, training=training,
                        data_cfg=data_cfg))

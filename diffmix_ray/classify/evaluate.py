@@ -1,4 +1,5 @@
-"""`diffmix-ray evaluate`: re-score a classifier run's val-selected weights on a dataset split."""
+"""`diffmix-ray evaluate`: re-score a classifier run's selected weights (best/) on a dataset split,
+through the same image pipeline the run evaluated with (its data config is stored with the weights)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import numpy as np
 import torch
 
 from .. import canonical, storage
-from ..contracts import COL_IMAGE, COL_LABEL
+from ..contracts import COL_IMAGE, COL_IMAGE_ID, COL_LABEL
 from ..errors import DiffmixError
-from .data import _transform
+from .data import decode
 from .loop import BEST_DIR
 from .model import build_model
+from .transforms import pipeline
 
 
 def load_best(run: str):
@@ -35,22 +37,22 @@ def evaluate(checkpoint: str, dataset_uri: str, split: str = "test", batch_size:
     info = dataset.info
     if info.num_classes != meta["num_classes"]:
         raise DiffmixError(f"the model predicts {meta['num_classes']} classes but {dataset_uri} has {info.num_classes}")
-    table = dataset.read_split(split, columns=[COL_IMAGE, COL_LABEL])
-    if table.num_rows == 0:
-        raise DiffmixError(f"{dataset_uri} has no {split!r} split to evaluate on")
-    d = meta["data_cfg"]
-    tf = _transform(d["img_size"], False, tuple(d["mean"]), tuple(d["std"]), d["interpolation"], d["crop_pct"])
-    from PIL import Image
-
-    images, labels = table.column(COL_IMAGE).to_pylist(), np.asarray(table.column(COL_LABEL).to_pylist())
+    if not info.has_split(split):
+        raise DiffmixError(f"{dataset_uri} has no {split!r} split to evaluate on; it has "
+                           f"{', '.join(info.splits) or 'none'}")
+    table = dataset.read_split(split, columns=[COL_IMAGE_ID, COL_IMAGE, COL_LABEL])
+    tf = pipeline(meta["data_cfg"], training=False)
+    ids, images = table.column(COL_IMAGE_ID).to_pylist(), table.column(COL_IMAGE).to_pylist()
+    labels = np.asarray(table.column(COL_LABEL).to_pylist())
     preds = []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            x = torch.stack([tf(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[i:i + batch_size]])
+            x = torch.stack([tf(decode(b, f"image_id {ids[j]!r} of {dataset_uri}, split {split}"))
+                             for j, b in enumerate(images[i:i + batch_size], start=i)])
             preds.append(model(x).argmax(1).numpy())
     pred = np.concatenate(preds)
     per_class = [float((pred[labels == c] == c).mean()) if (labels == c).any() else None
                  for c in range(info.num_classes)]
     return {"split": split, "images": int(len(labels)), "top1": float((pred == labels).mean()),
-            "per_class": per_class, "selected_epoch": meta["epoch"],
+            "per_class": per_class, "selected_epoch": meta["epoch"], "select": meta.get("select", "val"),
             "same_dataset_as_training": meta["dataset_fingerprint"] == info.fingerprint}

@@ -9,17 +9,13 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import data
+from .losses import Criterion
 from .model import build_model
 
 CKPT_FILE = "state.pt"
-BEST_DIR = "best"  # <out>/best/model.pt + model.json: the val-selected weights
-
-
-def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+BEST_DIR = "best"  # <out>/best/model.pt + model.json: the selected weights (best val, or the last epoch)
 
 
 def _evaluate(model, rows: data.Rows, cfg: dict, device) -> tuple[np.ndarray, np.ndarray]:
@@ -32,7 +28,7 @@ def _evaluate(model, rows: data.Rows, cfg: dict, device) -> tuple[np.ndarray, np
     correct = torch.zeros(C, dtype=torch.float64)
     total = torch.zeros(C, dtype=torch.float64)
     if len(rows):
-        ds = data.epoch_dataset(rows, cfg["refs"], C, 1.0, 0.0, False, cfg["data_cfg"], cfg["block_rows"])
+        ds = data.epoch_dataset(rows, cfg["refs"], cfg["uris"], C, 1.0, 0.0, False, cfg["data_cfg"], cfg["block_rows"])
         model.eval()
         with torch.no_grad():
             for batch in ds.iter_torch_batches(batch_size=cfg["batch_size"], device=device):
@@ -47,6 +43,15 @@ def _evaluate(model, rows: data.Rows, cfg: dict, device) -> tuple[np.ndarray, np
     return correct.numpy(), total.numpy()
 
 
+def _score(model, split: str, cfg: dict, device, rank: int, world: int) -> dict | None:
+    """Top-1 and per-class accuracy on `split`; None when the dataset has no such split (every rank
+    agrees on that, so none waits in an all-reduce the others skip)."""
+    rows = cfg[f"{split}_rows"]
+    if not len(rows):
+        return None
+    return _accuracy(*_evaluate(model, data.Rows(*[a[rank::world] for a in _cols(rows)]), cfg, device))
+
+
 def _accuracy(correct: np.ndarray, total: np.ndarray) -> dict:
     per_class = np.where(total > 0, correct / np.maximum(total, 1), np.nan)
     return {"top1": float(correct.sum() / max(total.sum(), 1)),
@@ -57,7 +62,6 @@ def train_func(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
     from timm.data import Mixup
-    from timm.scheduler import CosineLRScheduler
 
     from ray.data import DataContext
 
@@ -76,10 +80,8 @@ def train_func(cfg: dict) -> None:
     else:
         opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     real, syn = cfg["real_rows"], cfg["syn_rows"]
-    steps_per_epoch = (len(real) // world) // cfg["batch_size"]
-    total_steps = max(1, steps_per_epoch * cfg["epochs"])
-    sched = CosineLRScheduler(opt, t_initial=total_steps, warmup_t=int(cfg["warmup_epochs"] * steps_per_epoch),
-                              warmup_lr_init=cfg["lr"] * 0.01, lr_min=cfg["lr"] * 1e-3, t_in_epochs=False)
+    schedule = cfg["lr_schedule"]  # schedule.Schedule: the rate is a function of the step count
+    criterion = Criterion(cfg["loss"], cfg["train_counts"], cfg["drw_epoch"], cfg["drw_beta"], cfg["hard_labels"])
     use_amp = device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
@@ -104,8 +106,9 @@ def train_func(cfg: dict) -> None:
                 os._exit(1)
         t0 = time.perf_counter()
         rows = data.epoch_rows(real, syn, cfg["p"], cfg["syn_weights"], cfg["seed"], epoch, rank, world)
-        ds = data.epoch_dataset(rows, cfg["refs"], cfg["num_classes"], cfg["gamma"], cfg["label_smoothing"], True,
-                                cfg["data_cfg"], cfg["block_rows"])
+        ds = data.epoch_dataset(rows, cfg["refs"], cfg["uris"], cfg["num_classes"], cfg["gamma"],
+                                cfg["label_smoothing"], True, cfg["data_cfg"], cfg["block_rows"])
+        loss_fn = criterion.for_epoch(epoch)
         model.train()
         losses, seen = [], 0
         for batch in ds.iter_torch_batches(batch_size=cfg["batch_size"], drop_last=True, device=device,
@@ -113,14 +116,16 @@ def train_func(cfg: dict) -> None:
             x, y = batch["image"], batch["target"]
             if mixup is not None:
                 x, y = mixup(x, batch["label"])
+            for group in opt.param_groups:
+                group["lr"] = schedule.lr(step)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = _soft_ce(model(x), y)
+                logits = model(x)
+            loss = loss_fn(logits, y, batch["label"])
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             step += 1
-            sched.step_update(step)
             losses.append(float(loss.detach()))
             seen += len(x)
         train_seconds = time.perf_counter() - t0
@@ -130,8 +135,8 @@ def train_func(cfg: dict) -> None:
 
             for buf in eval_model.buffers():
                 dist.broadcast(buf.data, src=0)
-        val = _accuracy(*_evaluate(eval_model, data.Rows(*[a[rank::world] for a in _cols(cfg["val_rows"])]), cfg, device))
-        test = _accuracy(*_evaluate(eval_model, data.Rows(*[a[rank::world] for a in _cols(cfg["test_rows"])]), cfg, device))
+        val = _score(eval_model, "val", cfg, device, rank, world)
+        test = _score(eval_model, "test", cfg, device, rank, world)
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, "val": val,
                   "test": test, "lr": opt.param_groups[0]["lr"], "seconds": seconds,
@@ -139,11 +144,10 @@ def train_func(cfg: dict) -> None:
                   # training throughput (all ranks), evaluation excluded
                   "images_per_s": seen * world / train_seconds if train_seconds else 0.0}
         history = history + [record]
-        metrics = {"epoch": epoch, "train_loss": record["train_loss"], "val_top1": val["top1"],
-                   "test_top1": test["top1"], "images_per_s": record["images_per_s"]}
-        best_before = max((h["val"]["top1"] for h in history[:-1]), default=-1.0)
-        if rank == 0 and val["top1"] > best_before:  # the val-selected model, for `evaluate`
-            save_best(cfg["out"], eval_model, epoch, val["top1"], cfg)
+        metrics = {"epoch": epoch, "train_loss": record["train_loss"], "images_per_s": record["images_per_s"]}
+        metrics |= {f"{k}_top1": r["top1"] for k, r in (("val", val), ("test", test)) if r is not None}
+        if rank == 0 and _selected_so_far(history, cfg["select"], cfg["epochs"]):  # the weights `evaluate` scores
+            save_best(cfg["out"], eval_model, epoch, val["top1"] if val else None, cfg)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:  # one writer; every rank reports (report is a barrier)
@@ -153,7 +157,16 @@ def train_func(cfg: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def save_best(out: str, model, epoch: int, val_top1: float, cfg: dict) -> None:
+def _selected_so_far(history: list[dict], select: str, epochs: int) -> bool:
+    """Whether the epoch just recorded is the one the run reports, as far as it knows: the best val
+    top-1 so far (earliest on ties), or, with --select last, the final epoch."""
+    if select == "last":
+        return history[-1]["epoch"] == epochs - 1
+    best_before = max((h["val"]["top1"] for h in history[:-1]), default=-1.0)
+    return history[-1]["val"]["top1"] > best_before
+
+
+def save_best(out: str, model, epoch: int, val_top1: float | None, cfg: dict) -> None:
     import io
     import json
 
@@ -163,7 +176,7 @@ def save_best(out: str, model, epoch: int, val_top1: float, cfg: dict) -> None:
     torch.save(model.state_dict(), buf)
     storage.write_bytes_atomic(storage.join(out, BEST_DIR, "model.pt"), buf.getvalue())
     meta = {"arch": cfg["arch"], "num_classes": cfg["num_classes"], "epoch": epoch, "val_top1": val_top1,
-            "data_cfg": cfg["data_cfg"], "dataset_fingerprint": cfg["dataset_fingerprint"]}
+            "select": cfg["select"], "data_cfg": cfg["data_cfg"], "dataset_fingerprint": cfg["dataset_fingerprint"]}
     storage.write_text_atomic(storage.join(out, BEST_DIR, "model.json"), json.dumps(meta, indent=2))
 
 

@@ -73,13 +73,3 @@ def build_model(arch: str, num_classes: int, pretrained: str | None = None):
                            f"(e.g. {problems[:3]}); pass weights saved from the same architecture")
     return model
 
-
-def data_config(arch: str, img_size: int | None) -> dict:
-    """Input size, normalisation and crop of the architecture (timm's pretrained config)."""
-    import timm
-    from timm.data import resolve_data_config
-
-    model = timm.create_model(arch, pretrained=False, num_classes=2)
-    cfg = resolve_data_config({}, model=model)
-    return {"img_size": int(img_size or cfg["input_size"][-1]), "mean": list(cfg["mean"]), "std": list(cfg["std"]),
-            "interpolation": cfg["interpolation"], "crop_pct": float(cfg["crop_pct"])}

@@ -1,6 +1,6 @@
-"""The `train-cls` driver: validate -> claim the output -> load image columns into the object
-store -> TorchTrainer.fit (DDP, per-epoch checkpoints, automatic restarts) -> metrics.json
-(model selection on val; test reported at the selected epoch) -> _SUCCESS."""
+"""The `train-cls` driver: validate -> resolve the recipe (recipe.py) -> claim the output -> load image
+columns into the object store -> TorchTrainer.fit (DDP, per-epoch checkpoints, automatic restarts) ->
+metrics.json (the epoch chosen by --select; test reported there) -> _SUCCESS."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from ..synthetic import open_synthetic
 from . import data, labels
 from .config import ClassifyConfig
 from .loop import CKPT_FILE, train_func
-from .model import build_model, check_arch, data_config
+from .model import build_model, check_arch
+from .recipe import check_splits, resolve
+from .summary import mean_std, result_line, summarize
 
 METRICS_JSON = "metrics.json"
 SUMMARY_JSON = "summary.json"
@@ -45,20 +47,17 @@ def _meta(uris: list[str], columns: list[str]) -> list:
     return [storage.read_parquet(u, columns) for u in uris]
 
 
-def summarize(history: list[dict], train_counts: list[int], cfg: ClassifyConfig, long_tail: bool) -> dict:
-    """Pick the epoch with the best val top-1 (earliest on ties) and report test there."""
-    best = max(range(len(history)), key=lambda i: (history[i]["val"]["top1"], -i))
-    sel = history[best]
-    result = {"selected_epoch": sel["epoch"], "selection": "val top-1", "val_top1": sel["val"]["top1"],
-              "test_top1": sel["test"]["top1"], "test_per_class": sel["test"]["per_class"]}
-    if long_tail:
-        counts = np.asarray(train_counts)
-        per_class = np.array([np.nan if v is None else v for v in sel["test"]["per_class"]], dtype=float)
-        groups = {"many": counts > cfg.many_threshold, "few": counts < cfg.few_threshold}
-        groups["medium"] = ~groups["many"] & ~groups["few"]
-        result["test_shot_groups"] = {g: (float(np.nanmean(per_class[m])) if m.any() else None)
-                                      for g, m in groups.items()}
-    return result
+def _inputs(dataset: canonical.Dataset, syn_sets: list) -> tuple[list[str], dict[str, data.Rows]]:
+    """Every image file the run reads (train, synthetic, val, test, in that order) and the rows of
+    each part, read from the label columns only: no image bytes, no Ray."""
+    parts = {"train": dataset.files("train"), "syn": [f for s in syn_sets for f in s.files],
+             "val": dataset.files("val"), "test": dataset.files("test")}
+    rows, offset = {}, 0
+    for name, files in parts.items():
+        cols = [COL_SOURCE_LABEL, COL_TARGET_LABEL, COL_STRENGTH] if name == "syn" else [COL_LABEL]
+        rows[name] = data.rows_of(_meta(files, cols), offset, name == "syn")
+        offset += len(files)
+    return [f for files in parts.values() for f in files], rows
 
 
 def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = False) -> dict:
@@ -70,14 +69,17 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
     out = storage.normalize(cfg.out)
     dataset = canonical.open_dataset(cfg.dataset)
     info = dataset.info
-    if info.split_size("val") == 0:
-        raise DiffmixError(f"{cfg.dataset} has no val split: model selection needs one (the test split is never "
-                           "used for selection). Re-run prepare with --val-fraction > 0")
+    ignored = check_splits(cfg, info, cfg.dataset)
     syn_sets = [open_synthetic(u, info.fingerprint, cfg.allow_incomplete) for u in cfg.synthetic]
     if cfg.pretrained:
         build_model(cfg.arch, info.num_classes, cfg.pretrained)  # a wrong file fails here, not in N workers
+    all_files, rows = _inputs(dataset, syn_sets)
+    real, syn = rows["train"], rows["syn"]
+    recipe = resolve(cfg, info, len(real), len(syn))  # a bad combination fails before the output is claimed
     identity = _identity(cfg, info.fingerprint, [s.manifest.get("identity", {}).get("model_fingerprint", "")
                                                  + ":" + storage.normalize(s.uri) for s in syn_sets])
+    if cfg.lr_scaling == "linear":  # the rate then depends on the worker count, which otherwise may change
+        identity["global_batch"] = cfg.batch_size * cfg.workers
     resumed = storage.claim_output(out, "train-cls", identity, overwrite)
     announce("train-cls", storage.config_hash(identity))  # inside a Ray job: where to watch it, which run it is
     if resumed and storage.exists(storage.join(out, SUCCESS)):
@@ -91,27 +93,21 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
 
     init_ray(min_cpus=cfg.workers * cfg.cpus_per_worker)
     gpus = resolve_gpus(cfg.gpus_per_worker, "train-cls", "worker")
-    train_files = dataset.files("train")
-    syn_files = [f for s in syn_sets for f in s.files]
-    val_files, test_files = dataset.files("val"), dataset.files("test")
-    all_files = train_files + syn_files + val_files + test_files
     refs = _load_columns(all_files)
-    offsets = np.cumsum([0, len(train_files), len(syn_files), len(val_files)])
-    real = data.rows_of(_meta(train_files, [COL_LABEL]), 0, False)
-    syn = data.rows_of(_meta(syn_files, [COL_SOURCE_LABEL, COL_TARGET_LABEL, COL_STRENGTH]), int(offsets[1]), True)
-    val = data.rows_of(_meta(val_files, [COL_LABEL]), int(offsets[2]), False)
-    test = data.rows_of(_meta(test_files, [COL_LABEL]), int(offsets[3]), False)
     train_counts = info.class_counts("train")
-    p = cfg.resolved_p(info.subset.get("kind")) if len(syn) else 0.0
-    syn_weights = (labels.synthetic_row_weights(syn.target, info.num_classes, cfg.synthetic_sampling,
+    syn_weights = (labels.synthetic_row_weights(syn.target, info.num_classes, recipe.synthetic_sampling,
                                                 np.asarray(train_counts)) if len(syn) else None)
     console.print(f"train-cls {cfg.arch}: {len(real)} real train images, {len(syn)} synthetic from "
-                  f"{len(syn_sets)} run(s), p={p}, gamma={cfg.gamma}, {cfg.workers} worker(s), {cfg.epochs} epochs")
+                  f"{len(syn_sets)} run(s), p={recipe.p}, gamma={cfg.gamma}, {cfg.workers} worker(s), "
+                  f"{cfg.epochs} epochs")
+    for line in recipe.notes + ([ignored] if ignored else []):
+        console.print(line, highlight=False)
     loop_cfg = dataclasses.asdict(cfg) | {
-        "num_classes": info.num_classes, "refs": refs, "real_rows": real, "syn_rows": syn, "val_rows": val,
-        "test_rows": test, "p": p, "syn_weights": syn_weights, "data_cfg": data_config(cfg.arch, cfg.img_size),
-        "block_rows": max(cfg.batch_size, 32), "out": out, "fail_marker_dir": out,
-        "dataset_fingerprint": info.fingerprint}
+        "num_classes": info.num_classes, "refs": refs, "uris": all_files, "real_rows": real, "syn_rows": syn,
+        "val_rows": rows["val"], "test_rows": rows["test"], "p": recipe.p, "syn_weights": syn_weights,
+        "data_cfg": recipe.data_cfg, "lr_schedule": recipe.schedule, "train_counts": train_counts,
+        "drw_epoch": recipe.drw_epoch, "hard_labels": recipe.hard_labels, "block_rows": max(cfg.batch_size, 32),
+        "out": out, "fail_marker_dir": out, "dataset_fingerprint": info.fingerprint}
     fs, path = storage.arrow_filesystem(storage.join(out, "train"))
     trainer = TorchTrainer(
         train_func, train_loop_config=loop_cfg,
@@ -127,15 +123,15 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
     with result.checkpoint.as_directory() as d:
         history = torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=False)["history"]
     metrics = {"arch": cfg.arch, "dataset": dataset.uri, "dataset_fingerprint": info.fingerprint,
-               "synthetic": [s.uri for s in syn_sets], "p": p, "gamma": cfg.gamma, "seed": cfg.seed,
+               "synthetic": [s.uri for s in syn_sets], "p": recipe.p, "gamma": cfg.gamma, "seed": cfg.seed,
+               "select": cfg.select, "loss": cfg.loss, "synthetic_sampling": recipe.synthetic_sampling,
+               "lr_scaling": cfg.lr_scaling, "peak_lr": recipe.schedule.peak_lr, "splits": info.splits,
                "classes": info.classes, "train_counts": train_counts, "epochs": history,
-               "summary": summarize(history, train_counts, cfg, info.subset.get("kind") == "long-tail"),
-               "config": dataclasses.asdict(cfg)}
+               "summary": summarize(history, train_counts, cfg.select, recipe.thresholds),
+               "resolved": recipe.resolved, "config": dataclasses.asdict(cfg)}
     storage.write_json_atomic(storage.join(out, METRICS_JSON), metrics)
     storage.write_text_atomic(storage.join(out, SUCCESS), "")
-    s = metrics["summary"]
-    console.print(f"[green]selected epoch {s['selected_epoch']} by val top-1 {s['val_top1']:.3f}: "
-                  f"test top-1 {s['test_top1']:.3f}[/green] -> {out}")
+    console.print(f"[green]{result_line(metrics['summary'])}[/green] -> {out}", highlight=False)
     return metrics
 
 
@@ -148,10 +144,13 @@ def run_seeds(cfg: ClassifyConfig, seeds: list[int], overwrite: bool = False, re
         sub = dataclasses.replace(cfg, seed=seed, out=storage.join(out, f"seed-{seed}"))
         done = storage.exists(storage.join(sub.out, SUCCESS))
         runs.append(run_classify(sub, overwrite=False, resume=resume and not done))
-    tops = np.array([r["summary"]["test_top1"] for r in runs])
-    vals = np.array([r["summary"]["val_top1"] for r in runs])
-    summary = {"seeds": seeds, "test_top1_mean": float(tops.mean()), "test_top1_std": float(tops.std(ddof=0)),
-               "val_top1_mean": float(vals.mean()), "runs": [storage.join(out, f"seed-{s}") for s in seeds]}
+    test_mean, test_std = mean_std([r["summary"]["test_top1"] for r in runs])
+    val_mean, _ = mean_std([r["summary"]["val_top1"] for r in runs])
+    summary = {"seeds": seeds, "test_top1_mean": test_mean, "test_top1_std": test_std, "val_top1_mean": val_mean,
+               "runs": [storage.join(out, f"seed-{s}") for s in seeds]}
     storage.write_json_atomic(storage.join(out, SUMMARY_JSON), summary)
-    logger.info("test top-1 over %d seeds: %.4f ± %.4f", len(seeds), summary["test_top1_mean"], summary["test_top1_std"])
+    if test_mean is None:
+        logger.info("no test top-1 over %d seeds: the dataset has no test split", len(seeds))
+    else:
+        logger.info("test top-1 over %d seeds: %.4f ± %.4f", len(seeds), test_mean, test_std)
     return summary

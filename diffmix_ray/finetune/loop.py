@@ -40,8 +40,10 @@ FAIL_DELAY_S = 3.0  # test hook only: see train_func.fail_once
 
 
 def precision_dtypes(precision: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
-    """(dtype of frozen weights, autocast dtype or None). Trainable weights are always fp32."""
-    if device.type != "cuda" or precision == "fp32":
+    """(dtype of frozen weights, autocast dtype or None). Trainable weights are always fp32. On a
+    CPU only an explicit bf16 is honoured (the config refuses it for users; tests use it so dtype
+    mismatches of the GPU paths surface without a GPU)."""
+    if precision == "fp32" or (device.type != "cuda" and precision != "bf16"):
         return torch.float32, None
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

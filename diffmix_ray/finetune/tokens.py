@@ -21,8 +21,10 @@ from ..errors import DiffmixError
 
 class ClassTokenEmbedding(torch.nn.Module):
     """input ids -> embeddings: ids < first_id from the frozen `base`, ids first_id.. first_id+C-1
-    from `vectors` row id - first_id. The output has the wider of the two dtypes (fp32 on GPU,
-    where the frozen matrix is fp16/bf16), as the full fp32 trainable matrix gave before."""
+    from `vectors` row id - first_id. The output has the frozen matrix's dtype: under bf16/fp16 the
+    text encoder then computes in one dtype throughout (fp32 master vectors, low-precision compute,
+    as autocast treats every other weight; a fp32 embedding output met bf16 LayerNorm weights), and
+    in fp32 it equals the full fp32 trainable matrix of before."""
 
     def __init__(self, base: torch.nn.Embedding, first_id: int, vectors: torch.Tensor):
         super().__init__()
@@ -42,8 +44,7 @@ class ClassTokenEmbedding(torch.nn.Module):
         is_class = input_ids >= self.first_id
         looked_up = self.base(input_ids.masked_fill(is_class, 0))  # row 0 stands in, replaced below
         class_rows = torch.nn.functional.embedding((input_ids - self.first_id).clamp(min=0), self.vectors)
-        dtype = torch.promote_types(looked_up.dtype, class_rows.dtype)
-        return torch.where(is_class.unsqueeze(-1), class_rows.to(dtype), looked_up.to(dtype))
+        return torch.where(is_class.unsqueeze(-1), class_rows.to(looked_up.dtype), looked_up)
 
 
 def install_class_tokens(tokenizer, text_encoder, tokens: list[str], init_ids: list[int]) -> ClassTokenEmbedding:

@@ -144,7 +144,9 @@ def block_rows(rows: int, cfg: GenerateConfig, resolution: int) -> tuple[int, in
 
 
 def _ray_pipeline(inputs: Inputs, todo: pa.Table, files: list[str], gpus_per_actor: float,
-                  translator=Translator) -> None:
+                  translator=Translator, before=prepare_sources, after=finish_images) -> None:
+    """The Ray Data pipeline. The stages are parameters so that bench/bench_generate_overhead.py can
+    run this very pipeline with no-op stages and measure what the machinery itself costs."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -156,7 +158,7 @@ def _ray_pipeline(inputs: Inputs, todo: pa.Table, files: list[str], gpus_per_act
     block, chunk = block_rows(todo.num_rows, cfg, inputs.resolution)
     ds = ray.data.from_arrow([todo.slice(i, block) for i in range(0, todo.num_rows, block)])
     if cfg.kind != "gen":
-        ds = ds.map_batches(prepare_sources, fn_kwargs={"files": files, "resolution": inputs.resolution,
+        ds = ds.map_batches(before, fn_kwargs={"files": files, "resolution": inputs.resolution,
                                                          "chunk_rows": chunk},
                             batch_format="pyarrow", batch_size=None, num_cpus=CPU_STAGE_CPUS)
     translator_args = dict(model=cfg.model, kind=cfg.kind, class_names=info.classes, super_class=info.super_class,
@@ -171,7 +173,7 @@ def _ray_pipeline(inputs: Inputs, todo: pa.Table, files: list[str], gpus_per_act
                         batch_format="numpy", num_gpus=gpus_per_actor, num_cpus=cfg.cpus_per_actor,
                         compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors,
                                                   initial_size=cfg.max_actors), **remote)
-    ds = ds.map_batches(finish_images, fn_kwargs={"failed_uri": storage.join(inputs.out, FAILED_DIR),
+    ds = ds.map_batches(after, fn_kwargs={"failed_uri": storage.join(inputs.out, FAILED_DIR),
                                                   "jpeg_quality": cfg.jpeg_quality},
                         batch_format="numpy", batch_size=None, num_cpus=CPU_STAGE_CPUS)
     exactly_once.write_appending(ds, storage.join(inputs.out, SHARDS_DIR), "shard", cfg.rows_per_shard,

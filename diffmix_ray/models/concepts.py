@@ -130,3 +130,42 @@ def apply_bank(pipe, bank: ConceptBank, local_dir: str) -> None:
             raise DiffmixError(f"{LEARNED_EMBEDS} in the concept bank lacks tokens {missing[:5]}")
         pipe.load_textual_inversion([embeds[t] for t in bank.tokens], token=list(bank.tokens))
 
+
+
+def write_random_bank(out: str, model: str, class_names: list[str], super_class: str, dataset_fingerprint: str,
+                      mode: str = "ti+lora", seed: int = 0, lora_std: float = 0.5, token_std: float | None = None,
+                      rank: int = 4) -> str:
+    """A concept bank in exactly the format `finetune` writes, with seeded random weights instead of
+    trained ones: for tests and benchmarks that need a bank (LoRA + class tokens) on any model
+    without fine-tuning first. peft initialises LoRA's up weights to zero; they are drawn from
+    N(0, lora_std) here so the bank visibly changes the images; token vectors from N(0, token_std),
+    by default at the scale of the model's own embeddings. Returns `out`."""
+    import torch
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from ..contracts import DEFAULT_PROMPT_TEMPLATE, PLACEHOLDER_TEMPLATE
+    from .loader import load_pipeline
+
+    pipe, ref = load_pipeline(model, device="cpu")
+    lora = None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if mode in ("ti+lora", "lora"):
+            pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                             target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+            with torch.no_grad():
+                for name, p in pipe.unet.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(0, lora_std)
+            lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+        dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+        tokens = [PLACEHOLDER_TEMPLATE.format(index=i) for i in range(len(class_names))]
+        scale = token_std if token_std is not None else float(pipe.text_encoder.get_input_embeddings().weight.detach().std())
+        embeds = {t: torch.randn(dim) * scale for t in tokens}
+    bank = ConceptBank(tokens=tokens, class_names=list(class_names), prompt_template=DEFAULT_PROMPT_TEMPLATE,
+                       super_class=super_class, mode=mode, base_model={"spec": ref.spec, "fingerprint": ref.fingerprint},
+                       dataset_fingerprint=dataset_fingerprint, train_config={"random": True, "seed": seed})
+    save_bank(out, bank, lora, embeds)
+    return out

@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .. import canonical, storage  # noqa: E402
@@ -78,55 +79,98 @@ def contact_sheet(run: str, out_png: str, rows: int = 6, per_row: int = 5, gamma
     return out_png
 
 
+NO_SPLIT = "—"  # a split the run's dataset does not have: no score, never 0
+
+
+def _scored(result: dict | None) -> bool:
+    """Whether a split's result holds a score. Runs written before missing splits were recorded as
+    null stored top-1 0.0 with every per-class entry null for them: no score either."""
+    return bool(result) and not all(v is None for v in result.get("per_class") or [0.0])
+
+
+def _series(m: dict, split: str) -> tuple[list[int], list[float]]:
+    """(epochs, top-1) of one split; empty when the dataset has no such split."""
+    pts = [(e["epoch"], e[split]["top1"]) for e in m["epochs"] if _scored(e.get(split))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
 def accuracy_plot(runs: list[tuple[str, dict]], out_png: str) -> str:
     fig, ax = plt.subplots(figsize=(7, 4))
+    missing = []
     for name, m in runs:
-        epochs = [e["epoch"] for e in m["epochs"]]
-        line, = ax.plot(epochs, [e["val"]["top1"] for e in m["epochs"]], label=f"{name} val")
-        ax.plot(epochs, [e["test"]["top1"] for e in m["epochs"]], "--", color=line.get_color(), label=f"{name} test")
-        sel = m["summary"]["selected_epoch"]
-        ax.scatter([sel], [m["summary"]["val_top1"]], color=line.get_color(), marker="*", s=120, zorder=3)
+        color = None
+        for split, style in (("val", "-"), ("test", "--")):
+            x, y = _series(m, split)
+            if not x:
+                missing.append(f"{name}: no {split} split")
+                continue
+            line, = ax.plot(x, y, style, color=color, label=f"{name} {split}")
+            color = line.get_color()
+        s = m["summary"]
+        # the reported epoch: on the val curve that chose it, or (--select last) on test where there is one
+        at = s["val_top1"]
+        if s.get("select", "val") == "last" and s["test_top1"] is not None:
+            at = s["test_top1"]
+        if at is not None and color is not None:
+            ax.scatter([s["selected_epoch"]], [at], color=color, marker="*", s=120, zorder=3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_xlabel("epoch")
     ax.set_ylabel("top-1 accuracy")
-    ax.set_title("accuracy per epoch (★ = epoch selected on val)")
-    ax.legend(fontsize=7)
+    ax.set_title("accuracy per epoch (★ = reported epoch: best val, or the last with --select last)"
+                 + ("\n" + "; ".join(missing) if missing else ""), fontsize=9)
+    if ax.lines:
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     _save_png(fig, out_png)
     return out_png
 
 
-def comparison_rows(runs: list[tuple[str, dict]]) -> tuple[list[str], list[list[str]]]:
-    header = ["run", "arch", "synthetic", "p", "γ", "epoch (val-selected)", "val top-1", "test top-1"]
-    lt = any("test_shot_groups" in m["summary"] for _, m in runs)
+def _pct(v: float | None) -> str:
+    return NO_SPLIT if v is None else f"{100 * v:.2f}"
+
+
+def comparison_rows(runs: list[tuple[str, dict]]) -> tuple[list[str], list[list[str]], list[str]]:
+    """Header, rows, and notes (which runs lack a split, so a "—" is read as "no such split", not 0)."""
+    header = ["run", "arch", "synthetic", "p", "γ", "select", "epoch", "val top-1", "test top-1"]
+    lt = any(m["summary"].get("test_shot_groups") is not None or "shot_thresholds" in m["summary"] for _, m in runs)
     if lt:
         header += ["many", "medium", "few"]
-    body = []
+    body, notes = [], []
     for name, m in runs:
-        s = m["summary"]
+        s = dict(m["summary"])
+        if s.get("test_per_class") is not None and not _scored({"per_class": s["test_per_class"]}):
+            s["test_top1"] = None
         syn = ", ".join(posixpath.basename(u.rstrip("/")) for u in m.get("synthetic", [])) or "none (real only)"
-        row = [name, m["arch"], syn, f"{m['p']:g}", f"{m['gamma']:g}", str(s["selected_epoch"]),
-               f"{100 * s['val_top1']:.2f}", f"{100 * s['test_top1']:.2f}"]
+        # metrics.json files written before --select existed selected on val
+        row = [name, m["arch"], syn, f"{m['p']:g}", f"{m['gamma']:g}", s.get("select", "val"),
+               str(s["selected_epoch"]), _pct(s["val_top1"]), _pct(s["test_top1"])]
         if lt:
-            groups = s.get("test_shot_groups", {})
-            row += ["—" if groups.get(g) is None else f"{100 * groups[g]:.2f}" for g in ("many", "medium", "few")]
+            groups = s.get("test_shot_groups") or {}
+            row += [_pct(groups.get(g)) for g in ("many", "medium", "few")]
         body.append(row)
-    return header, body
+        missing = [sp for sp in ("val", "test") if s.get(f"{sp}_top1") is None]
+        if missing:
+            notes.append(f"{name}: its dataset has no {' and no '.join(missing)} split, so {NO_SPLIT} (no score)")
+    if any(r[header.index("select")] == "last" for r in body):
+        notes.append("select last: the final epoch is reported (no selection on val)")
+    return header, body, notes
 
 
-def _markdown(header, body) -> str:
+def _markdown(header, body, notes) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in body]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + "".join(f"\n{n}\n" for n in notes)
 
 
-def _html(header, body, images: list[str]) -> str:
+def _html(header, body, notes, images: list[str]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+    foot = "".join(f"<p>{html.escape(n)}</p>" for n in notes)
     imgs = "".join(f'<p><img src="{html.escape(os.path.basename(i))}" style="max-width:100%"></p>' for i in images)
     return ("<!doctype html><meta charset='utf-8'><title>diffmix-ray report</title>"
             "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #999;"
             "padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}</style>"
-            f"<h1>diffmix-ray report</h1><table><tr>{head}</tr>{rows}</table>{imgs}\n")
+            f"<h1>diffmix-ray report</h1><table><tr>{head}</tr>{rows}</table>{foot}{imgs}\n")
 
 
 def run_report(runs: list[str], out: str | None = None, gamma: float = 0.5) -> dict[str, list[str]]:
@@ -144,11 +188,11 @@ def run_report(runs: list[str], out: str | None = None, gamma: float = 0.5) -> d
             classifiers.append((name, storage.read_json(storage.join(run, METRICS_JSON))))
     if classifiers:
         written["plots"].append(accuracy_plot(classifiers, storage.join(out, "accuracy.png")))
-        header, body = comparison_rows(classifiers)
-        storage.write_text_atomic(storage.join(out, "comparison.md"), _markdown(header, body))
+        header, body, notes = comparison_rows(classifiers)
+        storage.write_text_atomic(storage.join(out, "comparison.md"), _markdown(header, body, notes))
         written["tables"] += [storage.join(out, "comparison.md"), storage.join(out, "comparison.html")]
     images = written["contact_sheets"] + written["plots"]
-    header, body = comparison_rows(classifiers) if classifiers else ([], [])
+    header, body, notes = comparison_rows(classifiers) if classifiers else ([], [], [])
     storage.write_text_atomic(storage.join(out, "comparison.html" if classifiers else "index.html"),
-                              _html(header, body, images))
+                              _html(header, body, notes, images))
     return dict(written)

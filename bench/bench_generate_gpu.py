@@ -1,0 +1,346 @@
+"""generate on one GPU, measured side by side in one run (see bench/README.md):
+
+  (a) bare     a plain diffusers img2img loop at the Diff-Mix setting, as a user would write it:
+               decode + resize the sources, the pipeline with the concept bank loaded by diffusers'
+               own loaders (LoRA unfused), per-pair generators, PIL output, resize back + JPEG
+  (b) ours     the project's per-batch code in this process: the CPU stage before translation,
+               the translation actor, the CPU stage after it (serially; Ray overlaps them)
+  (c) system   `diffmix-ray generate` end to end on a local Ray (only where Ray is installed)
+
+for each batch size and compile off/on, on the same pairs, model and bank. Prints images/s,
+TFLOP/s (FLOPs per image counted by torch's FlopCounterMode on this model and setting), the
+fraction of the device's limit (peak dense matmul TFLOP/s measured here / FLOPs per image), and
+b/a, c/a. Exits 1 if any pair failed (random fp16 weights could give NaN or black images, and a
+benchmark that skips their JPEG work looks too fast). Needs no Ray for (a) and (b).
+
+    python bench/bench_generate_gpu.py                 # one GPU, sd15, batch 8/16/32, compile off/on
+    python bench/bench_generate_gpu.py --quick         # batch 16, compile off/on: < 2 minutes
+    python bench/bench_generate_gpu.py --device cpu    # bench preset, batch 4, compile off (this laptop)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+SOURCE_SIZE = (500, 375)  # CUB's typical JPEG: the resize to and from 512² is part of the work
+CLASSES = 4
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None, help="cuda (default when available) | cpu")
+    p.add_argument("--preset", default=None, help="model preset (default: sd15 on cuda, bench on cpu)")
+    p.add_argument("--batch-sizes", default=None, help="comma-separated (default: 8,16,32 on cuda, 4 on cpu)")
+    p.add_argument("--compile", default=None, help="off,on (default on cuda; off on cpu)")
+    p.add_argument("--batches", type=int, default=None, help="timed batches per case, after one warm-up batch")
+    p.add_argument("--steps", type=int, default=25, help="DPM-Solver++ steps (Diff-Mix: 25)")
+    p.add_argument("--strength", type=float, default=0.7, help="Diff-Mix: 0.7 (17 of 25 steps)")
+    p.add_argument("--quick", action="store_true", help="batch 16, compile off,on, 2 timed batches")
+    p.add_argument("--no-system", action="store_true", help="skip (c) even if Ray is installed")
+    p.add_argument("--budget-s", type=float, default=None, help="skip cases that would end past this (default "
+                   "280, quick 110)")
+    p.add_argument("--work", default=None, help="working folder (default: a temp folder, deleted after)")
+    args = p.parse_args()
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = args.device.startswith("cuda")
+    args.preset = args.preset or ("sd15" if gpu else "bench")
+    args.batch_sizes = [int(b) for b in (args.batch_sizes or ("16" if args.quick else "8,16,32" if gpu else "4"))
+                        .split(",")]
+    args.compile = [c.strip() == "on" for c in (args.compile or ("off,on" if gpu else "off")).split(",")]
+    args.batches = args.batches or (2 if args.quick else 3)
+    args.budget_s = args.budget_s or (110.0 if args.quick else 280.0)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: CUB-like sources, a model folder, a random concept bank, the plan's pairs
+# ---------------------------------------------------------------------------------------------
+def make_inputs(work: str, args, n_images: int):
+    from diffmix_ray import canonical
+    from diffmix_ray.data.prepare import PrepareConfig, prepare
+    from diffmix_ray.data.sample import SAMPLE_CLASSES, draw_sample
+    from diffmix_ray.models.concepts import write_random_bank
+    from diffmix_ray.models.loader import write_model
+
+    rng = np.random.default_rng(0)
+    raw = os.path.join(work, "raw")
+    for i in range(n_images):
+        c = i % CLASSES
+        folder = os.path.join(raw, SAMPLE_CLASSES[c][0])
+        os.makedirs(folder, exist_ok=True)
+        w, h = SOURCE_SIZE
+        draw_sample(c, rng, w).crop((0, (w - h) // 2, w, (w + h) // 2)).save(
+            os.path.join(folder, f"{i:04d}.jpg"), format="JPEG", quality=90)
+    dataset = os.path.join(work, "dataset")
+    prepare(PrepareConfig("imagefolder", raw, super_class="bird", val_fraction=0.0), dataset, show_progress=False)
+    t = time.perf_counter()
+    gpu = args.device.startswith("cuda")
+    model = write_model(args.preset, os.path.join(work, "model"), dtype="float16" if gpu else "float32")
+    print(f"model {args.preset} written in {time.perf_counter() - t:.0f} s", flush=True)
+    info = canonical.open_dataset(dataset).info
+    # A modest LoRA: a bank that changes the images without pushing random weights out of fp16's range.
+    bank = write_random_bank(os.path.join(work, "bank"), model, info.classes, info.super_class, info.fingerprint,
+                             lora_std=0.02)
+    return dataset, model, bank
+
+
+def plan_pairs(dataset: str, args, n: int):
+    """(plan table, source bytes per row, class prompts) for n diff-mix pairs, as generate plans them."""
+    from diffmix_ray import canonical
+    from diffmix_ray.contracts import COL_IMAGE, COL_IMAGE_ID, COL_LABEL
+    from diffmix_ray.generate.config import GenerateConfig
+    from diffmix_ray.generate.plan import make_plan
+
+    ds = canonical.open_dataset(dataset)
+    train = ds.read_split("train", columns=[COL_IMAGE_ID, COL_IMAGE, COL_LABEL])
+    ids = train.column(COL_IMAGE_ID).to_pylist()
+    cfg = GenerateConfig(dataset=dataset, mode="real-mix", strength=args.strength, steps=args.steps,
+                         multiplier=max(1.0, n / len(ids)), limit=n)
+    plan = make_plan(ids, train.column(COL_LABEL).to_pylist(), ds.info.num_classes, cfg)
+    by_id = dict(zip(ids, train.column(COL_IMAGE).to_pylist()))
+    return plan, [by_id[i] for i in plan.column("source_id").to_pylist()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Device figures: peak matmul rate, FLOPs per translated image
+# ---------------------------------------------------------------------------------------------
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_tflops(device: str) -> float:
+    """Dense matmul TFLOP/s measured here: fp16 8192^3 on a GPU, fp32 2048^3 on a CPU."""
+    import torch
+
+    gpu = device.startswith("cuda")
+    n, dtype, reps = (8192, torch.float16, 10) if gpu else (2048, torch.float32, 3)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def tflop_per_image(pipe, steps_run: int) -> float:
+    """steps_run UNet forwards at batch 2 (classifier-free guidance) + one VAE encode + decode."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet, vae = pipe.unet, pipe.vae
+    side = unet.config.sample_size
+    dim = unet.config.cross_attention_dim
+    dev, dtype = unet.device, unet.dtype
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        unet(torch.zeros(2, 4, side, side, device=dev, dtype=dtype), torch.tensor(500, device=dev),
+             encoder_hidden_states=torch.zeros(2, 77, dim, device=dev, dtype=dtype))
+    unet_flops = counter.get_total_flops()
+    counter = FlopCounterMode(display=False)
+    px = side * pipe.vae_scale_factor
+    with torch.inference_mode(), counter:
+        latents = vae.encode(torch.zeros(1, 3, px, px, device=dev, dtype=dtype)).latent_dist.mean
+        vae.decode(latents)
+    return (steps_run * unet_flops + counter.get_total_flops()) / 1e12
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) the bare diffusers loop and (b) the project's per-batch code
+# ---------------------------------------------------------------------------------------------
+def batches(n: int, size: int):
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def bare_pipeline(model: str, bank: str, device: str):
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline
+
+    from diffmix_ray.models import concepts as bank_io
+
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None,
+                                                          requires_safety_checker=False).to(device)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    pipe.set_progress_bar_config(disable=True)
+    loaded, local = bank_io.load_bank(bank)
+    bank_io.apply_bank(pipe, loaded, local)  # diffusers' load_lora_weights + load_textual_inversion
+    return pipe, loaded
+
+
+def bare_loop(pipe, bank, plan, sources, size, args) -> tuple[list[float], int]:
+    """Seconds per batch and the number of failed (NaN/black) images."""
+    import torch
+    from PIL import Image
+
+    targets = plan.column("target_label").to_pylist()
+    seeds = plan.column("seed").to_pylist()
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    seconds, failed = [], 0
+    for lo, hi in batches(plan.num_rows, size):
+        t = time.perf_counter()
+        images = [Image.open(io.BytesIO(sources[i])).convert("RGB") for i in range(lo, hi)]
+        with torch.inference_mode():
+            out = pipe(prompt=[bank.prompt(targets[i]) for i in range(lo, hi)],
+                       image=[im.resize((side, side), Image.BILINEAR) for im in images],
+                       strength=args.strength, num_inference_steps=args.steps, guidance_scale=7.5,
+                       generator=[torch.Generator(pipe.device).manual_seed(seeds[i]) for i in range(lo, hi)]).images
+        for im, src in zip(out, images):
+            arr = np.asarray(im)
+            failed += int(arr.max() < 2)  # PIL output: NaN comes out black
+            buf = io.BytesIO()
+            im.resize(src.size, Image.BICUBIC).save(buf, format="JPEG", quality=95)
+        sync(args.device)
+        seconds.append(time.perf_counter() - t)
+    return seconds, failed
+
+
+def our_loop(translator, plan, sources, size, args) -> tuple[list[float], int, dict]:
+    """Seconds per batch, failed pairs, and seconds per stage over the timed batches."""
+    from diffmix_ray.contracts import PLAN_SCHEMA
+    from diffmix_ray.generate.cpu_stages import decode_sources, finish_images
+
+    seconds, failed, stages = [], 0, {"before": 0.0, "actor": 0.0, "after": 0.0}
+    for k, (lo, hi) in enumerate(batches(plan.num_rows, size)):
+        rows = plan.slice(lo, hi - lo)
+        t0 = time.perf_counter()
+        columns = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in PLAN_SCHEMA.names}
+        batch = decode_sources(columns, sources[lo:hi], translator.resolution)
+        t1 = time.perf_counter()
+        out = translator(batch)  # returns host arrays: the device work is done
+        t2 = time.perf_counter()
+        shard = finish_images(out, None, 95)
+        t3 = time.perf_counter()
+        failed += (hi - lo) - shard.num_rows
+        seconds.append(t3 - t0)
+        if k > 0:
+            for name, dt in (("before", t1 - t0), ("actor", t2 - t1), ("after", t3 - t2)):
+                stages[name] += dt
+    return seconds, failed, stages
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) the whole system, where Ray is installed
+# ---------------------------------------------------------------------------------------------
+def system_case(work, dataset, model, bank, size, pairs, args) -> dict:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_generate import system_run  # the CPU benchmark's runner: the CLI in its own process
+
+    from diffmix_ray.generate.config import GenerateConfig
+
+    cfg = GenerateConfig(dataset=dataset, model=model, concepts=bank, out=os.path.join(work, f"c{size}"),
+                         mode="diff-mix", strength=args.strength, steps=args.steps, batch_size=size,
+                         multiplier=10.0, limit=pairs, rows_per_shard=2 * size,
+                         gpus_per_actor=1.0 if args.device.startswith("cuda") else 0.0,
+                         cpus_per_actor=float(min(os.cpu_count() or 1, 2)) if not args.device.startswith("cuda")
+                         else 1.0)
+    return system_run(cfg, work, f"c{size}")
+
+
+# ---------------------------------------------------------------------------------------------
+def rate(seconds: list[float], size: int, n: int) -> float:
+    """images/s over the timed batches (all but the first, which warms kernels and caches)."""
+    timed = seconds[1:] or seconds
+    images = n - min(size, n) if len(seconds) > 1 else n
+    return images / sum(timed)
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    import torch
+
+    from diffmix_ray.generate.plan import denoising_steps
+    from diffmix_ray.generate.translate import Translator
+
+    work = args.work or tempfile.mkdtemp(prefix="bench-gen-gpu-")
+    os.makedirs(work, exist_ok=True)
+    failures = 0
+    try:
+        n_max = max(args.batch_sizes) * (args.batches + 1)
+        dataset, model, bank = make_inputs(work, args, n_images=max(CLASSES * 2, n_max // 2))
+        device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
+        peak = peak_tflops(args.device)
+        pipe, loaded = bare_pipeline(model, bank, args.device)
+        per_image = tflop_per_image(pipe, denoising_steps(args.strength, args.steps))
+        limit = peak / per_image
+        print(f"{device_name}: {args.preset}, s={args.strength} x {args.steps} steps, CFG 7.5, sources "
+              f"{SOURCE_SIZE[0]}x{SOURCE_SIZE[1]}; {per_image:.2f} TFLOP per image; peak {peak:.0f} TFLOP/s "
+              f"measured -> limit {limit:.2f} images/s", flush=True)
+        rows = []
+
+        def report(case, size, compiled, images_per_s, ref=None, extra=""):
+            ratio = f"{images_per_s / ref:.2f}" if ref else "-"
+            rows.append((case, size, "on" if compiled else "off", images_per_s, ratio))
+            print(f"{case:<8} batch {size:>3} compile {'on ' if compiled else 'off'}  {images_per_s:7.2f} images/s  "
+                  f"{images_per_s * per_image:7.1f} TFLOP/s  {100 * images_per_s / limit:5.1f}% of limit  "
+                  f"vs (a) {ratio}{extra}", flush=True)
+
+        bare_rates = {}
+        for size in args.batch_sizes:
+            n = size * (args.batches + 1)
+            plan, sources = plan_pairs(dataset, args, n)
+            if time.perf_counter() - started > args.budget_s * 0.8:
+                print(f"skipped batch {size}: past 80% of --budget-s {args.budget_s:.0f}")
+                continue
+            seconds, failed = bare_loop(pipe, loaded, plan, sources, size, args)
+            failures += failed
+            bare_rates[size] = rate(seconds, size, n)
+            report("(a) bare", size, False, bare_rates[size])
+            for compiled in args.compile:
+                case_started = time.perf_counter()
+                if compiled and case_started - started > args.budget_s * 0.5:
+                    print(f"skipped batch {size} compiled: compiling would run past --budget-s {args.budget_s:.0f}")
+                    continue
+                translator = Translator(model, "mix", loaded.class_names, loaded.super_class, concepts=bank,
+                                        steps=args.steps, device=args.device, batch_size=size, compile=compiled,
+                                        compile_cache=os.path.join(work, "compile-cache") if compiled else None,
+                                        threads=torch.get_num_threads())
+                startup = time.perf_counter() - case_started
+                seconds, failed, stages = our_loop(translator, plan, sources, size, args)
+                failures += failed
+                timed = n - size
+                split = ", ".join(f"{k} {1000 * v / timed:.1f}" for k, v in stages.items())
+                report("(b) ours", size, compiled, rate(seconds, size, n), bare_rates[size],
+                       f"   [ms/image: {split}; actor alone {timed / stages['actor']:.2f} images/s; start "
+                       f"{startup:.0f} s]")
+                del translator
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+        if importlib.util.find_spec("ray") is None or args.no_system:
+            print("(c) system: skipped (" + ("--no-system" if args.no_system else "Ray is not installed here") + ")")
+        else:
+            size = max(bare_rates, default=args.batch_sizes[0])
+            del pipe
+            c = system_case(work, dataset, model, bank, size, size * (args.batches + 2) * 2, args)
+            report("(c) system", size, False, c["steady_images_per_s"], bare_rates.get(size),
+                   f"   [wall {c['wall_s']:.0f} s, start-up {c['startup_s']:.0f} s]")
+        print(f"done in {time.perf_counter() - started:.0f} s; failed pairs: {failures}")
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    if failures:
+        print("FAIL: some pairs failed (NaN/black outputs): the figures above skip their encoding work")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
