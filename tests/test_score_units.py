@@ -151,11 +151,10 @@ def random_image(w: int, h: int, seed: int = 0) -> Image.Image:
 
 
 @pytest.mark.parametrize("size,side", [((50, 37), 32), ((37, 61), 32), ((641, 479), 224)])
-def test_cpu_preprocessing_equals_clips_processor_and_timms_eval_transform(size, side):
+def test_cpu_preprocessing_equals_clips_processor_and_the_classifiers_eval_pipelines(size, side):
     from transformers.models.clip import CLIPImageProcessorPil
 
-    from diffmix_ray.classify.data import _transform
-    from diffmix_ray.classify.model import data_config
+    from diffmix_ray.classify.transforms import data_config, pipeline
 
     img = random_image(*size)
     prep = dict(shortest_edge=side, size=None, crop=(side, side), resample=Image.BICUBIC)
@@ -163,10 +162,11 @@ def test_cpu_preprocessing_equals_clips_processor_and_timms_eval_transform(size,
     theirs = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})(
         images=img, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
-    cfg = data_config("test_resnet", 48)
-    tf = _transform(cfg["img_size"], False, tuple(cfg["mean"]), tuple(cfg["std"]), cfg["interpolation"], cfg["crop_pct"])
-    ours = (classifier_pixels(img, cfg) / 255.0 - np.array(cfg["mean"])) / np.array(cfg["std"])
-    np.testing.assert_allclose(ours, tf(img).numpy().transpose(1, 2, 0), atol=1e-5)
+    for cfg in (data_config("test_resnet", "timm", 48, None), data_config("resnet18", "timm", None, None),
+                data_config("test_resnet", "reference", None, 224), data_config("test_resnet", "reference-lt", None, 224)):
+        ours = (classifier_pixels(img, cfg) / 255.0 - np.array(cfg["mean"])) / np.array(cfg["std"])
+        theirs = pipeline(cfg, training=False)(img).numpy().transpose(1, 2, 0)
+        np.testing.assert_allclose(ours, theirs, atol=1e-5, err_msg=str(cfg))
 
 
 def test_scorer_equals_a_bare_clip_computation_and_flags_bad_images(sample_dataset):

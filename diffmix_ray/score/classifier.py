@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .. import storage
 from ..contracts import CLASSIFIER_BEST_DIR, CLASSIFIER_MODEL_JSON, CLASSIFIER_WEIGHTS, SUCCESS
 from ..errors import DiffmixError
+from .cpu_stages import CLASSIFIER_PIPELINES
 
 META_KEYS = ("arch", "num_classes", "data_cfg", "dataset_fingerprint")
 
@@ -57,6 +58,9 @@ def open_classifier(run: str, dataset_fingerprint: str, num_classes: int) -> Cla
         raise DiffmixError(f"--classifier {run} was trained on another dataset (fingerprint "
                            f"{meta['dataset_fingerprint'][:12]}) than the synthetic shards were made from "
                            f"({dataset_fingerprint[:12]}): pass a classifier trained on the same dataset")
+    if (augment := meta["data_cfg"].get("augment", "timm")) not in CLASSIFIER_PIPELINES:
+        raise DiffmixError(f"--classifier {run} evaluates with the {augment!r} pipeline, which score does not know "
+                           f"(it knows {', '.join(CLASSIFIER_PIPELINES)}); upgrade diffmix-ray")
     if meta["num_classes"] != num_classes:
         raise DiffmixError(f"--classifier {run} predicts {meta['num_classes']} classes, the dataset has {num_classes}")
     weights = storage.read_bytes(storage.join(best, CLASSIFIER_WEIGHTS))

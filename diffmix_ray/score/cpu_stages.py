@@ -36,6 +36,7 @@ COL_CLIP_SRC = "_clip_src"  # the source image as CLIP sees it (zeros without a 
 COL_CLS = "_cls"  # uint8 (S, S, 3): the synthetic image as the classifier sees it (only with one)
 COL_ERROR = "_error"  # "" for a good pair, else why it failed
 KEY_COLUMNS = (COL_PAIR_ID, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_TARGET_LABEL, COL_SRC_FILE)  # to the actor
+CLASSIFIER_PIPELINES = ("timm", "reference", "reference-lt")  # the eval pipelines classifier_pixels reproduces
 PIL_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
                "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 
@@ -67,14 +68,30 @@ def clip_pixels(img: Image.Image, prep: dict) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def classifier_pixels(img: Image.Image, data_cfg: dict) -> np.ndarray:
-    """timm's eval transform (as train-cls evaluates) up to the uint8 pixels: the shorter side to
-    floor(img_size / crop_pct), then a centre crop of img_size (offsets rounded, as torchvision)."""
-    size = data_cfg["img_size"]
-    img = img.resize(_short_side_size(img, math.floor(size / data_cfg["crop_pct"])),
-                     PIL_FILTERS.get(data_cfg["interpolation"], Image.BILINEAR))
+def _center_crop(img: Image.Image, size: int) -> Image.Image:
+    """torchvision's CenterCrop (offsets rounded to nearest; black padding where the image is smaller)."""
     top, left = int(round((img.height - size) / 2.0)), int(round((img.width - size) / 2.0))
-    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return img.crop((left, top, left + size, top + size))
+
+
+def classifier_pixels(img: Image.Image, data_cfg: dict) -> np.ndarray:
+    """The eval pipeline a train-cls run recorded in best/model.json (classify/transforms.py), up to
+    the uint8 pixels; normalisation happens on the actor's device.
+      timm          the shorter side to floor(img_size / crop_pct), then a centre crop of img_size;
+      reference     a (resize x resize) square (bilinear), then the centre crop;
+      reference-lt  the shorter side to resize (bilinear), then the centre crop."""
+    size = data_cfg["img_size"]
+    augment = data_cfg.get("augment", "timm")  # model.json files from before --augment describe timm's
+    if augment == "timm":
+        img = img.resize(_short_side_size(img, math.floor(size / data_cfg["crop_pct"])),
+                         PIL_FILTERS.get(data_cfg["interpolation"], Image.BILINEAR))
+    elif augment == "reference":
+        img = img.resize((data_cfg["resize"], data_cfg["resize"]), Image.BILINEAR)
+    elif augment == "reference-lt":
+        img = img.resize(_short_side_size(img, data_cfg["resize"]), Image.BILINEAR)
+    else:  # open_classifier refuses such a run before any worker starts
+        raise ValueError(f"unknown augment {augment!r} in the classifier's data config")
+    return np.asarray(_center_crop(img, size), dtype=np.uint8)
 
 
 def _read(batch: pa.Table, files: list[str], file_col: str, row_col: str) -> list[bytes | None]:

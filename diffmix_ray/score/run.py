@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 from .. import canonical, exactly_once, storage
 from ..console import console, logger
 from ..contracts import (CLASS_PROMPT, COL_IMAGE_ID, COL_PAIR_ID, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_TARGET_LABEL,
-                         MANIFEST_JSON, SCORE_COLUMNS, SCORES_DIR, SCORES_VERSION, SUCCESS, object_prompts)
+                         MANIFEST_JSON, RUN_JSON, SCORE_COLUMNS, SCORES_DIR, SCORES_VERSION, SUCCESS,
+                         object_prompts)
 from ..errors import DiffmixError
 from ..models.clip import ClipRef, resolve_clip
 from ..ops.jobs import announce
@@ -166,12 +167,26 @@ def _already_done(inputs: Inputs, plan: pa.Table) -> dict | None:
     return manifest if same else None  # an incomplete generate output has grown since: score the new pairs
 
 
+def _check_name_free(inputs: Inputs, overwrite: bool) -> None:
+    """Scores of another config under this name: say so in score's terms (storage.claim_output, which
+    would refuse too, speaks of --out)."""
+    run_json = storage.join(inputs.out, RUN_JSON)
+    if overwrite or not storage.exists(run_json):
+        return
+    have = storage.read_json(run_json)
+    if have.get("stage") == "score" and have.get("config_hash") != storage.config_hash(inputs.identity):
+        changed = [k for k, v in inputs.identity.items() if have.get("config", {}).get(k) != v]
+        raise DiffmixError(f"{inputs.out} holds scores of a different config (other {', '.join(changed)}): pass "
+                           f"--name NEW to keep both, or --overwrite to replace them")
+
+
 def run_score(cfg: ScoreConfig, overwrite: bool = False) -> dict:
     """Score every pair of the shards that has no score yet; returns the manifest."""
     started = time.perf_counter()
     inputs = resolve_inputs(cfg)
     out = inputs.out
     run_id = storage.config_hash(inputs.identity)
+    _check_name_free(inputs, overwrite)
     resumed = storage.claim_output(out, "score", inputs.identity, overwrite)
     announce("score", run_id)  # inside a Ray job: where to watch it, which run it is
     plan = build_plan(inputs)
