@@ -229,3 +229,33 @@ def test_score_config_is_checked():
         ScoreConfig(synthetic="x", clip="tiny", name="../x").validate()
     with pytest.raises(DiffmixError, match="--min-actors"):
         ScoreConfig(synthetic="x", clip="tiny", min_actors=2, max_actors=1).validate()
+
+
+def test_cpu_stage_reads_only_the_rows_it_needs_from_local_or_s3_shards(sample_dataset, s3_env, tmp_path):
+    """prepare_images reads each pair's synthetic and source image by (file, row), from local
+    files and from S3 alike, and yields bounded chunks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diffmix_ray.score.cpu_stages import COL_CLIP, COL_CLIP_SRC, prepare_images
+
+    train = canonical.open_dataset(sample_dataset).read_split("train", ["image_id", COL_IMAGE]).slice(0, 6)
+    local = str(tmp_path / "shard.parquet")
+    pq.write_table(pa.table({"image": train.column(COL_IMAGE)}), local, row_group_size=2)
+    remote = s3_env.make_bucket("shards") + "/shard.parquet"
+    fs, path = storage.filesystem(remote)
+    fs.put_file(local, path)
+    todo = pa.table({"pair_id": ["a", "b", "c"], "source_id": ["x", None, "x"], "source_label": [0, 1, 0],
+                     "target_label": [1, 1, 2], "_syn_file": pa.array([0, 1, 1], pa.int32()),
+                     "_syn_row": pa.array([5, 0, 3], pa.int64()), "_src_file": pa.array([0, -1, 0], pa.int32()),
+                     "_src_row": pa.array([1, -1, 1], pa.int64())})
+    prep = dataclasses.asdict(resolve_clip("tiny").prep)
+    chunks = list(prepare_images(todo, [local, remote], [local], prep, None, chunk_rows=2))
+    assert [len(c["pair_id"]) for c in chunks] == [2, 1]
+    batch = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    images = train.column(COL_IMAGE).to_pylist()
+    expect = [clip_pixels(Image.open(io.BytesIO(images[i])).convert("RGB"), prep) for i in (5, 0, 3)]
+    np.testing.assert_array_equal(batch[COL_CLIP], np.stack(expect))
+    np.testing.assert_array_equal(batch[COL_CLIP_SRC][[0, 2]], np.stack([clip_pixels(Image.open(io.BytesIO(
+        images[1])).convert("RGB"), prep)] * 2))
+    assert not batch[COL_CLIP_SRC][1].any() and list(batch["source_id"]) == ["x", "", "x"]
