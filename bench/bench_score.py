@@ -71,7 +71,8 @@ def make_inputs(work: str, train_images: int, per_image: int, shard_rows: int) -
     train = ds.read_split("train").to_pylist()
     rows = []
     for r in train:  # a source's pairs are neighbours, as in generate's shards
-        shifted = jpeg(Image.fromarray(np.roll(np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")), 1, axis=2)))
+        pixels = np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB"))
+        shifted = jpeg(Image.fromarray(np.roll(pixels, 1, axis=2)))
         for k in range(per_image):
             target = (r["label"] + 1 + k) % CLASSES
             rows.append({"pair_id": f"b-{len(rows):08d}", "source_id": r["image_id"], "source_label": r["label"],

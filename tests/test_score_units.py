@@ -163,7 +163,8 @@ def test_cpu_preprocessing_equals_clips_processor_and_the_classifiers_eval_pipel
         images=img, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
     for cfg in (data_config("test_resnet", "timm", 48, None), data_config("resnet18", "timm", None, None),
-                data_config("test_resnet", "reference", None, 224), data_config("test_resnet", "reference-lt", None, 224)):
+                data_config("test_resnet", "reference", None, 224),
+                data_config("test_resnet", "reference-lt", None, 224)):
         ours = (classifier_pixels(img, cfg) / 255.0 - np.array(cfg["mean"])) / np.array(cfg["std"])
         theirs = pipeline(cfg, training=False)(img).numpy().transpose(1, 2, 0)
         np.testing.assert_allclose(ours, theirs, atol=1e-5, err_msg=str(cfg))

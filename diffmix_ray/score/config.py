@@ -36,6 +36,7 @@ class ScoreConfig:
         if self.batch_size < 1 or self.rows_per_file < 1:
             raise DiffmixError("--batch-size and --rows-per-file must be >= 1")
         if not 1 <= self.min_actors <= self.max_actors:
-            raise DiffmixError(f"actors: need 1 <= --min-actors ({self.min_actors}) <= --max-actors ({self.max_actors})")
+            raise DiffmixError(f"actors: need 1 <= --min-actors ({self.min_actors}) <= --max-actors "
+                               f"({self.max_actors})")
         if (self.gpus_per_actor or 0) < 0 or self.cpus_per_actor <= 0:
             raise DiffmixError("--gpus-per-actor must be >= 0 and --cpus-per-actor > 0")
