@@ -78,18 +78,17 @@ def make_inputs(work: str, train_images: int, per_image: int, shard_rows: int) -
             rows.append({"pair_id": f"b-{len(rows):08d}", "source_id": r["image_id"], "source_label": r["label"],
                          "target_label": target, "strength": 0.7, "seed": len(rows), "mode": "real-mix",
                          "image": shifted, "width": SIZE[0], "height": SIZE[1], "prompt": ds.info.classes[target]})
-    for name, part in (("synthetic", rows), ("synthetic-first-shard", rows[:shard_rows])):
-        synthetic = os.path.join(work, name)
-        os.makedirs(os.path.join(synthetic, "shards"))
-        for i in range(0, len(part), shard_rows):
-            pq.write_table(pa.Table.from_pylist(part[i:i + shard_rows], schema=SHARD_SCHEMA),
-                           os.path.join(synthetic, "shards", f"shard-bench-{i // shard_rows:05d}.parquet"))
-        storage.write_json_atomic(os.path.join(synthetic, "manifest.json"), {
-            "identity": {"dataset": ds.uri, "bench": "bench_score", "per_image": per_image, "pairs": len(part)},
-            "dataset_fingerprint": ds.info.fingerprint,
-            "counts": {"planned": len(part), "generated": len(part), "missing": 0, "failed": 0}})
-        storage.write_text_atomic(os.path.join(synthetic, "_SUCCESS"), "")
-    return os.path.join(work, "synthetic")
+    synthetic = os.path.join(work, "synthetic")
+    os.makedirs(os.path.join(synthetic, "shards"))
+    for i in range(0, len(rows), shard_rows):
+        pq.write_table(pa.Table.from_pylist(rows[i:i + shard_rows], schema=SHARD_SCHEMA),
+                       os.path.join(synthetic, "shards", f"shard-bench-{i // shard_rows:05d}.parquet"))
+    storage.write_json_atomic(os.path.join(synthetic, "manifest.json"), {
+        "identity": {"dataset": ds.uri, "bench": "bench_score", "per_image": per_image},
+        "dataset_fingerprint": ds.info.fingerprint,
+        "counts": {"planned": len(rows), "generated": len(rows), "missing": 0, "failed": 0}})
+    storage.write_text_atomic(os.path.join(synthetic, "_SUCCESS"), "")
+    return synthetic
 
 
 def load_pairs(synthetic: str) -> tuple[list[dict], dict[str, bytes], object]:
@@ -195,13 +194,15 @@ def hand_loop(hand, rows, sources, batch_size: int) -> dict:
 # (b) the system, as a user runs it
 # ---------------------------------------------------------------------------------------------
 def system_run(args, synthetic: str, name: str) -> dict:
-    """`diffmix-ray score` on `synthetic` as a user runs it; returns its wall time and the manifest's
-    Ray-part time (actor start included)."""
+    """`diffmix-ray score` on `synthetic` as a user runs it, with score files of 2 batches (so a
+    block is 2 batches, and the files' times give a timeline, as in bench_generate.py)."""
+    import pyarrow.parquet as pq
+
     ray_tmp = tempfile.mkdtemp(prefix="dmrs-")  # short: Ray's socket paths must fit in 107 bytes
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_tmp, DIFFMIX_RAY_DASHBOARD="0")
     env.pop("RAY_ADDRESS", None)
     cmd = [CLI, "score", "--synthetic", synthetic, "--clip", args.clip, "--name", name, "--batch-size",
-           str(args.batch_size), "--cpus-per-actor", str(args.threads)]
+           str(args.batch_size), "--cpus-per-actor", str(args.threads), "--rows-per-file", str(2 * args.batch_size)]
     log = os.path.join(os.path.dirname(synthetic), f"{name}.log")
     started = time.time()
     with open(log, "w") as f:
@@ -210,17 +211,20 @@ def system_run(args, synthetic: str, name: str) -> dict:
     shutil.rmtree(ray_tmp, ignore_errors=True)
     if rc != 0:
         sys.exit(f"{name}: diffmix-ray score failed (exit {rc}); see {log}")
-    manifest = json.load(open(os.path.join(synthetic, "scores", name, "manifest.json")))
-    return {"pairs": manifest["counts"]["scored"], "wall_s": wall, "score_s": manifest["timings"]["score_s"]}
-
-
-def system_rate(args, synthetic: str) -> dict:
-    """(b)'s steady rate: the first shard alone, then every shard, each in a fresh `diffmix-ray score`;
-    the extra pairs over the extra seconds of the Ray part cancel Ray's and the actor's start."""
-    small = system_run(args, synthetic + "-first-shard", "bench")
-    full = system_run(args, synthetic, "bench")
-    rate = (full["pairs"] - small["pairs"]) / max(full["score_s"] - small["score_s"], 1e-9)
-    return {"steady_images_per_s": rate, "median_images_per_s": rate, "full": full, "small": small}
+    out = os.path.join(synthetic, "scores", name)
+    files = sorted((os.path.getmtime(os.path.join(out, n)), pq.read_metadata(os.path.join(out, n)).num_rows)
+                   for n in os.listdir(out) if n.endswith(".parquet"))
+    writes: list[list[float]] = []  # one write task writes its files together: group files 0.2 s apart
+    for t, n in files:
+        if writes and t - writes[-1][0] < 0.2:
+            writes[-1][1] += n
+        else:
+            writes.append([t, n])
+    times = [t for t, _ in writes]
+    r = rates([1.0] + [b - a for a, b in zip(times, times[1:])], [n for _, n in writes])  # first: placeholder
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    return r | {"pairs": manifest["counts"]["scored"], "wall_s": wall, "writes": len(writes),
+                "first_file_s": times[0] - started, "score_s": manifest["timings"]["score_s"]}
 
 
 def fmt(r: dict) -> str:
@@ -237,8 +241,9 @@ def cpu_main(args) -> None:
 
     work = args.work or tempfile.mkdtemp(prefix="bench-score-")
     try:
-        shard_rows = args.batch_size * max(1, args.pairs // (4 * args.batch_size))  # ~a quarter of the pairs
-        synthetic = make_inputs(work, max(CLASSES, args.pairs // args.per_image), args.per_image, shard_rows)
+        # Shards of 2 batches, like (b)'s blocks: each block reads exactly one shard.
+        synthetic = make_inputs(work, max(CLASSES, args.pairs // args.per_image), args.per_image,
+                                2 * args.batch_size)
         rows, sources, info = load_pairs(synthetic)
         print(f"{len(rows)} pairs ({args.per_image} per source, {SIZE[0]}x{SIZE[1]} JPEGs), --clip {args.clip}, "
               f"batch {args.batch_size}, {args.threads} thread(s); machine: {os.cpu_count()} CPUs, "
@@ -251,18 +256,17 @@ def cpu_main(args) -> None:
         h = hand_loop(hand, rows, sources, args.batch_size)
         print(f"(a) floor:        {fmt(a1)}", flush=True)
         print(f"(h) hand-written: {fmt(h)}", flush=True)
-        b = system_rate(args, synthetic)
+        b = system_run(args, synthetic, "bench")
         a2 = floor_loop(scorer, rows, sources, args.batch_size, prep)  # again: a neighbour's load drifts
         print(f"(a) again:        {fmt(a2)}", flush=True)
         a = {k: (a1[k] + a2[k]) / 2 for k in ("steady_images_per_s", "median_images_per_s")}
-        full, small = b["full"], b["small"]
-        print(f"(b) system:       {b['steady_images_per_s']:.2f} pairs/s steady ({full['pairs']} pairs: wall "
-              f"{full['wall_s']:.1f} s, Ray part {full['score_s']:.1f} s; first shard alone ({small['pairs']} pairs): "
-              f"wall {small['wall_s']:.1f} s, Ray part {small['score_s']:.1f} s)", flush=True)
+        print(f"(b) system:       {fmt(b)}; wall {b['wall_s']:.1f} s, first score file at {b['first_file_s']:.1f} s, "
+              f"{b['writes']} writes; Ray part {b['score_s']:.1f} s", flush=True)
         for name, ref, target in (("b/a", a, " (target >= 0.85)"), ("b/h", h, "")):
-            print(f"{name} steady = {b['steady_images_per_s'] / ref['steady_images_per_s']:.2f}{target}")
-        print(f"end to end: {full['pairs'] / full['wall_s']:.2f} pairs/s over (b)'s whole wall time (Python, Ray and "
-              f"actor start-up included)")
+            print(f"{name} steady = {b['steady_images_per_s'] / ref['steady_images_per_s']:.2f}, median = "
+                  f"{b['median_images_per_s'] / ref['median_images_per_s']:.2f}{target}")
+        print(f"end to end: {b['pairs'] / b['wall_s']:.2f} pairs/s over (b)'s whole wall time (Python, Ray and "
+              "actor start-up included)")
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -260,3 +260,25 @@ def test_cpu_stage_reads_only_the_rows_it_needs_from_local_or_s3_shards(sample_d
     np.testing.assert_array_equal(batch[COL_CLIP_SRC][[0, 2]], np.stack([clip_pixels(Image.open(io.BytesIO(
         images[1])).convert("RGB"), prep)] * 2))
     assert not batch[COL_CLIP_SRC][1].any() and list(batch["source_id"]) == ["x", "", "x"]
+
+
+def test_plan_blocks_are_bounded_and_cut_at_shard_boundaries():
+    import pyarrow as pa
+
+    from diffmix_ray.score.run import block_rows, plan_blocks
+
+    def blocks(shard_sizes, block):
+        files = np.repeat(np.arange(len(shard_sizes)), shard_sizes)
+        todo = pa.table({"_syn_file": pa.array(files, pa.int32()), "_syn_row": np.arange(len(files))})
+        parts = plan_blocks(todo, block)
+        assert pa.concat_tables(parts).equals(todo)  # every row once, in order
+        return [p.num_rows for p in parts]
+
+    assert blocks([3, 3, 3], 4) == [3, 3, 3]  # never straddles a shard it could keep whole
+    assert blocks([2, 2, 2, 2], 4) == [4, 4]  # small shards share a block
+    assert blocks([10], 4) == [4, 4, 2]  # a big shard: whole blocks of it
+    assert blocks([1, 9, 1], 4) == [1, 4, 4, 2]
+    cfg = ScoreConfig(synthetic="x", clip="tiny", batch_size=8, rows_per_file=20)
+    assert block_rows(10_000, cfg, 3 * 32 * 32)[0] == 24  # at most a score file (rounded to batches)
+    assert block_rows(10_000, ScoreConfig(synthetic="x", clip="tiny", batch_size=8), 3 * 32 * 32)[0] == 1024
+    assert block_rows(40, ScoreConfig(synthetic="x", clip="tiny", batch_size=8), 3 * 32 * 32)[0] == 24  # 2 per actor

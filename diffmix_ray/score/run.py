@@ -124,13 +124,36 @@ def locate_sources(inputs: Inputs, todo: pa.Table) -> tuple[pa.Table, list[str]]
 
 
 def block_rows(rows: int, cfg: ScoreConfig, row_bytes: int) -> tuple[int, int]:
-    """(rows per plan block, rows per chunk of decoded pixels), both multiples of the batch size;
-    small runs still get >= 2 blocks per actor so every actor has work."""
+    """(most rows per plan block, rows per chunk of decoded pixels), both multiples of the batch
+    size. A block is at most about a generate shard (BLOCK_ROWS) and at most a score file (a
+    block is never cut into two files); small runs still get >= 2 blocks per actor."""
     b = cfg.batch_size
     per_actor = b * math.ceil(rows / (2 * cfg.max_actors * b))
-    target = b * math.ceil(BLOCK_ROWS / b)
+    target = b * math.ceil(min(BLOCK_ROWS, cfg.rows_per_file) / b)
     chunk = max(b, min(b * (CHUNK_BYTES // (b * row_bytes)), target, per_actor))
     return chunk * max(1, min(math.ceil(target / chunk), math.ceil(per_actor / chunk))), chunk
+
+
+def plan_blocks(todo: pa.Table, block: int) -> list[pa.Table]:
+    """Slices of `todo` (ordered by shard file and row) of at most `block` rows, cut at shard
+    boundaries where a shard fits: a block reads whole row groups of the shards it touches, so a
+    shard split over two blocks would be read twice."""
+    n = todo.num_rows
+    files = todo.column(COL_SYN_FILE).to_numpy()
+    ends = (np.flatnonzero(np.diff(files)) + 1).tolist() + [n]  # where each shard's rows end
+    cuts, start, prev = [], 0, 0
+    for end in ends:  # the shard's rows are [prev, end)
+        if end - start > block:
+            if prev > start:  # close the open block before this shard
+                cuts.append((start, prev))
+                start = prev
+            while end - start > block:  # a shard larger than a block: whole blocks of it
+                cuts.append((start, start + block))
+                start += block
+        prev = end
+    if start < n:
+        cuts.append((start, n))
+    return [todo.slice(a, b - a) for a, b in cuts]
 
 
 def _ray_pipeline(inputs: Inputs, todo: pa.Table, src_files: list[str], gpus_per_actor: float) -> None:
@@ -148,7 +171,7 @@ def _ray_pipeline(inputs: Inputs, todo: pa.Table, src_files: list[str], gpus_per
     h, w = inputs.clip.prep.output_hw
     row_bytes = 2 * h * w * 3 + (3 * cls_cfg["img_size"] ** 2 if cls_cfg else 0)
     block, chunk = block_rows(todo.num_rows, cfg, row_bytes)
-    ds = ray.data.from_arrow([todo.slice(i, block) for i in range(0, todo.num_rows, block)])
+    ds = ray.data.from_arrow(plan_blocks(todo, block))
     ds = ds.map_batches(prepare_images, fn_kwargs=dict(syn_files=inputs.synthetic.files, src_files=src_files,
                                                       clip_prep=clip_prep, cls_cfg=cls_cfg, chunk_rows=chunk),
                         batch_format="pyarrow", batch_size=None, num_cpus=CPU_STAGE_CPUS)
