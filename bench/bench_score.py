@@ -22,7 +22,6 @@ Prints figures; asserts nothing."""
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -33,73 +32,9 @@ import time
 
 import numpy as np
 
+from _score_parts import CLASSES, SIZE, HandWritten, TreeCPU, load_pairs, make_inputs  # beside this file
+
 CLI = os.path.join(os.path.dirname(sys.executable), "diffmix-ray")
-CLASSES = 4
-SIZE = (500, 375)  # CUB's typical JPEG; generate writes translations back at the source's size
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs: a canonical dataset and a generate output in the shard contract (no diffusion: each
-# "translation" is its source with the colour channels rolled, re-encoded)
-# ---------------------------------------------------------------------------------------------
-def jpeg(img, quality: int = 95) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def make_inputs(work: str, train_images: int, per_image: int, shard_rows: int) -> str:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from PIL import Image
-
-    from diffmix_ray import canonical, storage
-    from diffmix_ray.contracts import SHARD_SCHEMA
-    from diffmix_ray.data.prepare import PrepareConfig, prepare
-    from diffmix_ray.data.sample import SAMPLE_CLASSES, SAMPLE_SUPER_CLASS, draw_sample
-
-    rng = np.random.default_rng(0)
-    raw = os.path.join(work, "raw")
-    for i in range(train_images):
-        folder = os.path.join(raw, SAMPLE_CLASSES[i % CLASSES][0])
-        os.makedirs(folder, exist_ok=True)
-        draw_sample(i % CLASSES, rng, size=SIZE[0]).resize(SIZE).save(os.path.join(folder, f"{i:04d}.jpg"), quality=95)
-    dataset = os.path.join(work, "dataset")
-    prepare(PrepareConfig("imagefolder", raw, super_class=SAMPLE_SUPER_CLASS, val_fraction=0.0), dataset,
-            show_progress=False)
-    ds = canonical.open_dataset(dataset)
-    train = ds.read_split("train").to_pylist()
-    rows = []
-    for r in train:  # a source's pairs are neighbours, as in generate's shards
-        pixels = np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB"))
-        shifted = jpeg(Image.fromarray(np.roll(pixels, 1, axis=2)))
-        for k in range(per_image):
-            target = (r["label"] + 1 + k) % CLASSES
-            rows.append({"pair_id": f"b-{len(rows):08d}", "source_id": r["image_id"], "source_label": r["label"],
-                         "target_label": target, "strength": 0.7, "seed": len(rows), "mode": "real-mix",
-                         "image": shifted, "width": SIZE[0], "height": SIZE[1], "prompt": ds.info.classes[target]})
-    synthetic = os.path.join(work, "synthetic")
-    os.makedirs(os.path.join(synthetic, "shards"))
-    for i in range(0, len(rows), shard_rows):
-        pq.write_table(pa.Table.from_pylist(rows[i:i + shard_rows], schema=SHARD_SCHEMA),
-                       os.path.join(synthetic, "shards", f"shard-bench-{i // shard_rows:05d}.parquet"))
-    storage.write_json_atomic(os.path.join(synthetic, "manifest.json"), {
-        "identity": {"dataset": ds.uri, "bench": "bench_score", "per_image": per_image},
-        "dataset_fingerprint": ds.info.fingerprint,
-        "counts": {"planned": len(rows), "generated": len(rows), "missing": 0, "failed": 0}})
-    storage.write_text_atomic(os.path.join(synthetic, "_SUCCESS"), "")
-    return synthetic
-
-
-def load_pairs(synthetic: str) -> tuple[list[dict], dict[str, bytes], object]:
-    import pyarrow.parquet as pq
-
-    from diffmix_ray import canonical, storage
-
-    rows = pq.read_table(os.path.join(synthetic, "shards")).to_pylist()
-    ds = canonical.open_dataset(storage.read_json(os.path.join(synthetic, "manifest.json"))["identity"]["dataset"])
-    sources = {r["image_id"]: r["image"] for r in ds.read_split("train").to_pylist()}
-    return rows, sources, ds.info
 
 
 def rates(seconds: list[float], images: list[int]) -> dict:
@@ -116,10 +51,10 @@ def rates(seconds: list[float], images: list[int]) -> dict:
 def floor_loop(scorer, rows, sources, batch_size: int, prep: dict) -> dict:
     from diffmix_ray.score.cpu_stages import decode_pairs, finish_scores
 
-    seconds, counts = [], []
+    seconds, counts, cpu = [], [], []
     for i in range(0, len(rows), batch_size):
         b = rows[i:i + batch_size]
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         keys = {"pair_id": np.array([r["pair_id"] for r in b], dtype=object),
                 "source_id": np.array([r["source_id"] for r in b], dtype=object),
                 "source_label": np.array([r["source_label"] for r in b]),
@@ -128,56 +63,9 @@ def floor_loop(scorer, rows, sources, batch_size: int, prep: dict) -> dict:
                              np.ones(len(b), bool), prep, None)
         finish_scores(scorer(batch), None)
         seconds.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
         counts.append(len(b))
-    return rates(seconds, counts)
-
-
-class HandWritten:
-    """The reference's filter loop, extended to the project's scores, as a user would write it."""
-
-    def __init__(self, clip: str, info, device: str | None = None):
-        from transformers.models.clip import CLIPImageProcessorPil
-
-        from diffmix_ray.contracts import object_prompts
-        from diffmix_ray.models.clip import load_clip
-        from diffmix_ray.score.scorer import class_prompts
-
-        self.model, self.tokenizer, ref = load_clip(clip, device=device)
-        p = ref.prep
-        self.processor = CLIPImageProcessorPil(size={"shortest_edge": p.shortest_edge}, resample=p.resample,
-                                               crop_size={"height": p.crop[0], "width": p.crop[1]},
-                                               image_mean=list(p.mean), image_std=list(p.std))
-        self.prompts = class_prompts(info.classes, info.super_class)
-        self.objects = list(object_prompts(info.super_class))
-
-    def model_part(self, pixels, src_pixels, targets, sources):
-        import torch
-
-        m = self.model
-        with torch.inference_mode():
-            cls = self.tokenizer(self.prompts, padding=True, return_tensors="pt").to(m.device)
-            obj = self.tokenizer(self.objects, padding=True, return_tensors="pt").to(m.device)
-            probs = m(pixel_values=pixels, **cls).logits_per_image.softmax(-1)
-            with_obj = m(pixel_values=pixels, **obj).logits_per_image.softmax(-1)[:, 0]
-            a = m.get_image_features(pixel_values=pixels).pooler_output
-            b = m.get_image_features(pixel_values=src_pixels).pooler_output
-            sim = torch.nn.functional.cosine_similarity(a, b)
-            at = torch.arange(len(targets), device=m.device)
-            out = [probs[at, targets], probs[at, sources], with_obj, sim]
-            return [o.float().cpu().numpy() for o in out]
-
-    def __call__(self, batch_rows, sources: dict[str, bytes]):
-        import torch
-        from PIL import Image
-
-        imgs = [Image.open(io.BytesIO(r["image"])).convert("RGB") for r in batch_rows]
-        srcs = [Image.open(io.BytesIO(sources[r["source_id"]])).convert("RGB") for r in batch_rows]
-        dtype, device = self.model.dtype, self.model.device
-        pixels = self.processor(images=imgs, return_tensors="pt")["pixel_values"].to(device, dtype)
-        src = self.processor(images=srcs, return_tensors="pt")["pixel_values"].to(device, dtype)
-        t = torch.as_tensor([r["target_label"] for r in batch_rows], device=device)
-        s = torch.as_tensor([r["source_label"] for r in batch_rows], device=device)
-        return self.model_part(pixels, src, t, s)
+    return rates(seconds, counts) | {"per_cpu_s": sum(counts[1:]) / max(sum(cpu[1:]), 1e-9)}
 
 
 def hand_loop(hand, rows, sources, batch_size: int) -> dict:
@@ -194,19 +82,22 @@ def hand_loop(hand, rows, sources, batch_size: int) -> dict:
 # (b) the system, as a user runs it
 # ---------------------------------------------------------------------------------------------
 def system_run(args, synthetic: str, name: str) -> dict:
-    """`diffmix-ray score` on `synthetic` as a user runs it, with score files of 2 batches (so a
-    block is 2 batches, and the files' times give a timeline, as in bench_generate.py)."""
+    """`diffmix-ray score` on `synthetic` as a user runs it. With score files of 2 batches (the default
+    here) a block is 2 batches, and the files' times give a timeline, as in bench_generate.py."""
     import pyarrow.parquet as pq
 
     ray_tmp = tempfile.mkdtemp(prefix="dmrs-")  # short: Ray's socket paths must fit in 107 bytes
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_tmp, DIFFMIX_RAY_DASHBOARD="0")
     env.pop("RAY_ADDRESS", None)
     cmd = [CLI, "score", "--synthetic", synthetic, "--clip", args.clip, "--name", name, "--batch-size",
-           str(args.batch_size), "--cpus-per-actor", str(args.threads), "--rows-per-file", str(2 * args.batch_size)]
+           str(args.batch_size), "--cpus-per-actor", str(args.threads), "--rows-per-file", str(args.rows_per_file)]
     log = os.path.join(os.path.dirname(synthetic), f"{name}.log")
     started = time.time()
     with open(log, "w") as f:
-        rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True).returncode
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        cpu = TreeCPU(proc.pid)
+        rc = proc.wait()
+        cpu.stop()
     wall = time.time() - started
     shutil.rmtree(ray_tmp, ignore_errors=True)
     if rc != 0:
@@ -220,21 +111,33 @@ def system_run(args, synthetic: str, name: str) -> dict:
             writes[-1][1] += n
         else:
             writes.append([t, n])
-    if len(writes) < 4:
-        sys.exit(f"{name}: only {len(writes)} writes; pass more --pairs for a timeline (>= 4 blocks of 2 batches)")
     times = [t for t, _ in writes]
-    # The first write also waits for its worker's start (imports), which would shorten the next
-    # interval: the timeline starts at the second write.
-    rows = [n for _, n in writes[2:]]
-    per = sorted(n / (b - a) for n, a, b in zip(rows, times[1:], times[2:]))
-    r = {"steady_images_per_s": sum(rows) / (times[-1] - times[1]), "median_images_per_s": per[len(per) // 2]}
     manifest = json.load(open(os.path.join(out, "manifest.json")))
-    return r | {"pairs": manifest["counts"]["scored"], "wall_s": wall, "writes": len(writes),
-                "first_file_s": times[0] - started, "score_s": manifest["timings"]["score_s"]}
+    r = {"pairs": manifest["counts"]["scored"], "wall_s": wall, "writes": len(writes), "cpu_s": cpu.samples[-1][1],
+         "first_file_s": times[0] - started, "score_s": manifest["timings"]["score_s"]}
+    if len(writes) >= 4:
+        # The first write also waits for its worker's start (imports), which would shorten the next
+        # interval: the timeline starts at the second write.
+        rows = [n for _, n in writes[2:]]
+        per = sorted(n / (b - a) for n, a, b in zip(rows, times[1:], times[2:]))
+        r |= {"steady_images_per_s": sum(rows) / (times[-1] - times[1]), "median_images_per_s": per[len(per) // 2]}
+    return r
+
+
+def system(args, synthetic: str) -> dict:
+    """(b) on a quarter of the pairs, then on all of them, each a fresh `diffmix-ray score`. The
+    timeline of the full run gives the steady rate; the differences between the runs (pairs, CPU
+    seconds of every process, wall) give what each further pair costs, start-up cancelled out."""
+    small = system_run(args, synthetic + "-quarter", "bench")
+    full = system_run(args, synthetic, "bench")
+    more = full["pairs"] - small["pairs"]
+    return full | {"small": small, "per_cpu_s": more / max(full["cpu_s"] - small["cpu_s"], 1e-9),
+                   "marginal_per_s": more / max(full["wall_s"] - small["wall_s"], 1e-9)}
 
 
 def fmt(r: dict) -> str:
-    return f"{r['steady_images_per_s']:.2f} pairs/s steady (median {r['median_images_per_s']:.2f})"
+    cpu = f", {r['per_cpu_s']:.2f} per CPU second" if "per_cpu_s" in r else ""
+    return f"{r['steady_images_per_s']:.2f} pairs/s steady (median {r['median_images_per_s']:.2f}{cpu})"
 
 
 def cpu_main(args) -> None:
@@ -247,9 +150,8 @@ def cpu_main(args) -> None:
 
     work = args.work or tempfile.mkdtemp(prefix="bench-score-")
     try:
-        # Shards of 2 batches, like (b)'s blocks: each block reads exactly one shard.
-        synthetic = make_inputs(work, max(CLASSES, args.pairs // args.per_image), args.per_image,
-                                2 * args.batch_size)
+        # Shards as large as (b)'s blocks: each block reads exactly one shard.
+        synthetic = make_inputs(work, max(CLASSES, args.pairs // args.per_image), args.per_image, args.rows_per_file)
         rows, sources, info = load_pairs(synthetic)
         print(f"{len(rows)} pairs ({args.per_image} per source, {SIZE[0]}x{SIZE[1]} JPEGs), --clip {args.clip}, "
               f"batch {args.batch_size}, {args.threads} thread(s); machine: {os.cpu_count()} CPUs, "
@@ -262,15 +164,18 @@ def cpu_main(args) -> None:
         h = hand_loop(hand, rows[:4 * args.batch_size], sources, args.batch_size)  # slow: 4 batches tell its rate
         print(f"(a) floor:        {fmt(a1)}", flush=True)
         print(f"(h) hand-written: {fmt(h)}", flush=True)
-        b = system_run(args, synthetic, "bench")
+        b = system(args, synthetic)
         a2 = floor_loop(scorer, rows, sources, args.batch_size, prep)  # again: a neighbour's load drifts
         print(f"(a) again:        {fmt(a2)}", flush=True)
-        a = {k: (a1[k] + a2[k]) / 2 for k in ("steady_images_per_s", "median_images_per_s")}
-        print(f"(b) system:       {fmt(b)}; wall {b['wall_s']:.1f} s, first score file at {b['first_file_s']:.1f} s, "
-              f"{b['writes']} writes; Ray part {b['score_s']:.1f} s", flush=True)
+        a = {k: (a1[k] + a2[k]) / 2 for k in ("steady_images_per_s", "median_images_per_s", "per_cpu_s")}
+        print(f"(b) system:       {fmt(b)}; {b['pairs']} pairs: wall {b['wall_s']:.1f} s, first score file at "
+              f"{b['first_file_s']:.1f} s, {b['writes']} writes; {b['small']['pairs']} pairs: wall "
+              f"{b['small']['wall_s']:.1f} s; the extra pairs: {b['marginal_per_s']:.2f} pairs/s", flush=True)
         for name, ref, target in (("b/a", a, " (target >= 0.85)"), ("b/h", h, "")):
             print(f"{name} steady = {b['steady_images_per_s'] / ref['steady_images_per_s']:.2f}, median = "
                   f"{b['median_images_per_s'] / ref['median_images_per_s']:.2f}{target}")
+        print(f"per CPU second: b/a = {b['per_cpu_s'] / a['per_cpu_s']:.2f} ((b): every process of the run, the "
+              f"extra pairs over the extra CPU seconds)")
         print(f"end to end: {b['pairs'] / b['wall_s']:.2f} pairs/s over (b)'s whole wall time (Python, Ray and "
               "actor start-up included)")
     finally:
@@ -294,6 +199,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default 16; --gpu 256")
     p.add_argument("--batches", type=int, default=20, help="--gpu: timed batches")
     p.add_argument("--classes", type=int, default=200, help="--gpu: class prompts (CUB: 200)")
+    p.add_argument("--rows-per-file", type=int, default=None, help="(b)'s score files and blocks (default 2 "
+                   "batches: a timeline; a real run has ~1024-row blocks)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in (a)/(h); CPUs of the actor in (b)")
     p.add_argument("--work", default=None, help="working folder (default: a temp folder, deleted after)")
     args = p.parse_args()
@@ -301,7 +208,7 @@ def main() -> None:
     args.clip = args.clip or "clip-b32"
     args.batch_size = args.batch_size or (256 if args.gpu else 16)
     args.pairs = args.pairs or 256
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    args.rows_per_file = args.rows_per_file or 2 * args.batch_size
     gpu_main(args) if args.gpu else cpu_main(args)
 
 

@@ -75,7 +75,7 @@ def run_gpu(args) -> None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from bench_score import HandWritten
+    from _score_parts import HandWritten
     from diffmix_ray.score.scorer import Scorer
 
     device = args.device or "cuda"
