@@ -282,3 +282,15 @@ def test_plan_blocks_are_bounded_and_cut_at_shard_boundaries():
     assert block_rows(10_000, cfg, 3 * 32 * 32)[0] == 24  # at most a score file (rounded to batches)
     assert block_rows(10_000, ScoreConfig(synthetic="x", clip="tiny", batch_size=8), 3 * 32 * 32)[0] == 1024
     assert block_rows(40, ScoreConfig(synthetic="x", clip="tiny", batch_size=8), 3 * 32 * 32)[0] == 24  # 2 per actor
+
+
+def test_the_cpu_stages_import_neither_torch_nor_ray():
+    """Ray workers import score.cpu_stages to run the stages beside the actors: seconds of torch
+    imports per worker would steal the actors' CPU (and classifier.py's driver side needs none)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, diffmix_ray.score.cpu_stages, diffmix_ray.score.classifier, diffmix_ray.score.config; "
+            "print(sorted(m for m in ('torch', 'transformers', 'timm', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
