@@ -88,11 +88,19 @@ def load_pairs(synthetic: str) -> tuple[list[dict], dict[str, bytes], object]:
     return rows, sources, ds.info
 
 
+def features(out):
+    """get_image_features' result: a tensor in transformers 4, an output whose pooler_output it is in 5."""
+    return out if hasattr(out, "shape") else out.pooler_output
+
+
 class HandWritten:
     """The reference's filter loop, extended to the project's scores, as a user would write it."""
 
     def __init__(self, clip: str, info, device: str | None = None):
-        from transformers.models.clip import CLIPImageProcessorPil
+        try:  # transformers 5's PIL backend: the slow processor of transformers 4
+            from transformers.models.clip import CLIPImageProcessorPil as Processor
+        except ImportError:
+            from transformers import CLIPImageProcessor as Processor
 
         from diffmix_ray.contracts import object_prompts
         from diffmix_ray.models.clip import load_clip
@@ -100,7 +108,7 @@ class HandWritten:
 
         self.model, self.tokenizer, ref = load_clip(clip, device=device)
         p = ref.prep
-        self.processor = CLIPImageProcessorPil(size={"shortest_edge": p.shortest_edge}, resample=p.resample,
+        self.processor = Processor(size={"shortest_edge": p.shortest_edge}, resample=p.resample,
                                                crop_size={"height": p.crop[0], "width": p.crop[1]},
                                                image_mean=list(p.mean), image_std=list(p.std))
         self.prompts = class_prompts(info.classes, info.super_class)
@@ -115,8 +123,7 @@ class HandWritten:
             obj = self.tokenizer(self.objects, padding=True, return_tensors="pt").to(m.device)
             probs = m(pixel_values=pixels, **cls).logits_per_image.softmax(-1)
             with_obj = m(pixel_values=pixels, **obj).logits_per_image.softmax(-1)[:, 0]
-            a = m.get_image_features(pixel_values=pixels).pooler_output
-            b = m.get_image_features(pixel_values=src_pixels).pooler_output
+            a, b = (features(m.get_image_features(pixel_values=x)) for x in (pixels, src_pixels))
             sim = torch.nn.functional.cosine_similarity(a, b)
             at = torch.arange(len(targets), device=m.device)
             out = [probs[at, targets], probs[at, sources], with_obj, sim]

@@ -181,6 +181,8 @@ def test_fused_and_unfused_lora_agree(translator, sample_dataset, tiny_bank):
 def test_every_pair_runs_exactly_its_denoising_steps(translator, sample_dataset, monkeypatch):
     """s = 0.04, 0.08, ..., 0.96 at 25 steps runs 1, 2, ..., 24 steps. Stored as float32, 14 of
     them (0.12 = 0.11999999731...) lost a step to diffusers' int(steps x s)."""
+    import torch
+
     strengths = [round(0.04 * k, 2) for k in range(1, 25)]
     assert int(25 * float(np.float32(0.12))) == 2  # the bug the plan's float32 column invites
     calls: list[int] = []
@@ -197,12 +199,16 @@ def test_every_pair_runs_exactly_its_denoising_steps(translator, sample_dataset,
     ran: list[tuple[int, int, int]] = []
     monkeypatch.setattr(translator, "steps", 25)
     monkeypatch.setattr(translator, "translate", counting)
+    threads = torch.get_num_threads()
+    # 300 small UNet calls: one thread, so a busy neighbour cannot stall them at OpenMP barriers
+    torch.set_num_threads(1)
     try:
         out = translator(_batch(sample_dataset, targets=[1] * 24, strengths=strengths, seeds=list(range(24)),
                                 sources=[canonical.open_dataset(sample_dataset).read_split("train")
                                          .column(COL_IMAGE).to_pylist()[0]] * 24))
     finally:
         hook.remove()
+        torch.set_num_threads(threads)
     assert list(out[COL_ERROR]) == [""] * 24
     assert ran == [(k, k, 1) for k in range(1, 25)]  # one UNet call (CFG batched) per step, one pair each
     assert [denoising_steps(np.float32(s), 25) for s in strengths] == list(range(1, 25))
