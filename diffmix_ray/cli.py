@@ -334,8 +334,7 @@ def score(
     config: Optional[str] = typer.Option(None, help="YAML file with any of these options."),
     overwrite: bool = typer.Option(False, help="Delete a different scores run found under this name and start again."),
 ):
-    """Score synthetic images (CLIP class and object scores, source similarity, a classifier's confidence) on a Ray
-    actor pool; writes <synthetic>/scores/NAME/ beside the shards, never changing them."""
+    """Score synthetic images (CLIP, source similarity, a classifier) on a Ray actor pool, beside the shards."""
     from . import config as cfgmod
     from .score.config import ScoreConfig
     from .score.run import run_score
