@@ -22,7 +22,7 @@ from ..console import console, logger
 from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_PAIR_ID, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH,
                          COL_TARGET_LABEL, MANIFEST_JSON, PLAN_DIR, SHARDS_DIR, SUCCESS)
 from ..errors import DiffmixError
-from ..exactly_once import FAILED_DIR, IncompleteOutput  # noqa: F401 - IncompleteOutput: generate's API
+from ..exactly_once import FAILED_DIR
 from ..ops.jobs import announce
 from ..ops.local_ray import init_ray, resolve_gpus
 from ..models import concepts as bank_io
