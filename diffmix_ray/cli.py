@@ -332,7 +332,7 @@ def report(runs: list[str] = typer.Argument(..., help="generate outputs and/or t
            out: Optional[str] = typer.Option(None, help="Folder for the report (default: report/ next to the first run)."),
            gamma: float = typer.Option(0.5, help="Soft-label exponent used to label the contact sheet.")):
     """Contact sheets of synthetic images, accuracy plots and a comparison table (Markdown + HTML)."""
-    from .ops.report import run_report
+    from .orchestrate.report import run_report
 
     written = run_report(runs, out, gamma=gamma)
     for kind, paths in written.items():
@@ -375,7 +375,7 @@ def stage(uri: str = typer.Argument(..., help="s3:// URI of a diffusers model fo
         return
     import json
 
-    from .ops.stage import stage_on_all_nodes
+    from .runtime.stage import stage_on_all_nodes
 
     for row in stage_on_all_nodes(uri):
         console.print(f"{row['host']} ({row['node_id'][:12]}): {row['path'] or row.get('skipped')}")
@@ -387,7 +387,7 @@ def stage(uri: str = typer.Argument(..., help="s3:// URI of a diffusers model fo
 def demo(out: str = typer.Option("demo-out", help="Local folder for every stage's output."),
          overwrite: bool = typer.Option(False, help="Start again even if --out holds a finished demo.")):
     """Run the pipeline on built-in defaults: sample dataset, tiny model, local disk, CPU."""
-    from .ops.demo import run_demo
+    from .orchestrate.demo import run_demo
 
     run_demo(out, overwrite=overwrite)
 
@@ -396,7 +396,7 @@ from .finetune.command import finetune as _finetune  # noqa: E402
 app.command(name="finetune")(friendly(_finetune))
 
 
-from .ops.jobs import register_job_commands  # noqa: E402
+from .runtime.jobs import register_job_commands  # noqa: E402
 register_job_commands(app, friendly)
 
 

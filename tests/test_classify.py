@@ -461,7 +461,7 @@ def test_bad_image_names_its_file_and_row():
 def test_report_without_test_split(tmp_path, monkeypatch):
     from matplotlib.ticker import MaxNLocator
 
-    from diffmix_ray.ops import report
+    from diffmix_ray.orchestrate import report
 
     epochs = [{"epoch": e, "val": {"top1": 0.5 + e / 10, "per_class": [0.5]}, "test": None} for e in range(3)]
     run = {"arch": "a", "p": 0.0, "gamma": 0.5, "synthetic": [], "epochs": epochs,

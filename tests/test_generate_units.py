@@ -397,7 +397,7 @@ def test_blocks_are_whole_batches_about_a_shard_and_feed_every_actor(rows, batch
 
 
 def test_gpu_default_follows_the_cluster(monkeypatch, capsys):
-    from diffmix_ray.ops import local_ray
+    from diffmix_ray.runtime import local_ray
 
     for now, most, expected in ((0, 0, 0.0), (0, 16, 1.0), (4, 4, 1.0)):
         monkeypatch.setattr(local_ray, "cluster_gpus", lambda now=now, most=most: (float(now), float(most)))
@@ -408,7 +408,7 @@ def test_gpu_default_follows_the_cluster(monkeypatch, capsys):
 
 
 def test_gpu_default_on_the_test_cluster_is_cpu(ray_local):
-    from diffmix_ray.ops.local_ray import cluster_gpus
+    from diffmix_ray.runtime.local_ray import cluster_gpus
 
     assert cluster_gpus() == (0.0, 0.0)
 

@@ -398,7 +398,7 @@ def test_generate_runs_as_a_ray_job(head, generated):
     assert manifest["counts"]["generated"] == manifest["counts"]["planned"] == 12  # 3 classes x 4 train x 1
     assert fs.glob(f"{out}/shards/*.parquet")
     logs = head.cli("logs", "diffmix-generate-e2e").stdout
-    # The stage says where to watch it and which run it is (ops.jobs.announce).
+    # The stage says where to watch it and which run it is (runtime.jobs.announce).
     assert f"in Ray job diffmix-generate-e2e: watch {head.address}/#/jobs/diffmix-generate-e2e" in logs
     assert re.search(r"generate run [0-9a-f]{16} in Ray job", logs)
 

@@ -14,8 +14,8 @@ from .. import canonical, storage
 from ..console import console, logger
 from ..contracts import COL_LABEL, COL_SOURCE_LABEL, COL_STRENGTH, COL_TARGET_LABEL, SUCCESS
 from ..errors import DiffmixError
-from ..ops.jobs import announce
-from ..ops.local_ray import init_ray, resolve_gpus
+from ..runtime.jobs import announce
+from ..runtime.local_ray import init_ray, resolve_gpus
 from ..synthetic import open_synthetic
 from . import data, labels
 from .config import ClassifyConfig

@@ -19,8 +19,8 @@ from ..contracts import CONCEPTS_JSON, RUN_JSON
 from ..errors import DiffmixError
 from ..models import concepts as bank_io
 from ..models.loader import ModelRef, resolve_model
-from ..ops.jobs import announce
-from ..ops.local_ray import init_ray, resolve_gpus
+from ..runtime.jobs import announce
+from ..runtime.local_ray import init_ray, resolve_gpus
 from .config import DEFAULT_INITIALIZER, FinetuneConfig
 from .data import epoch_rows
 
