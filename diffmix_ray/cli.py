@@ -156,7 +156,9 @@ GENERATE_OPTIONS = dict(
     mode=typer.Option(None, help="diff-mix (default) | diff-aug | diff-gen | real-mix | real-aug | real-gen | da-fusion."),
     multiplier=typer.Option(None, help="Pairs = multiplier x train images (default 5)."),
     per_image=typer.Option(None, help="Instead: M pairs for every train image."),
-    source_sampling=typer.Option(None, help="class-uniform (reference) | per-image."),
+    source_sampling=typer.Option(None, help="class-uniform (the reference's) | per-image (evenly over images: the "
+                                 "long-tailed image distribution). Default: per-image on long-tailed datasets, "
+                                 "class-uniform otherwise."),
     target_sampling=typer.Option(None, help="uniform | inverse-frequency (weights 1/(n_c+1), for long-tail)."),
     strength=typer.Option(None, help="Fixed translation strength in (0, 1] (default 0.7)."),
     strength_set=typer.Option(None, help="Comma-separated strengths sampled uniformly, e.g. 0.3,0.5,0.7,0.9."),
