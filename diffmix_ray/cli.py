@@ -280,6 +280,9 @@ def train_cls(
     synthetic_p: Optional[float] = typer.Option(None, help="P(replace a real sample by a synthetic one); default 0.1, 0.3 for few-shot/long-tail."),
     synthetic_sampling: Optional[str] = typer.Option(None, help="uniform | inverse-frequency (by target class ∝ "
                                                      "1/(n_c+1)); default inverse-frequency on long-tailed datasets."),
+    synthetic_pick: Optional[str] = typer.Option(None, help="pool (default; Diff-Mix: any synthetic image, drawn "
+                                                 "by --synthetic-sampling) | own-source (DA-Fusion: one of the real "
+                                                 "image's own translations)."),
     gamma: Optional[float] = typer.Option(None, help="Soft-label exponent: y = (1-s^g) src + s^g tgt (default 0.5)."),
     allow_incomplete: Optional[bool] = typer.Option(None, "--allow-incomplete", help="Accept shards without _SUCCESS."),
     cutmix: Optional[bool] = typer.Option(None, "--cutmix", help="CutMix baseline (real data only)."),
@@ -304,7 +307,7 @@ def train_cls(
         weight_decay=weight_decay, schedule=schedule, warmup_fraction=warmup_fraction, warmup_epochs=warmup_epochs,
         lr_milestones=lr_milestones, lr_decay=lr_decay, loss=loss, drw_epoch=drw_epoch, drw_beta=drw_beta,
         label_smoothing=label_smoothing, select=select, shot_thresholds=shot_thresholds, synthetic_p=synthetic_p,
-        synthetic_sampling=synthetic_sampling, gamma=gamma,
+        synthetic_sampling=synthetic_sampling, synthetic_pick=synthetic_pick, gamma=gamma,
         allow_incomplete=allow_incomplete, cutmix=cutmix, mixup=mixup, seed=seed, workers=workers,
         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker))
     if seeds:
