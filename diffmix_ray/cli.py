@@ -15,6 +15,8 @@ app = typer.Typer(help="Diff-Mix inter-class image translation as a distributed 
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 model_app = typer.Typer(help="Model utilities (tiny/bench/sd15 presets, staging).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+recipe_app = typer.Typer(help="The paper's settings as recipes for `run` (jobs/configs/paper/).", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
 
 
 def friendly(fn):
@@ -395,6 +397,73 @@ def demo(out: str = typer.Option("demo-out", help="Local folder for every stage'
     from .orchestrate.demo import run_demo
 
     run_demo(out, overwrite=overwrite)
+
+
+def _ints(text: Optional[str], flag: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise DiffmixError(f"{flag} {text!r} must be whole numbers separated by commas, e.g. 2020,2021,2022") from None
+
+
+@app.command("run")
+@friendly
+def run_cmd(recipe: str = typer.Argument(..., help="A recipe name (`diffmix-ray recipe list`) or a recipe YAML file."),
+            out: str = typer.Option(..., help="Output URI: every stage's output, the report, timings.json."),
+            data: Optional[str] = typer.Option(None, help="The raw dataset the recipe prepares (its layout: "
+                                               "`diffmix-ray recipe show NAME`); builtin:sample for the sample."),
+            model: Optional[str] = typer.Option(None, help="Base diffusion model: a diffusers folder or s3:// URI "
+                                                "(SD 1.5 for the paper); presets tiny | bench | sd15 for smoke runs."),
+            seeds: Optional[str] = typer.Option(None, help="Classifier seeds, comma-separated (default: the recipe's)."),
+            methods: Optional[str] = typer.Option(None, help="Methods to run, comma-separated (default: the table's "
+                                                  "rows)."),
+            pretrained: Optional[str] = typer.Option(None, help="Local weights for the classifier architecture."),
+            overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again.")):
+    """A table column of the paper as one resumable command: prepare -> finetune -> generate -> train-cls for
+    every method x seed -> report (mean ± std per method). Rerun the same command to resume."""
+    from .orchestrate.recipes import load
+    from .orchestrate.run import run_recipe
+
+    run_recipe(load(recipe), out, data=data, model=model, seeds=_ints(seeds, "--seeds"),
+               methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
+               pretrained=pretrained, overwrite=overwrite)
+
+
+@recipe_app.command("list")
+@friendly
+def recipe_list():
+    """Every recipe: its name, the table it reproduces and its methods."""
+    from rich.table import Table
+
+    from .orchestrate.recipe_files import recipe_dirs
+    from .orchestrate.recipes import catalogue
+
+    table = Table(title="recipes (" + ", ".join(str(d) for d in recipe_dirs()) + ")")
+    for col in ("name", "reproduces", "--data", "rows"):
+        table.add_column(col, overflow="fold")
+    for name, raw, _ in catalogue():
+        table.add_row(name, raw.get("table", ""), (raw.get("prepare") or {}).get("format", "?"),
+                      str(len(raw.get("rows") or [])))
+    console.print(table)
+    console.print("`diffmix-ray recipe show NAME`: a recipe in full (its methods, stages and what --data holds)")
+
+
+@recipe_app.command("show")
+@friendly
+def recipe_show(name: str = typer.Argument(..., help="A recipe name or file.")):
+    """A recipe in full, after its base file and matrix are merged in, validated."""
+    import yaml
+
+    from .orchestrate.recipes import load
+
+    r = load(name)
+    for line in (f"{r.name} ({r.file})", r.table, f"--data: {r.data_layout}"):
+        console.print(f"# {line}", highlight=False, markup=False)
+    if r.description:
+        console.print("# " + " ".join(r.description.split()), highlight=False, markup=False)
+    print(yaml.safe_dump(r.content, sort_keys=False, allow_unicode=True, width=110), end="")
 
 
 from .finetune.command import finetune as _finetune  # noqa: E402
