@@ -92,11 +92,12 @@ def expand(path: Path) -> dict[str, dict]:
     if not isinstance(matrix, dict) or not matrix or not all(isinstance(v, dict) and v for v in matrix.values()):
         raise DiffmixError(f"{path}: `matrix` maps each axis to its values, each with a mapping of what it sets "
                            "(e.g. matrix: {shots: {1: {derive: {shots: 1}}}})")
+    cells = {str(k): v for k, v in cells.items()}  # YAML reads `16:` as the integer 16
     axes = list(matrix)
     template = template or path.stem + "".join(f"-{{{a}}}" for a in axes)
     combos = list(itertools.product(*[[str(v) for v in matrix[a]] for a in axes]))
     known = {"/".join(c) for c in combos}
-    if unknown := sorted(set(map(str, cells)) - known):
+    if unknown := sorted(set(cells) - known):
         raise DiffmixError(f"{path}: cells {unknown} match no matrix combination; combinations are "
                            f"'{'/'.join(axes)}' values, e.g. {sorted(known)[:3]}")
     out = {}

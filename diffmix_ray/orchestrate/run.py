@@ -243,7 +243,7 @@ def run_recipe(recipe: Recipe, out: str, data: str | None = None, model: str | N
         raise DiffmixError("--seeds lists at least one seed, e.g. 2020,2021,2022")
     check_data(recipe, data)
     runner = Runner(recipe, data, model, storage.normalize(out), chosen, list(seeds or recipe.seeds), pretrained)
-    storage.claim_output(runner.layout.out, "run", runner.identity(), overwrite)
+    storage.claim_output(runner.layout.out, "recipe", runner.identity(), overwrite)
     timings = Timings(runner.layout.path(TIMINGS_JSON),
                       {"recipe": recipe.name, "methods": chosen, "seeds": runner.seeds})
     written = runner.run(timings)
