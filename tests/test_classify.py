@@ -474,6 +474,19 @@ def test_long_tail_defaults_follow_the_paper(tmp_path):
     assert r.resolved["warmup_epochs"]["value"] == 5.0
 
 
+def test_long_tail_options_on_a_balanced_dataset_are_said_to_change_nothing(tmp_path):
+    from diffmix_ray.classify.recipe import resolve
+
+    even = _info(None, counts=(8, 8, 8, 8))
+    r = resolve(cfg("d", tmp_path, batch_size=4, loss="balanced-softmax", synthetic_sampling="inverse-frequency"),
+                even, 32, 10)
+    assert any("--loss balanced-softmax (on equal counts it is plain cross-entropy) and --synthetic-sampling "
+               "inverse-frequency (equal weights 1/(n_c + 1): uniform): every class has 8 train images" in n
+               for n in r.notes)
+    assert not any("change nothing" in n for n in resolve(cfg("d", tmp_path, batch_size=4, loss="drw"),
+                                                          _info("long-tail"), 43, 0).notes)
+
+
 def test_select_and_missing_splits(tmp_path):
     from diffmix_ray.classify.recipe import check_splits
     from diffmix_ray.classify.summary import mean_std, result_line

@@ -121,6 +121,13 @@ def resolve(cfg: ClassifyConfig, info: DatasetInfo, num_real: int, num_synthetic
         r.notes.append(f"long-tailed dataset (imbalance ratio {info.subset.get('imbalance_ratio')}): synthetic "
                        "images drawn by target class ∝ 1/(n_c + 1), the paper's default (--synthetic-sampling "
                        "uniform to change)")
+    if counts and min(counts) == max(counts):
+        same = [f"--loss {cfg.loss} (on equal counts it is plain cross-entropy)"] if cfg.loss != "ce" else []
+        if cfg.synthetic_sampling == "inverse-frequency":
+            same.append("--synthetic-sampling inverse-frequency (equal weights 1/(n_c + 1): uniform)")
+        if same:
+            r.notes.append(f"{' and '.join(same)}: every class has {counts[0]} train images, so these long-tail "
+                           "options change nothing here; they are meant for long-tailed datasets")
     if thresholds is not None:
         r.notes.append(f"many/medium/few: more than {thresholds[0]} / {thresholds[1]}-{thresholds[0]} / fewer than "
                        f"{thresholds[1]} train images ({th_from})")
