@@ -216,3 +216,19 @@ def test_the_table_is_mean_and_std_over_seeds_in_row_order():
     assert body[1] == ["Diff-Mix", "86.00 ± 1.00", "+4.00", "1,2", "90.00", "80.00", "60.00"]
     assert Layout("s3://b/run").classifier("diff-mix", 2020) == "s3://b/run/classifiers/diff-mix/seed-2020"
     assert json.dumps(body)  # plain strings: what table.md/html print
+
+
+def test_the_builtin_sample_is_prepared_beside_an_s3_output(s3_env):
+    """--data builtin:sample with an s3:// --out: the sample is drawn, uploaded to <out>/raw and
+    prepared from there (no Ray: only the prepare step)."""
+    from diffmix_ray import canonical, storage
+    from diffmix_ray.orchestrate.run import Runner
+
+    out = s3_env.make_bucket("run") + "/tiny"
+    runner = Runner(recipes.load("tiny"), "builtin:sample", "tiny", out, ["real-only"], [0], None)
+    (prepare, *_, report) = runner.steps()
+    prepare.work()
+    assert storage.exists(prepare.marker) and len(storage.list_dir(f"{out}/raw")) == 4  # the 4 class folders
+    info = canonical.open_dataset(f"{out}/dataset").info
+    assert (info.num_classes, info.split_size("train"), info.split_size("test")) == (4, 72, 24)
+    assert [s.name for s in runner.steps()] == ["prepare", "train-cls real-only seed 0", "report"]

@@ -144,12 +144,26 @@ class Runner:
     def _prepare(self) -> None:
         from ..data.prepare import PrepareConfig, prepare
 
-        source = self.data
-        if source == BUILTIN_SAMPLE:
-            from ..data.sample import write_sample_imagefolder
-
-            source = write_sample_imagefolder(self.layout.raw)  # deterministic: a rerun writes the same files
+        source = self._sample() if self.data == BUILTIN_SAMPLE else self.data
         prepare(PrepareConfig(source=source, **self.recipe.prepare), self.full, show_progress=console.is_terminal)
+
+    def _sample(self) -> str:
+        """The built-in sample dataset at <out>/raw (deterministic: a rerun writes the same files)."""
+        import os
+        import tempfile
+
+        from ..data.sample import write_sample_imagefolder
+
+        if not storage.is_s3(self.layout.out):
+            return write_sample_imagefolder(self.layout.raw)
+        with tempfile.TemporaryDirectory() as local:  # drawn here, then uploaded beside the other outputs
+            write_sample_imagefolder(local)
+            for folder, _, files in os.walk(local):
+                for name in files:
+                    rel = os.path.relpath(os.path.join(folder, name), local)
+                    with open(os.path.join(folder, name), "rb") as f:
+                        storage.write_bytes_atomic(storage.join(self.layout.raw, *rel.split(os.sep)), f.read())
+        return self.layout.raw
 
     def _derive(self) -> None:
         from ..data.prepare import DeriveConfig, derive

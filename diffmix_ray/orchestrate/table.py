@@ -50,7 +50,7 @@ def collect(recipe: Recipe, layout) -> list[Row]:
     for method in order:
         row = Row(method, recipe.methods[method].label)
         folder = layout.path("classifiers", method)
-        names = [n for n in storage.list_dir(folder) if n.startswith("seed-")] if storage.exists(folder) else []
+        names = [n for n in storage.list_dir(folder) if n.startswith("seed-")]
         for name in sorted(names, key=lambda n: int(n.split("-", 1)[1])):
             run = storage.join(folder, name)
             if storage.exists(storage.join(run, SUCCESS)):
