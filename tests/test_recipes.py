@@ -201,6 +201,14 @@ def test_a_different_recipe_at_the_same_out_is_refused(tmp_path):
     other = Runner(tiny, "builtin:sample", "tiny:1", out, ["real-only"], [0], None)
     with pytest.raises(DiffmixError, match="holds a recipe run with a different config.*--overwrite"):
         storage.claim_output(out, "recipe", other.identity())
+    # words, rows and seeds say what to run, not how: the same run; a setting is another run
+    import dataclasses
+
+    reworded = dataclasses.replace(tiny, content=tiny.content | {"description": "x", "rows": ["real-only"],
+                                                                 "seeds": [5]})
+    assert Runner(reworded, "builtin:sample", "tiny", out, ["real-only"], [5], None).identity() == runner.identity()
+    longer = dataclasses.replace(tiny, content=tiny.content | {"train_cls": tiny.content["train_cls"] | {"epochs": 3}})
+    assert Runner(longer, "builtin:sample", "tiny", out, ["real-only"], [0], None).identity() != runner.identity()
 
 
 def test_the_table_is_mean_and_std_over_seeds_in_row_order():

@@ -261,6 +261,8 @@ def _generations(raw: dict, where: str, banks: dict[str, Bank]) -> dict[str, Gen
         own = own or {}
         opts = defaults | check_options(GenerateConfig, own, here, GENERATION_EXTRAS)
         bank, mode = own.get("bank"), opts.get("mode", "diff-mix")
+        if bank is not None and not isinstance(bank, str):
+            raise DiffmixError(f"{here}.bank must name one bank, not {bank!r}")
         if mode not in MODES:
             raise DiffmixError(f"{here}.mode {mode!r} is unknown; choose one of {', '.join(MODES)}")
         if MODES[mode][0] and bank is None:

@@ -28,6 +28,7 @@ from . import table
 from .recipes import BUILTIN_SAMPLE, Recipe
 
 TIMINGS_JSON = "timings.json"
+IDENTITY_EXCLUDED = ("description", "table", "data_layout", "data", "model", "rows", "seeds")
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,11 @@ class Runner:
         self.timings: Timings | None = None
 
     def identity(self) -> dict:
-        """What decides every output under <out>: the recipe's content and the inputs."""
-        return {"recipe": self.recipe.name, "content": self.recipe.content, "data": self.data, "model": self.model,
+        """What decides the outputs under <out>: the recipe's settings and the inputs. Its words (description,
+        table title, data layout) and its row and seed lists (what to run, not how) are left out, so editing
+        them, or choosing other --methods/--seeds, keeps the run."""
+        settings = {k: v for k, v in self.recipe.content.items() if k not in IDENTITY_EXCLUDED}
+        return {"recipe": self.recipe.name, "settings": settings, "data": self.data, "model": self.model,
                 "pretrained": self.pretrained}
 
     # -- the steps ---------------------------------------------------------------------------------
