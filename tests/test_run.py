@@ -2,9 +2,9 @@
 whole session) while generating, then rerun: the finished steps are skipped on their stages'
 completion markers, the cut one resumes, the rest runs, and the report holds the table.
 
-Lean on purpose (a Ray Train fit costs ~15 s, a translation actor ~4 s): real only and DA-Fusion
-(a TI bank, per-image generation, own-source replacement), one seed. test_recipes.py covers the
-rest without Ray."""
+Lean on purpose (a Ray Train fit costs ~15 s, a translation actor ~4 s): DA-Fusion alone (a TI bank,
+per-image generation, own-source replacement: every kind of step), one seed. test_recipes.py covers
+the rest without Ray; test_ops.py runs real only as a Ray job."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from diffmix_ray.contracts import CONCEPTS_JSON, DATASET_JSON, SUCCESS
 from .test_generate_faults import wait_for
 from .test_generate_ray import cli_process, run_cli
 
-METHODS = "real-only,da-fusion"
+METHODS = "da-fusion"
 
 
 def test_run_resumes_after_a_kill_mid_way_and_reports_the_table(tmp_path):
@@ -37,10 +37,9 @@ def test_run_resumes_after_a_kill_mid_way_and_reports_the_table(tmp_path):
     first, second = json.loads((out / "timings.json").read_text())["invocations"]
     status = {s["step"]: s["status"] for s in second["steps"]}
     assert status == {"prepare": "skipped", "finetune da-fusion": "skipped", "generate da-fusion": "ran",
-                      "train-cls real-only seed 0": "ran", "train-cls da-fusion seed 0": "ran", "report": "ran"}
+                      "train-cls da-fusion seed 0": "ran", "report": "ran"}
     assert [s["step"] for s in first["steps"]] == ["prepare", "finetune da-fusion"]  # what finished before the kill
     for marker in (out / "dataset" / DATASET_JSON, out / "synthetic" / "da-fusion" / SUCCESS,
-                   out / "classifiers" / "real-only" / "seed-0" / SUCCESS,
                    out / "classifiers" / "da-fusion" / "seed-0" / SUCCESS):
         assert marker.exists(), marker
 
@@ -54,8 +53,8 @@ def test_run_resumes_after_a_kill_mid_way_and_reports_the_table(tmp_path):
     table = (out / "report" / "table.md").read_text()
     assert "## tiny: sample shapes" in table
     assert "| Method | Top-1 (%) | Δ vs Real only | Seeds |" in table
-    assert "| Real only |" in table and "| DA-Fusion |" in table and "| generate da-fusion |" in table
-    assert "| Real only |" in log and "steps run: 4, skipped as complete: 2" in log  # printed at the end
+    assert "| DA-Fusion |" in table and "| generate da-fusion |" in table
+    assert "| DA-Fusion |" in log and "steps run: 3, skipped as complete: 2" in log  # printed at the end
     assert {"table.md", "table.html", "methods.png", "accuracy.png", "contact-da-fusion.png"} <= \
         set(os.listdir(out / "report"))
     print(table)  # the table and the wall times, for the record (pytest -s)
