@@ -124,7 +124,7 @@ def main() -> None:
 
     from diffmix_ray.data.prepare import PrepareConfig, prepare
     from diffmix_ray.data.sample import SAMPLE_SUPER_CLASS, write_sample_imagefolder
-    from diffmix_ray.ops.local_ray import init_ray
+    from diffmix_ray.runtime.local_ray import init_ray
 
     work = args.work or tempfile.mkdtemp(prefix="bench-overhead-")
     try:

@@ -67,10 +67,11 @@ def rows_of(tables: list[pa.Table], file_offset: int, synthetic: bool) -> Rows:
 
 
 def epoch_rows(real: Rows, synthetic: Rows, p: float, syn_weights: np.ndarray | None, seed: int, epoch: int,
-               rank: int, world: int) -> Rows:
+               rank: int, world: int, own: tuple[np.ndarray, np.ndarray] | None = None) -> Rows:
     """This rank's samples for one epoch. Every rank gets the same count (a DDP step count that
-    differs between ranks would hang the all-reduce), so up to world-1 samples are left out."""
-    order, replace = lab.epoch_mix(len(real), len(synthetic), p, syn_weights, seed, epoch)
+    differs between ranks would hang the all-reduce), so up to world-1 samples are left out. `own`:
+    replace a real image only by its own translations (labels.own_index)."""
+    order, replace = lab.epoch_mix(len(real), len(synthetic), p, syn_weights, seed, epoch, own)
     mixed = real.take(order)
     hit = replace >= 0
     if hit.any():

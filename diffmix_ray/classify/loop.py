@@ -105,7 +105,8 @@ def train_func(cfg: dict) -> None:
                 open(marker, "w").close()
                 os._exit(1)
         t0 = time.perf_counter()
-        rows = data.epoch_rows(real, syn, cfg["p"], cfg["syn_weights"], cfg["seed"], epoch, rank, world)
+        rows = data.epoch_rows(real, syn, cfg["p"], cfg["syn_weights"], cfg["seed"], epoch, rank, world,
+                               cfg.get("own"))
         ds = data.epoch_dataset(rows, cfg["refs"], cfg["uris"], cfg["num_classes"], cfg["gamma"],
                                 cfg["label_smoothing"], True, cfg["data_cfg"], cfg["block_rows"])
         loss_fn = criterion.for_epoch(epoch)

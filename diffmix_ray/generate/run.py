@@ -23,8 +23,8 @@ from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_PAIR_ID, COL_SOURCE_ID, CO
                          COL_TARGET_LABEL, MANIFEST_JSON, PLAN_DIR, SHARDS_DIR, SUCCESS)
 from ..errors import DiffmixError
 from ..exactly_once import FAILED_DIR
-from ..ops.jobs import announce
-from ..ops.local_ray import init_ray, resolve_gpus
+from ..runtime.jobs import announce
+from ..runtime.local_ray import init_ray, resolve_gpus
 from ..models import concepts as bank_io
 from ..models.loader import resolve_model
 from .config import GenerateConfig
@@ -55,6 +55,11 @@ class Inputs:
     bank: bank_io.ConceptBank | None
     identity: dict
     resolution: int  # the model's image side in pixels
+    resolved: dict = dataclasses.field(default_factory=dict)  # option -> {"value", "from"}, for the manifest
+
+    def print_resolved(self) -> None:
+        for name, r in self.resolved.items():
+            console.print(f"{name.replace('_', '-')}: {r['value']} ({r['from']})", highlight=False)
 
 
 def _normalized(identity: dict) -> dict:
@@ -70,6 +75,36 @@ def _normalized(identity: dict) -> dict:
     return out
 
 
+def resolve_sampling(cfg: GenerateConfig, info) -> tuple[GenerateConfig, dict]:
+    """The sampling options left to the dataset, resolved into the config (so spelling out a default
+    is the same run), with where each value came from."""
+    long_tail = info.subset.get("kind") == "long-tail"
+    counts = info.class_counts("train")
+    if cfg.source_sampling is not None:
+        source, source_from = cfg.source_sampling, "--source-sampling"
+    elif long_tail:
+        source, source_from = "per-image", (
+            f"default for long-tailed datasets (imbalance ratio {info.subset.get('imbalance_ratio'):g}): sources "
+            "follow the long-tailed image distribution, as the paper's long-tail generation draws them; "
+            "--source-sampling class-uniform to change")
+    else:
+        source, source_from = "class-uniform", "default (the reference's: a class uniformly, then one of its images)"
+    if cfg.per_image is not None or cfg.kind == "gen":
+        source_from += "; unused: " + ("--per-image sets the sources" if cfg.per_image is not None
+                                       else f"--mode {cfg.mode} generates from text")
+    target_from = "--target-sampling" if cfg.target_sampling != "uniform" else "default (the reference's)"
+    if long_tail and cfg.target_sampling == "uniform" and cfg.kind != "aug":
+        target_from += ("; train-cls draws synthetic images by target class ∝ 1/(n_c + 1) on long-tailed "
+                        "data, the paper's weighting")
+    if cfg.target_sampling == "inverse-frequency" and counts and min(counts) == max(counts):
+        logger.warning("--target-sampling inverse-frequency on %s, whose classes all have %d train images: the "
+                       "weights 1/(n_c + 1) are equal, so targets are drawn uniformly; it is meant for long-tailed "
+                       "datasets", info.name, counts[0])
+    resolved = {"source_sampling": {"value": source, "from": source_from},
+                "target_sampling": {"value": cfg.target_sampling, "from": target_from}}
+    return dataclasses.replace(cfg, source_sampling=source), resolved
+
+
 def resolve_inputs(cfg: GenerateConfig) -> Inputs:
     """Validate the config and every input (dataset, model, bank) before any output is touched."""
     cfg.validate()
@@ -77,6 +112,7 @@ def resolve_inputs(cfg: GenerateConfig) -> Inputs:
     dataset = canonical.open_dataset(cfg.dataset)
     if dataset.info.split_size("train") == 0:
         raise DiffmixError(f"the train split of {cfg.dataset} is empty: nothing to translate")
+    cfg, resolved = resolve_sampling(cfg, dataset.info)
     model = resolve_model(cfg.model)
     bank = None
     if cfg.concepts:
@@ -90,7 +126,7 @@ def resolve_inputs(cfg: GenerateConfig) -> Inputs:
     identity = _normalized(cfg.output_identity()) | {
         "dataset": dataset.uri, "dataset_fingerprint": dataset.info.fingerprint,
         "model_fingerprint": model.fingerprint, "concepts_fingerprint": bank.fingerprint if bank else None}
-    return Inputs(cfg, out, dataset, model.fingerprint, bank, identity, model.resolution)
+    return Inputs(cfg, out, dataset, model.fingerprint, bank, identity, model.resolution, resolved)
 
 
 def build_plan(inputs: Inputs) -> pa.Table:
@@ -191,7 +227,7 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
     if not cfg.out:
         raise DiffmixError("--out is required: where the plan, shards and manifest go")
     inputs = resolve_inputs(cfg)
-    out = inputs.out
+    cfg, out = inputs.cfg, inputs.out
     resumed = storage.claim_output(out, "generate", inputs.identity, overwrite)
     announce("generate", storage.config_hash(inputs.identity))  # inside a Ray job: where to watch it, which run it is
     if resumed and storage.exists(storage.join(out, SUCCESS)):
@@ -206,13 +242,14 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
     done = before.done
     exactly_once.clear_failures(out)
     todo, files = _todo(inputs, plan, done)
+    inputs.print_resolved()
     console.print(f"plan: {plan.num_rows} pairs ({cfg.mode}); already generated {len(done)}; to do {todo.num_rows}"
                   + (f"; deleted {len(before.removed)} unreadable shard(s)" if before.removed else ""))
     gen_started = time.perf_counter()
     if todo.num_rows:
         init_ray(min_cpus=cfg.max_actors * cfg.cpus_per_actor)
         gpus = resolve_gpus(cfg.gpus_per_actor, "generate", "actor")
-        from ..ops.metrics import PlanMetrics
+        from ..runtime.metrics import PlanMetrics
 
         gauges = PlanMetrics(run=storage.config_hash(inputs.identity))
         gauges.set(plan.num_rows, todo.num_rows)
@@ -232,6 +269,7 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
     manifest = {
         "config": dataclasses.asdict(cfg) | {"out": out},
         "identity": inputs.identity,
+        "resolved": inputs.resolved,
         "dataset_fingerprint": inputs.dataset.info.fingerprint,
         "model_fingerprint": inputs.model_fingerprint,
         "concepts_fingerprint": inputs.bank.fingerprint if inputs.bank else None,

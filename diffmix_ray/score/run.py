@@ -24,8 +24,8 @@ from ..contracts import (CLASS_PROMPT, COL_IMAGE_ID, COL_PAIR_ID, COL_SOURCE_ID,
                          object_prompts)
 from ..errors import DiffmixError
 from ..models.clip import ClipRef, resolve_clip
-from ..ops.jobs import announce
-from ..ops.local_ray import init_ray, resolve_gpus
+from ..runtime.jobs import announce
+from ..runtime.local_ray import init_ray, resolve_gpus
 from ..synthetic import SyntheticSet, open_synthetic
 from .classifier import ClassifierRun, open_classifier
 from .config import ScoreConfig
@@ -239,7 +239,7 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False) -> dict:
         todo, src_files = locate_sources(inputs, todo)
         init_ray(min_cpus=cfg.max_actors * cfg.cpus_per_actor)
         gpus = resolve_gpus(cfg.gpus_per_actor, "score", "actor")
-        from ..ops.metrics import PlanMetrics
+        from ..runtime.metrics import PlanMetrics
 
         PlanMetrics(run=run_id, stage="score").set(plan.num_rows, todo.num_rows)
         _ray_pipeline(inputs, todo, src_files, gpus)

@@ -62,7 +62,7 @@ class Scorer:
         self.batch_delay_s = batch_delay_s  # test hook: keeps a run going long enough to be killed
         self.metrics = None
         if report_metrics:
-            from ..ops.metrics import ScoreMetrics
+            from ..runtime.metrics import ScoreMetrics
 
             self.metrics = ScoreMetrics()
 
