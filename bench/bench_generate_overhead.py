@@ -71,7 +71,8 @@ class NoOpTranslator:
 
 
 def run_case(name: str, dataset: str, work: str, pairs: int, train_images: int, batch_size: int, noop_codecs: bool):
-    from diffmix_ray.contracts import COL_PAIR_ID
+    from diffmix_ray import exactly_once, storage
+    from diffmix_ray.contracts import COL_PAIR_ID, SHARDS_DIR
     from diffmix_ray.generate import run
     from diffmix_ray.generate.config import GenerateConfig
 
@@ -84,7 +85,7 @@ def run_case(name: str, dataset: str, work: str, pairs: int, train_images: int, 
     times["plan"] = time.perf_counter() - t
     t = time.perf_counter()
     run.write_plan(inputs.out, plan)
-    run.scan_shards(inputs.out)
+    exactly_once.scan_files(storage.join(inputs.out, SHARDS_DIR))
     todo, files = run._todo(inputs, plan, set())
     times["resume bookkeeping"] = time.perf_counter() - t
     block, chunk = run.block_rows(todo.num_rows, cfg, RESOLUTION)
@@ -93,7 +94,7 @@ def run_case(name: str, dataset: str, work: str, pairs: int, train_images: int, 
     run._ray_pipeline(inputs, todo, files, 0.0, translator=NoOpTranslator, **stages)
     times["pipeline"] = time.perf_counter() - t
     t = time.perf_counter()
-    found, _ = run.scan_shards(inputs.out)
+    found, _ = exactly_once.scan_files(storage.join(inputs.out, SHARDS_DIR))
     times["verify"] = time.perf_counter() - t
     done = [i for ids in found.values() for i in ids]
     exact = sorted(done) == sorted(plan.column(COL_PAIR_ID).to_pylist())
@@ -123,7 +124,7 @@ def main() -> None:
 
     from diffmix_ray.data.prepare import PrepareConfig, prepare
     from diffmix_ray.data.sample import SAMPLE_SUPER_CLASS, write_sample_imagefolder
-    from diffmix_ray.ops.local_ray import init_ray
+    from diffmix_ray.runtime.local_ray import init_ray
 
     work = args.work or tempfile.mkdtemp(prefix="bench-overhead-")
     try:

@@ -13,8 +13,10 @@ from .errors import DiffmixError
 
 app = typer.Typer(help="Diff-Mix inter-class image translation as a distributed batch system on Ray.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-model_app = typer.Typer(help="Model utilities (tiny/bench/sd15 presets, staging).", no_args_is_help=True)
+model_app = typer.Typer(help="Model utilities (tiny/bench/sd15 presets, CLIP presets, staging).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+recipe_app = typer.Typer(help="The paper's settings as recipes for `run` (jobs/configs/paper/).", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
 
 
 def friendly(fn):
@@ -156,7 +158,9 @@ GENERATE_OPTIONS = dict(
     mode=typer.Option(None, help="diff-mix (default) | diff-aug | diff-gen | real-mix | real-aug | real-gen | da-fusion."),
     multiplier=typer.Option(None, help="Pairs = multiplier x train images (default 5)."),
     per_image=typer.Option(None, help="Instead: M pairs for every train image."),
-    source_sampling=typer.Option(None, help="class-uniform (reference) | per-image."),
+    source_sampling=typer.Option(None, help="class-uniform (the reference's) | per-image (evenly over images: the "
+                                 "long-tailed image distribution). Default: per-image on long-tailed datasets, "
+                                 "class-uniform otherwise."),
     target_sampling=typer.Option(None, help="uniform | inverse-frequency (weights 1/(n_c+1), for long-tail)."),
     strength=typer.Option(None, help="Fixed translation strength in (0, 1] (default 0.7)."),
     strength_set=typer.Option(None, help="Comma-separated strengths sampled uniformly, e.g. 0.3,0.5,0.7,0.9."),
@@ -278,6 +282,9 @@ def train_cls(
     synthetic_p: Optional[float] = typer.Option(None, help="P(replace a real sample by a synthetic one); default 0.1, 0.3 for few-shot/long-tail."),
     synthetic_sampling: Optional[str] = typer.Option(None, help="uniform | inverse-frequency (by target class ∝ "
                                                      "1/(n_c+1)); default inverse-frequency on long-tailed datasets."),
+    synthetic_pick: Optional[str] = typer.Option(None, help="pool (default; Diff-Mix: any synthetic image, drawn "
+                                                 "by --synthetic-sampling) | own-source (DA-Fusion: one of the real "
+                                                 "image's own translations)."),
     gamma: Optional[float] = typer.Option(None, help="Soft-label exponent: y = (1-s^g) src + s^g tgt (default 0.5)."),
     allow_incomplete: Optional[bool] = typer.Option(None, "--allow-incomplete", help="Accept shards without _SUCCESS."),
     cutmix: Optional[bool] = typer.Option(None, "--cutmix", help="CutMix baseline (real data only)."),
@@ -310,7 +317,7 @@ def train_cls(
         weight_decay=weight_decay, schedule=schedule, warmup_fraction=warmup_fraction, warmup_epochs=warmup_epochs,
         lr_milestones=lr_milestones, lr_decay=lr_decay, loss=loss, drw_epoch=drw_epoch, drw_beta=drw_beta,
         label_smoothing=label_smoothing, select=select, shot_thresholds=shot_thresholds, synthetic_p=synthetic_p,
-        synthetic_sampling=synthetic_sampling, gamma=gamma,
+        synthetic_sampling=synthetic_sampling, synthetic_pick=synthetic_pick, gamma=gamma,
         allow_incomplete=allow_incomplete, cutmix=cutmix, mixup=mixup, seed=seed, workers=workers,
         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, gpu_decode=gpu_decode,
         checkpoint_every=checkpoint_every, test_every_epoch=test_every_epoch))
@@ -318,6 +325,42 @@ def train_cls(
         run_seeds(cfg, [int(s) for s in seeds.split(",")], overwrite=overwrite, resume=resume)
     else:
         run_classify(cfg, overwrite=overwrite, resume=resume)
+
+
+@app.command()
+@friendly
+def score(
+    synthetic: Optional[str] = typer.Option(None, help="A generate output (local path or s3://) whose shards to score."),
+    clip: Optional[str] = typer.Option(None, help="CLIP model: tiny | clip-b32 (random weights, for tests and benchmarks) "
+                                       "| a CLIPModel folder | s3://... | a hub id org/name (only when online)."),
+    classifier: Optional[str] = typer.Option(None, help="A finished train-cls run: adds its softmax probability of the "
+                                             "source and the target class."),
+    name: Optional[str] = typer.Option(None, help="Scores go to <synthetic>/scores/NAME/ (default 'default')."),
+    dataset: Optional[str] = typer.Option(None, help="The canonical dataset the shards were made from (default: the "
+                                          "one generate recorded; its fingerprint must match)."),
+    allow_incomplete: Optional[bool] = typer.Option(None, "--allow-incomplete", help="Score shards without _SUCCESS."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per scoring call (default 64)."),
+    min_actors: Optional[int] = typer.Option(None, help="Scoring actors, autoscaling minimum (default 1)."),
+    max_actors: Optional[int] = typer.Option(None, help="Scoring actors, autoscaling maximum (default 1)."),
+    gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs per actor. Default: 1 when the Ray cluster has GPUs "
+                                                   "or its autoscaler can add them, else 0 (CPU, fp32)."),
+    cpus_per_actor: Optional[float] = typer.Option(None, help="CPUs per actor; on CPU also its torch threads (default 1)."),
+    memory_per_actor_gb: Optional[float] = typer.Option(None, help="Host memory reserved per actor."),
+    rows_per_file: Optional[int] = typer.Option(None, help="Scores per Parquet file (default 100000)."),
+    config: Optional[str] = typer.Option(None, help="YAML file with any of these options."),
+    overwrite: bool = typer.Option(False, help="Delete a different scores run found under this name and start again."),
+):
+    """Score synthetic images (CLIP, source similarity, a classifier) on a Ray actor pool, beside the shards."""
+    from . import config as cfgmod
+    from .score.config import ScoreConfig
+    from .score.run import run_score
+
+    cfg = cfgmod.build(ScoreConfig, config, dict(
+        synthetic=synthetic, clip=clip, classifier=classifier, name=name, dataset=dataset,
+        allow_incomplete=allow_incomplete, batch_size=batch_size, min_actors=min_actors, max_actors=max_actors,
+        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, memory_per_actor_gb=memory_per_actor_gb,
+        rows_per_file=rows_per_file))
+    run_score(cfg, overwrite=overwrite)
 
 
 @app.command()
@@ -341,7 +384,7 @@ def report(runs: list[str] = typer.Argument(..., help="generate outputs and/or t
            out: Optional[str] = typer.Option(None, help="Folder for the report (default: report/ next to the first run)."),
            gamma: float = typer.Option(0.5, help="Soft-label exponent used to label the contact sheet.")):
     """Contact sheets of synthetic images, accuracy plots and a comparison table (Markdown + HTML)."""
-    from .ops.report import run_report
+    from .orchestrate.report import run_report
 
     written = run_report(runs, out, gamma=gamma)
     for kind, paths in written.items():
@@ -371,6 +414,22 @@ def make_model(out: str = typer.Argument(..., help="Directory (or s3:// URI) to 
     console.print(f"wrote the '{preset}' model (seed {seed}, {dtype}) to {written}")
 
 
+@model_app.command("make-clip")
+@friendly
+def make_clip(out: str = typer.Argument(..., help="Directory (or s3:// URI) to write the CLIPModel folder into."),
+              preset: str = typer.Option("tiny", help="tiny (tests, demo) or clip-b32 (CLIP ViT-B/32's exact "
+                                         "architecture: GPU benchmarks)."),
+              seed: int = typer.Option(0, help="Weight seed: same preset and seed, same weights."),
+              overwrite: bool = typer.Option(False, help="Replace a non-empty OUT.")):
+    """Write a built-in, randomly initialised CLIP model as a normal CLIPModel folder (config, weights, tokenizer,
+    preprocessor config), loadable by `score --clip OUT` and by transformers. Its scores mean nothing."""
+    from .models.clip import CLIP_PRESETS, write_clip
+
+    if preset not in CLIP_PRESETS:
+        raise DiffmixError(f"unknown CLIP preset {preset!r}; choose one of {', '.join(CLIP_PRESETS)}")
+    console.print(f"wrote the '{preset}' CLIP model (seed {seed}) to {write_clip(f'{preset}:{seed}', out, overwrite)}")
+
+
 @model_app.command("stage")
 @friendly
 def stage(uri: str = typer.Argument(..., help="s3:// URI of a diffusers model folder."),
@@ -384,7 +443,7 @@ def stage(uri: str = typer.Argument(..., help="s3:// URI of a diffusers model fo
         return
     import json
 
-    from .ops.stage import stage_on_all_nodes
+    from .runtime.stage import stage_on_all_nodes
 
     for row in stage_on_all_nodes(uri):
         console.print(f"{row['host']} ({row['node_id'][:12]}): {row['path'] or row.get('skipped')}")
@@ -396,16 +455,83 @@ def stage(uri: str = typer.Argument(..., help="s3:// URI of a diffusers model fo
 def demo(out: str = typer.Option("demo-out", help="Local folder for every stage's output."),
          overwrite: bool = typer.Option(False, help="Start again even if --out holds a finished demo.")):
     """Run the pipeline on built-in defaults: sample dataset, tiny model, local disk, CPU."""
-    from .ops.demo import run_demo
+    from .orchestrate.demo import run_demo
 
     run_demo(out, overwrite=overwrite)
+
+
+def _ints(text: Optional[str], flag: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise DiffmixError(f"{flag} {text!r} must be whole numbers separated by commas, e.g. 2020,2021,2022") from None
+
+
+@app.command("run")
+@friendly
+def run_cmd(recipe: str = typer.Argument(..., help="A recipe name (`diffmix-ray recipe list`) or a recipe YAML file."),
+            out: str = typer.Option(..., help="Output URI: every stage's output, the report, timings.json."),
+            data: Optional[str] = typer.Option(None, help="The raw dataset the recipe prepares (its layout: "
+                                               "`diffmix-ray recipe show NAME`); builtin:sample for the sample."),
+            model: Optional[str] = typer.Option(None, help="Base diffusion model: a diffusers folder or s3:// URI "
+                                                "(SD 1.5 for the paper); presets tiny | bench | sd15 for smoke runs."),
+            seeds: Optional[str] = typer.Option(None, help="Classifier seeds, comma-separated (default: the recipe's)."),
+            methods: Optional[str] = typer.Option(None, help="Methods to run, comma-separated (default: the table's "
+                                                  "rows)."),
+            pretrained: Optional[str] = typer.Option(None, help="Local weights for the classifier architecture."),
+            overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again.")):
+    """A table column of the paper as one resumable command: prepare -> finetune -> generate -> train-cls for
+    every method x seed -> report (mean ± std per method). Rerun the same command to resume."""
+    from .orchestrate.recipes import load
+    from .orchestrate.run import run_recipe
+
+    run_recipe(load(recipe), out, data=data, model=model, seeds=_ints(seeds, "--seeds"),
+               methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
+               pretrained=pretrained, overwrite=overwrite)
+
+
+@recipe_app.command("list")
+@friendly
+def recipe_list():
+    """Every recipe: its name, the table it reproduces and its methods."""
+    from rich.table import Table
+
+    from .orchestrate.recipe_files import recipe_dirs
+    from .orchestrate.recipes import catalogue
+
+    table = Table(title="recipes (" + ", ".join(str(d) for d in recipe_dirs()) + ")")
+    for col in ("name", "reproduces", "--data", "rows"):
+        table.add_column(col, overflow="fold")
+    for name, raw, _ in catalogue():
+        table.add_row(name, raw.get("table", ""), (raw.get("prepare") or {}).get("format", "?"),
+                      str(len(raw.get("rows") or [])))
+    console.print(table)
+    console.print("`diffmix-ray recipe show NAME`: a recipe in full (its methods, stages and what --data holds)")
+
+
+@recipe_app.command("show")
+@friendly
+def recipe_show(name: str = typer.Argument(..., help="A recipe name or file.")):
+    """A recipe in full, after its base file and matrix are merged in, validated."""
+    import yaml
+
+    from .orchestrate.recipes import load
+
+    r = load(name)
+    for line in (f"{r.name} ({r.file})", r.table, f"--data: {r.data_layout}"):
+        console.print(f"# {line}", highlight=False, markup=False)
+    if r.description:
+        console.print("# " + " ".join(r.description.split()), highlight=False, markup=False)
+    print(yaml.safe_dump(r.content, sort_keys=False, allow_unicode=True, width=110), end="")
 
 
 from .finetune.command import finetune as _finetune  # noqa: E402
 app.command(name="finetune")(friendly(_finetune))
 
 
-from .ops.jobs import register_job_commands  # noqa: E402
+from .runtime.jobs import register_job_commands  # noqa: E402
 register_job_commands(app, friendly)
 
 

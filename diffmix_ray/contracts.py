@@ -202,3 +202,60 @@ def check_columns(schema: pa.Schema, expected: pa.Schema, where: str) -> None:
             problems.append(f"column {f.name!r} has type {schema.field(idx).type}, expected {f.type}")
     if problems:
         raise DiffmixError(f"{where}: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores (score -> train-cls, report): <synthetic>/scores/<name>/*.parquet, manifest.json,
+# failed/*.json (only while pairs fail), _SUCCESS (last). One row per pair_id of the shards; the
+# shards themselves are never rewritten.
+# ---------------------------------------------------------------------------------------------
+SCORES_DIR = "scores"
+DEFAULT_SCORES_NAME = "default"
+SCORES_VERSION = 1  # of the columns' definitions below: part of a scores run's identity
+
+# Zero-shot CLIP over all C classes: softmax(logit_scale * cos(image, prompt_c)), kept at two classes.
+CLASS_PROMPT = "a photo of a {class_name} {super_class}"
+# The Diff-Mix reference's object filter (scripts/filter_syn_data.py): P(with) of softmax over the two.
+OBJECT_PROMPTS = ("a photo with {article} {super_class} on it", "a photo without {article} {super_class} on it")
+
+COL_CLIP_TARGET_PROB = "clip_target_prob"  # zero-shot probability of the target class
+COL_CLIP_SOURCE_PROB = "clip_source_prob"  # ... of the source class
+COL_CLIP_TARGET_SIM = "clip_target_sim"  # cosine similarity, image vs the target class's prompt
+COL_CLIP_SOURCE_SIM = "clip_source_sim"  # ... vs the source class's prompt
+COL_CLIP_OBJECT_PROB = "clip_object_prob"  # the reference's object score: P("with a {super_class}")
+COL_CLIP_IMAGE_SIM = "clip_source_image_sim"  # cosine similarity of the synthetic and source image embeddings
+COL_CLASSIFIER_TARGET_PROB = "classifier_target_prob"  # softmax probability of the target class (--classifier)
+COL_CLASSIFIER_SOURCE_PROB = "classifier_source_prob"  # ... of the source class
+
+# (column, nullable): the image similarity is null for text-to-image pairs (no source image), the
+# classifier's columns when no classifier was given.
+_SCORE_FIELDS = ((COL_CLIP_TARGET_PROB, False), (COL_CLIP_SOURCE_PROB, False), (COL_CLIP_TARGET_SIM, False),
+                 (COL_CLIP_SOURCE_SIM, False), (COL_CLIP_OBJECT_PROB, False), (COL_CLIP_IMAGE_SIM, True),
+                 (COL_CLASSIFIER_TARGET_PROB, True), (COL_CLASSIFIER_SOURCE_PROB, True))
+SCORE_COLUMNS = tuple(name for name, _ in _SCORE_FIELDS)  # the float columns a filter may name
+
+SCORES_SCHEMA = pa.schema(
+    [
+        pa.field(COL_PAIR_ID, pa.string(), nullable=False),
+        pa.field(COL_SOURCE_LABEL, pa.int32(), nullable=False),  # copied from the shard row, so filters
+        pa.field(COL_TARGET_LABEL, pa.int32(), nullable=False),  # per class need no join
+    ]
+    + [pa.field(name, pa.float32(), nullable=nullable) for name, nullable in _SCORE_FIELDS]
+)
+
+
+def object_prompts(super_class: str) -> tuple[str, str]:
+    """The object-score prompts for `super_class`, with its article ("an aircraft", as the reference)."""
+    article = "an" if super_class[:1].lower() in tuple("aeiou") else "a"
+    return tuple(p.format(article=article, super_class=super_class) for p in OBJECT_PROMPTS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifier run (train-cls): the val-selected weights `evaluate` and `score --classifier` load.
+# classify/loop.py writes them (<run>/best/model.pt: a timm state_dict; model.json: arch,
+# num_classes, epoch, val_top1, data_cfg {img_size, mean, std, interpolation, crop_pct},
+# dataset_fingerprint); <run>/_SUCCESS marks the run finished.
+# ---------------------------------------------------------------------------------------------
+CLASSIFIER_BEST_DIR = "best"
+CLASSIFIER_MODEL_JSON = "model.json"
+CLASSIFIER_WEIGHTS = "model.pt"

@@ -24,6 +24,13 @@ class SyntheticSet:
         return self.manifest["dataset_fingerprint"]
 
     @property
+    def fingerprint(self) -> str:
+        """Identifies the generation: the hash of generate's identity (dataset, model, concept bank
+        and every option that decides the images). Same fingerprint, same image for each pair_id;
+        scores carry it so that they are never applied to other shards."""
+        return storage.config_hash(self.manifest.get("identity", {}))
+
+    @property
     def missing(self) -> int:
         return int(self.manifest.get("counts", {}).get("missing", 0))
 
@@ -34,9 +41,10 @@ class SyntheticSet:
         return pa.concat_tables(tables) if tables else pa.schema([SHARD_SCHEMA.field(c) for c in columns]).empty_table()
 
 
-def open_synthetic(uri: str, dataset_fingerprint: str, allow_incomplete: bool = False) -> SyntheticSet:
+def open_synthetic(uri: str, dataset_fingerprint: str, allow_incomplete: bool = False,
+                   use: str = "train on") -> SyntheticSet:
     """Open a generate output for reading; refuse one made from another dataset, and an incomplete
-    one (no _SUCCESS) unless `allow_incomplete`."""
+    one (no _SUCCESS) unless `allow_incomplete`. `use` words the fix ("train on", "score")."""
     uri = storage.normalize(uri)
     storage.check_bucket(uri)
     manifest_uri = storage.join(uri, MANIFEST_JSON)
@@ -59,7 +67,7 @@ def open_synthetic(uri: str, dataset_fingerprint: str, allow_incomplete: bool = 
                 f"({counts.get('failed', 0)} failed)")
         if not allow_incomplete:
             raise DiffmixError(f"synthetic shards {uri} are incomplete (no {SUCCESS}): {what}. Rerun generate to "
-                               "finish them, or pass --allow-incomplete to train on what exists")
+                               f"finish them, or pass --allow-incomplete to {use} what exists")
         from .console import logger
 
         logger.warning("using incomplete synthetic shards %s: %s", uri, what)

@@ -5,6 +5,7 @@ otherwise, and every S3 test runs against moto on 127.0.0.1 with dummy credentia
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -99,3 +100,19 @@ def tiny_bank(tmp_path_factory, sample_dataset):
     from .fixtures import make_random_bank
 
     return make_random_bank(str(tmp_path_factory.mktemp("bank") / "bank"), "tiny", sample_dataset)
+
+
+@pytest.fixture
+def warnings_seen():
+    """Messages logged at WARNING by diffmix_ray (its logger does not propagate once the CLI set it up)."""
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                seen.append(record.getMessage())
+
+    handler = Keep()
+    logging.getLogger("diffmix_ray").addHandler(handler)
+    yield seen
+    logging.getLogger("diffmix_ray").removeHandler(handler)

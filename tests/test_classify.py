@@ -60,6 +60,28 @@ def test_inverse_frequency_synthetic_sampling():
     assert np.allclose(lab.synthetic_row_weights(targets, 3, "uniform", real_counts), 1 / 100)
 
 
+def test_own_source_replacement_takes_one_of_the_images_own_translations():
+    """DA-Fusion's mixing: a replaced real image becomes one of its own translations; an image with
+    none stays real; text-to-image rows (no source) are never drawn."""
+    real_ids = [f"r{i}" for i in range(50)]
+    source_ids = [f"r{i}" for i in range(40) for _ in range(10)] + [None] * 5 + ["not-a-train-image"]
+    order_of_rows = np.random.default_rng(0).permutation(len(source_ids))  # rows in no particular order
+    source_ids = [source_ids[k] for k in order_of_rows]
+    own = lab.own_index(real_ids, source_ids)
+    hits, picked = 0, {i: set() for i in range(40)}
+    for epoch in range(20):
+        order, rep = lab.epoch_mix(50, len(source_ids), 0.5, None, seed=1, epoch=epoch, own=own)
+        for k in np.flatnonzero(rep >= 0):
+            assert source_ids[rep[k]] == real_ids[order[k]]  # its own translation, nobody else's
+            picked[order[k]].add(int(rep[k]))
+        assert not (rep[order >= 40] >= 0).any()  # images without translations stay real
+        hits += int((rep >= 0).sum())
+    assert abs(hits / (20 * 40) - 0.5) < 0.06  # alpha = 0.5 of the images that have translations
+    assert min(len(v) for v in picked.values()) >= 3  # drawn among its translations, not always the first
+    again = lab.epoch_mix(50, len(source_ids), 0.5, None, seed=1, epoch=3, own=own)
+    assert all((a == b).all() for a, b in zip(again, lab.epoch_mix(50, len(source_ids), 0.5, None, 1, 3, own)))
+
+
 def test_selection_uses_val_not_test():
     history = [{"epoch": e, "val": {"top1": v, "per_class": [v]}, "test": {"top1": t, "per_class": [t]}}
                for e, (v, t) in enumerate([(0.5, 0.9), (0.8, 0.6), (0.7, 0.95), (0.8, 0.99)])]
@@ -109,6 +131,33 @@ def cfg(shapes, out, **kw):
 def test_bad_options(shapes, tmp_path, kw, msg):
     with pytest.raises(DiffmixError, match=msg):
         run_classify(cfg(shapes, tmp_path / "o", **kw))
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(synthetic_pick="own"), "--synthetic-pick 'own': choose pool .* or own-source"),
+    (dict(synthetic_pick="own-source"), "--synthetic-pick own-source replaces real images by their own translations: "
+                                        "pass --synthetic"),
+    (dict(synthetic_pick="own-source", synthetic=("x",), synthetic_sampling="uniform"),
+     "--synthetic-sampling uniform chooses among all synthetic images; --synthetic-pick own-source"),
+])
+def test_bad_synthetic_pick(shapes, tmp_path, kw, msg):
+    with pytest.raises(DiffmixError, match=msg):
+        run_classify(cfg(shapes, tmp_path / "o", **kw))
+
+
+def test_own_source_without_translations_of_the_train_images_is_refused(shapes, tmp_path):
+    """Text-to-image shards have no source image: no real image has its own translation."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    syn = fx.fake_synthetic(str(tmp_path / "gen"), shapes, 1.0)
+    shard = os.path.join(syn, "shards", "shard-fake-00000.parquet")
+    table = pq.read_table(shard)
+    pq.write_table(table.set_column(table.schema.get_field_index("source_id"), table.schema.field("source_id"),
+                                    pa.nulls(table.num_rows, pa.string())), shard)
+    with pytest.raises(DiffmixError, match="no train image of .* has a translation in"):
+        run_classify(cfg(shapes, tmp_path / "o", synthetic=(syn,), synthetic_pick="own-source"))
+    assert not os.path.exists(tmp_path / "o")  # refused before the output was claimed
 
 
 def test_synthetic_from_another_dataset_is_refused(shapes, sample_dataset, tmp_path):
@@ -440,6 +489,19 @@ def test_long_tail_defaults_follow_the_paper(tmp_path):
     assert r.resolved["warmup_epochs"]["value"] == 5.0
 
 
+def test_long_tail_options_on_a_balanced_dataset_are_said_to_change_nothing(tmp_path):
+    from diffmix_ray.classify.recipe import resolve
+
+    even = _info(None, counts=(8, 8, 8, 8))
+    r = resolve(cfg("d", tmp_path, batch_size=4, loss="balanced-softmax", synthetic_sampling="inverse-frequency"),
+                even, 32, 10)
+    assert any("--loss balanced-softmax (on equal counts it is plain cross-entropy) and --synthetic-sampling "
+               "inverse-frequency (equal weights 1/(n_c + 1): uniform): every class has 8 train images" in n
+               for n in r.notes)
+    assert not any("change nothing" in n for n in resolve(cfg("d", tmp_path, batch_size=4, loss="drw"),
+                                                          _info("long-tail"), 43, 0).notes)
+
+
 def test_select_and_missing_splits(tmp_path):
     from diffmix_ray.classify.recipe import check_splits
     from diffmix_ray.classify.summary import mean_std, result_line
@@ -476,7 +538,7 @@ def test_bad_image_names_its_file_and_row():
 def test_report_without_test_split(tmp_path, monkeypatch):
     from matplotlib.ticker import MaxNLocator
 
-    from diffmix_ray.ops import report
+    from diffmix_ray.orchestrate import report
 
     epochs = [{"epoch": e, "val": {"top1": 0.5 + e / 10, "per_class": [0.5]}, "test": None} for e in range(3)]
     run = {"arch": "a", "p": 0.0, "gamma": 0.5, "synthetic": [], "epochs": epochs,

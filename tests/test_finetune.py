@@ -19,8 +19,9 @@ from diffmix_ray.contracts import CONCEPTS_JSON, DATASET_JSON, LEARNED_EMBEDS, L
 from diffmix_ray.errors import DiffmixError
 from diffmix_ray.finetune import run as ft_run
 from diffmix_ray.finetune.config import FinetuneConfig
-from diffmix_ray.finetune.data import balanced_repeats, decode_batch, local_batches, repeat_rows
+from diffmix_ray.finetune.data import decode_batch, image_key, local_batches, read_train, step_epochs
 from diffmix_ray.finetune.loop import Finetuner, Progress, train
+from diffmix_ray.finetune.sampling import StepSampler
 from diffmix_ray.models import concepts as bank_io
 from diffmix_ray.models.loader import load_pipeline
 
@@ -165,16 +166,75 @@ def test_single_part_modes_write_banks_generate_loads(sample_dataset, tmp_path, 
     assert ("<class_1>" in pipe.tokenizer.get_vocab()) == (mode == "ti")
 
 
-def test_class_balanced_repeat_and_leakage_guard():
-    assert balanced_repeats([10, 2, 5]) == [1, 5, 2]
-    import pyarrow as pa
+# CUB-LT100 as the reference builds it: 29 -> 1 train images per class (1,242 in all)
+CUB_LT100 = [int(30 * (1 / 100) ** (i / 198)) or 1 for i in range(200)]
 
-    table = pa.table({"label": pa.array([0, 1, 1, 2], pa.int32()), "x": ["a", "b", "c", "d"]})
-    assert repeat_rows(table, [1, 3, 0]).column("x").to_pylist() == ["a", "b", "b", "b", "c", "c", "c"]
+
+def test_class_balanced_sampling_is_equal_in_expectation_and_deterministic():
+    labels = np.repeat(np.arange(200), CUB_LT100)
+    sampler = StepSampler(labels, 200, class_balanced=True, seed=42, batch_size=2, world=4)
+    drawn = np.bincount(np.concatenate([labels[sampler.epoch_order(e)] for e in range(200)]), minlength=200)
+    expected = 200 * len(labels) / 200  # every class N/C draws per epoch
+    assert abs(drawn.mean() - expected) < 1e-9 and drawn.std() / expected < 0.05  # not 19-36 per class
+    assert np.corrcoef(drawn, CUB_LT100)[0, 1] < 0.2  # the class size no longer decides how often it is seen
+    again = StepSampler(labels, 200, class_balanced=True, seed=42, batch_size=2, world=4)
+    other = StepSampler(labels, 200, class_balanced=True, seed=43, batch_size=2, world=4)
+    steps = [1, 2, sampler.steps_per_epoch, sampler.steps_per_epoch + 1, 5000]
+    assert all(np.array_equal(sampler.indices(s, r), again.indices(s, r)) for s in steps for r in range(4))
+    assert not all(np.array_equal(sampler.indices(s, 0), other.indices(s, 0)) for s in steps)
+    uniform = StepSampler(labels, 200, class_balanced=False, seed=42, batch_size=2, world=4)
+    assert sorted(uniform.epoch_order(3)) == list(range(len(labels)))  # each image once per epoch
+    # one step's global batch is cut into the ranks' slices, none shared
+    assert np.array_equal(np.concatenate([sampler.indices(7, r) for r in range(4)]),
+                          sampler.epoch_order(0)[6 * 8:7 * 8])
+
+
+def test_a_resume_continues_with_exactly_the_batches_of_an_uninterrupted_run(sample_dataset):
+    dataset = canonical.open_dataset(sample_dataset)
+    table = read_train(dataset)
+    sampler = StepSampler(table.column("label").to_numpy(), 4, True, seed=0, batch_size=4, world=2)
+
+    def batches(first: int, count: int) -> list[dict]:
+        out, epochs = [], step_epochs(table, sampler, 32, rank=1, first_step=first)
+        while len(out) < count:
+            out += [b for _, b in zip(range(count - len(out)), next(epochs))]
+        return out
+
+    straight = batches(1, 9)  # 3 steps per epoch: crosses two epoch boundaries
+    resumed = batches(5, 5)  # a checkpoint at step 4, mid-epoch
+    for a, b in zip(straight[4:], resumed):
+        assert torch.equal(a["key"], b["key"]) and torch.equal(a["pixels"], b["pixels"])
+
+
+def test_leakage_guard():
     batch = {"image_id": np.array(["v1"], dtype=object), "image": np.array([b"\xff"], dtype=object),
              "label": np.array([0]), "split": np.array(["val"], dtype=object)}
     with pytest.raises(DiffmixError, match=r"leakage guard: rows of split\(s\) \['val'\]"):
         decode_batch(batch, 64)
+
+
+@pytest.fixture(scope="module")
+def long_tail_dataset(sample_dataset, tmp_path_factory):
+    from diffmix_ray.data.prepare import DeriveConfig, derive
+
+    out = str(tmp_path_factory.mktemp("lt") / "lt")
+    derive(DeriveConfig(parent=sample_dataset, imbalance_ratio=3), out)
+    return out
+
+
+def test_long_tail_datasets_default_to_class_balanced_fine_tuning(long_tail_dataset, sample_dataset, tmp_path,
+                                                                    warnings_seen):
+    lt = ft_run.resolve_inputs(_cfg(long_tail_dataset, str(tmp_path / "a")))
+    assert lt.cfg.class_balanced is True and lt.identity["class_balanced"] is True
+    assert "default for long-tailed datasets (imbalance ratio 3)" in lt.resolved["class_balanced"]["from"]
+    spelled = ft_run.resolve_inputs(_cfg(long_tail_dataset, str(tmp_path / "a"), class_balanced=True))
+    assert spelled.identity == lt.identity  # spelling out the default is the same run
+    off = ft_run.resolve_inputs(_cfg(long_tail_dataset, str(tmp_path / "b"), class_balanced=False))
+    assert off.cfg.class_balanced is False and off.resolved["class_balanced"]["from"] == "--no-class-balanced"
+    plain = ft_run.resolve_inputs(_cfg(sample_dataset, str(tmp_path / "c")))
+    assert plain.cfg.class_balanced is False and not warnings_seen
+    ft_run.resolve_inputs(_cfg(sample_dataset, str(tmp_path / "c"), class_balanced=True))
+    assert any("--class-balanced on" in w and "all have 6 train images" in w for w in warnings_seen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +344,23 @@ def test_killed_worker_resumes_from_last_checkpoint_without_repeating_steps(ddp_
         assert progress["resumed_at"] == [3]  # restarted from the checkpoint at step 3, not from 0
         assert progress["step_ranges"] == [[1, MAX_STEPS]]  # every step exactly once, in order
         assert progress["images_seen"] == MAX_STEPS * cfg.batch_size
+
+
+def test_the_resumed_fit_saw_exactly_the_images_of_an_uninterrupted_one(ddp_run):
+    """Rank 1 died before step 5 and the run resumed from step 3: each rank's record of the images it
+    trained on, in order, is the one the step sampler gives for steps 1..8 without interruption."""
+    import hashlib
+
+    cfg, _, out = ddp_run
+    table = read_train(canonical.open_dataset(cfg.dataset))
+    ids = table.column("image_id").to_pylist()
+    sampler = StepSampler(table.column("label").to_numpy(), 4, False, cfg.seed, cfg.batch_size, cfg.workers)
+    for rank in (0, 1):
+        digest = ""
+        for step in range(1, MAX_STEPS + 1):
+            keys = np.array([image_key(ids[i]) for i in sampler.indices(step, rank)], dtype=np.int64)
+            digest = hashlib.sha256(digest.encode() + keys.tobytes()).hexdigest()
+        assert _progress(out, MAX_STEPS, rank)["data_digest"] == digest
 
 
 def test_ddp_ranks_end_identical_while_seeing_different_data(ddp_run):

@@ -160,7 +160,8 @@ def test_s3_server_restarted_during_writes(sample_dataset, own_s3, tmp_path):
 
     with cli_process(args, str(tmp_path / "log1")) as proc:
         wait_for(lambda: proc.poll() is not None or shards_listed(), what="the first shard on S3")
-        assert proc.poll() is None, "the run ended before the outage"
+        if proc.poll() is not None:  # say why: a crash is a finding, not a flake
+            raise AssertionError("the run ended before the outage:\n" + open(tmp_path / "log1").read()[-3000:])
         own_s3.stop()
         time.sleep(3)
         own_s3.start()

@@ -27,7 +27,8 @@ from diffmix_ray.contracts import (COL_IMAGE, COL_IMAGE_ID, DATASET_JSON, MANIFE
                                    SHARDS_DIR, SUCCESS)
 from diffmix_ray.errors import DiffmixError
 from diffmix_ray.generate.config import GenerateConfig
-from diffmix_ray.generate.run import IncompleteOutput, run_generate
+from diffmix_ray.exactly_once import IncompleteOutput
+from diffmix_ray.generate.run import run_generate
 
 SMALL = dict(model="tiny", mode="real-mix", multiplier=1, steps=4, batch_size=4, rows_per_shard=8)
 DIFFMIX_RAY = os.path.join(os.path.dirname(sys.executable), "diffmix-ray")

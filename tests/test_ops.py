@@ -1,6 +1,6 @@
 """Running it for real: cluster configs, KubeRay manifests, the image's build inputs, and the job
 path end to end on a real Ray head started with `ray start` on loopback: `ray job submit` of
-generate and train-cls, `diffmix-ray status/logs`, jobs/submit.sh resuming, the project's metrics
+generate and train-cls, a recipe run by jobs/submit.sh as one job and resumed, `diffmix-ray status/logs`, the project's metrics
 on Ray's Prometheus endpoint, staging a model on every node, and no credential in any log,
 output or job record.
 
@@ -398,7 +398,7 @@ def test_generate_runs_as_a_ray_job(head, generated):
     assert manifest["counts"]["generated"] == manifest["counts"]["planned"] == 12  # 3 classes x 4 train x 1
     assert fs.glob(f"{out}/shards/*.parquet")
     logs = head.cli("logs", "diffmix-generate-e2e").stdout
-    # The stage says where to watch it and which run it is (ops.jobs.announce).
+    # The stage says where to watch it and which run it is (runtime.jobs.announce).
     assert f"in Ray job diffmix-generate-e2e: watch {head.address}/#/jobs/diffmix-generate-e2e" in logs
     assert re.search(r"generate run [0-9a-f]{16} in Ray job", logs)
 
@@ -423,22 +423,32 @@ def test_status_reports_both_jobs(head, generated, classified):
     assert unreachable.returncode == 2 and "cannot reach the Ray job API at http://127.0.0.1:9" in unreachable.stderr
 
 
-def test_submit_script_skips_finished_stages_and_retries_failed_ones(head, configs, generated):
-    """jobs/submit.sh: a SUCCEEDED stage is skipped; a FAILED one is resubmitted as -retry2 and the
-    stage resumes from its output (here: generate finds its output complete)."""
-    env = head.env | {"STAGES": "generate", "CONFIG_DIR": str(configs)}
-    skip = subprocess.run([str(REPO / "jobs" / "submit.sh"), "e2e"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert skip.returncode == 0 and "diffmix-generate-e2e already SUCCEEDED" in skip.stdout, skip.stderr[-2000:]
+def _submit_script(head, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / "jobs" / "submit.sh"), *args], cwd=REPO, env=head.env, capture_output=True,
+                          text=True, timeout=600)
 
-    failed = head.submit("diffmix-generate-rerun", "exit 3")
-    assert failed["status"] == "FAILED"
-    rerun = subprocess.run([str(REPO / "jobs" / "submit.sh"), "ReRun"], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=300)
+
+def test_a_recipe_runs_unchanged_as_a_ray_job_and_submit_resumes_it(head):
+    """jobs/submit.sh submits `diffmix-ray run RECIPE ...` as one Ray job; rerun, it skips a SUCCEEDED
+    job, and resubmits a FAILED one as -retry2, whose `run` finds every step complete."""
+    out = head.work / "tiny-run"
+    args = ["tiny", "--out", str(out), "--methods", "real-only", "--seeds", "0"]
+    first = _submit_script(head, "e2e", *args)
+    assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-3000:]
+    assert "submitting diffmix-run-e2e" in first.stdout
+    assert "| Real only |" in (out / "report" / "table.md").read_text()
+    assert (out / "classifiers" / "real-only" / "seed-0" / "_SUCCESS").exists()
+
+    again = _submit_script(head, "e2e", *args)
+    assert again.returncode == 0 and "diffmix-run-e2e already SUCCEEDED: skipping" in again.stdout
+
+    assert head.submit("diffmix-run-rerun", "exit 3")["status"] == "FAILED"
+    rerun = _submit_script(head, "ReRun", *args)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert "submitting diffmix-generate-rerun-retry2" in rerun.stdout
-    assert "is complete" in rerun.stdout  # the retry found the finished output: nothing redone
-    assert json.loads(head.cli("status", "diffmix-generate-rerun-retry2", "--json").stdout)["status"] == "SUCCEEDED"
+    assert "submitting diffmix-run-rerun-retry2" in rerun.stdout
+    assert "steps run: 1, skipped as complete: 2" in rerun.stdout  # prepare, train-cls skipped; the report redone
+    unknown = _submit_script(head, "x", "no-such-recipe", "--out", str(out))
+    assert unknown.returncode == 2 and "no recipe named 'no-such-recipe'" in unknown.stderr
 
 
 def test_custom_metrics_on_the_prometheus_endpoint(head, generated):

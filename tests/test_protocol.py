@@ -5,7 +5,6 @@ the many/medium/few thresholds recorded in dataset.json."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections import Counter, defaultdict
 
@@ -21,22 +20,6 @@ from diffmix_ray.data.prepare import DeriveConfig, PrepareConfig, derive, prepar
 from diffmix_ray.errors import DiffmixError
 
 from . import fixtures as fx
-
-
-@pytest.fixture
-def warnings_seen():
-    """Messages logged at WARNING by diffmix_ray (its logger does not propagate once the CLI set it up)."""
-    seen: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            if record.levelno >= logging.WARNING:
-                seen.append(record.getMessage())
-
-    handler = Keep()
-    logging.getLogger("diffmix_ray").addHandler(handler)
-    yield seen
-    logging.getLogger("diffmix_ray").removeHandler(handler)
 
 
 def _flat(text: str) -> str:

@@ -11,6 +11,9 @@ from .transforms import AUGMENTS, RES_MODES
 
 OPTIMIZERS = ("sgd", "adamw")
 SYNTHETIC_SAMPLING = ("uniform", "inverse-frequency")
+# pool: any synthetic image replaces a real one (Diff-Mix); own-source: one of the real image's own
+# translations does (DA-Fusion: "each real image replaced by one of its own augmentations")
+SYNTHETIC_PICK = ("pool", "own-source")
 SELECT = ("val", "last")
 LR_SCALING = ("none", "linear")
 GPU_DECODE_ON_CPU = ("--gpu-decode decodes and augments the images on each worker's GPU (nvJPEG), but this run's "
@@ -50,6 +53,7 @@ class ClassifyConfig:
     # Diff-Mix mixing: replace each real sample with probability p by a synthetic one
     synthetic_p: float | None = None  # default 0.1; 0.3 for few-shot and long-tail datasets
     synthetic_sampling: str | None = None  # default uniform; inverse-frequency on long-tailed datasets
+    synthetic_pick: str = "pool"  # pool | own-source (SYNTHETIC_PICK)
     gamma: float = 0.5  # soft label y = (1 - s^gamma) onehot(src) + s^gamma onehot(tgt)
     allow_incomplete: bool = False
     # non-generative baselines (real data only)
@@ -90,6 +94,16 @@ class ClassifyConfig:
         if self.synthetic_sampling is not None and self.synthetic_sampling not in SYNTHETIC_SAMPLING:
             raise DiffmixError(f"--synthetic-sampling {self.synthetic_sampling!r}: choose "
                                f"{' or '.join(SYNTHETIC_SAMPLING)}")
+        if self.synthetic_pick not in SYNTHETIC_PICK:
+            raise DiffmixError(f"--synthetic-pick {self.synthetic_pick!r}: choose pool (any synthetic image, "
+                               "Diff-Mix) or own-source (one of the real image's own translations, DA-Fusion)")
+        if self.synthetic_pick == "own-source" and self.synthetic_sampling is not None:
+            raise DiffmixError(f"--synthetic-sampling {self.synthetic_sampling} chooses among all synthetic images; "
+                               "--synthetic-pick own-source takes one of the real image's own translations instead: "
+                               "drop one of the two")
+        if self.synthetic_pick == "own-source" and not self.synthetic:
+            raise DiffmixError("--synthetic-pick own-source replaces real images by their own translations: pass "
+                               "--synthetic with a generate output of an img2img mode (e.g. da-fusion)")
         if not self.gamma > 0:
             raise DiffmixError(f"--gamma {self.gamma} must be > 0")
         if not 0.0 <= self.label_smoothing < 1.0:

@@ -70,10 +70,11 @@ def rows_of(tables: list[pa.Table], file_offset: int, synthetic: bool) -> Rows:
 
 
 def epoch_rows(real: Rows, synthetic: Rows, p: float, syn_weights: np.ndarray | None, seed: int, epoch: int,
-               rank: int, world: int) -> Rows:
+               rank: int, world: int, own: tuple[np.ndarray, np.ndarray] | None = None) -> Rows:
     """This rank's samples for one epoch. Every rank gets the same count (a DDP step count that
-    differs between ranks would hang the all-reduce), so up to world-1 samples are left out."""
-    order, replace = lab.epoch_mix(len(real), len(synthetic), p, syn_weights, seed, epoch)
+    differs between ranks would hang the all-reduce), so up to world-1 samples are left out. `own`:
+    replace a real image only by its own translations (labels.own_index)."""
+    order, replace = lab.epoch_mix(len(real), len(synthetic), p, syn_weights, seed, epoch, own)
     mixed = real.take(order)
     hit = replace >= 0
     if hit.any():
@@ -85,12 +86,13 @@ def epoch_rows(real: Rows, synthetic: Rows, p: float, syn_weights: np.ndarray | 
 
 
 def run_rows(real: Rows, synthetic: Rows, p: float, syn_weights: np.ndarray | None, seed: int, epochs: range,
-             rank: int, world: int, batch_size: int) -> tuple[Rows, int]:
+             rank: int, world: int, batch_size: int,
+             own: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Rows, int]:
     """This rank's samples for every epoch in `epochs`, one after another, and the steps of one epoch.
     Each epoch is cut to whole batches (the rows an incomplete last batch would hold are left out, as
     drop_last did), so that one dataset streams the whole run and batch k is the same whatever
     surrounds it: no pipeline drains and refills at every epoch boundary."""
-    parts = [epoch_rows(real, synthetic, p, syn_weights, seed, e, rank, world) for e in epochs]
+    parts = [epoch_rows(real, synthetic, p, syn_weights, seed, e, rank, world, own) for e in epochs]
     steps = (len(parts[0]) if parts else 0) // batch_size
     keep = np.arange(steps * batch_size)
     parts = [r.take(keep) for r in parts]

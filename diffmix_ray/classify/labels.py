@@ -44,15 +44,37 @@ def synthetic_row_weights(targets: np.ndarray, num_classes: int, sampling: str, 
     return w / w.sum()
 
 
+def own_index(real_ids: list[str], source_ids: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Each real image's own translations, as (start, rows): real image i's synthetic rows are
+    rows[start[i]:start[i + 1]] (in synthetic-row order). Rows without a source (text-to-image) or
+    whose source is not a train image belong to no one."""
+    position = {image_id: i for i, image_id in enumerate(real_ids)}
+    owner = np.array([position.get(s, -1) if s is not None else -1 for s in source_ids], dtype=np.int64)
+    rows = np.flatnonzero(owner >= 0)
+    rows = rows[np.argsort(owner[rows], kind="stable")]
+    start = np.zeros(len(real_ids) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(owner[owner >= 0], minlength=len(real_ids)), out=start[1:])
+    return start, rows
+
+
 def epoch_mix(num_real: int, num_synthetic: int, p: float, syn_weights: np.ndarray | None, seed: int,
-              epoch: int) -> tuple[np.ndarray, np.ndarray]:
+              epoch: int, own: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For one epoch: a shuffled order of the real rows and, per position, the synthetic row that
     replaces it (-1 = keep the real one). Deterministic from (seed, epoch). The epoch length is the
-    number of real images, as in the reference."""
+    number of real images, as in the reference. Replacements come from the whole pool (Diff-Mix,
+    drawn by `syn_weights`) or, with `own` (own_index), from the real image's own translations,
+    uniformly (DA-Fusion); an image without any stays real."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0xC1A5]))
     order = rng.permutation(num_real)
     replace = np.full(num_real, -1, dtype=np.int64)
     if num_synthetic and p > 0:
         hit = rng.random(num_real) < p
-        replace[hit] = rng.choice(num_synthetic, size=int(hit.sum()), p=syn_weights)
+        if own is None:
+            replace[hit] = rng.choice(num_synthetic, size=int(hit.sum()), p=syn_weights)
+        else:
+            start, rows = own
+            first, count = start[order], start[order + 1] - start[order]
+            pick = first + np.floor(rng.random(num_real) * count).astype(np.int64)
+            take = hit & (count > 0)
+            replace[take] = rows[pick[take]]
     return order, replace

@@ -145,7 +145,8 @@ def train_func(cfg: dict) -> None:
 
     epochs = cfg["epochs"]
     rows, steps_per_epoch = data.run_rows(cfg["real_rows"], cfg["syn_rows"], cfg["p"], cfg["syn_weights"],
-                                          cfg["seed"], range(start_epoch, epochs), rank, world, cfg["batch_size"])
+                                          cfg["seed"], range(start_epoch, epochs), rank, world, cfg["batch_size"],
+                                          cfg.get("own"))
     train_batches = None
     if len(rows):
         ds = data.dataset(rows, cfg["refs"], uris, True, cfg["data_cfg"], cfg["block_rows"], cfg["gpu_decode"])

@@ -58,6 +58,9 @@ def resolve(cfg: ClassifyConfig, info: DatasetInfo, num_real: int, num_synthetic
     sampling = cfg.synthetic_sampling or ("inverse-frequency" if long_tail else "uniform")
     sampling_from = ("--synthetic-sampling" if cfg.synthetic_sampling
                      else "default for long-tailed datasets (the paper's)" if long_tail else "default")
+    if cfg.synthetic_pick == "own-source":
+        sampling, sampling_from = "own-source", ("--synthetic-pick own-source: a replaced image is one of the real "
+                                                 "image's own translations, uniformly (DA-Fusion)")
 
     global_batch = cfg.batch_size * cfg.workers
     peak = sch.scaled_lr(cfg.lr, cfg.lr_scaling, global_batch, cfg.lr_base_batch)
@@ -114,10 +117,17 @@ def resolve(cfg: ClassifyConfig, info: DatasetInfo, num_real: int, num_synthetic
     if cfg.loss != "ce":
         r.notes.append(f"loss {cfg.loss}" + (f": class re-weighting (beta {cfg.drw_beta:g}) from epoch {drw_epoch}"
                                              if drw_epoch is not None else ""))
-    if long_tail and num_synthetic and not cfg.synthetic_sampling:
+    if long_tail and num_synthetic and not cfg.synthetic_sampling and cfg.synthetic_pick == "pool":
         r.notes.append(f"long-tailed dataset (imbalance ratio {info.subset.get('imbalance_ratio')}): synthetic "
                        "images drawn by target class ∝ 1/(n_c + 1), the paper's default (--synthetic-sampling "
                        "uniform to change)")
+    if counts and min(counts) == max(counts):
+        same = [f"--loss {cfg.loss} (on equal counts it is plain cross-entropy)"] if cfg.loss != "ce" else []
+        if cfg.synthetic_sampling == "inverse-frequency":
+            same.append("--synthetic-sampling inverse-frequency (equal weights 1/(n_c + 1): uniform)")
+        if same:
+            r.notes.append(f"{' and '.join(same)}: every class has {counts[0]} train images, so these long-tail "
+                           "options change nothing here; they are meant for long-tailed datasets")
     if thresholds is not None:
         r.notes.append(f"many/medium/few: more than {thresholds[0]} / {thresholds[1]}-{thresholds[0]} / fewer than "
                        f"{thresholds[1]} train images ({th_from})")

@@ -13,10 +13,11 @@ import torch
 
 from .. import canonical, storage
 from ..console import console, logger
-from ..contracts import COL_LABEL, COL_SOURCE_LABEL, COL_STRENGTH, COL_TARGET_LABEL, SUCCESS
+from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH, COL_TARGET_LABEL,
+                         SUCCESS)
 from ..errors import DiffmixError
-from ..ops.jobs import announce
-from ..ops.local_ray import init_ray, resolve_gpus
+from ..runtime.jobs import announce
+from ..runtime.local_ray import init_ray, resolve_gpus
 from ..synthetic import open_synthetic
 from . import data, labels
 from .config import GPU_DECODE_ON_CPU, ClassifyConfig
@@ -65,6 +66,22 @@ def _inputs(dataset: canonical.Dataset, syn_sets: list) -> tuple[list[str], dict
     return [f for files in parts.values() for f in files], rows
 
 
+def _own_translations(cfg: ClassifyConfig, dataset: canonical.Dataset, syn_sets: list) -> tuple:
+    """--synthetic-pick own-source: each train image's translations (labels.own_index), in the row
+    order _inputs reads. Refused when no train image has one (e.g. text-to-image shards)."""
+    real_ids = [i for t in _meta(dataset.files("train"), [COL_IMAGE_ID]) for i in t.column(COL_IMAGE_ID).to_pylist()]
+    source_ids = [i for s in syn_sets for t in _meta(s.files, [COL_SOURCE_ID]) for i in t.column(COL_SOURCE_ID).to_pylist()]
+    start, rows = labels.own_index(real_ids, source_ids)
+    with_own = int(np.count_nonzero(np.diff(start)))
+    if not with_own:
+        raise DiffmixError(f"--synthetic-pick own-source: no train image of {cfg.dataset} has a translation in "
+                           f"{', '.join(cfg.synthetic)} (text-to-image modes have no source image); use an img2img "
+                           "generate output of this dataset (e.g. --mode da-fusion), or --synthetic-pick pool")
+    console.print(f"synthetic pick own-source: {with_own} of {len(real_ids)} train images have their own "
+                  f"translations ({len(rows)} in all); the others are never replaced", highlight=False)
+    return start, rows
+
+
 def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = False) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -81,6 +98,7 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
     all_files, rows = _inputs(dataset, syn_sets)
     real, syn = rows["train"], rows["syn"]
     recipe = resolve(cfg, info, len(real), len(syn))  # a bad combination fails before the output is claimed
+    own = _own_translations(cfg, dataset, syn_sets) if cfg.synthetic_pick == "own-source" else None
     identity = _identity(cfg, info.fingerprint, [s.manifest.get("identity", {}).get("model_fingerprint", "")
                                                  + ":" + storage.normalize(s.uri) for s in syn_sets])
     if cfg.lr_scaling == "linear":  # the rate then depends on the worker count, which otherwise may change
@@ -109,7 +127,7 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
     refs = _load_columns(all_files)
     train_counts = info.class_counts("train")
     syn_weights = (labels.synthetic_row_weights(syn.target, info.num_classes, recipe.synthetic_sampling,
-                                                np.asarray(train_counts)) if len(syn) else None)
+                                                np.asarray(train_counts)) if len(syn) and own is None else None)
     console.print(f"train-cls {cfg.arch}: {len(real)} real train images, {len(syn)} synthetic from "
                   f"{len(syn_sets)} run(s), p={recipe.p}, gamma={cfg.gamma}, {cfg.workers} worker(s), "
                   f"{cfg.epochs} epochs")
@@ -120,6 +138,7 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
         "val_rows": rows["val"], "test_rows": rows["test"], "p": recipe.p, "syn_weights": syn_weights,
         "data_cfg": recipe.data_cfg, "lr_schedule": recipe.schedule, "train_counts": train_counts,
         "drw_epoch": recipe.drw_epoch, "hard_labels": recipe.hard_labels, "block_rows": max(cfg.batch_size, 32),
+        "own": own,
         "out": out, "fail_marker_dir": out, "dataset_fingerprint": info.fingerprint}
     fs, path = storage.arrow_filesystem(storage.join(out, "train"))
     trainer = TorchTrainer(

@@ -271,3 +271,29 @@ def read_parquet_table(source: str, image_column: str, label_column: str, split_
                                + "; fix the label column or pass --class-names with every class")
     listing.classes = list(names) if names else [f"class_{i:03d}" for i in range(n_classes)]
     return listing
+
+
+def detect_format(source: str) -> tuple[str | None, str]:
+    """(the raw format `source` looks like, the evidence), from the files each reader needs; None
+    when it looks like none of them. Used to say "this is not a CUB folder" before any work."""
+    fs, root = storage.filesystem(source)
+    with storage.explained(source):
+        if not fs.exists(root):
+            return None, "it does not exist"
+        if not fs.isdir(root):
+            return ("parquet", "a .parquet file") if root.endswith(".parquet") else (None, "a file, not a folder")
+        for base in (root, posixpath.join(root, "CUB_200_2011")):
+            if fs.exists(posixpath.join(base, "images.txt")):
+                return "cub", f"it holds {posixpath.relpath(posixpath.join(base, 'images.txt'), root)}"
+        if fs.exists(posixpath.join(root, "imagelabels.mat")):
+            return "flowers102", "it holds imagelabels.mat"
+        entries = fs.ls(root, detail=True)
+        if any(e["name"].endswith(".parquet") for e in entries if e["type"] != "directory"):
+            return "parquet", "it holds .parquet files"
+        dirs = [e for e in entries if e["type"] == "directory"]
+        for d in dirs[:3]:  # Hugging Face datasets keep their files under data/
+            if any(e["name"].endswith(".parquet") for e in fs.ls(d["name"], detail=True)):
+                return "parquet", f"it holds .parquet files under {posixpath.basename(d['name'].rstrip('/'))}/"
+        if dirs:
+            return "imagefolder", f"it holds {len(dirs)} folder(s) ({posixpath.basename(dirs[0]['name'].rstrip('/'))}, ...)"
+    return None, "it holds no folders, no .parquet files and none of the CUB/Flowers-102 metadata files"

@@ -30,7 +30,9 @@ def finetune(
     prompt_template: Optional[str] = typer.Option(None, help="Training prompt with {token} and {super_class} "
                                                              "(default 'a photo of a {token} {super_class}')."),
     class_balanced: Optional[bool] = typer.Option(None, "--class-balanced/--no-class-balanced",
-                                                  help="Repeat rare classes so each is seen about equally often."),
+                                                  help="Draw images with p ∝ 1/n_c, every class equally often in "
+                                                       "expectation (default: on for long-tailed datasets, the "
+                                                       "paper's; off otherwise)."),
     gradient_checkpointing: Optional[bool] = typer.Option(
         None, "--gradient-checkpointing/--no-gradient-checkpointing",
         help="Recompute the UNet's activations in backward: less GPU memory, slower steps (default off)."),

@@ -40,7 +40,9 @@ class FinetuneConfig:
     max_steps: int = 35000
     batch_size: int = 2  # per worker
     seed: int = 42
-    class_balanced: bool = False  # long-tail: every class seen about equally often
+    # p ∝ 1/n_c sampling, every class seen equally often in expectation; None: on for long-tailed
+    # datasets (the paper's), off otherwise (run.resolve_inputs decides, prints and records it)
+    class_balanced: bool | None = None
     precision: str = "auto"  # GPU: bf16 where supported, else fp16; CPU: fp32
     # execution
     workers: int = 1

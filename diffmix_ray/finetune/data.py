@@ -1,59 +1,41 @@
-"""Training images for `finetune`: the train split only, as encoded bytes until the last stage,
-then decoded, resized, randomly cropped and flipped to the model resolution (the reference's
-Resize -> RandomCrop -> RandomHorizontalFlip). Pixels leave as uint8 (4x smaller than float in
-the object store); the training step scales them to [-1, 1] on its device.
+"""Training images for `finetune`: the train split only, read once by each worker, then per step
+the rows the step sampler picks (sampling.py: a function of seed, step and rank, so runs are
+deterministic and a resume continues exactly), decoded, resized, randomly cropped and flipped
+to the model resolution (the reference's Resize -> RandomCrop -> RandomHorizontalFlip). Pixels
+leave as uint8; the training step scales them to [-1, 1] on its device.
 
-Class balancing (long-tail data) is a per-row repeat: each train image of class c appears
-round(n_max / n_c) times per epoch, so every class contributes about n_max images per epoch and
-a row's weight is proportional to 1 / n_c, like the reference's WeightedRandomSampler, but
-deterministic. The rows are then globally reshuffled every epoch (Ray Data re-runs the pipeline
-per epoch), so the repeats of one image spread over the epoch.
-
-The encoded train split is read once and held in the object store when it is small enough
-(MATERIALIZE_MAX_BYTES; fine-grained datasets are), so an epoch costs a shuffle and a decode,
-not a new listing and read of the files."""
+A background thread prepares the next steps' batches while the current one trains: a step
+decodes batch_size images (2 by default), milliseconds of CPU beside a diffusion step, so the
+decoding runs in the worker rather than in a separate pipeline. Holding the encoded split in
+memory is what random access by the sampler needs; fine-grained train splits are a few hundred MB
+at most (CUB-200's is ~0.3 GB)."""
 
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from .. import canonical, storage
+from .. import canonical
 from ..contracts import COL_IMAGE, COL_IMAGE_ID, COL_LABEL, COL_SPLIT
 from ..errors import DiffmixError
 from ..images import decode_rgb
+from .sampling import StepSampler
 
 COL_PIXELS = "pixels"  # uint8 (N, 3, R, R)
 COL_KEY = "key"  # int64 digest of image_id: lets a worker record which images it saw
 READ_COLUMNS = [COL_IMAGE_ID, COL_IMAGE, COL_LABEL, COL_SPLIT]
-DECODE_BATCH_ROWS = 32
-# Train splits up to this size (encoded) are read once and kept in the object store for all epochs
-# (CUB-200's train split is ~0.3 GB); larger ones are streamed from storage every epoch.
-MATERIALIZE_MAX_BYTES = 2 * 2**30
+PREFETCH_STEPS = 2  # batches prepared ahead of the one training
 
 
-def balanced_repeats(class_counts: list[int]) -> list[int]:
-    """Times each row of class c is repeated per epoch: round(n_max / n_c), at least 1."""
-    n_max = max(class_counts)
-    return [max(1, round(n_max / n)) if n else 0 for n in class_counts]
-
-
-def epoch_rows(class_counts: list[int], class_balanced: bool) -> int:
-    """Rows one epoch yields over all workers."""
-    if not class_balanced:
-        return sum(class_counts)
-    return sum(n * r for n, r in zip(class_counts, balanced_repeats(class_counts)))
-
-
-def repeat_rows(batch: pa.Table, repeats: list[int]) -> pa.Table:
-    """Each row repeated repeats[label] times (the class-balanced epoch)."""
-    labels = batch.column(COL_LABEL).to_numpy()
-    counts = np.asarray(repeats, dtype=np.int64)[labels]
-    return batch.take(pa.array(np.repeat(np.arange(batch.num_rows), counts)))
+def epoch_rows(class_counts: list[int]) -> int:
+    """Images one epoch draws over all workers (the sampler's N, balanced or not)."""
+    return sum(class_counts)
 
 
 def check_train_only(splits) -> None:
@@ -84,8 +66,8 @@ def resize_crop_flip(img: Image.Image, resolution: int, rng: np.random.Generator
 
 def decode_batch(batch: dict[str, np.ndarray], resolution: int,
                  rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-    """Ray Data map_batches UDF (numpy format): JPEG bytes -> augmented uint8 pixels. Without `rng`
-    the crops are drawn fresh on every call, so each epoch sees new augmentations."""
+    """Columns of encoded rows (numpy) -> augmented uint8 pixels, labels and image keys. `rng` draws
+    the crops and flips (the step sampler seeds it per step and rank)."""
     check_train_only(batch[COL_SPLIT])
     rng = rng if rng is not None else np.random.default_rng()
     n = len(batch[COL_IMAGE])
@@ -101,55 +83,60 @@ def decode_batch(batch: dict[str, np.ndarray], resolution: int,
             COL_KEY: np.array([image_key(str(i)) for i in batch[COL_IMAGE_ID]], dtype=np.int64)}
 
 
-def _total_bytes(uris: list[str]) -> int:
-    total = 0
-    for uri in uris:
-        fs, path = storage.filesystem(uri)
-        with storage.explained(uri):
-            total += fs.size(path)
-    return total
-
-
-def train_dataset(dataset: canonical.Dataset, resolution: int, class_balanced: bool,
-                  decode_cpus: float = 1.0):
-    """The Ray Dataset a TorchTrainer splits over its workers: only the train shards are opened."""
-    import ray
-
-    files = dataset.files("train")
-    if not files:
+def read_train(dataset: canonical.Dataset) -> pa.Table:
+    """The encoded train split, leakage-guarded: only the train shards are opened, and every row's
+    split is checked."""
+    if not dataset.files("train"):
         raise DiffmixError(f"{dataset.uri} has no train shards; finetune reads only the train split")
-    fs, _ = storage.arrow_filesystem(files[0])
-    paths = [storage.arrow_filesystem(uri)[1] for uri in files]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=READ_COLUMNS)
-    if _total_bytes(files) <= MATERIALIZE_MAX_BYTES:
-        # Ray Data re-runs the pipeline every epoch; listing and re-reading the files costs seconds each
-        # time (measured: ~2.5 s per epoch of a 24-image split), reading them once costs memory instead.
-        ds = ds.materialize()
-    if class_balanced:
-        ds = ds.map_batches(repeat_rows, fn_kwargs={"repeats": balanced_repeats(dataset.info.class_counts("train"))},
-                            batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
-    ds = ds.random_shuffle()  # on the encoded bytes: cheap, and a new order every epoch
-    return ds.map_batches(decode_batch, fn_kwargs={"resolution": resolution}, batch_format="numpy",
-                          batch_size=DECODE_BATCH_ROWS, num_cpus=decode_cpus)
+    table = dataset.read_split("train", columns=READ_COLUMNS)
+    check_train_only(table.column(COL_SPLIT).unique().to_pylist())
+    return table
+
+
+def step_batch(table: pa.Table, sampler: StepSampler, resolution: int, step: int, rank: int) -> dict:
+    """Rank `rank`'s batch of `step` as torch tensors: the same pixels whenever it is asked for."""
+    import torch
+
+    rows = table.take(pa.array(sampler.indices(step, rank))).to_pydict()
+    out = decode_batch({k: np.array(v, dtype=object) for k, v in rows.items()}, resolution,
+                       sampler.augment_rng(step, rank))
+    return {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+def _steps(load: Callable[[int], dict], first: int, last: int, prefetch: int) -> Iterator[dict]:
+    if prefetch < 1:
+        yield from (load(s) for s in range(first, last + 1))
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="finetune-data") as pool:
+        pending = deque(pool.submit(load, s) for s in range(first, min(last, first + prefetch - 1) + 1))
+        following = first + len(pending)
+        while pending:
+            batch = pending.popleft().result()
+            if following <= last:
+                pending.append(pool.submit(load, following))
+                following += 1
+            yield batch
+
+
+def step_epochs(table: pa.Table, sampler: StepSampler, resolution: int, rank: int, first_step: int = 1,
+                prefetch: int = PREFETCH_STEPS) -> Iterator[Iterator[dict]]:
+    """Endless epochs, each an iterator of this rank's batches for the steps left in it, starting at
+    `first_step` (a resume starts mid-epoch, at the step after its checkpoint)."""
+    if sampler.steps_per_epoch < 1:
+        raise DiffmixError(f"{table.num_rows} train images fill no global batch of {sampler.batch_size} x "
+                           f"{sampler.world} worker(s); lower --batch-size or --workers")
+    step = first_step
+    while True:
+        epoch, _ = sampler.position(step)
+        last = (epoch + 1) * sampler.steps_per_epoch
+        yield _steps(lambda s: step_batch(table, sampler, resolution, s, rank), step, last, prefetch)
+        step = last + 1
 
 
 def local_batches(dataset: canonical.Dataset, resolution: int, batch_size: int, class_balanced: bool,
                   seed: int) -> Iterator[Iterator[dict]]:
-    """The same preprocessing without Ray, for in-process training (tests, debugging): an endless
-    sequence of epochs, each an iterator of full batches of torch tensors, seeded."""
-    import torch
-
-    table = dataset.read_split("train", columns=READ_COLUMNS)
-    check_train_only(table.column(COL_SPLIT).unique().to_pylist())
-    if class_balanced:
-        table = repeat_rows(table, balanced_repeats(dataset.info.class_counts("train")))
-    rng = np.random.default_rng(seed)
-
-    def one_epoch(order: np.ndarray) -> Iterator[dict]:
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            rows = table.take(pa.array(order[start:start + batch_size])).to_pydict()
-            out = decode_batch({k: np.array(v, dtype=object) for k, v in rows.items()}, resolution, rng)
-            yield {k: torch.from_numpy(v) for k, v in out.items()}
-
-    while True:
-        yield one_epoch(rng.permutation(table.num_rows))
+    """The same batches for in-process training on one rank (tests, benchmarks, debugging)."""
+    table = read_train(dataset)
+    sampler = StepSampler(table.column(COL_LABEL).to_numpy(), dataset.info.num_classes, class_balanced, seed,
+                          batch_size)
+    return step_epochs(table, sampler, resolution, rank=0, prefetch=0)

@@ -342,13 +342,17 @@ def _noise_seed(seed: int, rank: int, start_step: int) -> int:
 
 def train_func(config: dict) -> None:
     """Ray Train V2 per-worker entry point. `config` holds the FinetuneConfig ("cfg"), the class
-    prompts and tokens, the initializer ids, and the fail-once marker URI of the test hook."""
+    prompts and tokens, the initializer ids, the dataset (URI, class count), the model resolution,
+    and the fail-once marker URI of the test hook."""
     import tempfile
 
     import ray.train
     import ray.train.torch
 
-    from .. import storage
+    from .. import canonical, storage
+    from ..contracts import COL_LABEL
+    from .data import read_train, step_epochs
+    from .sampling import StepSampler
 
     cfg: FinetuneConfig = config["cfg"]
     ctx = ray.train.get_context()
@@ -363,9 +367,12 @@ def train_func(config: dict) -> None:
         with checkpoint.as_directory() as folder:
             progress = tuner.load(folder, rank)
     torch.manual_seed(_noise_seed(cfg.seed, rank, progress.step))
-    shard = ray.train.get_dataset_shard("train")
-    epochs = (shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, prefetch_batches=2)
-              for _ in iter(int, 1))
+    # Every rank reads the train split itself and takes its slice of each step's global batch from the
+    # step sampler: a resume after step k continues with the images of step k+1, on every rank.
+    table = read_train(canonical.open_dataset(config["dataset"]))
+    sampler = StepSampler(table.column(COL_LABEL).to_numpy(), config["num_classes"], cfg.class_balanced, cfg.seed,
+                          cfg.batch_size, world)
+    epochs = step_epochs(table, sampler, config["resolution"], rank, first_step=progress.step + 1)
 
     def report(metrics: dict, with_checkpoint: bool) -> None:
         if rank == 0:  # Ray Train's worker logging: the job log and the dashboard show it

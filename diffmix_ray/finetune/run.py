@@ -14,13 +14,13 @@ import time
 from dataclasses import dataclass
 
 from .. import canonical, storage
-from ..console import console
+from ..console import console, logger
 from ..contracts import CONCEPTS_JSON, RUN_JSON
 from ..errors import DiffmixError
 from ..models import concepts as bank_io
 from ..models.loader import ModelRef, resolve_model
-from ..ops.jobs import announce
-from ..ops.local_ray import init_ray, resolve_gpus
+from ..runtime.jobs import announce
+from ..runtime.local_ray import init_ray, resolve_gpus
 from .config import DEFAULT_INITIALIZER, FinetuneConfig
 from .data import epoch_rows
 
@@ -42,6 +42,7 @@ class Inputs:
     initializer: str  # how the class tokens were initialised, for the bank's train_config
     identity: dict
     run_name: str
+    resolved: dict  # option -> {"value", "from"}: defaults decided from the dataset, for the bank
 
 
 def load_tokenizer(model: ModelRef):
@@ -81,14 +82,31 @@ def _check_dataset(cfg: FinetuneConfig, dataset: canonical.Dataset) -> None:
     if empty := [f"{c} ({info.classes[c]})" for c, n in enumerate(counts) if n == 0]:
         raise DiffmixError(f"{dataset.uri}: class(es) {', '.join(empty[:5])} have no train images, so their tokens "
                            "could not be learned; prepare the dataset so every class has train images")
-    per_worker = epoch_rows(counts, cfg.class_balanced) // cfg.workers
+    per_worker = epoch_rows(counts) // cfg.workers
     if per_worker < cfg.batch_size:
         raise DiffmixError(f"an epoch of {dataset.uri} gives each of {cfg.workers} workers {per_worker} train images, "
                            f"fewer than --batch-size {cfg.batch_size}; lower --batch-size or --workers")
 
 
+def resolve_class_balanced(cfg: FinetuneConfig, info) -> tuple[bool, str]:
+    """(class-balanced sampling or not, why): the user's choice, else the paper's for the dataset."""
+    counts = info.class_counts("train")
+    if cfg.class_balanced is not None:
+        if cfg.class_balanced and counts and min(counts) == max(counts):
+            logger.warning("--class-balanced on %s, whose classes all have %d train images: the weights 1/n_c are "
+                           "equal, so it only draws with replacement instead of showing each image once per epoch "
+                           "(--no-class-balanced, the default for a balanced dataset)", info.name, counts[0])
+        return cfg.class_balanced, "--class-balanced" if cfg.class_balanced else "--no-class-balanced"
+    if info.subset.get("kind") == "long-tail":
+        return True, (f"default for long-tailed datasets (imbalance ratio {info.subset.get('imbalance_ratio'):g}): "
+                      "the paper's class-balanced fine-tuning, p ∝ 1/n_c; --no-class-balanced to turn it off")
+    return False, "default (not a long-tailed dataset)"
+
+
 def resolve_inputs(cfg: FinetuneConfig) -> Inputs:
-    """Validate the config, dataset, model and output location; raise DiffmixError on any problem."""
+    """Validate the config, dataset, model and output location; raise DiffmixError on any problem.
+    Options left to the dataset (class_balanced) are resolved into the returned config, so spelling
+    out a default is the same run as leaving it out."""
     cfg.validate()
     if not cfg.out:
         raise DiffmixError("--out is required: where the concept bank (and the training checkpoints) go")
@@ -96,6 +114,8 @@ def resolve_inputs(cfg: FinetuneConfig) -> Inputs:
     storage.check_bucket(out)
     dataset = canonical.open_dataset(cfg.dataset)
     _check_dataset(cfg, dataset)
+    balanced, balanced_from = resolve_class_balanced(cfg, dataset.info)
+    cfg = dataclasses.replace(cfg, class_balanced=balanced)
     model = resolve_model(cfg.model)
     tokens = cfg.tokens(dataset.info.num_classes)
     init_ids, initializer = [], "none (mode lora trains no tokens)"
@@ -109,7 +129,8 @@ def resolve_inputs(cfg: FinetuneConfig) -> Inputs:
                                  "model_fingerprint": model.fingerprint}
     prompts = cfg.prompts(dataset.info.classes, dataset.info.super_class)
     return Inputs(cfg, out, dataset, model, tokens, prompts, init_ids, initializer, identity,
-                  f"finetune-{storage.config_hash(identity)}")
+                  f"finetune-{storage.config_hash(identity)}",
+                  {"class_balanced": {"value": balanced, "from": balanced_from}})
 
 
 def _claim(inputs: Inputs, overwrite: bool, resume: bool) -> bool:
@@ -125,17 +146,14 @@ def _claim(inputs: Inputs, overwrite: bool, resume: bool) -> bool:
 
 
 def _fit(inputs: Inputs):
-    from ray.data import DataContext
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
-    from .data import train_dataset
     from .loop import train_func
 
     init_ray(min_cpus=inputs.cfg.workers * inputs.cfg.cpus_per_worker)
     cfg = dataclasses.replace(inputs.cfg, gpus_per_worker=resolve_gpus(inputs.cfg.gpus_per_worker, "finetune", "worker"))
     cfg.validate()  # again, now that the GPU count is known (fp16/bf16 need GPUs)
-    DataContext.get_current().enable_operator_progress_bars = console.is_terminal
     train_uri = storage.join(inputs.out, TRAIN_DIR)
     storage.makedirs(train_uri)
     filesystem, path = storage.arrow_filesystem(train_uri) if storage.is_s3(train_uri) else (None, train_uri)
@@ -143,12 +161,13 @@ def _fit(inputs: Inputs):
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg, "prompts": inputs.prompts, "tokens": inputs.tokens, "init_ids": inputs.init_ids,
+                           "dataset": inputs.dataset.uri, "num_classes": inputs.dataset.info.num_classes,
+                           "resolution": inputs.model.resolution,
                            "fail_marker": storage.join(train_uri, inputs.run_name, FAIL_MARKER)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=inputs.run_name, storage_path=path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep)),
-        datasets={"train": train_dataset(inputs.dataset, inputs.model.resolution, cfg.class_balanced)},
     )
     try:
         return trainer.fit()
@@ -185,15 +204,25 @@ def write_bank(inputs: Inputs, checkpoint_dir: str, extra: dict | None = None) -
         dataset_fingerprint=info.fingerprint,
         train_config=dataclasses.asdict(cfg) | {"out": inputs.out, "dataset": inputs.dataset.uri,
                                                 "initializer": inputs.initializer, "run_name": inputs.run_name,
-                                                "steps": step} | (extra or {}))
+                                                "steps": step, "resolved": inputs.resolved,
+                                                "sampling": _sampler(inputs).describe()} | (extra or {}))
     bank_io.save_bank(inputs.out, bank, lora, tokens)
     return bank
+
+
+def _sampler(inputs: Inputs):
+    from .sampling import StepSampler
+
+    info, cfg = inputs.dataset.info, inputs.cfg
+    labels = [c for c, n in enumerate(info.class_counts("train")) for _ in range(n)]
+    return StepSampler(labels, info.num_classes, cfg.class_balanced, cfg.seed, cfg.batch_size, cfg.workers)
 
 
 def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = False) -> bank_io.ConceptBank:
     """Fine-tune (or resume, or find already finished) and return the concept bank at cfg.out."""
     started = time.perf_counter()
     inputs = resolve_inputs(cfg)
+    cfg = inputs.cfg
     resumed = _claim(inputs, overwrite, resume)
     announce("finetune", storage.config_hash(inputs.identity))  # inside a Ray job: where to watch it
     if resumed and storage.exists(storage.join(inputs.out, CONCEPTS_JSON)):
@@ -202,6 +231,8 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = Fa
     console.print(f"finetune {cfg.mode}: {inputs.dataset.info.num_classes} classes, "
                   f"{inputs.dataset.info.split_size('train')} train images, {cfg.max_steps} steps x {cfg.batch_size} "
                   f"x {cfg.workers} worker(s); run {inputs.run_name}" + (" (resuming)" if resumed else ""))
+    console.print(f"sampling: {_sampler(inputs).describe()} ({inputs.resolved['class_balanced']['from']})",
+                  highlight=False)
     result = _fit(inputs)
     if result.checkpoint is None:
         raise DiffmixError(f"training at {inputs.out} ended without a checkpoint; rerun the same command")

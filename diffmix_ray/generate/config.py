@@ -34,7 +34,9 @@ class GenerateConfig:
     # volume: pairs = multiplier x train images, or per_image pairs for every train image
     multiplier: float | None = None  # default 5 (the paper's) when per_image is not given either
     per_image: int | None = None
-    source_sampling: str = "class-uniform"  # the reference: uniform over classes, then images
+    # None: per-image on long-tailed datasets (sources follow the long-tailed image distribution, as the
+    # reference's long-tail generation), class-uniform otherwise (its default); run.resolve_inputs decides
+    source_sampling: str | None = None
     target_sampling: str = "uniform"
     # strength: fixed value, a set sampled uniformly, or Beta(a, b) clipped to [0.1, 0.9]
     strength: float = 0.7
@@ -87,7 +89,7 @@ class GenerateConfig:
             raise DiffmixError(f"--multiplier {self.multiplier} must be > 0")
         if self.per_image is not None and self.per_image < 1:
             raise DiffmixError(f"--per-image {self.per_image} must be >= 1")
-        if self.source_sampling not in SOURCE_SAMPLING:
+        if self.source_sampling is not None and self.source_sampling not in SOURCE_SAMPLING:
             raise DiffmixError(f"--source-sampling {self.source_sampling!r}: choose {' or '.join(SOURCE_SAMPLING)}")
         if self.target_sampling not in TARGET_SAMPLING:
             raise DiffmixError(f"--target-sampling {self.target_sampling!r}: choose {' or '.join(TARGET_SAMPLING)}")

@@ -14,7 +14,6 @@ translation actors are using."""
 from __future__ import annotations
 
 import io
-import uuid
 from collections import defaultdict
 from typing import Iterator
 
@@ -22,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from .. import storage
 from ..canonical import read_rows
 from ..contracts import COL_IMAGE, COL_PAIR_ID, COL_PROMPT, PLAN_SCHEMA, SHARD_SCHEMA
+from ..exactly_once import write_failures
 from ..images import BadImage, decode_rgb
 
 # Internal columns between the stages (never written to shards).
@@ -116,8 +115,7 @@ def finish_images(batch: dict[str, np.ndarray], failed_uri: str | None, jpeg_qua
     bad = [i for i, e in enumerate(errors) if e]
     if bad and failed_uri:
         ids = batch[COL_PAIR_ID]
-        storage.write_json_atomic(storage.join(failed_uri, f"{uuid.uuid4().hex}.json"),
-                                  [{"pair_id": str(ids[i]), "error": errors[i]} for i in bad])
+        write_failures(failed_uri, [{COL_PAIR_ID: str(ids[i]), "error": errors[i]} for i in bad])
     good = [i for i, e in enumerate(errors) if not e]
     encoded = [encode_jpeg(batch[COL_PIXELS][i], (int(batch[COL_SOURCE_W][i]), int(batch[COL_SOURCE_H][i])),
                            jpeg_quality) for i in good]

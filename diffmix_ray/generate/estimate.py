@@ -50,6 +50,7 @@ def calibrate_images_per_second(inputs, plan, pairs: int) -> tuple[float, float]
 
 def estimate(cfg: GenerateConfig, images_per_second: float | None = None, calibrate: int | None = None) -> dict:
     inputs = resolve_inputs(cfg)
+    inputs.print_resolved()
     plan = build_plan(inputs)
     n = plan.num_rows
     info = inputs.dataset.info

@@ -1,31 +1,30 @@
 """The `generate` driver: plan -> (resume: what is missing) -> Ray Data pipeline -> verify ->
 manifest.json -> _SUCCESS. Only this module knows about Ray Data.
 
-Exactly-once: shard files are written by `write_parquet` into <out>/shards/. A rerun reads the
-pair_ids of the shards that exist (an unreadable file, e.g. cut short by a killed driver, is
-deleted: its pairs are simply redone), generates only the missing pairs, then verifies that the
-shard set equals the plan; duplicates (a pair in two files) are compacted away before _SUCCESS."""
+Exactly-once (diffmix_ray/exactly_once.py, shared with `score`): shard files are written by
+`write_parquet` into <out>/shards/. A rerun reads the pair_ids of the shards that exist (an
+unreadable file, e.g. cut short by a killed driver, is deleted: its pairs are simply redone),
+generates only the missing pairs, then verifies that the shard set equals the plan; duplicates (a
+pair in two files) are compacted away before _SUCCESS."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
-import uuid
 from collections import Counter
-from importlib import metadata
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from .. import canonical, storage
+from .. import canonical, exactly_once, storage
 from ..console import console, logger
 from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_PAIR_ID, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH,
                          COL_TARGET_LABEL, MANIFEST_JSON, PLAN_DIR, SHARDS_DIR, SUCCESS)
 from ..errors import DiffmixError
-from ..ops.jobs import announce
-from ..ops.local_ray import init_ray, resolve_gpus
+from ..exactly_once import FAILED_DIR
+from ..runtime.jobs import announce
+from ..runtime.local_ray import init_ray, resolve_gpus
 from ..models import concepts as bank_io
 from ..models.loader import resolve_model
 from .config import GenerateConfig
@@ -34,7 +33,6 @@ from .plan import denoising_steps, make_plan
 from .translate import Translator
 
 PLAN_FILE = "plan-00000.parquet"
-FAILED_DIR = "failed"
 # The CPU stages (read + decode + resize before, resize + JPEG after, the shard writes) cost a few
 # ms of CPU per image and partly wait on storage: a quarter CPU each lets several run beside the
 # translation actors instead of queueing for a whole core.
@@ -43,14 +41,7 @@ CPU_STAGE_CPUS = 0.25
 # this many bytes (a multiple of the batch size in rows); Ray Data coalesces them into blocks of
 # whole chunks, so the actors' batches come out full.
 CHUNK_BYTES = 32 * 2**20
-
-
-class IncompleteOutput(DiffmixError):
-    """The run ended without every planned pair; `manifest` says which failed and why."""
-
-    def __init__(self, message: str, manifest: dict):
-        super().__init__(message)
-        self.manifest = manifest
+VERSIONED = ("diffmix-ray", "ray", "torch", "diffusers", "transformers", "peft", "pyarrow")
 
 
 @dataclasses.dataclass
@@ -64,6 +55,11 @@ class Inputs:
     bank: bank_io.ConceptBank | None
     identity: dict
     resolution: int  # the model's image side in pixels
+    resolved: dict = dataclasses.field(default_factory=dict)  # option -> {"value", "from"}, for the manifest
+
+    def print_resolved(self) -> None:
+        for name, r in self.resolved.items():
+            console.print(f"{name.replace('_', '-')}: {r['value']} ({r['from']})", highlight=False)
 
 
 def _normalized(identity: dict) -> dict:
@@ -79,6 +75,36 @@ def _normalized(identity: dict) -> dict:
     return out
 
 
+def resolve_sampling(cfg: GenerateConfig, info) -> tuple[GenerateConfig, dict]:
+    """The sampling options left to the dataset, resolved into the config (so spelling out a default
+    is the same run), with where each value came from."""
+    long_tail = info.subset.get("kind") == "long-tail"
+    counts = info.class_counts("train")
+    if cfg.source_sampling is not None:
+        source, source_from = cfg.source_sampling, "--source-sampling"
+    elif long_tail:
+        source, source_from = "per-image", (
+            f"default for long-tailed datasets (imbalance ratio {info.subset.get('imbalance_ratio'):g}): sources "
+            "follow the long-tailed image distribution, as the paper's long-tail generation draws them; "
+            "--source-sampling class-uniform to change")
+    else:
+        source, source_from = "class-uniform", "default (the reference's: a class uniformly, then one of its images)"
+    if cfg.per_image is not None or cfg.kind == "gen":
+        source_from += "; unused: " + ("--per-image sets the sources" if cfg.per_image is not None
+                                       else f"--mode {cfg.mode} generates from text")
+    target_from = "--target-sampling" if cfg.target_sampling != "uniform" else "default (the reference's)"
+    if long_tail and cfg.target_sampling == "uniform" and cfg.kind != "aug":
+        target_from += ("; train-cls draws synthetic images by target class ∝ 1/(n_c + 1) on long-tailed "
+                        "data, the paper's weighting")
+    if cfg.target_sampling == "inverse-frequency" and counts and min(counts) == max(counts):
+        logger.warning("--target-sampling inverse-frequency on %s, whose classes all have %d train images: the "
+                       "weights 1/(n_c + 1) are equal, so targets are drawn uniformly; it is meant for long-tailed "
+                       "datasets", info.name, counts[0])
+    resolved = {"source_sampling": {"value": source, "from": source_from},
+                "target_sampling": {"value": cfg.target_sampling, "from": target_from}}
+    return dataclasses.replace(cfg, source_sampling=source), resolved
+
+
 def resolve_inputs(cfg: GenerateConfig) -> Inputs:
     """Validate the config and every input (dataset, model, bank) before any output is touched."""
     cfg.validate()
@@ -86,6 +112,7 @@ def resolve_inputs(cfg: GenerateConfig) -> Inputs:
     dataset = canonical.open_dataset(cfg.dataset)
     if dataset.info.split_size("train") == 0:
         raise DiffmixError(f"the train split of {cfg.dataset} is empty: nothing to translate")
+    cfg, resolved = resolve_sampling(cfg, dataset.info)
     model = resolve_model(cfg.model)
     bank = None
     if cfg.concepts:
@@ -99,7 +126,7 @@ def resolve_inputs(cfg: GenerateConfig) -> Inputs:
     identity = _normalized(cfg.output_identity()) | {
         "dataset": dataset.uri, "dataset_fingerprint": dataset.info.fingerprint,
         "model_fingerprint": model.fingerprint, "concepts_fingerprint": bank.fingerprint if bank else None}
-    return Inputs(cfg, out, dataset, model.fingerprint, bank, identity, model.resolution)
+    return Inputs(cfg, out, dataset, model.fingerprint, bank, identity, model.resolution, resolved)
 
 
 def build_plan(inputs: Inputs) -> pa.Table:
@@ -117,74 +144,7 @@ def write_plan(out: str, plan: pa.Table) -> None:
             return
         logger.warning("the stored plan differs from the recomputed one; replacing it")
     storage.makedirs(storage.join(out, PLAN_DIR))
-    fs, path = storage.arrow_filesystem(uri)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}" if not storage.is_s3(out) else path
-    with storage.explained(uri):
-        pq.write_table(plan, tmp, filesystem=fs)
-        if tmp != path:
-            fs.move(tmp, path)
-
-
-def scan_shards(out: str) -> tuple[dict[str, list[str]], list[str]]:
-    """pair_ids per readable shard file; unreadable files (cut short) are deleted and listed."""
-    shards_uri = storage.join(out, SHARDS_DIR)
-    found: dict[str, list[str]] = {}
-    removed: list[str] = []
-    for name in storage.list_dir(shards_uri):
-        uri = storage.join(shards_uri, name)
-        if not name.endswith(".parquet"):
-            continue
-        try:
-            fs, path = storage.arrow_filesystem(uri)
-            found[name] = pq.read_table(path, filesystem=fs, columns=[COL_PAIR_ID]).column(COL_PAIR_ID).to_pylist()
-        except (OSError, pa.ArrowInvalid) as e:
-            logger.warning("shard %s is unreadable (%s): deleting it, its pairs will be regenerated", name, e)
-            storage.remove_tree(uri)
-            removed.append(name)
-    return found, removed
-
-
-def compact_duplicates(out: str, found: dict[str, list[str]]) -> int:
-    """Rewrite the files holding a pair that an earlier file already holds, without those rows."""
-    seen: set[str] = set()
-    dropped = 0
-    for name in sorted(found):
-        ids = found[name]
-        dup = [i for i in ids if i in seen]
-        seen.update(ids)
-        if not dup:
-            continue
-        uri = storage.join(out, SHARDS_DIR, name)
-        table = storage.read_parquet(uri)
-        keep = pc.invert(pc.is_in(table.column(COL_PAIR_ID), value_set=pa.array(dup, pa.string())))
-        fs, path = storage.arrow_filesystem(uri)
-        with storage.explained(uri):
-            kept = table.filter(keep)
-            if kept.num_rows:
-                # Locally via a temp name (not *.parquet, so a scan never reads it half-written)
-                # and a rename; an S3 PUT is atomic already.
-                tmp = path if storage.is_s3(out) else f"{path}.tmp-{uuid.uuid4().hex}"
-                pq.write_table(kept, tmp, filesystem=fs)
-                if tmp != path:
-                    fs.move(tmp, path)
-                found[name] = kept.column(COL_PAIR_ID).to_pylist()
-            else:
-                fs.delete_file(path)
-                del found[name]  # gone: the manifest must neither count nor size it
-        dropped += len(dup)
-    return dropped
-
-
-def _read_failures(out: str, missing: set[str]) -> list[dict]:
-    """Failure records of the pairs still missing, one per pair: a retried task records its
-    batch's failures again, and a pair that failed once may have succeeded on a retry."""
-    records: dict[str, dict] = {}
-    for name in storage.list_dir(storage.join(out, FAILED_DIR)):
-        if name.endswith(".json"):
-            for rec in storage.read_json(storage.join(out, FAILED_DIR, name)):
-                if rec["pair_id"] in missing:
-                    records.setdefault(rec["pair_id"], rec)
-    return [records[k] for k in sorted(records)]
+    exactly_once.write_table_atomic(uri, plan)
 
 
 def _todo(inputs: Inputs, plan: pa.Table, done: set[str]) -> tuple[pa.Table, list[str]]:
@@ -224,17 +184,9 @@ def _ray_pipeline(inputs: Inputs, todo: pa.Table, files: list[str], gpus_per_act
     """The Ray Data pipeline. The stages are parameters so that bench/bench_generate_overhead.py can
     run this very pipeline with no-op stages and measure what the machinery itself costs."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext, SaveMode
-    from ray.data.datasource import FilenameProvider
+    from ray.data import ActorPoolStrategy, DataContext
 
     cfg = inputs.cfg
-
-    class ShardNames(FilenameProvider):
-        # Ray 2.60 asks only get_filename_for_task and appends "-{i}.parquet"; APPEND mode
-        # requires the whole write_uuid in the name (so runs never overwrite each other's files).
-        def get_filename_for_task(self, write_uuid, task_index):
-            return f"shard-{write_uuid}-{task_index:06d}"
-
     ctx = DataContext.get_current()
     ctx.enable_operator_progress_bars = console.is_terminal  # job logs: dashboard + summary instead
     ctx.actor_init_retry_on_errors = True  # a flaky model download should not kill the run
@@ -260,23 +212,8 @@ def _ray_pipeline(inputs: Inputs, todo: pa.Table, files: list[str], gpus_per_act
     ds = ds.map_batches(after, fn_kwargs={"failed_uri": storage.join(inputs.out, FAILED_DIR),
                                                   "jpeg_quality": cfg.jpeg_quality},
                         batch_format="numpy", batch_size=None, num_cpus=CPU_STAGE_CPUS)
-    fs, path = storage.arrow_filesystem(storage.join(inputs.out, SHARDS_DIR))
-    storage.makedirs(storage.join(inputs.out, SHARDS_DIR))
-    # At least rows_per_shard rows a file: whole blocks (multiples of the batch size) are not cut,
-    # so a shard holds rows_per_shard rounded up to whole blocks rather than 1000 + a few.
-    ds.write_parquet(path, filesystem=fs, min_rows_per_file=cfg.rows_per_shard,
-                     filename_provider=ShardNames(), mode=SaveMode.APPEND,
-                     ray_remote_args={"num_cpus": CPU_STAGE_CPUS})
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("diffmix-ray", "ray", "torch", "diffusers", "transformers", "peft", "pyarrow"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+    exactly_once.write_appending(ds, storage.join(inputs.out, SHARDS_DIR), "shard", cfg.rows_per_shard,
+                                 CPU_STAGE_CPUS)
 
 
 def _pair_counts(plan: pa.Table) -> dict[str, int]:
@@ -290,7 +227,7 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
     if not cfg.out:
         raise DiffmixError("--out is required: where the plan, shards and manifest go")
     inputs = resolve_inputs(cfg)
-    out = inputs.out
+    cfg, out = inputs.cfg, inputs.out
     resumed = storage.claim_output(out, "generate", inputs.identity, overwrite)
     announce("generate", storage.config_hash(inputs.identity))  # inside a Ray job: where to watch it, which run it is
     if resumed and storage.exists(storage.join(out, SUCCESS)):
@@ -300,66 +237,52 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
     storage.remove_tree(storage.join(out, SUCCESS))
     plan = build_plan(inputs)
     write_plan(out, plan)
-    found, removed = scan_shards(out)
-    dropped = compact_duplicates(out, found)
-    done = {i for ids in found.values() for i in ids}
-    storage.remove_tree(storage.join(out, FAILED_DIR))  # failures are re-recorded if they recur
+    shards = storage.join(out, SHARDS_DIR)
+    before = exactly_once.scan_and_compact(shards)
+    done = before.done
+    exactly_once.clear_failures(out)
     todo, files = _todo(inputs, plan, done)
+    inputs.print_resolved()
     console.print(f"plan: {plan.num_rows} pairs ({cfg.mode}); already generated {len(done)}; to do {todo.num_rows}"
-                  + (f"; deleted {len(removed)} unreadable shard(s)" if removed else ""))
+                  + (f"; deleted {len(before.removed)} unreadable shard(s)" if before.removed else ""))
     gen_started = time.perf_counter()
     if todo.num_rows:
         init_ray(min_cpus=cfg.max_actors * cfg.cpus_per_actor)
         gpus = resolve_gpus(cfg.gpus_per_actor, "generate", "actor")
-        from ..ops.metrics import PlanMetrics
+        from ..runtime.metrics import PlanMetrics
 
         gauges = PlanMetrics(run=storage.config_hash(inputs.identity))
         gauges.set(plan.num_rows, todo.num_rows)
         _ray_pipeline(inputs, todo, files, gpus)
     gen_seconds = time.perf_counter() - gen_started
-    found, removed_after = scan_shards(out)
-    dropped += compact_duplicates(out, found)
-    done_after = {i for ids in found.values() for i in ids}
     planned = set(plan.column(COL_PAIR_ID).to_pylist())
-    missing = planned - done_after
-    extra = done_after - planned
-    if extra:
-        raise DiffmixError(f"{out}/shards holds {len(extra)} pairs that are not in the plan; the output was "
-                           "modified by hand: rerun with --overwrite")
-    failures = _read_failures(out, missing)
+    after, missing = exactly_once.settle(shards, planned, "pairs")
+    done_after = after.done
+    failures = exactly_once.read_failures(out, missing)
     if todo.num_rows:
         import ray
 
         if ray.is_initialized():
             PlanMetrics(run=storage.config_hash(inputs.identity)).set(plan.num_rows, len(missing))
     made_now = len(done_after) - len(done)
-    shards_fs, shards_root = storage.filesystem(storage.join(out, SHARDS_DIR))
-    shard_bytes = sum(shards_fs.size(f"{shards_root}/{n}") for n in found)
+    shard_bytes = exactly_once.files_bytes(shards, after.found)
     manifest = {
         "config": dataclasses.asdict(cfg) | {"out": out},
         "identity": inputs.identity,
+        "resolved": inputs.resolved,
         "dataset_fingerprint": inputs.dataset.info.fingerprint,
         "model_fingerprint": inputs.model_fingerprint,
         "concepts_fingerprint": inputs.bank.fingerprint if inputs.bank else None,
         "counts": {"planned": plan.num_rows, "generated": len(done_after), "missing": len(missing),
-                   "failed": len(failures), "shards": len(found), "bytes": shard_bytes,
-                   "pairs": _pair_counts(plan), "duplicates_removed": dropped,
-                   "unreadable_shards_removed": len(removed) + len(removed_after)},
+                   "failed": len(failures), "shards": len(after.found), "bytes": shard_bytes,
+                   "pairs": _pair_counts(plan), "duplicates_removed": before.duplicates + after.duplicates,
+                   "unreadable_shards_removed": len(before.removed) + len(after.removed)},
         "failed": failures[:1000],
         "timings": {"total_s": round(time.perf_counter() - started, 3), "generate_s": round(gen_seconds, 3),
                     "images_this_run": made_now,
                     "images_per_s": round(made_now / gen_seconds, 3) if gen_seconds > 0 and made_now else 0.0},
-        "versions": _versions(),
+        "versions": exactly_once.versions(VERSIONED),
     }
-    storage.write_json_atomic(storage.join(out, MANIFEST_JSON), manifest)
     summary = (f"generated {made_now} images in {gen_seconds:.1f} s ({manifest['timings']['images_per_s']:.2f} images/s); "
-               f"{len(done_after)}/{plan.num_rows} pairs in {len(found)} shards, {shard_bytes / 2**20:.1f} MiB")
-    if missing:
-        console.print(f"[yellow]{summary}[/yellow]")
-        # An error, so the CLI (and a Ray job around it) exits non-zero: the output is unusable.
-        raise IncompleteOutput(f"{len(missing)} of {plan.num_rows} pairs are missing ({len(failures)} failed, "
-                               f"listed in {storage.join(out, MANIFEST_JSON)}): no {SUCCESS} was written. "
-                               "Rerun the same command to retry them.", manifest)
-    storage.write_text_atomic(storage.join(out, SUCCESS), "")
-    console.print(f"[green]{summary}[/green] -> {out}")
-    return manifest
+               f"{len(done_after)}/{plan.num_rows} pairs in {len(after.found)} shards, {shard_bytes / 2**20:.1f} MiB")
+    return exactly_once.finish(out, manifest, len(missing), plan.num_rows, len(failures), summary, "pairs are missing")

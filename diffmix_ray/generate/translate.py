@@ -91,7 +91,7 @@ class Translator:
             self._warm_up()
         self.metrics = None
         if report_metrics:
-            from ..ops.metrics import GenerateMetrics
+            from ..runtime.metrics import GenerateMetrics
 
             self.metrics = GenerateMetrics()
 

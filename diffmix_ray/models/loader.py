@@ -24,7 +24,7 @@ import tempfile
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -222,12 +222,22 @@ def _download_files(fs, remote: list[str], local: list[str]) -> None:
 
 def stage_model(uri: str) -> str:
     """Copy the diffusers folder at `uri` (s3://) into the node-local model cache once, and return
-    the local path. The cache key covers the URI and the remote listing (names, sizes, ETags), so
-    a changed model is staged afresh; a file lock makes concurrent processes on a node download
-    once; the copy lands under a temp name and is renamed into place, marker file included."""
+    the local path (see stage_folder)."""
+    return stage_folder(uri, _missing_parts, _layout_error)
+
+
+def stage_folder(uri: str, missing_parts: Callable[[Iterable[str]], list[str]],
+                 layout_error: Callable[[str, list[str]], DiffmixError]) -> str:
+    """Copy the model folder at `uri` (s3://) into the node-local model cache once, and return the
+    local path. `missing_parts(relative file names)` says what the folder lacks for its kind of
+    model (checked on the listing, before any download) and `layout_error` words the refusal.
+
+    The cache key covers the URI and the remote listing (names, sizes, ETags), so a changed model
+    is staged afresh; a file lock makes concurrent processes on a node download once; the copy
+    lands under a temp name and is renamed into place, marker file included."""
     uri = storage.normalize(uri)
     if not storage.is_s3(uri):
-        raise DiffmixError(f"stage_model needs an s3:// URI, got {uri!r}; local folders need no staging")
+        raise DiffmixError(f"staging needs an s3:// URI, got {uri!r}; local folders need no staging")
     fs, root = storage.filesystem(uri)
     with storage.explained(uri):
         fs.invalidate_cache(root)  # fsspec instances are shared and cache listings
@@ -242,8 +252,8 @@ def stage_model(uri: str) -> str:
     if not files:
         raise DiffmixError(f"{uri} holds no files; upload the model folder there "
                            f"(e.g. `aws s3 sync ./model-dir {uri}`) or fix the URI")
-    if missing := _missing_parts(files):
-        raise _layout_error(uri, missing)
+    if missing := missing_parts(files):
+        raise layout_error(uri, missing)
     if bad := [rel for rel in files if ".." in rel.split("/")]:
         raise DiffmixError(f"{uri} has object keys that would escape the cache folder: {bad[:3]}")
 

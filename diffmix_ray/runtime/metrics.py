@@ -25,15 +25,42 @@ class GenerateMetrics:
         self.latency.observe(seconds)
 
 
+class ScoreMetrics:
+    """Per-actor counters of the scoring stage."""
+
+    def __init__(self) -> None:
+        from ray.util.metrics import Counter, Histogram
+
+        self.images = Counter("diffmix_images_scored", description="Synthetic images scored by diffmix-ray score.")
+        self.failed = Counter("diffmix_scores_failed", description="Pairs that could not be scored (image fails to "
+                              "decode, NaN scores).")
+        self.latency = Histogram("diffmix_score_batch_latency_seconds", description="Scoring batch latency.",
+                                 boundaries=LATENCY_BOUNDARIES_S)
+
+    def batch_done(self, ok: int, failed: int, seconds: float) -> None:
+        if ok:
+            self.images.inc(ok)
+        if failed:
+            self.failed.inc(failed)
+        self.latency.observe(seconds)
+
+
+# Driver-side gauge names per stage: (planned, remaining).
+_PLAN_GAUGES = {"generate": ("diffmix_pairs_planned", "diffmix_pairs_remaining"),
+                "score": ("diffmix_score_pairs_planned", "diffmix_score_pairs_remaining")}
+
+
 class PlanMetrics:
     """Driver-side gauges: how much of the plan is left (set at start and at the end of a run)."""
 
-    def __init__(self, run: str) -> None:
+    def __init__(self, run: str, stage: str = "generate") -> None:
         from ray.util.metrics import Gauge
 
+        planned, remaining = _PLAN_GAUGES[stage]
+        verb = "generated" if stage == "generate" else "scored"
         self.tags = {"run": run}
-        self.planned = Gauge("diffmix_pairs_planned", description="Pairs in the plan.", tag_keys=("run",))
-        self.remaining = Gauge("diffmix_pairs_remaining", description="Pairs not yet generated.", tag_keys=("run",))
+        self.planned = Gauge(planned, description=f"Pairs in the {stage} plan.", tag_keys=("run",))
+        self.remaining = Gauge(remaining, description=f"Pairs not yet {verb}.", tag_keys=("run",))
 
     def set(self, planned: int, remaining: int) -> None:
         self.planned.set(planned, tags=self.tags)

@@ -1,0 +1,195 @@
+"""The report of `diffmix-ray run`: the recipe's table in the paper's shape (one row per method, the
+reported top-1 as mean ± std over seeds, and many/medium/few for long-tailed data) as Markdown and
+HTML, with the plots: top-1 per method (bars, one dot per seed), accuracy per epoch (mean over seeds)
+and a contact sheet per generation. Every finished classifier run under <out>/classifiers counts,
+so the table grows as methods and seeds are added."""
+
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import dataclass, field
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from .. import canonical, storage  # noqa: E402
+from ..classify.summary import mean_std  # noqa: E402
+from ..console import console  # noqa: E402
+from ..contracts import SUCCESS  # noqa: E402
+from .recipes import Recipe  # noqa: E402
+from .report import METRICS_JSON, NO_SPLIT, _save_png, _series, contact_sheet  # noqa: E402
+
+BASELINE = "real-only"
+GROUPS = ("many", "medium", "few")
+
+
+@dataclass
+class Row:
+    method: str
+    label: str
+    seeds: list[int] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)
+
+    def top1(self) -> tuple[float | None, float | None]:
+        return mean_std([m["summary"]["test_top1"] for m in self.metrics])
+
+    def group(self, name: str) -> float | None:
+        values = [(m["summary"].get("test_shot_groups") or {}).get(name) for m in self.metrics]
+        return mean_std(values)[0]
+
+
+def collect(recipe: Recipe, layout) -> list[Row]:
+    """Finished classifier runs per method, in the table's row order (then other methods run)."""
+    order = list(recipe.rows) + [m for m in recipe.methods if m not in recipe.rows]
+    rows = []
+    for method in order:
+        row = Row(method, recipe.methods[method].label)
+        folder = layout.path("classifiers", method)
+        names = [n for n in storage.list_dir(folder) if n.startswith("seed-")]
+        for name in sorted(names, key=lambda n: int(n.split("-", 1)[1])):
+            run = storage.join(folder, name)
+            if storage.exists(storage.join(run, SUCCESS)):
+                row.seeds.append(int(name.split("-", 1)[1]))
+                row.metrics.append(storage.read_json(storage.join(run, METRICS_JSON)))
+        if row.metrics:
+            rows.append(row)
+    return rows
+
+
+def _pct(mean: float | None, std: float | None = None) -> str:
+    if mean is None:
+        return NO_SPLIT
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def table_rows(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    grouped = any(m["summary"].get("test_shot_groups") for r in rows for m in r.metrics)
+    header = ["Method", "Top-1 (%)", "Δ vs Real only", "Seeds"] + ([g.capitalize() for g in GROUPS] if grouped else [])
+    base = next((r.top1()[0] for r in rows if r.method == BASELINE), None)
+    body = []
+    for r in rows:
+        mean, std = r.top1()
+        delta = NO_SPLIT if mean is None or base is None or r.method == BASELINE else f"{100 * (mean - base):+.2f}"
+        line = [r.label, _pct(mean, std), delta, ",".join(map(str, r.seeds))]
+        if grouped:
+            line += [_pct(r.group(g)) for g in GROUPS]
+        body.append(line)
+    return header, body
+
+
+def _context(recipe: Recipe, layout, rows: list[Row], seeds: list[int]) -> list[str]:
+    lines = []
+    if storage.exists(storage.join(layout.path("dataset"), "dataset.json")):
+        info = canonical.open_dataset(layout.path("dataset")).info
+        subset = info.subset.get("kind")
+        lines.append(f"Dataset {info.name}: {info.num_classes} classes, {info.split_size('train')} train / "
+                     f"{info.split_size('test')} test images" + (f" ({subset})" if subset else ""))
+    if rows:
+        s = rows[0].metrics[0]
+        lines.append(f"Classifier {s['arch']}, {s['config'].get('augment')} pipeline, {s['config']['epochs']} epochs; "
+                     f"reported epoch: {s['summary'].get('selection', s['select'])}")
+    lines.append("Top-1: test accuracy at the reported epoch, mean ± std (population) over the seeds listed; "
+                 "Δ: difference of means to Real only")
+    for r in rows:
+        if missing := [s for s in seeds if s not in r.seeds]:
+            lines.append(f"{r.label}: seed(s) {', '.join(map(str, missing))} not finished yet")
+    if any(m["summary"]["test_top1"] is None for r in rows for m in r.metrics):
+        lines.append(f"{NO_SPLIT}: the dataset has no test split (no score, not 0)")
+    return lines
+
+
+def _markdown(title: str, header, body, context: list[str], timings: list[dict]) -> str:
+    out = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in body]
+    out += [""] + [f"- {c}" for c in context]
+    if timings:
+        out += ["", "Stage wall times (each from the invocation that completed it):", "",
+                "| step | seconds | completed by the run started |", "|---|---|---|"]
+        out += [f"| {t['step']} | {t['seconds']:.1f} | {t['started']} |" for t in timings]
+    return "\n".join(out) + "\n"
+
+
+def _html(title: str, header, body, context: list[str], images: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+    notes = "".join(f"<li>{html.escape(c)}</li>" for c in context)
+    imgs = "".join(f'<p><img src="{html.escape(os.path.basename(i))}" style="max-width:100%"></p>' for i in images)
+    return ("<!doctype html><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
+            "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #999;"
+            "padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}</style>"
+            f"<h1>{html.escape(title)}</h1><table><tr>{head}</tr>{trs}</table><ul>{notes}</ul>{imgs}\n")
+
+
+def methods_plot(rows: list[Row], out_png: str) -> str:
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows) + 2), 4))
+    for i, r in enumerate(rows):
+        scores = [m["summary"]["test_top1"] for m in r.metrics if m["summary"]["test_top1"] is not None]
+        if scores:
+            ax.bar(i, 100 * np.mean(scores), color="#9ab", yerr=100 * np.std(scores), capsize=4)
+            ax.scatter([i] * len(scores), [100 * s for s in scores], color="#234", s=12, zorder=3)
+    ax.set_xticks(range(len(rows)), [r.label for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("top-1 per method: mean ± std over seeds (dots: seeds)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    _save_png(fig, out_png)
+    return out_png
+
+
+def curves_plot(rows: list[Row], out_png: str) -> str:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        split = "test" if all(_series(m, "test")[0] for m in r.metrics) else "val"
+        series = [_series(m, split) for m in r.metrics]
+        if not all(x for x, _ in series):
+            continue
+        epochs = series[0][0]
+        if all(x == epochs for x, _ in series):
+            ax.plot(epochs, [100 * v for v in np.mean([y for _, y in series], axis=0)], label=f"{r.label} ({split})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("accuracy per epoch, mean over seeds", fontsize=9)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save_png(fig, out_png)
+    return out_png
+
+
+def write_report(recipe: Recipe, layout, seeds: list[int], timings: list[dict] | None = None) -> dict:
+    out = layout.path("report")
+    rows = collect(recipe, layout)
+    header, body = table_rows(rows)
+    context = _context(recipe, layout, rows, seeds)
+    images = []
+    if rows:
+        images += [methods_plot(rows, storage.join(out, "methods.png")), curves_plot(rows, storage.join(out, "accuracy.png"))]
+    for name in recipe.generations:
+        run = layout.synthetic(name)
+        if storage.exists(storage.join(run, SUCCESS)):
+            gamma = recipe.methods[next((m for m in recipe.methods if name in recipe.methods[m].synthetic),
+                                        recipe.rows[0])].train_cls.get("gamma", 0.5)
+            images.append(contact_sheet(run, storage.join(out, f"contact-{name}.png"), gamma=gamma))
+    markdown = _markdown(recipe.table, header, body, context, timings or [])
+    storage.write_text_atomic(storage.join(out, "table.md"), markdown)
+    storage.write_text_atomic(storage.join(out, "table.html"), _html(recipe.table, header, body, context, images))
+    return {"markdown": markdown, "table": [header] + body, "files": [storage.join(out, "table.md"),
+                                                                       storage.join(out, "table.html")] + images}
+
+
+def print_summary(report: dict, steps: list[dict], seconds: float) -> None:
+    """The table and the wall time of each step, at the end of a run."""
+    if report.get("markdown"):
+        console.print(report["markdown"].split("\nStage wall times")[0], highlight=False, markup=False)
+    ran = [s for s in steps if s["status"] == "ran"]
+    console.print(f"steps run: {len(ran)}, skipped as complete: {len(steps) - len(ran)}; total {seconds:.1f} s",
+                  highlight=False)
+    for s in ran:
+        console.print(f"  {s['step']:<40} {s['seconds']:8.1f} s", highlight=False, markup=False)
+    for f in report.get("files", []):
+        console.print(f"report: {f}", highlight=False)
