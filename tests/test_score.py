@@ -94,7 +94,7 @@ def make_classifier_run(out: str, dataset_fingerprint: str, num_classes: int = 4
 
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", pretrained=False, num_classes=num_classes)
-    save_best(out, model, 0, 0.5, {"arch": "test_resnet", "num_classes": num_classes, "select": "val",
+    save_best(out, model.state_dict(), 0, 0.5, {"arch": "test_resnet", "num_classes": num_classes, "select": "val",
                                    "data_cfg": data_config("test_resnet", "timm", 40, None),
                                    "dataset_fingerprint": dataset_fingerprint})
     if finished:
@@ -140,13 +140,14 @@ def test_scores_are_complete_beside_untouched_shards(scored, generated, classifi
 
     # The classifier's columns are its softmax through the pipeline `evaluate` uses.
     from diffmix_ray.classify.evaluate import load_best
-    from diffmix_ray.classify.transforms import pipeline
+    from diffmix_ray.classify.transforms import ToInput, pipeline
 
     model, meta = load_best(classifier_run)
     shards = {r["pair_id"]: r for r in read_shards(scored).to_pylist()}
     rows = table.to_pylist()
-    x = torch.stack([pipeline(meta["data_cfg"], False)(Image.open(io.BytesIO(shards[r["pair_id"]]["image"]))
-                                                       .convert("RGB")) for r in rows])
+    pixels = [pipeline(meta["data_cfg"], False)(Image.open(io.BytesIO(shards[r["pair_id"]]["image"])).convert("RGB"))
+              for r in rows]
+    x = ToInput(meta["data_cfg"], "cpu")(torch.from_numpy(np.stack(pixels)))
     with torch.no_grad():
         probs = model(x).softmax(-1).numpy()
     for r, p in zip(rows, probs):
