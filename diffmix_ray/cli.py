@@ -286,7 +286,14 @@ def train_cls(
                                                  "by --synthetic-sampling) | own-source (DA-Fusion: one of the real "
                                                  "image's own translations)."),
     gamma: Optional[float] = typer.Option(None, help="Soft-label exponent: y = (1-s^g) src + s^g tgt (default 0.5)."),
-    allow_incomplete: Optional[bool] = typer.Option(None, "--allow-incomplete", help="Accept shards without _SUCCESS."),
+    synthetic_filter: Optional[list[str]] = typer.Option(None, help="Keep synthetic images whose scores pass every "
+                                                         "condition: COLUMN>=VALUE (>, <=, <), COLUMN:pA-B (percentile "
+                                                         "band, e.g. clip_object_prob:p10-100), COLUMN:pA-B@class (per "
+                                                         "target class); repeatable or comma-separated."),
+    scores: Optional[list[str]] = typer.Option(None, help="The scores a filter reads: <synthetic>/scores/NAME (default "
+                                               "'default'); once for all --synthetic, or once each."),
+    allow_incomplete: Optional[bool] = typer.Option(None, "--allow-incomplete", help="Accept shards (and scores) "
+                                                    "without _SUCCESS."),
     cutmix: Optional[bool] = typer.Option(None, "--cutmix", help="CutMix baseline (real data only)."),
     mixup: Optional[bool] = typer.Option(None, "--mixup", help="Mixup baseline (real data only)."),
     seed: Optional[int] = typer.Option(None, help="Seed (default 2020)."),
@@ -310,6 +317,7 @@ def train_cls(
         lr_milestones=lr_milestones, lr_decay=lr_decay, loss=loss, drw_epoch=drw_epoch, drw_beta=drw_beta,
         label_smoothing=label_smoothing, select=select, shot_thresholds=shot_thresholds, synthetic_p=synthetic_p,
         synthetic_sampling=synthetic_sampling, synthetic_pick=synthetic_pick, gamma=gamma,
+        synthetic_filter=tuple(synthetic_filter) if synthetic_filter else None, scores=tuple(scores) if scores else None,
         allow_incomplete=allow_incomplete, cutmix=cutmix, mixup=mixup, seed=seed, workers=workers,
         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker))
     if seeds:
