@@ -480,15 +480,18 @@ def run_cmd(recipe: str = typer.Argument(..., help="A recipe name (`diffmix-ray 
             methods: Optional[str] = typer.Option(None, help="Methods to run, comma-separated (default: the table's "
                                                   "rows)."),
             pretrained: Optional[str] = typer.Option(None, help="Local weights for the classifier architecture."),
+            clip: Optional[str] = typer.Option(None, help="CLIP model for the methods that filter synthetic images "
+                                               "(Real-Filtering): a CLIPModel folder or s3:// URI (ViT-B/32 for the "
+                                               "paper); tiny for smoke runs (default: the recipe's)."),
             overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again.")):
-    """A table column of the paper as one resumable command: prepare -> finetune -> generate -> train-cls for
-    every method x seed -> report (mean ± std per method). Rerun the same command to resume."""
+    """A table column of the paper as one resumable command: prepare -> finetune -> generate -> score (filtering
+    methods) -> train-cls for every method x seed -> report (mean ± std per method). Rerun to resume."""
     from .orchestrate.recipes import load
     from .orchestrate.run import run_recipe
 
     run_recipe(load(recipe), out, data=data, model=model, seeds=_ints(seeds, "--seeds"),
                methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
-               pretrained=pretrained, overwrite=overwrite)
+               pretrained=pretrained, overwrite=overwrite, clip=clip)
 
 
 @recipe_app.command("list")
