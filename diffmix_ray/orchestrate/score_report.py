@@ -111,6 +111,8 @@ def histograms(sets: list[Scored], out_png: str, filters: list[tuple[str, dict]]
             if len(v):
                 ax.hist(v, bins=30, alpha=0.5, label=f"{s.label} (n={len(v)})")
             for name, x in _cutoffs(filters, s.scores.uri).get(column, []):
+                if not len(v) or not v.min() <= x <= v.max():
+                    continue  # a cutoff outside the values keeps all or none: a line there would squash the plot
                 ax.axvline(x, linestyle="--", color="k", linewidth=1)
                 ax.annotate(name, (x, ax.get_ylim()[1]), fontsize=6, rotation=90, va="top", ha="right")
         ax.set_title(column, fontsize=9)
