@@ -173,7 +173,7 @@ def extremes_sheet(s: Scored, column: str, out_png: str, n: int = EXTREMES) -> s
     ids = s.table.column(COL_PAIR_ID).to_pylist()
     images = _images(s.synthetic, [ids[i] for _, rows in picks for i in rows])
     src, tgt = s.table.column(COL_SOURCE_LABEL).to_pylist(), s.table.column(COL_TARGET_LABEL).to_pylist()
-    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 5.2), squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 6.0), squeeze=False)
     for r, (what, rows) in enumerate(picks):
         for c in range(n):
             ax = axes[r][c]
