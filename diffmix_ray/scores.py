@@ -37,7 +37,9 @@ class ScoresSet:
     def read(self, columns: list[str] | None = None) -> pa.Table:
         columns = columns or SCORES_SCHEMA.names
         tables = [storage.read_parquet(uri, columns) for uri in self.files]
-        return pa.concat_tables(tables) if tables else pa.schema([SCORES_SCHEMA.field(c) for c in columns]).empty_table()
+        if not tables:
+            return pa.schema([SCORES_SCHEMA.field(c) for c in columns]).empty_table()
+        return pa.concat_tables(tables)
 
     def summary(self) -> dict:
         """What a classifier run records about the scores it filtered on."""
@@ -96,10 +98,12 @@ def open_scores(syn: SyntheticSet, name: str = DEFAULT_SCORES_NAME, allow_incomp
     scores = ScoresSet(uri, name, manifest, files, complete)
     if not complete:
         counts = manifest.get("counts", {})
-        what = f"{counts.get('scored', '?')} of {counts.get('pairs', '?')} pairs scored ({counts.get('failed', 0)} failed)"
+        what = (f"{counts.get('scored', '?')} of {counts.get('pairs', '?')} pairs scored "
+                f"({counts.get('failed', 0)} failed)")
         if not allow_incomplete:
-            raise DiffmixError(f"scores {uri} are incomplete (no {SUCCESS}): {what}. Rerun `{score_command(syn.uri, name)}` "
-                               f"to finish them, or pass --allow-incomplete (pairs without a score are never kept)")
+            raise DiffmixError(f"scores {uri} are incomplete (no {SUCCESS}): {what}. Rerun "
+                               f"`{score_command(syn.uri, name)}` to finish them, or pass --allow-incomplete (pairs "
+                               "without a score are never kept)")
         logger.warning("using incomplete scores %s: %s; pairs without a score are never kept", uri, what)
     if files:
         fs, path = storage.arrow_filesystem(files[0])

@@ -170,8 +170,8 @@ class ClassifyConfig:
             raise DiffmixError(f"--scores {','.join(self.scores)} names the scores a --synthetic-filter reads: give a "
                                "filter too (e.g. --synthetic-filter clip_object_prob:p10-100), or drop --scores")
         if len(self.scores) > 1 and len(self.scores) != len(self.synthetic):
-            raise DiffmixError(f"--scores: {len(self.scores)} names for {len(self.synthetic)} --synthetic runs; give one "
-                               "name for all of them, or one per --synthetic, in the same order")
+            raise DiffmixError(f"--scores: {len(self.scores)} names for {len(self.synthetic)} --synthetic runs; give "
+                               "one name for all of them, or one per --synthetic, in the same order")
         for name in self.scores:
             if not re.match(SCORES_NAME_PATTERN, name):
                 raise DiffmixError(f"--scores {name!r} must be the --name of a `score` run: letters, digits, '.', '_' "

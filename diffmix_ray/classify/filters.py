@@ -175,8 +175,8 @@ def select(conditions, syn_sets, names: list[str], source: np.ndarray, target: n
         at = align(table, pair_ids)
         unscored = int((at < 0).sum())
         if unscored and not allow_incomplete:
-            raise DiffmixError(f"scores {scores.uri} have no score for {unscored} of the {n} pairs in {syn.uri} (scored "
-                               "while generate was still going?): rerun the same `diffmix-ray score` command to score "
+            raise DiffmixError(f"scores {scores.uri} have no score for {unscored} of the {n} pairs in {syn.uri} "
+                               "(scored while generate was still going?): rerun the same `diffmix-ray score` command to score "
                                "them, or pass --allow-incomplete (pairs without a score are never kept)")
         columns = {c.column: _values(table, at, c.column) for c in conditions}
         _check_has_values(conditions, columns, scores.uri)

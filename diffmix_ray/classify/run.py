@@ -30,12 +30,17 @@ SUMMARY_JSON = "summary.json"
 EXECUTION_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "max_failures", "_fail_at_epoch", "out")
 
 
+def _config(cfg: ClassifyConfig) -> dict:
+    """The options as an output's identity sees them. The filter's keys only when there is a filter:
+    runs written before filters existed keep their identity (and so resume)."""
+    unfiltered = () if cfg.synthetic_filter else ("synthetic_filter", "scores")
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in unfiltered}
+
+
 def _identity(cfg: ClassifyConfig, dataset_fp: str, synthetic_fps: list[str], selection) -> dict:
-    """What decides the trained model; execution knobs may change between a run and its resume. The
-    filter's keys (and the scores it read) only when there is a filter: runs written before filters
-    existed keep their identity."""
-    unfiltered = ("synthetic_filter", "scores") if selection is None else ()
-    ident = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXECUTION_KEYS + unfiltered}
+    """What decides the trained model; execution knobs may change between a run and its resume. With a
+    filter, the scores it read: other scores under the same name keep other images."""
+    ident = {k: v for k, v in _config(cfg).items() if k not in EXECUTION_KEYS}
     ident |= {"dataset_fingerprint": dataset_fp, "synthetic_fingerprints": synthetic_fps}
     return ident | ({"scores_fingerprints": filters.scores_identity(selection.record)} if selection else {})
 
@@ -99,8 +104,10 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
         build_model(cfg.arch, info.num_classes, cfg.pretrained)  # a wrong file fails here, not in N workers
     all_files, rows = _inputs(dataset, syn_sets)
     real, syn = rows["train"], rows["syn"]
-    selection = (filters.select(filters.parse(cfg.synthetic_filter), syn_sets, cfg.score_names(), syn.source, syn.target,
-                                cfg.allow_incomplete) if cfg.synthetic_filter else None)
+    selection = None
+    if cfg.synthetic_filter:
+        selection = filters.select(filters.parse(cfg.synthetic_filter), syn_sets, cfg.score_names(), syn.source,
+                                   syn.target, cfg.allow_incomplete)
     if selection is not None:  # the shards stay as they are: the run reads only the rows kept
         syn = rows["syn"] = syn.take(selection.rows)
     recipe = resolve(cfg, info, len(real), len(syn))  # a bad combination fails before the output is claimed
@@ -130,7 +137,8 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
     console.print(f"train-cls {cfg.arch}: {len(real)} real train images, {len(syn)} synthetic from "
                   f"{len(syn_sets)} run(s), p={recipe.p}, gamma={cfg.gamma}, {cfg.workers} worker(s), "
                   f"{cfg.epochs} epochs")
-    for line in recipe.notes + ([ignored] if ignored else []) + ([filters.describe(selection.record)] if selection else []):
+    said = [ignored] if ignored else []
+    for line in recipe.notes + said + ([filters.describe(selection.record)] if selection else []):
         console.print(line, highlight=False)
     loop_cfg = dataclasses.asdict(cfg) | {
         "num_classes": info.num_classes, "refs": refs, "uris": all_files, "real_rows": real, "syn_rows": syn,
@@ -170,7 +178,7 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
 def run_seeds(cfg: ClassifyConfig, seeds: list[int], overwrite: bool = False, resume: bool = False) -> dict:
     """One run per seed under <out>/seed-<s>/, then mean ± std of the selected test top-1."""
     out = storage.normalize(cfg.out)
-    storage.claim_output(out, "train-cls-seeds", dataclasses.asdict(cfg) | {"seeds": seeds}, overwrite)
+    storage.claim_output(out, "train-cls-seeds", _config(cfg) | {"seeds": seeds}, overwrite)
     runs = []
     for seed in seeds:
         sub = dataclasses.replace(cfg, seed=seed, out=storage.join(out, f"seed-{seed}"))

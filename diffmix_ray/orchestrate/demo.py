@@ -34,8 +34,8 @@ def run_demo(out: str, overwrite: bool = False) -> dict[str, str]:
         raise DiffmixError("the demo writes to local disk; pass a local --out")
     t0 = time.perf_counter()
     paths = {"raw": os.path.join(out, "raw"), "dataset": os.path.join(out, "dataset"),
-             "concepts": os.path.join(out, "concepts"), "synthetic": os.path.join(out, "synthetic"), "scores": os.path.join(out, "synthetic", "scores", "default"),
-             "classifier": os.path.join(out, "classifier"),
+             "concepts": os.path.join(out, "concepts"), "synthetic": os.path.join(out, "synthetic"),
+             "scores": os.path.join(out, "synthetic", "scores", "default"), "classifier": os.path.join(out, "classifier"),
              "report": os.path.join(out, "report")}
 
     console.rule(f"[bold]1/{len(STEPS)} prepare: built-in sample dataset -> canonical dataset")
@@ -57,7 +57,8 @@ def run_demo(out: str, overwrite: bool = False) -> dict[str, str]:
                                 cpus_per_actor=1, rows_per_shard=64),
                  overwrite=overwrite)
 
-    console.rule(f"[bold]4/{len(STEPS)} score: the tiny CLIP scores every synthetic image, beside the shards (Ray Data)")
+    console.rule(f"[bold]4/{len(STEPS)} score: the tiny CLIP scores every synthetic image, beside the shards "
+                 "(Ray Data)")
     run_score(ScoreConfig(synthetic=paths["synthetic"], clip="tiny", batch_size=32), overwrite=overwrite)
 
     console.rule(f"[bold]5/{len(STEPS)} train-cls: a timm classifier on real + the synthetic images a score filter "

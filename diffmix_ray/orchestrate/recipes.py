@@ -324,8 +324,8 @@ def _methods(raw: dict, where: str, generations: dict[str, Generation]) -> dict[
         _build(ClassifyConfig, here, dataset="<dataset>", out="<out>", synthetic=tuple(f"<{g}>" for g in synthetic),
                seed=0, **method.train_cls)
         if bad := [c.spec for c in parse_filter(opts.get("synthetic_filter")) if c.column.startswith("classifier_")]:
-            raise DiffmixError(f"{here}.train_cls.synthetic_filter {', '.join(bad)}: a recipe's `score` steps score with "
-                               "CLIP only (no classifier), so classifier_* columns have no values; filter on a clip_* "
+            raise DiffmixError(f"{here}.train_cls.synthetic_filter {', '.join(bad)}: a recipe's `score` steps score "
+                               "with CLIP only (no classifier), so classifier_* columns have no values; filter on a clip_* "
                                "column, or score with --classifier yourself and run train-cls by hand")
         out[str(name)] = method
     return out

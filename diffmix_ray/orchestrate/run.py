@@ -148,7 +148,8 @@ class Runner:
                               lambda g=g: self._generate(g), ray=True))
         for g, name in r.scores_for(self.methods):
             steps.append(Step(f"score {g}" + (f" ({name})" if name != DEFAULT_SCORES_NAME else ""),
-                              storage.join(lay.scores(g, name), SUCCESS), lambda g=g, n=name: self._score(g, n), ray=True))
+                              storage.join(lay.scores(g, name), SUCCESS), lambda g=g, n=name: self._score(g, n),
+                              ray=True))
         for m in self.methods:
             for s in self.seeds:
                 steps.append(Step(f"train-cls {m} seed {s}", storage.join(lay.classifier(m, s), SUCCESS),
