@@ -286,7 +286,14 @@ def train_cls(
                                                  "by --synthetic-sampling) | own-source (DA-Fusion: one of the real "
                                                  "image's own translations)."),
     gamma: Optional[float] = typer.Option(None, help="Soft-label exponent: y = (1-s^g) src + s^g tgt (default 0.5)."),
-    allow_incomplete: Optional[bool] = typer.Option(None, "--allow-incomplete", help="Accept shards without _SUCCESS."),
+    synthetic_filter: Optional[list[str]] = typer.Option(None, help="Keep synthetic images whose scores pass every "
+                                                         "condition: COLUMN>=VALUE (>, <=, <), COLUMN:pA-B (percentile "
+                                                         "band, e.g. clip_object_prob:p10-100), COLUMN:pA-B@class (per "
+                                                         "target class); repeatable or comma-separated."),
+    scores: Optional[list[str]] = typer.Option(None, help="The scores a filter reads: <synthetic>/scores/NAME (default "
+                                               "'default'); once for all --synthetic, or once each."),
+    allow_incomplete: Optional[bool] = typer.Option(None, "--allow-incomplete", help="Accept shards (and scores) "
+                                                    "without _SUCCESS."),
     cutmix: Optional[bool] = typer.Option(None, "--cutmix", help="CutMix baseline (real data only)."),
     mixup: Optional[bool] = typer.Option(None, "--mixup", help="Mixup baseline (real data only)."),
     seed: Optional[int] = typer.Option(None, help="Seed (default 2020)."),
@@ -318,6 +325,7 @@ def train_cls(
         lr_milestones=lr_milestones, lr_decay=lr_decay, loss=loss, drw_epoch=drw_epoch, drw_beta=drw_beta,
         label_smoothing=label_smoothing, select=select, shot_thresholds=shot_thresholds, synthetic_p=synthetic_p,
         synthetic_sampling=synthetic_sampling, synthetic_pick=synthetic_pick, gamma=gamma,
+        synthetic_filter=tuple(synthetic_filter) if synthetic_filter else None, scores=tuple(scores) if scores else None,
         allow_incomplete=allow_incomplete, cutmix=cutmix, mixup=mixup, seed=seed, workers=workers,
         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, gpu_decode=gpu_decode,
         checkpoint_every=checkpoint_every, test_every_epoch=test_every_epoch))
@@ -481,15 +489,18 @@ def run_cmd(recipe: str = typer.Argument(..., help="A recipe name (`diffmix-ray 
             methods: Optional[str] = typer.Option(None, help="Methods to run, comma-separated (default: the table's "
                                                   "rows)."),
             pretrained: Optional[str] = typer.Option(None, help="Local weights for the classifier architecture."),
+            clip: Optional[str] = typer.Option(None, help="CLIP model for the methods that filter synthetic images "
+                                               "(Real-Filtering): a CLIPModel folder or s3:// URI (ViT-B/32 for the "
+                                               "paper); tiny for smoke runs (default: the recipe's)."),
             overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again.")):
-    """A table column of the paper as one resumable command: prepare -> finetune -> generate -> train-cls for
-    every method x seed -> report (mean ± std per method). Rerun the same command to resume."""
+    """A table column of the paper as one resumable command: prepare -> finetune -> generate -> score (filtering
+    methods) -> train-cls for every method x seed -> report (mean ± std per method). Rerun to resume."""
     from .orchestrate.recipes import load
     from .orchestrate.run import run_recipe
 
     run_recipe(load(recipe), out, data=data, model=model, seeds=_ints(seeds, "--seeds"),
                methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
-               pretrained=pretrained, overwrite=overwrite)
+               pretrained=pretrained, overwrite=overwrite, clip=clip)
 
 
 @recipe_app.command("list")

@@ -211,6 +211,7 @@ def check_columns(schema: pa.Schema, expected: pa.Schema, where: str) -> None:
 # ---------------------------------------------------------------------------------------------
 SCORES_DIR = "scores"
 DEFAULT_SCORES_NAME = "default"
+SCORES_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # a name is one folder under scores/ (score --name, train-cls --scores)
 SCORES_VERSION = 1  # of the columns' definitions below: part of a scores run's identity
 
 # Zero-shot CLIP over all C classes: softmax(logit_scale * cos(image, prompt_c)), kept at two classes.

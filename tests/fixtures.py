@@ -147,3 +147,38 @@ def fake_synthetic(out: str, dataset_uri: str, strength: float, shuffle_labels: 
     if complete:
         storage.write_text_atomic(os.path.join(out, "_SUCCESS"), "")
     return out
+
+
+def fake_scores(synthetic: str, values: dict[str, list] | None = None, name: str = "default", complete: bool = True,
+                fingerprint: str | None = None, drop: int = 0) -> str:
+    """A `score` output for a generate output in the exact scores format, with the given column values
+    (one per pair, in shard order; columns not given are null, CLIP columns 0.5). `fingerprint`: the
+    shards it claims to score (default: these shards'); `drop`: leave the last N pairs unscored."""
+    import pyarrow as pa
+
+    from diffmix_ray import storage
+    from diffmix_ray.contracts import SCORE_COLUMNS, SCORES_SCHEMA
+
+    manifest = storage.read_json(os.path.join(synthetic, "manifest.json"))
+    shards = sorted(os.listdir(os.path.join(synthetic, "shards")))
+    rows = pa.concat_tables([pq.read_table(os.path.join(synthetic, "shards", s),
+                                           columns=["pair_id", "source_label", "target_label"]) for s in shards])
+    n = rows.num_rows - drop
+    cols = {"pair_id": rows.column("pair_id").slice(0, n), "source_label": rows.column("source_label").slice(0, n),
+            "target_label": rows.column("target_label").slice(0, n)}
+    for c in SCORE_COLUMNS:
+        given = (values or {}).get(c)
+        default = [0.5] * n if c.startswith("clip_") else [None] * n
+        cols[c] = pa.array(list(given)[:n] if given is not None else default, pa.float32())
+    out = os.path.join(synthetic, "scores", name)
+    os.makedirs(out, exist_ok=True)
+    pq.write_table(pa.table(cols, schema=SCORES_SCHEMA), os.path.join(out, "scores-fake-000000-0.parquet"))
+    identity = {"scores_version": 1, "synthetic_fingerprint": fingerprint or storage.config_hash(manifest["identity"]),
+                "clip_fingerprint": f"fake-{name}"}
+    storage.write_json_atomic(os.path.join(out, "manifest.json"), {
+        "identity": identity, "synthetic": synthetic, "synthetic_fingerprint": identity["synthetic_fingerprint"],
+        "clip": {"spec": "tiny", "kind": "preset", "fingerprint": "fake"}, "classifier": None,
+        "columns": list(SCORE_COLUMNS), "counts": {"pairs": rows.num_rows, "scored": n, "missing": drop, "failed": 0}})
+    if complete:
+        storage.write_text_atomic(os.path.join(out, "_SUCCESS"), "")
+    return out

@@ -47,8 +47,12 @@ def test_paper_values_land_where_they_should():
         ("resnet50", 448, 0.025, 120, "reference", "last")
     assert recipes.load("conventional-dogs-vit-b16-384").methods["real-only"].train_cls["lr"] == 1e-5
     assert recipes.load("conventional-flowers-resnet50-448").prepare["split"] == "reference"
-    assert cub.rows == ("real-only", "cutmix", "mixup", "real-aug", "real-mix", "real-gen", "da-fusion", "diff-aug",
-                        "diff-gen", "diff-mix")
+    assert cub.rows == ("real-only", "cutmix", "mixup", "real-aug", "real-mix", "real-gen", "real-filtering", "da-fusion",
+                        "diff-aug", "diff-gen", "diff-mix")
+    # Real-Filtering: Real-Gen's images kept by the reference's object score, all but the lowest 10%
+    rf = cub.methods["real-filtering"]
+    assert (rf.synthetic, rf.train_cls["synthetic_filter"], rf.scores()) == \
+        (("real-gen",), "clip_object_prob:p10-100", [("real-gen", "default")])
     # DA-Fusion as DA-Fusion: TI only from "the", 1,000 steps x batch 4 per class, lr 5e-4 scaled, M = 10,
     # own-source replacement at alpha 0.5
     daf = cub.banks["da-fusion"].config("d", "o", "sd15", num_classes=200)
@@ -123,6 +127,13 @@ GOOD = """
     ("seeds: []\n", "seeds lists the classifier seeds"),
     ("prepare: {format: cub, split: reference}\n", "prepare: --split reference is the Diff-Mix code's seeded 50/50 "
                                                    "re-split of Flowers-102; --format cub has no such split"),
+    ("methods: {real-filtering: {train_cls: {synthetic_filter: clip_object_prob>=p10}}}\n",
+     "methods.real-filtering: --synthetic-filter 'clip_object_prob>=p10': threshold 'p10' is not a number"),
+    ("methods: {real-filtering: {train_cls: {synthetic_filter: 'classifier_target_prob>=0.5'}}}\n",
+     "real-filtering.train_cls.synthetic_filter classifier_target_prob>=0.5: a recipe's `score` steps score with CLIP only"),
+    ("score: {clip: tiny}\n", r"score.clip is set by `diffmix-ray run` itself"),
+    ("score: {batch_size: 0}\n", r"score: --batch-size and --rows-per-file must be >= 1"),
+    ("clip: 3\n", r"clip must be text, not 3"),
 ])
 def test_bad_recipes_are_refused_with_the_key_and_the_fix(tmp_path, edit, message):
     path = _recipe_file(tmp_path, GOOD + "    " + edit)
@@ -179,10 +190,13 @@ def test_run_names_what_is_missing(tmp_path):
     cub = recipes.load("conventional-cub-resnet50-448")
     with pytest.raises(DiffmixError, match="recipe conventional-cub-resnet50-448 needs --data: CUB-200-2011 as"):
         run_recipe(cub, out)
-    with pytest.raises(DiffmixError, match="needs --model for real-aug, real-mix, real-gen, da-fusion, diff-aug"):
+    with pytest.raises(DiffmixError, match="needs --model for real-aug, real-mix, real-gen, real-filtering, da-fusion, diff-aug"):
         run_recipe(cub, out, data=str(tmp_path))
     with pytest.raises(DiffmixError, match="has no method 'diffmix'; its methods: real-only, cutmix"):
         run_recipe(cub, out, data=str(tmp_path), methods=["diffmix"])
+    with pytest.raises(DiffmixError, match=r"needs --clip for real-filtering: the CLIP model their synthetic filter "
+                                           r"scores real-gen with \(a CLIPModel folder or s3:// URI"):
+        run_recipe(cub, out, data=str(tmp_path), model="tiny", methods=["real-only", "real-filtering"])
     result = CliRunner().invoke(app, ["run", "tiny", "--out", out, "--seeds", "1,x"])
     assert result.exit_code == 2 and "--seeds '1,x' must be whole numbers" in result.output
     assert not os.path.exists(out)
@@ -209,6 +223,39 @@ def test_a_different_recipe_at_the_same_out_is_refused(tmp_path):
     assert Runner(reworded, "builtin:sample", "tiny", out, ["real-only"], [5], None).identity() == runner.identity()
     longer = dataclasses.replace(tiny, content=tiny.content | {"train_cls": tiny.content["train_cls"] | {"epochs": 3}})
     assert Runner(longer, "builtin:sample", "tiny", out, ["real-only"], [0], None).identity() != runner.identity()
+
+
+def test_a_filtering_method_gets_a_score_step_per_generation_and_name(tmp_path, monkeypatch):
+    """real-filtering: generate real-gen, score it once (the tiny recipe's CLIP, its `score` options, the
+    run's dataset), then train-cls on the scores; skipped, like every step, on the stage's own _SUCCESS."""
+    import dataclasses
+
+    from diffmix_ray.orchestrate.run import Runner
+    from diffmix_ray.score import run as score_run
+
+    tiny = recipes.load("tiny")
+    out = str(tmp_path / "o")
+    methods = ["real-gen", "real-filtering"]
+    runner = Runner(tiny, "builtin:sample", "tiny", out, methods, [0], None, tiny.clip)
+    steps = {s.name: s for s in runner.steps()}
+    assert list(steps) == ["prepare", "generate real-gen", "score real-gen", "train-cls real-gen seed 0",
+                           "train-cls real-filtering seed 0", "report"]
+    assert steps["score real-gen"].marker == os.path.join(out, "synthetic", "real-gen", "scores", "default", "_SUCCESS")
+    seen = []
+    monkeypatch.setattr(score_run, "run_score", lambda cfg, **_: seen.append(cfg))
+    steps["score real-gen"].work()
+    assert [(c.synthetic, c.clip, c.name, c.dataset, c.batch_size) for c in seen] == \
+        [(os.path.join(out, "synthetic", "real-gen"), "tiny", "default", os.path.join(out, "dataset"), 16)]
+    cfg = tiny.methods["real-filtering"].config("d", "o", ("s",), 0, None)
+    assert (cfg.synthetic_filter, cfg.score_names()) == (("clip_object_prob:p10-100",), ["default"])
+    # two methods on other scores of the same generation: one score step each name, in order
+    other = dataclasses.replace(tiny.methods["real-filtering"], name="rf-b32",
+                                train_cls=tiny.methods["real-filtering"].train_cls | {"scores": "b32"})
+    wider = dataclasses.replace(tiny, methods=tiny.methods | {"rf-b32": other})
+    assert wider.scores_for(["real-filtering", "rf-b32", "real-filtering"]) == [("real-gen", "default"),
+                                                                                ("real-gen", "b32")]
+    assert "score real-gen (b32)" in [s.name for s in Runner(wider, "builtin:sample", "tiny", out, ["rf-b32"], [0],
+                                                             None, "tiny").steps()]
 
 
 def test_the_table_is_mean_and_std_over_seeds_in_row_order():

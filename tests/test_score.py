@@ -260,3 +260,59 @@ def test_kill_during_scoring_then_rerun_scores_each_pair_once(generated, tmp_pat
     m = storage.read_json(os.path.join(out, MANIFEST_JSON))
     assert m["counts"]["duplicates_removed"] >= copied
     assert m["timings"]["images_this_run"] == PAIRS - len(kept_ids)
+
+
+def test_train_cls_keeps_what_the_filter_keeps_and_the_report_shows_it(scored, sample_dataset, tmp_path):
+    """One generation serves every threshold: train-cls reads the scores beside the shards and trains on
+    the images that pass (here: the upper half of the object score within each target class, and any
+    classifier probability), records what it kept per class pair, and leaves shards and scores as
+    they were; the report shows the scores' histograms, the lowest and highest images and the kept
+    fraction."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from diffmix_ray.cli import app
+    from diffmix_ray.orchestrate.report import run_report
+
+    table = read_scores(scores_dir(scored))
+    obj = table.column("clip_object_prob").to_numpy()
+    src, tgt = table.column("source_label").to_numpy(), table.column("target_label").to_numpy()
+    keep = np.zeros(len(obj), dtype=bool)
+    for c in np.unique(tgt):
+        keep[tgt == c] = obj[tgt == c] >= np.percentile(obj[tgt == c], 50)
+    expected = {}
+    for s, t, k in zip(src.tolist(), tgt.tolist(), keep.tolist()):
+        kept, total = expected.get((s, t), (0, 0))
+        expected[(s, t)] = (kept + k, total + 1)
+    before = tree_state(scores_dir(scored)), tree_state(os.path.join(scored, SHARDS_DIR))
+
+    out = tmp_path / "filtered"
+    result = CliRunner().invoke(app, [
+        "train-cls", "--dataset", sample_dataset, "--synthetic", scored, "--arch", "test_resnet", "--out", str(out),
+        "--img-size", "32", "--epochs", "1", "--batch-size", "8", "--synthetic-p", "0.5",
+        "--synthetic-filter", "clip_object_prob:p50-100@class", "--synthetic-filter", "classifier_target_prob>=0",
+        "--scores", "default"])
+    assert result.exit_code == 0, result.output
+
+    f = json.loads((out / "metrics.json").read_text())["synthetic_filter"]
+    assert f["conditions"] == ["clip_object_prob:p50-100@class", "classifier_target_prob>=0"]
+    assert (f["kept"], f["total"]) == (int(keep.sum()), PAIRS) and 0 < f["kept"] < PAIRS
+    assert f["passed"] == {"clip_object_prob:p50-100@class": int(keep.sum()), "classifier_target_prob>=0": PAIRS}
+    assert {(p["source"], p["target"]): (p["kept"], p["total"]) for p in f["pairs"]} == expected
+    used = f["scores"][0]
+    assert used["fingerprint"] == storage.read_json(os.path.join(scores_dir(scored), RUN_JSON))["config_hash"]
+    assert (used["name"], used["clip"], used["complete"], used["without_score"]) == ("default", "tiny", True, 0)
+    assert f"kept {f['kept']} of {PAIRS} synthetic images" in " ".join(result.output.split())
+    assert storage.read_json(str(out / RUN_JSON))["config"]["scores_fingerprints"]  # other scores, another run
+    assert (tree_state(scores_dir(scored)), tree_state(os.path.join(scored, SHARDS_DIR))) == before
+
+    report = tmp_path / "report"
+    run_report([scored, str(out)], str(report))
+    assert {"contact-syn.png", "scores.png", "scores-syn-by-class.png", "scores-syn-extremes.png", "accuracy.png",
+            "comparison.md"} <= set(os.listdir(report))
+    assert (f"| filtered | clip_object_prob:p50-100@class, classifier_target_prob>=0 | syn/default | {f['kept']} | "
+            f"{PAIRS} | {100 * f['kept'] / PAIRS:.1f} |") in (report / "comparison.md").read_text()
+    # a scores folder has a manifest.json too: given alone, it is read as scores, not as a generate output
+    written = run_report([scores_dir(scored)], str(tmp_path / "report2"))
+    assert "contact_sheets" not in written and len(written["score_plots"]) == 3

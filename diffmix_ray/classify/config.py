@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
+from ..contracts import DEFAULT_SCORES_NAME, SCORES_NAME_PATTERN
 from ..errors import DiffmixError
+from . import filters
 from .losses import LOSSES
 from .schedule import SCHEDULES
 from .transforms import AUGMENTS, RES_MODES
@@ -55,7 +58,11 @@ class ClassifyConfig:
     synthetic_sampling: str | None = None  # default uniform; inverse-frequency on long-tailed datasets
     synthetic_pick: str = "pool"  # pool | own-source (SYNTHETIC_PICK)
     gamma: float = 0.5  # soft label y = (1 - s^gamma) onehot(src) + s^gamma onehot(tgt)
-    allow_incomplete: bool = False
+    # which synthetic images may be used, from their scores (filters.py): conditions, all of which must hold
+    synthetic_filter: tuple[str, ...] = ()
+    # the scores a filter reads: <synthetic>/scores/<name>, one name for every --synthetic or one each
+    scores: tuple[str, ...] = ()
+    allow_incomplete: bool = False  # shards without _SUCCESS, and scores without it
     # non-generative baselines (real data only)
     cutmix: bool = False
     mixup: bool = False
@@ -77,6 +84,10 @@ class ClassifyConfig:
         if isinstance(self.synthetic, (list, str)):
             object.__setattr__(self, "synthetic", tuple([self.synthetic] if isinstance(self.synthetic, str)
                                                         else self.synthetic))
+        # one form ('a,b' and [a, b] alike), so equal filters are the same run (the identity hashes the config)
+        object.__setattr__(self, "synthetic_filter", filters.split_specs(self.synthetic_filter))
+        if isinstance(self.scores, (list, str)):
+            object.__setattr__(self, "scores", tuple([self.scores] if isinstance(self.scores, str) else self.scores))
         if isinstance(self.lr_milestones, (list, str)):  # YAML list or "160,180" from the command line
             object.__setattr__(self, "lr_milestones", parse_ints("--lr-milestones", self.lr_milestones))
         # one form, so "20,5" and [20, 5] are the same run (the output's identity hashes the config)
@@ -110,6 +121,7 @@ class ClassifyConfig:
             raise DiffmixError(f"--label-smoothing {self.label_smoothing} must be in [0, 1)")
         if (self.cutmix or self.mixup) and self.synthetic:
             raise DiffmixError("--cutmix/--mixup are the real-data baselines; run them without --synthetic")
+        self._validate_filter()
         self._validate_recipe()
         if self.workers < 1 or self.cpus_per_worker <= 0 or (self.gpus_per_worker or 0) < 0:
             raise DiffmixError("--workers must be >= 1, --cpus-per-worker > 0, --gpus-per-worker >= 0")
@@ -160,6 +172,27 @@ class ClassifyConfig:
                                    "a later one would never re-weight")
         if not 0.0 <= self.drw_beta < 1.0:
             raise DiffmixError(f"--drw-beta {self.drw_beta} must be in [0, 1)")
+
+    def _validate_filter(self) -> None:
+        filters.parse(self.synthetic_filter)  # its syntax, columns and bands, before anything is read
+        if self.synthetic_filter and not self.synthetic:
+            raise DiffmixError("--synthetic-filter chooses among synthetic images: pass --synthetic (a generate output "
+                               "with scores beside it)")
+        if self.scores and not self.synthetic_filter:
+            raise DiffmixError(f"--scores {','.join(self.scores)} names the scores a --synthetic-filter reads: give a "
+                               "filter too (e.g. --synthetic-filter clip_object_prob:p10-100), or drop --scores")
+        if len(self.scores) > 1 and len(self.scores) != len(self.synthetic):
+            raise DiffmixError(f"--scores: {len(self.scores)} names for {len(self.synthetic)} --synthetic runs; give "
+                               "one name for all of them, or one per --synthetic, in the same order")
+        for name in self.scores:
+            if not re.match(SCORES_NAME_PATTERN, name):
+                raise DiffmixError(f"--scores {name!r} must be the --name of a `score` run: letters, digits, '.', '_' "
+                                   "and '-', not starting with '.' or '-'")
+
+    def score_names(self) -> list[str]:
+        """The scores name each --synthetic run is filtered on (--scores, else `default`)."""
+        names = self.scores or (DEFAULT_SCORES_NAME,)
+        return [names[0] if len(names) == 1 else names[i] for i in range(len(self.synthetic))]
 
     def resolved_p(self, subset_kind: str | None) -> float:
         """The paper's replacement probability: 0.1 conventionally, 0.3 for few-shot/long-tail."""

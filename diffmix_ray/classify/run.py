@@ -19,7 +19,7 @@ from ..errors import DiffmixError
 from ..runtime.jobs import announce
 from ..runtime.local_ray import init_ray, resolve_gpus
 from ..synthetic import open_synthetic
-from . import data, labels
+from . import data, filters, labels
 from .config import GPU_DECODE_ON_CPU, ClassifyConfig
 from .loop import CKPT_FILE, train_func
 from .model import build_model, check_arch
@@ -35,10 +35,19 @@ EXECUTION_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "max_failures
 NEW_EXECUTION_KEYS = ("gpu_decode", "checkpoint_every", "test_every_epoch")
 
 
-def _identity(cfg: ClassifyConfig, dataset_fp: str, synthetic_fps: list[str]) -> dict:
-    """What decides the trained model; execution knobs may change between a run and its resume."""
-    ident = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXECUTION_KEYS}
-    return ident | {"dataset_fingerprint": dataset_fp, "synthetic_fingerprints": synthetic_fps}
+def _config(cfg: ClassifyConfig) -> dict:
+    """The options as an output's identity sees them. The filter's keys only when there is a filter:
+    runs written before filters existed keep their identity (and so resume)."""
+    unfiltered = () if cfg.synthetic_filter else ("synthetic_filter", "scores")
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in unfiltered}
+
+
+def _identity(cfg: ClassifyConfig, dataset_fp: str, synthetic_fps: list[str], selection) -> dict:
+    """What decides the trained model; execution knobs may change between a run and its resume. With a
+    filter, the scores it read: other scores under the same name keep other images."""
+    ident = {k: v for k, v in _config(cfg).items() if k not in EXECUTION_KEYS}
+    ident |= {"dataset_fingerprint": dataset_fp, "synthetic_fingerprints": synthetic_fps}
+    return ident | ({"scores_fingerprints": filters.scores_identity(selection.record)} if selection else {})
 
 
 def _load_columns(uris: list[str]) -> list:
@@ -66,11 +75,14 @@ def _inputs(dataset: canonical.Dataset, syn_sets: list) -> tuple[list[str], dict
     return [f for files in parts.values() for f in files], rows
 
 
-def _own_translations(cfg: ClassifyConfig, dataset: canonical.Dataset, syn_sets: list) -> tuple:
+def _own_translations(cfg: ClassifyConfig, dataset: canonical.Dataset, syn_sets: list, kept) -> tuple:
     """--synthetic-pick own-source: each train image's translations (labels.own_index), in the row
-    order _inputs reads. Refused when no train image has one (e.g. text-to-image shards)."""
+    order _inputs reads (of the rows a filter kept). Refused when no train image has one (e.g.
+    text-to-image shards)."""
     real_ids = [i for t in _meta(dataset.files("train"), [COL_IMAGE_ID]) for i in t.column(COL_IMAGE_ID).to_pylist()]
     source_ids = [i for s in syn_sets for t in _meta(s.files, [COL_SOURCE_ID]) for i in t.column(COL_SOURCE_ID).to_pylist()]
+    if kept is not None:
+        source_ids = [source_ids[i] for i in kept]
     start, rows = labels.own_index(real_ids, source_ids)
     with_own = int(np.count_nonzero(np.diff(start)))
     if not with_own:
@@ -97,10 +109,17 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
         build_model(cfg.arch, info.num_classes, cfg.pretrained)  # a wrong file fails here, not in N workers
     all_files, rows = _inputs(dataset, syn_sets)
     real, syn = rows["train"], rows["syn"]
+    selection = None
+    if cfg.synthetic_filter:
+        selection = filters.select(filters.parse(cfg.synthetic_filter), syn_sets, cfg.score_names(), syn.source,
+                                   syn.target, cfg.allow_incomplete)
+    if selection is not None:  # the shards stay as they are: the run reads only the rows kept
+        syn = rows["syn"] = syn.take(selection.rows)
     recipe = resolve(cfg, info, len(real), len(syn))  # a bad combination fails before the output is claimed
-    own = _own_translations(cfg, dataset, syn_sets) if cfg.synthetic_pick == "own-source" else None
+    own = (_own_translations(cfg, dataset, syn_sets, selection.rows if selection else None)
+           if cfg.synthetic_pick == "own-source" else None)
     identity = _identity(cfg, info.fingerprint, [s.manifest.get("identity", {}).get("model_fingerprint", "")
-                                                 + ":" + storage.normalize(s.uri) for s in syn_sets])
+                                                 + ":" + storage.normalize(s.uri) for s in syn_sets], selection)
     if cfg.lr_scaling == "linear":  # the rate then depends on the worker count, which otherwise may change
         identity["global_batch"] = cfg.batch_size * cfg.workers
     gpus = None
@@ -131,7 +150,8 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
     console.print(f"train-cls {cfg.arch}: {len(real)} real train images, {len(syn)} synthetic from "
                   f"{len(syn_sets)} run(s), p={recipe.p}, gamma={cfg.gamma}, {cfg.workers} worker(s), "
                   f"{cfg.epochs} epochs")
-    for line in recipe.notes + ([ignored] if ignored else []):
+    said = [ignored] if ignored else []
+    for line in recipe.notes + said + ([filters.describe(selection.record)] if selection else []):
         console.print(line, highlight=False)
     loop_cfg = dataclasses.asdict(cfg) | {
         "num_classes": info.num_classes, "refs": refs, "uris": all_files, "real_rows": real, "syn_rows": syn,
@@ -155,7 +175,8 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
     with result.checkpoint.as_directory() as d:
         history = torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=False)["history"]
     metrics = {"arch": cfg.arch, "dataset": dataset.uri, "dataset_fingerprint": info.fingerprint,
-               "synthetic": [s.uri for s in syn_sets], "p": recipe.p, "gamma": cfg.gamma, "seed": cfg.seed,
+               "synthetic": [s.uri for s in syn_sets], "synthetic_filter": selection.record if selection else None,
+               "p": recipe.p, "gamma": cfg.gamma, "seed": cfg.seed,
                "select": cfg.select, "loss": cfg.loss, "synthetic_sampling": recipe.synthetic_sampling,
                "lr_scaling": cfg.lr_scaling, "peak_lr": recipe.schedule.peak_lr, "splits": info.splits,
                "classes": info.classes, "train_counts": train_counts, "epochs": history,
@@ -171,7 +192,7 @@ def run_seeds(cfg: ClassifyConfig, seeds: list[int], overwrite: bool = False, re
     """One run per seed under <out>/seed-<s>/, then mean ± std of the selected test top-1."""
     out = storage.normalize(cfg.out)
     # without the options added by issue 12, so multi-seed runs started before them still resume
-    ident = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NEW_EXECUTION_KEYS}
+    ident = {k: v for k, v in _config(cfg).items() if k not in NEW_EXECUTION_KEYS}
     storage.claim_output(out, "train-cls-seeds", ident | {"seeds": seeds}, overwrite)
     runs = []
     for seed in seeds:

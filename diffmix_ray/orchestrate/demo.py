@@ -10,7 +10,11 @@ from .. import storage
 from ..console import console
 from ..errors import DiffmixError
 
-STEPS = ("prepare", "finetune", "generate", "train-cls", "report")
+STEPS = ("prepare", "finetune", "generate", "score", "train-cls", "report")
+# Diff-Mix images that look like their target class (upper 80% of its CLIP probability, within each target
+# class) and show the object at all (all but the lowest 10% of the reference's object score). The tiny
+# CLIP has random weights: the demo shows the mechanics, not which images are good.
+DEMO_FILTER = ("clip_target_prob:p20-100@class", "clip_object_prob:p10-100")
 
 
 def run_demo(out: str, overwrite: bool = False) -> dict[str, str]:
@@ -22,13 +26,16 @@ def run_demo(out: str, overwrite: bool = False) -> dict[str, str]:
     from ..finetune.run import run_finetune
     from ..generate.config import GenerateConfig
     from ..generate.run import run_generate
+    from ..score.config import ScoreConfig
+    from ..score.run import run_score
 
     out = storage.normalize(out)
     if storage.is_s3(out):
         raise DiffmixError("the demo writes to local disk; pass a local --out")
     t0 = time.perf_counter()
     paths = {"raw": os.path.join(out, "raw"), "dataset": os.path.join(out, "dataset"),
-             "concepts": os.path.join(out, "concepts"), "synthetic": os.path.join(out, "synthetic"), "classifier": os.path.join(out, "classifier"),
+             "concepts": os.path.join(out, "concepts"), "synthetic": os.path.join(out, "synthetic"),
+             "scores": os.path.join(out, "synthetic", "scores", "default"), "classifier": os.path.join(out, "classifier"),
              "report": os.path.join(out, "report")}
 
     console.rule(f"[bold]1/{len(STEPS)} prepare: built-in sample dataset -> canonical dataset")
@@ -50,13 +57,19 @@ def run_demo(out: str, overwrite: bool = False) -> dict[str, str]:
                                 cpus_per_actor=1, rows_per_shard=64),
                  overwrite=overwrite)
 
-    console.rule(f"[bold]4/{len(STEPS)} train-cls: a timm classifier on real + synthetic data (Ray Train)")
+    console.rule(f"[bold]4/{len(STEPS)} score: the tiny CLIP scores every synthetic image, beside the shards "
+                 "(Ray Data)")
+    run_score(ScoreConfig(synthetic=paths["synthetic"], clip="tiny", batch_size=32), overwrite=overwrite)
+
+    console.rule(f"[bold]5/{len(STEPS)} train-cls: a timm classifier on real + the synthetic images a score filter "
+                 "keeps (Ray Train)")
     run_classify(ClassifyConfig(dataset=paths["dataset"], synthetic=(paths["synthetic"],), arch="test_resnet",
                                 out=paths["classifier"], img_size=48, epochs=4, batch_size=16, lr=0.01,
-                                optimizer="adamw", weight_decay=0.0, warmup_epochs=0.0, synthetic_p=0.3),
+                                optimizer="adamw", weight_decay=0.0, warmup_epochs=0.0, synthetic_p=0.3,
+                                synthetic_filter=DEMO_FILTER),
                  overwrite=overwrite, resume=os.path.exists(os.path.join(paths["classifier"], "_run.json")))
 
-    console.rule(f"[bold]5/{len(STEPS)} report: contact sheet, accuracy plot, comparison table")
+    console.rule(f"[bold]6/{len(STEPS)} report: contact sheet, score plots, accuracy plot, comparison table")
     from .report import run_report
 
     run_report([paths["synthetic"], paths["classifier"]], paths["report"])

@@ -7,10 +7,12 @@ recipe is checked by the very classes the stages validate with.
 Top-level keys (docs/recipes.md has the long form):
   description, table    what the recipe reproduces (shown by `recipe list` / `recipe show`, the report's title)
   data, data_layout     the default --data (e.g. builtin:sample), and what --data must hold
-  model                 the default --model
+  model, clip           the default --model, and --clip (the CLIP model a method's synthetic filter scores with)
   prepare, derive       PrepareConfig options (format required) and, for a subset, DeriveConfig options
   finetune, banks       FinetuneConfig defaults; named banks, each overriding them (+ images_per_class, scale_lr)
   generate, generations GenerateConfig defaults; named generations, each overriding them (+ bank)
+  score                 ScoreConfig options for the scores a method's synthetic_filter reads (one per generation
+                        and scores name, written by a `score` step)
   train_cls, methods    ClassifyConfig defaults; named methods (label, synthetic, train_cls overrides)
   rows, seeds           the table's methods in order; the classifier seeds"""
 
@@ -25,17 +27,22 @@ from pathlib import Path
 from typing import Any
 
 from ..classify.config import ClassifyConfig
+from ..classify.filters import parse as parse_filter
+from ..contracts import DEFAULT_SCORES_NAME
 from ..data.prepare import DeriveConfig, PrepareConfig
 from ..errors import DiffmixError
 from ..finetune.config import FinetuneConfig
 from ..generate.config import MODES, GenerateConfig
+from ..score.config import ScoreConfig
 from . import recipe_files
 
-TOP_KEYS = ("description", "table", "data", "data_layout", "model", "prepare", "derive", "finetune", "banks",
-            "generate", "generations", "train_cls", "methods", "rows", "seeds")
+TOP_KEYS = ("description", "table", "data", "data_layout", "model", "clip", "prepare", "derive", "finetune", "banks",
+            "generate", "generations", "score", "train_cls", "methods", "rows", "seeds")
 # Options `run` sets itself (paths between stages, the seed of each classifier run): never in a recipe.
 RUN_OWNED = {PrepareConfig: ("source",), DeriveConfig: ("parent",), FinetuneConfig: ("dataset", "out", "model"),
              GenerateConfig: ("dataset", "model", "concepts", "out"),
+             # a recipe's scores are CLIP's only: a classifier to score with would be another method's output
+             ScoreConfig: ("synthetic", "clip", "name", "dataset", "classifier"),
              ClassifyConfig: ("dataset", "out", "synthetic", "seed")}
 BANK_EXTRAS = ("images_per_class", "scale_lr")
 GENERATION_EXTRAS = ("bank",)
@@ -140,6 +147,14 @@ class Method:
         opts = _set(self.train_cls) | ({"pretrained": pretrained} if pretrained else {})
         return ClassifyConfig(dataset=dataset, out=out, synthetic=synthetic, seed=seed, **opts)
 
+    def scores(self) -> list[tuple[str, str]]:
+        """(generation, scores name) this method's synthetic filter reads; [] without a filter."""
+        if not self.train_cls.get("synthetic_filter"):
+            return []
+        names = self.train_cls.get("scores") or [DEFAULT_SCORES_NAME]
+        names = [names] if isinstance(names, str) else list(names)
+        return [(g, names[0] if len(names) == 1 else names[i]) for i, g in enumerate(self.synthetic)]
+
 
 def _set(options: dict) -> dict:
     """Options given a value; null leaves the stage's default."""
@@ -156,6 +171,8 @@ class Recipe:
     data: str | None
     data_layout: str
     model: str | None
+    clip: str | None
+    score: dict  # ScoreConfig options
     prepare: dict
     derive: dict | None
     banks: dict[str, Bank]
@@ -180,6 +197,10 @@ class Recipe:
     def generations_for(self, methods: list[str]) -> list[str]:
         return list(dict.fromkeys(g for m in methods for g in self.methods[m].synthetic))
 
+    def scores_for(self, methods: list[str]) -> list[tuple[str, str]]:
+        """(generation, scores name) pairs the methods' filters read, each once, in order."""
+        return list(dict.fromkeys(p for m in methods for p in self.methods[m].scores()))
+
     def banks_for(self, methods: list[str]) -> list[str]:
         return list(dict.fromkeys(b for g in self.generations_for(methods) if (b := self.generations[g].bank)))
 
@@ -200,6 +221,8 @@ def parse(name: str, raw: dict, file: str) -> Recipe:
     banks = _banks(raw, where)
     generations = _generations(raw, where, banks)
     methods = _methods(raw, where, generations)
+    score = check_options(ScoreConfig, raw.get("score"), f"{where}: score")
+    _build(ScoreConfig, f"{where}: score", synthetic="<synthetic>", clip="<clip>", **score)
     rows = tuple(_list(raw.get("rows"), f"{where}: rows", str))
     if not rows:
         raise DiffmixError(f"{where}: rows lists the table's methods; it is empty")
@@ -208,13 +231,13 @@ def parse(name: str, raw: dict, file: str) -> Recipe:
     seeds = tuple(_list(raw.get("seeds"), f"{where}: seeds", int))
     if not seeds:
         raise DiffmixError(f"{where}: seeds lists the classifier seeds (e.g. [2020, 2021, 2022]); it is empty")
-    for key in ("description", "table", "data", "data_layout", "model"):
+    for key in ("description", "table", "data", "data_layout", "model", "clip"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise DiffmixError(f"{where}: {key} must be text, not {raw[key]!r}")
     return Recipe(name=name, file=file, content=raw, description=raw.get("description") or "",
                   table=raw.get("table") or name, data=raw.get("data"),
                   data_layout=raw.get("data_layout") or f"a {prepare['format']} dataset", model=raw.get("model"),
-                  prepare=prepare, derive=derive, banks=banks, generations=generations, methods=methods, rows=rows,
+                  clip=raw.get("clip"), score=score, prepare=prepare, derive=derive, banks=banks, generations=generations, methods=methods, rows=rows,
                   seeds=seeds)
 
 
@@ -300,6 +323,10 @@ def _methods(raw: dict, where: str, generations: dict[str, Generation]) -> dict[
         method = Method(str(name), str(label), tuple(synthetic), opts)
         _build(ClassifyConfig, here, dataset="<dataset>", out="<out>", synthetic=tuple(f"<{g}>" for g in synthetic),
                seed=0, **method.train_cls)
+        if bad := [c.spec for c in parse_filter(opts.get("synthetic_filter")) if c.column.startswith("classifier_")]:
+            raise DiffmixError(f"{here}.train_cls.synthetic_filter {', '.join(bad)}: a recipe's `score` steps score "
+                               "with CLIP only (no classifier), so classifier_* columns have no values; filter on a clip_* "
+                               "column, or score with --classifier yourself and run train-cls by hand")
         out[str(name)] = method
     return out
 

@@ -1,6 +1,7 @@
 """`diffmix-ray report`: results people can look at. For generate outputs, a contact sheet of
-source images and their translations (class names, strengths, soft-label weights); for classifier
-runs, accuracy-vs-epoch plots and a comparison table (Markdown and HTML)."""
+source images and their translations (class names, strengths, soft-label weights) and, when they were
+scored, the score plots (score_report.py); for classifier runs, accuracy-vs-epoch plots and a
+comparison table (Markdown and HTML), with the kept fraction of each run's synthetic filter."""
 
 from __future__ import annotations
 
@@ -21,17 +22,23 @@ from .. import canonical, storage  # noqa: E402
 from ..contracts import (COL_IMAGE, COL_IMAGE_ID, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH,  # noqa: E402
                          COL_TARGET_LABEL, MANIFEST_JSON)
 from ..errors import DiffmixError  # noqa: E402
+from ..scores import is_scores_output  # noqa: E402
 from ..synthetic import open_synthetic  # noqa: E402
+from . import score_report  # noqa: E402
 
 METRICS_JSON = "metrics.json"  # the classifier run's file name (classify/run.py writes it)
 
 
 def _kind(run: str) -> str:
+    # a score output holds a manifest.json too: asked first, by the manifest's content
+    if is_scores_output(run):
+        return "score"
     if storage.exists(storage.join(run, MANIFEST_JSON)):
         return "generate"
     if storage.exists(storage.join(run, METRICS_JSON)):
         return "train-cls"
-    raise DiffmixError(f"{run} is neither a generate output (manifest.json) nor a train-cls run (metrics.json)")
+    raise DiffmixError(f"{run} is neither a generate output (manifest.json), a score output (<synthetic>/scores/NAME) "
+                       "nor a train-cls run (metrics.json)")
 
 
 def _save_png(fig, uri: str) -> None:
@@ -158,21 +165,31 @@ def comparison_rows(runs: list[tuple[str, dict]]) -> tuple[list[str], list[list[
     return header, body, notes
 
 
-def _markdown(header, body, notes) -> str:
+def _markdown(header, body, notes, kept=None) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in body]
+    if kept and kept[1]:
+        lines += ["", "Synthetic filters (images kept of those generated):", "",
+                  "| " + " | ".join(kept[0]) + " |", "|" + "---|" * len(kept[0])]
+        lines += ["| " + " | ".join(r) + " |" for r in kept[1]]
     return "\n".join(lines) + "\n" + "".join(f"\n{n}\n" for n in notes)
 
 
-def _html(header, body, notes, images: list[str]) -> str:
+def html_table(header, body) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+def _html(header, body, notes, images: list[str], kept=None) -> str:
     foot = "".join(f"<p>{html.escape(n)}</p>" for n in notes)
+    if kept and kept[1]:
+        foot = "<h2>Synthetic filters</h2>" + html_table(*kept) + foot
     imgs = "".join(f'<p><img src="{html.escape(os.path.basename(i))}" style="max-width:100%"></p>' for i in images)
     return ("<!doctype html><meta charset='utf-8'><title>diffmix-ray report</title>"
             "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #999;"
             "padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}</style>"
-            f"<h1>diffmix-ray report</h1><table><tr>{head}</tr>{rows}</table>{foot}{imgs}\n")
+            f"<h1>diffmix-ray report</h1>{html_table(header, body) if header else ''}{foot}{imgs}\n")
 
 
 def run_report(runs: list[str], out: str | None = None, gamma: float = 0.5) -> dict[str, list[str]]:
@@ -181,20 +198,29 @@ def run_report(runs: list[str], out: str | None = None, gamma: float = 0.5) -> d
         raise DiffmixError("give at least one generate output or train-cls run")
     out = storage.normalize(out) if out else storage.join(posixpath.dirname(runs[0].rstrip("/")), "report")
     written: dict[str, list[str]] = defaultdict(list)
-    classifiers = []
+    classifiers, scored = [], []
     for run in runs:
         name = posixpath.basename(run.rstrip("/"))
-        if _kind(run) == "generate":
+        kind = _kind(run)
+        if kind == "generate":
             written["contact_sheets"].append(contact_sheet(run, storage.join(out, f"contact-{name}.png"), gamma=gamma))
+            scored += score_report.open_scored(run, name)
+        elif kind == "score":  # <synthetic>/scores/<name>: that one scores run of its generate output
+            synthetic = posixpath.dirname(posixpath.dirname(run.rstrip("/")))
+            label = posixpath.basename(synthetic)
+            scored += [s for s in score_report.open_scored(synthetic, label) if s.scores.name == name]
         else:
             classifiers.append((name, storage.read_json(storage.join(run, METRICS_JSON))))
+    filters = [(name, m["synthetic_filter"]) for name, m in classifiers if m.get("synthetic_filter")]
+    written["score_plots"] = score_report.score_plots(scored, out, filters)
+    kept = score_report.kept_rows(filters)
     if classifiers:
         written["plots"].append(accuracy_plot(classifiers, storage.join(out, "accuracy.png")))
         header, body, notes = comparison_rows(classifiers)
-        storage.write_text_atomic(storage.join(out, "comparison.md"), _markdown(header, body, notes))
+        storage.write_text_atomic(storage.join(out, "comparison.md"), _markdown(header, body, notes, kept))
         written["tables"] += [storage.join(out, "comparison.md"), storage.join(out, "comparison.html")]
-    images = written["contact_sheets"] + written["plots"]
+    images = written["contact_sheets"] + written["score_plots"] + written["plots"]
     header, body, notes = comparison_rows(classifiers) if classifiers else ([], [], [])
     storage.write_text_atomic(storage.join(out, "comparison.html" if classifiers else "index.html"),
-                              _html(header, body, notes, images))
-    return dict(written)
+                              _html(header, body, notes, images, kept))
+    return {k: v for k, v in written.items() if v}

@@ -1,6 +1,7 @@
 """`diffmix-ray run RECIPE`: a whole table column of the paper as one resumable command.
 
     prepare (+ derive) -> finetune, one per bank the methods need -> generate, one per generation
+    -> score, one per generation and scores name a method's synthetic filter reads
     -> train-cls for every method x seed -> report (table.py)
 
 Each step calls the stage's public entry point and is skipped when the stage's own completion marker
@@ -11,7 +12,8 @@ pins the recipe's content and the inputs: another recipe, --data or --model at t
 refused (--overwrite starts again); --methods and --seeds only choose what to run.
 
 Layout of <out>: raw/ (built-in data only), dataset-full/ (when the recipe derives a subset), dataset/,
-banks/<bank>/, synthetic/<generation>/, classifiers/<method>/seed-<s>/, report/, timings.json."""
+banks/<bank>/, synthetic/<generation>/ (and its scores/<name>/), classifiers/<method>/seed-<s>/, report/,
+timings.json."""
 
 from __future__ import annotations
 
@@ -22,13 +24,16 @@ from typing import Callable
 
 from .. import canonical, storage
 from ..console import console
-from ..contracts import CONCEPTS_JSON, DATASET_JSON, RUN_JSON, SUCCESS
+from ..contracts import CONCEPTS_JSON, DATASET_JSON, DEFAULT_SCORES_NAME, RUN_JSON, SCORES_DIR, SUCCESS
 from ..errors import DiffmixError
 from . import table
 from .recipes import BUILTIN_SAMPLE, Recipe
 
 TIMINGS_JSON = "timings.json"
-IDENTITY_EXCLUDED = ("description", "table", "data_layout", "data", "model", "rows", "seeds")
+# --clip is not pinned either (nor the recipe's clip): it is needed only once a filtering method is
+# chosen, which --methods may do on a later rerun; scores of another CLIP under the same name are
+# refused by `score` itself.
+IDENTITY_EXCLUDED = ("description", "table", "data_layout", "data", "model", "clip", "rows", "seeds")
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,9 @@ class Layout:
 
     def synthetic(self, name: str) -> str:
         return self.path("synthetic", name)
+
+    def scores(self, generation: str, name: str) -> str:
+        return self.path("synthetic", generation, SCORES_DIR, name)
 
     def classifier(self, method: str, seed: int) -> str:
         return self.path("classifiers", method, f"seed-{seed}")
@@ -109,8 +117,8 @@ def check_data(recipe: Recipe, data: str) -> None:
 
 class Runner:
     def __init__(self, recipe: Recipe, data: str, model: str | None, out: str, methods: list[str],
-                 seeds: list[int], pretrained: str | None):
-        self.recipe, self.data, self.model, self.pretrained = recipe, data, model, pretrained
+                 seeds: list[int], pretrained: str | None, clip: str | None = None):
+        self.recipe, self.data, self.model, self.pretrained, self.clip = recipe, data, model, pretrained, clip
         self.methods, self.seeds = methods, seeds
         self.layout = Layout(out)
         self.full = self.layout.path("dataset-full") if recipe.derive is not None else self.layout.path("dataset")
@@ -138,6 +146,10 @@ class Runner:
         for g in r.generations_for(self.methods):
             steps.append(Step(f"generate {g}", storage.join(lay.synthetic(g), SUCCESS),
                               lambda g=g: self._generate(g), ray=True))
+        for g, name in r.scores_for(self.methods):
+            steps.append(Step(f"score {g}" + (f" ({name})" if name != DEFAULT_SCORES_NAME else ""),
+                              storage.join(lay.scores(g, name), SUCCESS), lambda g=g, n=name: self._score(g, n),
+                              ray=True))
         for m in self.methods:
             for s in self.seeds:
                 steps.append(Step(f"train-cls {m} seed {s}", storage.join(lay.classifier(m, s), SUCCESS),
@@ -192,6 +204,13 @@ class Runner:
         run_generate(gen.config(self.dataset, self.model, self.layout.bank(gen.bank) if gen.bank else None,
                                 self.layout.synthetic(name)))
 
+    def _score(self, generation: str, name: str) -> None:
+        from ..score.config import ScoreConfig
+        from ..score.run import run_score
+
+        run_score(ScoreConfig(synthetic=self.layout.synthetic(generation), clip=self.clip, name=name,
+                              dataset=self.dataset, **self.recipe.score))
+
     def _train_cls(self, method: str, seed: int) -> None:
         from ..classify.run import run_classify
 
@@ -218,6 +237,8 @@ class Runner:
                  for b in r.banks_for(self.methods)]
         need += [r.generations[g].generate.get("max_actors", 1) * r.generations[g].generate.get("cpus_per_actor", 1.0)
                  for g in r.generations_for(self.methods)]
+        if r.scores_for(self.methods):
+            need.append(r.score.get("max_actors", 1) * r.score.get("cpus_per_actor", 1.0))
         init_ray(min_cpus=max(need, default=1.0))  # joins RAY_ADDRESS (a Ray job) or starts a private one
         self._ray_started = True
 
@@ -245,7 +266,7 @@ class Runner:
 
 def run_recipe(recipe: Recipe, out: str, data: str | None = None, model: str | None = None,
                seeds: list[int] | None = None, methods: list[str] | None = None, pretrained: str | None = None,
-               overwrite: bool = False) -> dict:
+               overwrite: bool = False, clip: str | None = None) -> dict:
     """Run (or resume) the recipe's steps into `out`; returns what the report wrote (paths, table)."""
     started = time.perf_counter()
     data = data or recipe.data
@@ -257,10 +278,16 @@ def run_recipe(recipe: Recipe, out: str, data: str | None = None, model: str | N
     if recipe.generations_for(chosen) and not model:
         raise DiffmixError(f"recipe {recipe.name} needs --model for {', '.join(m for m in chosen if recipe.methods[m].synthetic)}: "
                            "the base diffusion model (a diffusers folder or s3:// URI of SD 1.5; `tiny` for a smoke run)")
+    clip = clip or recipe.clip
+    if (scored := recipe.scores_for(chosen)) and not clip:
+        users = [m for m in chosen if recipe.methods[m].scores()]
+        raise DiffmixError(f"recipe {recipe.name} needs --clip for {', '.join(users)}: the CLIP model their synthetic "
+                           f"filter scores {', '.join(sorted({g for g, _ in scored}))} with (a CLIPModel folder or "
+                           "s3:// URI of CLIP ViT-B/32, the reference's; `tiny` for a smoke run)")
     if seeds is not None and not seeds:
         raise DiffmixError("--seeds lists at least one seed, e.g. 2020,2021,2022")
     check_data(recipe, data)
-    runner = Runner(recipe, data, model, storage.normalize(out), chosen, list(seeds or recipe.seeds), pretrained)
+    runner = Runner(recipe, data, model, storage.normalize(out), chosen, list(seeds or recipe.seeds), pretrained, clip)
     storage.claim_output(runner.layout.out, "recipe", runner.identity(), overwrite)
     timings = Timings(runner.layout.path(TIMINGS_JSON),
                       {"recipe": recipe.name, "methods": chosen, "seeds": runner.seeds})

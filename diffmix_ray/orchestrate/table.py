@@ -1,7 +1,8 @@
 """The report of `diffmix-ray run`: the recipe's table in the paper's shape (one row per method, the
 reported top-1 as mean ± std over seeds, and many/medium/few for long-tailed data) as Markdown and
-HTML, with the plots: top-1 per method (bars, one dot per seed), accuracy per epoch (mean over seeds)
-and a contact sheet per generation. Every finished classifier run under <out>/classifiers counts,
+HTML, with the plots: top-1 per method (bars, one dot per seed), accuracy per epoch (mean over seeds),
+a contact sheet per generation, and for scored generations the score plots and the kept fraction of
+each method's synthetic filter (score_report.py). Every finished classifier run under <out>/classifiers counts,
 so the table grows as methods and seeds are added."""
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from .. import canonical, storage  # noqa: E402
 from ..classify.summary import mean_std  # noqa: E402
 from ..console import console  # noqa: E402
 from ..contracts import SUCCESS  # noqa: E402
+from . import score_report  # noqa: E402
 from .recipes import Recipe  # noqa: E402
-from .report import METRICS_JSON, NO_SPLIT, _save_png, _series, contact_sheet  # noqa: E402
+from .report import METRICS_JSON, NO_SPLIT, _save_png, _series, contact_sheet, html_table  # noqa: E402
 
 BASELINE = "real-only"
 GROUPS = ("many", "medium", "few")
@@ -103,10 +105,14 @@ def _context(recipe: Recipe, layout, rows: list[Row], seeds: list[int]) -> list[
     return lines
 
 
-def _markdown(title: str, header, body, context: list[str], timings: list[dict]) -> str:
+def _markdown(title: str, header, body, context: list[str], timings: list[dict], kept=None) -> str:
     out = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(r) + " |" for r in body]
     out += [""] + [f"- {c}" for c in context]
+    if kept and kept[1]:
+        out += ["", "Synthetic filters (images kept of those generated):", "",
+                "| " + " | ".join(kept[0]) + " |", "|" + "---|" * len(kept[0])]
+        out += ["| " + " | ".join(r) + " |" for r in kept[1]]
     if timings:
         out += ["", "Stage wall times (each from the invocation that completed it):", "",
                 "| step | seconds | completed by the run started |", "|---|---|---|"]
@@ -114,15 +120,15 @@ def _markdown(title: str, header, body, context: list[str], timings: list[dict])
     return "\n".join(out) + "\n"
 
 
-def _html(title: str, header, body, context: list[str], images: list[str]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+def _html(title: str, header, body, context: list[str], images: list[str], kept=None) -> str:
     notes = "".join(f"<li>{html.escape(c)}</li>" for c in context)
+    if kept and kept[1]:
+        notes += "</ul><h2>Synthetic filters</h2>" + html_table(*kept) + "<ul>"
     imgs = "".join(f'<p><img src="{html.escape(os.path.basename(i))}" style="max-width:100%"></p>' for i in images)
     return ("<!doctype html><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
             "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #999;"
             "padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}</style>"
-            f"<h1>{html.escape(title)}</h1><table><tr>{head}</tr>{trs}</table><ul>{notes}</ul>{imgs}\n")
+            f"<h1>{html.escape(title)}</h1>{html_table(header, body)}<ul>{notes}</ul>{imgs}\n")
 
 
 def methods_plot(rows: list[Row], out_png: str) -> str:
@@ -169,15 +175,22 @@ def write_report(recipe: Recipe, layout, seeds: list[int], timings: list[dict] |
     images = []
     if rows:
         images += [methods_plot(rows, storage.join(out, "methods.png")), curves_plot(rows, storage.join(out, "accuracy.png"))]
+    scored = []
     for name in recipe.generations:
         run = layout.synthetic(name)
         if storage.exists(storage.join(run, SUCCESS)):
-            gamma = recipe.methods[next((m for m in recipe.methods if name in recipe.methods[m].synthetic),
-                                        recipe.rows[0])].train_cls.get("gamma", 0.5)
+            users = [m for m in recipe.methods if name in recipe.methods[m].synthetic]
+            gamma = recipe.methods[users[0] if users else recipe.rows[0]].train_cls.get("gamma", 0.5)
             images.append(contact_sheet(run, storage.join(out, f"contact-{name}.png"), gamma=gamma))
-    markdown = _markdown(recipe.table, header, body, context, timings or [])
+            ran = [r.label for r in rows if r.method in users]
+            scored += score_report.open_scored(run, f"{name} ({', '.join(ran)})" if ran else name)
+    filters = [(r.label, r.metrics[0]["synthetic_filter"]) for r in rows if r.metrics[0].get("synthetic_filter")]
+    images += score_report.score_plots(scored, out, filters)
+    kept = score_report.kept_rows(filters)
+    kept = (["method"] + kept[0][1:], kept[1])  # one row per method: every seed reads the same scores and filter
+    markdown = _markdown(recipe.table, header, body, context, timings or [], kept)
     storage.write_text_atomic(storage.join(out, "table.md"), markdown)
-    storage.write_text_atomic(storage.join(out, "table.html"), _html(recipe.table, header, body, context, images))
+    storage.write_text_atomic(storage.join(out, "table.html"), _html(recipe.table, header, body, context, images, kept))
     return {"markdown": markdown, "table": [header] + body, "files": [storage.join(out, "table.md"),
                                                                        storage.join(out, "table.html")] + images}
 

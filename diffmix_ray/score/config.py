@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..contracts import DEFAULT_SCORES_NAME
+from ..contracts import DEFAULT_SCORES_NAME, SCORES_NAME_PATTERN
 from ..errors import DiffmixError
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # one folder under <synthetic>/scores/
+_NAME = re.compile(SCORES_NAME_PATTERN)  # one folder under <synthetic>/scores/
 
 
 @dataclass(frozen=True)
