@@ -472,3 +472,23 @@ def test_compiled_unet_pads_batches_and_shares_its_cache(translator, sample_data
     second = make()
     assert second.compile_cache.loaded
     assert _diff(second(batch)[COL_PIXELS], out[COL_PIXELS]).max() == 0
+
+
+def test_a_chunk_runs_in_device_batches_of_batch_size(translator, sample_dataset, monkeypatch):
+    """Ray Data hands the actor whole chunks; the actor cuts device batches of --batch-size from
+    each step group, and the images are those of one call per group."""
+    batch = _batch(sample_dataset, targets=[1, 2, 3, 0, 2], strengths=[0.7, 0.7, 0.7, 0.3, 0.7],
+                   seeds=[1, 2, 3, 4, 5])
+    whole = translator(batch)
+    sizes: list[int] = []
+    real = translator.translate
+
+    def recording(pixels, labels, seeds, n_steps):
+        sizes.append(len(labels))
+        return real(pixels, labels, seeds, n_steps)
+
+    monkeypatch.setattr(translator, "batch_size", 2)
+    monkeypatch.setattr(translator, "translate", recording)
+    split = translator(batch)
+    assert sorted(sizes) == [1, 2, 2]  # 0.3: one pair; 0.7: four pairs in batches of 2
+    assert _diff(split[COL_PIXELS], whole[COL_PIXELS]).max() <= 1

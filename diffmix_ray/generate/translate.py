@@ -181,6 +181,9 @@ class Translator:
         return u8.cpu().numpy(), finite.cpu().numpy(), black.cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A batch of pairs (any size: Ray Data hands the actor whole chunks, so its per-call cost is
+        paid per chunk, not per device batch) -> the same rows with their output pixels. Pairs are
+        grouped by step count, and each group runs in device batches of at most `batch_size`."""
         t0 = time.perf_counter()
         labels = [int(t) for t in batch[COL_TARGET_LABEL]]
         n = len(labels)
@@ -191,17 +194,10 @@ class Translator:
             if not errors[i]:
                 steps = self.steps if self.kind == "gen" else denoising_steps(batch[COL_STRENGTH][i], self.steps)
                 groups[steps].append(i)
-        for n_steps, idx in sorted(groups.items()):
-            pixels = None if self.kind == "gen" else batch[COL_PIXELS][idx]
-            images, finite, black = self.translate(pixels, [labels[i] for i in idx],
-                                                   [int(batch[COL_SEED][i]) for i in idx], n_steps)
-            for j, i in enumerate(idx):
-                if not finite[j]:
-                    errors[i] = "generated image contains NaN/inf (fp16 overflow?)"
-                elif black[j]:
-                    errors[i] = "generated image is black"
-                else:
-                    out[i] = images[j]
+        size = self.batch_size or n
+        for n_steps, group in sorted(groups.items()):
+            for start in range(0, len(group), size):  # the device's batches: at most batch_size pairs
+                self._translate_rows(batch, group[start:start + size], n_steps, labels, errors, out)
         result = dict(batch)
         result.update({COL_PIXELS: out, COL_ERROR: np.array(errors, dtype=object),
                        COL_PROMPT: np.array([self.prompts[t] for t in labels], dtype=object)})
@@ -211,6 +207,19 @@ class Translator:
             failed = sum(1 for e in errors if e)
             self.metrics.batch_done(ok=n - failed, failed=failed, seconds=time.perf_counter() - t0)
         return result
+
+    def _translate_rows(self, batch: dict, idx: list[int], n_steps: int, labels: list[int], errors: list[str],
+                        out: np.ndarray) -> None:
+        pixels = None if self.kind == "gen" else batch[COL_PIXELS][idx]
+        images, finite, black = self.translate(pixels, [labels[i] for i in idx],
+                                               [int(batch[COL_SEED][i]) for i in idx], n_steps)
+        for j, i in enumerate(idx):
+            if not finite[j]:
+                errors[i] = "generated image contains NaN/inf (fp16 overflow?)"
+            elif black[j]:
+                errors[i] = "generated image is black"
+            else:
+                out[i] = images[j]
 
 
 def translate_locally(translator: Translator, plan: pa.Table, sources: list[bytes] | None,
