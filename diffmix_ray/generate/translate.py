@@ -27,6 +27,7 @@ from ..contracts import COL_PROMPT, COL_SEED, COL_STRENGTH, COL_TARGET_LABEL, PL
 from ..errors import DiffmixError
 from ..models import concepts as bank_io
 from ..models.compiling import CompileCache
+from ..models.cpu_thread import TorchThread, on_cpu
 from ..models.loader import load_pipeline, to_text2img
 from .cpu_stages import COL_ERROR, COL_PIXELS, COL_SOURCE_H, COL_SOURCE_W, decode_sources, finish_images
 from .plan import denoising_steps
@@ -50,13 +51,14 @@ class Translator:
                  device: str | None = None, dtype: str | torch.dtype | None = None,
                  batch_size: int | None = None, compile: bool = False, compile_cache: str | None = None,
                  fuse_lora: bool = True, report_metrics: bool = False):
-        if not (device or "").startswith("cuda") and not torch.cuda.is_available():
-            if threads:
-                torch.set_num_threads(max(1, int(threads)))  # = the CPUs Ray granted this actor
-            # Denormal floats (|x| < 1e-38) are computed in microcode on x86, 10-100x slower; a
-            # UNet's activations can drift into them (measured: img2img 3x slower on some inputs).
-            # Flushing them to zero changes no visible pixel.
-            torch.set_flush_denormal(True)
+        # On a CPU, set-up and every batch run on one thread of the actor's own (cpu_thread.py).
+        self._torch = TorchThread(on_cpu(device), threads)
+        self._torch.run(self._setup, model, kind, class_names, super_class, concepts, steps, guidance,
+                        prompt_template, device, dtype, batch_size, compile, compile_cache, fuse_lora,
+                        report_metrics)
+
+    def _setup(self, model, kind, class_names, super_class, concepts, steps, guidance, prompt_template, device,
+               dtype, batch_size, compile, compile_cache, fuse_lora, report_metrics) -> None:
         from diffusers import DPMSolverMultistepScheduler
 
         if compile and not batch_size:
@@ -184,6 +186,9 @@ class Translator:
         """A batch of pairs (any size: Ray Data hands the actor whole chunks, so its per-call cost is
         paid per chunk, not per device batch) -> the same rows with their output pixels. Pairs are
         grouped by step count, and each group runs in device batches of at most `batch_size`."""
+        return self._torch.run(self._call, batch)
+
+    def _call(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         labels = [int(t) for t in batch[COL_TARGET_LABEL]]
         n = len(labels)

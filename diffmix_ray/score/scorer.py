@@ -22,6 +22,7 @@ from ..contracts import (CLASS_PROMPT, COL_CLASSIFIER_SOURCE_PROB, COL_CLASSIFIE
                          COL_CLIP_TARGET_SIM, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_TARGET_LABEL, SCORE_COLUMNS,
                          object_prompts)
 from ..models.clip import load_clip
+from ..models.cpu_thread import TorchThread, on_cpu
 from .cpu_stages import COL_CLIP, COL_CLIP_SRC, COL_CLS, COL_ERROR, COL_SRC_FILE
 
 PROMPT_CHUNK = 256  # class prompts encoded per text-tower call at start-up
@@ -35,10 +36,13 @@ class Scorer:
     def __init__(self, clip: str, class_names: list[str], super_class: str, classifier: str | None = None,
                  classifier_fingerprint: str | None = None, device: str | None = None, dtype=None,
                  threads: int | None = None, report_metrics: bool = False, batch_delay_s: float = 0.0):
-        if not (device or "").startswith("cuda") and not torch.cuda.is_available():
-            if threads:
-                torch.set_num_threads(max(1, int(threads)))  # = the CPUs Ray granted this actor
-            torch.set_flush_denormal(True)  # denormals are computed in microcode on x86: 10-100x slower
+        # On a CPU, set-up and every batch run on one thread of the actor's own (models/cpu_thread.py).
+        self._torch = TorchThread(on_cpu(device), threads)
+        self._torch.run(self._setup, clip, class_names, super_class, classifier, classifier_fingerprint, device,
+                        dtype, report_metrics, batch_delay_s)
+
+    def _setup(self, clip, class_names, super_class, classifier, classifier_fingerprint, device, dtype,
+               report_metrics, batch_delay_s) -> None:
         self.model, self.tokenizer, self.ref = load_clip(clip, device=device, dtype=dtype)
         self.device, self.dtype = self.model.logit_scale.device, self.model.dtype
         prep = self.ref.prep
@@ -125,6 +129,9 @@ class Scorer:
         return {k: v.float().cpu().numpy() for k, v in out.items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._torch.run(self._call, batch)
+
+    def _call(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         errors = [str(e) for e in batch[COL_ERROR]]
         n = len(errors)
