@@ -24,7 +24,6 @@ def test_every_call_runs_on_one_configured_thread_whoever_calls():
     assert threads == 1 and denormal == 0.0  # set-up applied where the work runs
     with pytest.raises(ValueError, match="boom"):  # the work's errors reach the caller
         worker.run(lambda: (_ for _ in ()).throw(ValueError("boom")))
-    worker.close()
 
 
 def test_on_a_gpu_the_work_stays_on_the_calling_thread():

@@ -39,10 +39,6 @@ class TorchThread:
             return fn(*args, **kwargs)
         return self._pool.submit(fn, *args, **kwargs).result()  # re-raises fn's exception here
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-
 
 def _configure(threads: int | None) -> None:
     if threads:
