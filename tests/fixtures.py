@@ -115,10 +115,11 @@ def make_random_bank(out: str, model: str, dataset_uri: str, mode: str = "ti+lor
                              token_std=1.0)
 
 
-def fake_synthetic(out: str, dataset_uri: str, strength: float, shuffle_labels: bool = False, seed: int = 0,
+def fake_synthetic(out: str, dataset_uri: str, strength: float, relabel: int = 0, seed: int = 0,
                    complete: bool = True, missing: int = 0) -> str:
     """A generate output in the exact shard format whose images are the source images themselves
-    (a perfect low-strength translation): isolates train-cls's label bookkeeping from the model."""
+    (a perfect low-strength translation): isolates train-cls's label bookkeeping from the model.
+    `relabel`: every shard claims its image is of class (label + relabel) mod C, a consistent lie."""
     import pyarrow as pa
 
     from diffmix_ray import canonical, storage
@@ -128,7 +129,7 @@ def fake_synthetic(out: str, dataset_uri: str, strength: float, shuffle_labels: 
     train = ds.read_split("train")
     n, C = train.num_rows, ds.info.num_classes
     labels = np.asarray(train.column("label").to_pylist())
-    source = np.random.default_rng(seed).permutation(labels) if shuffle_labels else labels
+    source = (labels + relabel) % C
     target = (source + 1) % C  # inter-class: the soft label keeps most weight on the source
     sizes = [Image.open(io.BytesIO(b)).size for b in train.column("image").to_pylist()]
     table = pa.table({

@@ -212,19 +212,22 @@ def test_pretrained_local_weights_load(shapes, tmp_path):
 # ---------------------------------------------------------------------------------------------
 def test_label_bookkeeping_end_to_end(ray_local, shapes, tmp_path):
     """Synthetic-only training (p = 1) on low-strength shards (images = sources, soft labels from
-    the shards) matches the real baseline; with the shards' labels shuffled it falls to chance."""
+    the shards) matches the real baseline; with the shards' labels rotated by two classes it learns
+    the rotation, so its test top-1 falls below chance."""
     real_run = run_classify(cfg(shapes, tmp_path / "real", test_every_epoch=True))
     real = real_run["summary"]["test_top1"]
     assert all(e["test"] is not None for e in real_run["epochs"])  # --test-every-epoch: curves, as before
     good = fx.fake_synthetic(str(tmp_path / "good"), shapes, 0.04)
-    # seed 27: no class's most frequent shuffled label is its own. (With seed 3, two were: a model that fitted
-    # the shuffled labels scored 0.46-0.5 on test, before and after issue 12, and the bound below flickered.)
-    bad = fx.fake_synthetic(str(tmp_path / "bad"), shapes, 0.04, shuffle_labels=True, seed=27)
+    # A consistent rotation, not a per-image shuffle: with random labels the model learns little, the
+    # selected epoch's test top-1 wanders around chance (0.46 seen in CI with 4 classes and 24 test
+    # images) and no bound separates it from a working baseline. A rotation is learned like the true
+    # labels are: source c+2 and target c+3 (4 classes), neither of them c, so test top-1 goes to ~0.
+    bad = fx.fake_synthetic(str(tmp_path / "bad"), shapes, 0.04, relabel=2)
     syn = run_classify(cfg(shapes, tmp_path / "syn", synthetic=(good,), synthetic_p=1.0))["summary"]["test_top1"]
-    shuf = run_classify(cfg(shapes, tmp_path / "shuf", synthetic=(bad,), synthetic_p=1.0))["summary"]["test_top1"]
+    rot = run_classify(cfg(shapes, tmp_path / "rot", synthetic=(bad,), synthetic_p=1.0))["summary"]["test_top1"]
     assert real >= 0.75, real
     assert syn >= real - 0.15, (syn, real)
-    assert shuf <= 0.45, shuf  # 4 classes: chance is 0.25
+    assert rot <= 0.25, rot  # 4 classes: chance is 0.25; a model that used the images' own labels scores ~1
 
 
 def test_killed_worker_resumes_from_epoch_checkpoint(ray_local, shapes, tmp_path):
