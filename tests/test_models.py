@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -211,8 +212,16 @@ def test_model_make_writes_a_preset_that_loads_back(tiny_dir, tmp_path):
 
     with safe_open(str(tmp_path / "half" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
-    pipe, _ = load_pipeline(str(tmp_path / "half"))  # float32 on CPU, from float16 files
+    logged: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    logging.getLogger("diffusers").addHandler(handler)  # diffusers' loggers do not propagate to caplog's
+    try:
+        pipe, _ = load_pipeline(str(tmp_path / "half"))  # float32 on CPU, from float16 files
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
     assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float32
+    assert not [r for r in logged if "kept in float32" in r.getMessage()]  # no false alarm on the dtype cast
     expected = _weights(build_pipeline("tiny", 3))
     assert all(torch.equal(v, expected[k].half().float()) for k, v in _weights(pipe).items())
 

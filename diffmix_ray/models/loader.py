@@ -377,7 +377,12 @@ def load_pipeline(spec: str, *, device: str | None = None, dtype: torch.dtype | 
         except Exception as e:  # noqa: BLE001 - a corrupt or foreign folder gets one clear message
             raise DiffmixError(f"cannot load {ref.local_path} (from {ref.spec}) as a Stable Diffusion "
                                f"pipeline: {type(e).__name__}: {e}") from e
-    pipe.to(device=device, dtype=dtype)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            # nn.Module.to, not DiffusionPipeline.to: diffusers 0.42's ModelMixin.to logs "should be
+            # kept in float32: [] ... inconsistent results" on every dtype cast, even to the dtype the
+            # weights already have, so each actor's start-up printed two false alarms.
+            torch.nn.Module.to(module, device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe, ref
 
