@@ -174,7 +174,8 @@ GENERATE_OPTIONS = dict(
     max_actors=typer.Option(None, help="Translation actors, autoscaling maximum (default 1)."),
     gpus_per_actor=typer.Option(None, help="GPUs per actor (fractions pack several per GPU). Default: 1 when the Ray "
                                 "cluster has GPUs or its autoscaler can add them, else 0 (CPU, fp32)."),
-    cpus_per_actor=typer.Option(None, help="CPUs per actor; on CPU also its torch threads (default 1)."),
+    cpus_per_actor=typer.Option(None, help="CPUs per actor; on CPU the actor runs one single-threaded stream of "
+                                "device batches per CPU (default 1)."),
     memory_per_actor_gb=typer.Option(None, help="Host memory reserved per actor, so Ray does not over-pack nodes."),
     rows_per_shard=typer.Option(None, help="Images per Parquet shard (default 1000)."),
     jpeg_quality=typer.Option(None, help="JPEG quality of generated images (default 95)."),

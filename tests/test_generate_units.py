@@ -4,6 +4,7 @@ bank checks and config validation."""
 from __future__ import annotations
 
 import io
+import threading
 from collections import Counter
 
 import numpy as np
@@ -198,6 +199,33 @@ def test_hot_path_equals_plain_diffusers(translator, sample_dataset, tiny_bank):
         assert _diff(np.round(ref * 255).astype(np.uint8), ours[i]).max() <= 1, f"pair {i}"
 
 
+def test_cpu_streams_run_at_once_and_give_the_images_of_one_team(translator, sample_dataset, tiny_bank,
+                                                                  monkeypatch):
+    """On a CPU an actor with 2 threads runs its device batches on 2 single-threaded streams at
+    once (each with its own scheduler); the images are those one OpenMP team of 2 gives in turn."""
+    info = canonical.open_dataset(sample_dataset).info
+    team = Translator("tiny", "mix", info.classes, info.super_class, concepts=tiny_bank, steps=6, threads=2,
+                      batch_size=2, streams=1)
+    batch = _batch(sample_dataset, targets=[1, 2, 3, 0, 2], strengths=[0.7, 0.7, 0.7, 0.3, 0.9],
+                   seeds=[1, 2, 3, 4, 5])
+    both_in = threading.Barrier(2, timeout=60)  # broken (and the call fails) unless 2 batches overlap
+    entered: list[int] = []
+    real = translator.translate
+
+    def meeting(pixels, labels, seeds, n_steps):
+        entered.append(threading.get_ident())
+        if len(entered) <= 2:
+            both_in.wait()
+        return real(pixels, labels, seeds, n_steps)
+
+    monkeypatch.setattr(translator, "batch_size", 2)
+    monkeypatch.setattr(translator, "translate", meeting)
+    streamed = translator(batch)
+    assert len(entered) == 4 and len(set(entered[:2])) == 2  # 0.7: batches of 2 and 1; 0.3; 0.9
+    assert list(streamed[COL_ERROR]) == [""] * 5
+    assert _diff(streamed[COL_PIXELS], team(batch)[COL_PIXELS]).max() <= 1
+
+
 def test_fused_and_unfused_lora_agree(translator, sample_dataset, tiny_bank):
     info = canonical.open_dataset(sample_dataset).info
     unfused = Translator("tiny", "mix", info.classes, info.super_class, concepts=tiny_bank, steps=6, threads=2,
@@ -209,36 +237,30 @@ def test_fused_and_unfused_lora_agree(translator, sample_dataset, tiny_bank):
 def test_every_pair_runs_exactly_its_denoising_steps(translator, sample_dataset, monkeypatch):
     """s = 0.04, 0.08, ..., 0.96 at 25 steps runs 1, 2, ..., 24 steps. Stored as float32, 14 of
     them (0.12 = 0.11999999731...) lost a step to diffusers' int(steps x s)."""
-    import torch
-
     strengths = [round(0.04 * k, 2) for k in range(1, 25)]
     assert int(25 * float(np.float32(0.12))) == 2  # the bug the plan's float32 column invites
-    calls: list[int] = []
+    calls: dict[int, int] = {}  # thread -> UNet calls of the translate running on it (streams run at once)
     unet = translator.pipe.unet
-    hook = unet.register_forward_hook(lambda *_: calls.__setitem__(-1, calls[-1] + 1))
+    hook = unet.register_forward_hook(lambda *_: calls.__setitem__(threading.get_ident(), calls[threading.get_ident()] + 1))
     real = translator.translate
 
     def counting(pixels, labels, seeds, n_steps):
-        calls.append(0)
+        calls[threading.get_ident()] = 0
         result = real(pixels, labels, seeds, n_steps)
-        ran.append((n_steps, calls[-1], len(labels)))
+        ran.append((n_steps, calls[threading.get_ident()], len(labels)))
         return result
 
     ran: list[tuple[int, int, int]] = []
     monkeypatch.setattr(translator, "steps", 25)
     monkeypatch.setattr(translator, "translate", counting)
-    threads = torch.get_num_threads()
-    # 300 small UNet calls: one thread, so a busy neighbour cannot stall them at OpenMP barriers
-    torch.set_num_threads(1)
     try:
         out = translator(_batch(sample_dataset, targets=[1] * 24, strengths=strengths, seeds=list(range(24)),
                                 sources=[canonical.open_dataset(sample_dataset).read_split("train")
                                          .column(COL_IMAGE).to_pylist()[0]] * 24))
     finally:
         hook.remove()
-        torch.set_num_threads(threads)
     assert list(out[COL_ERROR]) == [""] * 24
-    assert ran == [(k, k, 1) for k in range(1, 25)]  # one UNet call (CFG batched) per step, one pair each
+    assert sorted(ran) == [(k, k, 1) for k in range(1, 25)]  # one UNet call (CFG batched) per step, one pair each
     assert [denoising_steps(np.float32(s), 25) for s in strengths] == list(range(1, 25))
     assert denoising_steps(np.float32(0.7), 25) == 17  # diffusers' int(25 x 0.7) for the paper's default
 

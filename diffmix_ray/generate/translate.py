@@ -8,14 +8,16 @@ forward); the prompt embeddings of every class and of the empty prompt are compu
 VAE run channels_last on CUDA; optionally the UNet is compiled, with batches padded to one size
 so one graph serves the whole run.
 
-Per batch: pairs are grouped by the number of denoising steps they run (plan.denoising_steps);
-each group is VAE-encoded in one call, and every pair draws its latent sample and its noise from
+Per batch: pairs are grouped by the number of denoising steps they run (plan.denoising_steps)
+and cut into device batches; on a CPU the device batches run on single-threaded streams, one per
+CPU (models/cpu_thread.py says why). Each device batch is VAE-encoded in one call, and every pair draws its latent sample and its noise from
 its own torch.Generator seeded with the pair's seed, exactly as diffusers does image by image, so
 each image is the one its pair asks for at any batch size. The float -> uint8 conversion and the
 NaN/black checks run on the device; one copy brings the batch's pixels back."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 
@@ -28,7 +30,7 @@ from ..errors import DiffmixError
 from ..models import concepts as bank_io
 from ..models.compiling import CompileCache
 from ..models.cpu_thread import TorchThread, on_cpu
-from ..models.loader import load_pipeline, to_text2img
+from ..models.loader import load_pipeline, own_scheduler, to_text2img
 from .cpu_stages import COL_ERROR, COL_PIXELS, COL_SOURCE_H, COL_SOURCE_W, decode_sources, finish_images
 from .plan import denoising_steps
 
@@ -50,9 +52,14 @@ class Translator:
                  prompt_template: str | None = None, threads: int | None = None,
                  device: str | None = None, dtype: str | torch.dtype | None = None,
                  batch_size: int | None = None, compile: bool = False, compile_cache: str | None = None,
-                 fuse_lora: bool = True, report_metrics: bool = False):
-        # On a CPU, set-up and every batch run on one thread of the actor's own (cpu_thread.py).
-        self._torch = TorchThread(on_cpu(device), threads)
+                 fuse_lora: bool = True, report_metrics: bool = False, streams: int | None = None):
+        # On a CPU, set-up and every batch run on threads of the actor's own (cpu_thread.py):
+        # `streams` single-threaded ones (default: one per thread) or, with 1, one OpenMP team of
+        # `threads`. A compiled UNet keeps to one stream.
+        if streams is None:
+            streams = 1 if compile else (threads or 1)
+        self._torch = TorchThread(on_cpu(device), threads, streams)
+        self._shells = threading.local()
         self._torch.run(self._setup, model, kind, class_names, super_class, concepts, steps, guidance,
                         prompt_template, device, dtype, batch_size, compile, compile_cache, fuse_lora,
                         report_metrics)
@@ -149,6 +156,16 @@ class Translator:
         """Rows to add so a compiled UNet always sees one batch size."""
         return self.batch_size - n if self.compile_cache is not None and n < self.batch_size else 0
 
+    def _pipelines(self):
+        """(img2img, text2img) pipelines for the calling thread: with several streams each thread
+        has its own around the shared modules, since a pipeline call keeps state on its scheduler."""
+        if self._torch.streams == 1:
+            return self.pipe, self.text2img
+        if not hasattr(self._shells, "pipe"):
+            self._shells.pipe = own_scheduler(self.pipe)
+            self._shells.text2img = to_text2img(self._shells.pipe) if self.kind == "gen" else None
+        return self._shells.pipe, self._shells.text2img
+
     @torch.inference_mode()
     def translate(self, pixels: np.ndarray | None, labels: list[int], seeds: list[int],
                   n_steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -163,9 +180,10 @@ class Translator:
                       negative_prompt_embeds=self.empty_embeds.expand(rows, -1, -1),
                       num_inference_steps=self.steps, guidance_scale=self.guidance, generator=generators,
                       output_type="latent")
-        vae = self.pipe.vae
+        pipe, text2img = self._pipelines()
+        vae = pipe.vae
         if pixels is None:
-            latents = self.text2img(height=self.resolution, width=self.resolution, **common).images
+            latents = text2img(height=self.resolution, width=self.resolution, **common).images
         else:
             x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
             if pad:
@@ -174,7 +192,7 @@ class Translator:
             # One encode for the group; each pair samples its latent with its own generator (as
             # diffusers' per-image encode does), so its stream continues into its noise.
             init = vae.encode(x).latent_dist.sample(generator=generators) * vae.config.scaling_factor
-            latents = self.pipe(image=init, strength=strength_for_steps(n_steps, self.steps), **common).images
+            latents = pipe(image=init, strength=strength_for_steps(n_steps, self.steps), **common).images
         images = vae.decode(latents[:n] / vae.config.scaling_factor).sample.float()
         finite = torch.isfinite(images).flatten(1).all(1)
         images = (images / 2 + 0.5).clamp(0, 1)
@@ -185,10 +203,8 @@ class Translator:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A batch of pairs (any size: Ray Data hands the actor whole chunks, so its per-call cost is
         paid per chunk, not per device batch) -> the same rows with their output pixels. Pairs are
-        grouped by step count, and each group runs in device batches of at most `batch_size`."""
-        return self._torch.run(self._call, batch)
-
-    def _call(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        grouped by step count, and each group runs in device batches of at most `batch_size`, on
+        the actor's torch threads."""
         t0 = time.perf_counter()
         labels = [int(t) for t in batch[COL_TARGET_LABEL]]
         n = len(labels)
@@ -200,9 +216,17 @@ class Translator:
                 steps = self.steps if self.kind == "gen" else denoising_steps(batch[COL_STRENGTH][i], self.steps)
                 groups[steps].append(i)
         size = self.batch_size or n
-        for n_steps, group in sorted(groups.items()):
-            for start in range(0, len(group), size):  # the device's batches: at most batch_size pairs
-                self._translate_rows(batch, group[start:start + size], n_steps, labels, errors, out)
+        device_batches = [(n_steps, group[start:start + size])  # at most batch_size pairs each
+                          for n_steps, group in sorted(groups.items()) for start in range(0, len(group), size)]
+        results = self._torch.map(lambda job: self._translate_rows(batch, job[1], job[0], labels), device_batches)
+        for (_, idx), (images, finite, black) in zip(device_batches, results):
+            for j, i in enumerate(idx):
+                if not finite[j]:
+                    errors[i] = "generated image contains NaN/inf (fp16 overflow?)"
+                elif black[j]:
+                    errors[i] = "generated image is black"
+                else:
+                    out[i] = images[j]
         result = dict(batch)
         result.update({COL_PIXELS: out, COL_ERROR: np.array(errors, dtype=object),
                        COL_PROMPT: np.array([self.prompts[t] for t in labels], dtype=object)})
@@ -213,18 +237,10 @@ class Translator:
             self.metrics.batch_done(ok=n - failed, failed=failed, seconds=time.perf_counter() - t0)
         return result
 
-    def _translate_rows(self, batch: dict, idx: list[int], n_steps: int, labels: list[int], errors: list[str],
-                        out: np.ndarray) -> None:
+    def _translate_rows(self, batch: dict, idx: list[int], n_steps: int,
+                        labels: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         pixels = None if self.kind == "gen" else batch[COL_PIXELS][idx]
-        images, finite, black = self.translate(pixels, [labels[i] for i in idx],
-                                               [int(batch[COL_SEED][i]) for i in idx], n_steps)
-        for j, i in enumerate(idx):
-            if not finite[j]:
-                errors[i] = "generated image contains NaN/inf (fp16 overflow?)"
-            elif black[j]:
-                errors[i] = "generated image is black"
-            else:
-                out[i] = images[j]
+        return self.translate(pixels, [labels[i] for i in idx], [int(batch[COL_SEED][i]) for i in idx], n_steps)
 
 
 def translate_locally(translator: Translator, plan: pa.Table, sources: list[bytes] | None,

@@ -357,6 +357,18 @@ def to_text2img(pipe):
     return text2img
 
 
+def own_scheduler(pipe):
+    """A pipeline of `pipe`'s class sharing its modules (no weights copied) but with a scheduler of
+    its own: a pipeline call keeps its denoising state (timesteps, step index) on its scheduler, so
+    threads that run calls at once each need one."""
+    import copy
+
+    shell = type(pipe)(**dict(pipe.components, scheduler=copy.deepcopy(pipe.scheduler)),
+                       requires_safety_checker=False)
+    shell.set_progress_bar_config(disable=True)
+    return shell
+
+
 def load_pipeline(spec: str, *, device: str | None = None, dtype: torch.dtype | str | None = None,
                   pipeline: str = "img2img"):
     """(pipeline, ModelRef) for `spec` on `device` in `dtype` (defaults: runtime_policy).
