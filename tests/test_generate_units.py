@@ -224,6 +224,12 @@ def test_cpu_streams_run_at_once_and_give_the_images_of_one_team(translator, sam
     assert len(entered) == 4 and len(set(entered[:2])) == 2  # 0.7: batches of 2 and 1; 0.3; 0.9
     assert list(streamed[COL_ERROR]) == [""] * 5
     assert _diff(streamed[COL_PIXELS], team(batch)[COL_PIXELS]).max() <= 1
+    sizes = []
+    monkeypatch.setattr(translator, "translate", lambda pixels, labels, *a: sizes.append(len(labels)) or
+                        real(pixels, labels, *a))
+    monkeypatch.setattr(translator, "batch_size", 4)
+    translator({k: v[:4] for k, v in batch.items()})  # 3 pairs at 0.7, 1 at 0.3
+    assert sorted(sizes) == [1, 1, 2]  # one batch of 4 would have left a stream idle: batches of 2 at most
 
 
 def test_fused_and_unfused_lora_agree(translator, sample_dataset, tiny_bank):
@@ -311,10 +317,10 @@ def test_bad_source_and_nan_output_are_counted_not_fatal(translator, sample_data
     assert out[COL_ERROR][1].startswith("source image failed to decode")
     real = translator.translate
 
-    def poisoned(pixels, labels, seeds, n_steps):
+    def poisoned(pixels, labels, seeds, n_steps):  # by seed: the pairs may run in any device batches
         images, finite, black = real(pixels, labels, seeds, n_steps)
-        finite[0] = False  # as an fp16 overflow would
-        black[-1] = True  # and a black image
+        finite &= np.array([s != 1 for s in seeds])  # as an fp16 overflow would
+        black |= np.array([s == 3 for s in seeds])  # and a black image
         return images, finite, black
 
     monkeypatch.setattr(translator, "translate", poisoned)
@@ -335,8 +341,8 @@ def test_black_and_nan_detection_on_the_device(translator, sample_dataset, monke
 
     monkeypatch.setattr(vae, "decode", decode)
     batch = _batch(sample_dataset, targets=[1, 2, 3], strengths=[0.7] * 3, seeds=[1, 2, 3])
-    out = translator(batch)
-    assert "NaN" in out[COL_ERROR][0] and "black" in out[COL_ERROR][1] and out[COL_ERROR][2] == ""
+    _, finite, black = translator.translate(batch[COL_PIXELS], [1, 2, 3], [1, 2, 3], n_steps=4)  # one device batch
+    assert list(finite) == [False, True, True] and list(black) == [False, True, False]
 
 
 def test_bank_for_another_dataset_or_model_is_refused(sample_dataset, tiny_bank, tmp_path):

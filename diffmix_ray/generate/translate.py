@@ -17,6 +17,7 @@ NaN/black checks run on the device; one copy brings the batch's pixels back."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import defaultdict
@@ -216,6 +217,8 @@ class Translator:
                 steps = self.steps if self.kind == "gen" else denoising_steps(batch[COL_STRENGTH][i], self.steps)
                 groups[steps].append(i)
         size = self.batch_size or n
+        if self._torch.streams > 1:  # a chunk of few pairs still gives every CPU stream a batch
+            size = min(size, max(1, math.ceil(sum(map(len, groups.values())) / self._torch.streams)))
         device_batches = [(n_steps, group[start:start + size])  # at most batch_size pairs each
                           for n_steps, group in sorted(groups.items()) for start in range(0, len(group), size)]
         results = self._torch.map(lambda job: self._translate_rows(batch, job[1], job[0], labels), device_batches)
