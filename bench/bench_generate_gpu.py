@@ -176,7 +176,7 @@ def bare_pipeline(model: str, bank: str, device: str):
     from diffmix_ray.models import concepts as bank_io
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None,
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(model, dtype=dtype, safety_checker=None,
                                                           requires_safety_checker=False).to(device)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
     pipe.set_progress_bar_config(disable=True)
