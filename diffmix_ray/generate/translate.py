@@ -10,9 +10,10 @@ so one graph serves the whole run.
 
 Per batch: pairs are grouped by the number of denoising steps they run (plan.denoising_steps)
 and cut into device batches; on a CPU the device batches run on single-threaded streams, one per
-CPU (models/cpu_thread.py says why). Each device batch is VAE-encoded in one call, and every pair draws its latent sample and its noise from
-its own torch.Generator seeded with the pair's seed, exactly as diffusers does image by image, so
-each image is the one its pair asks for at any batch size. The float -> uint8 conversion and the
+CPU (models/cpu_thread.py says why). Each device batch is VAE-encoded in one call, and every pair
+draws its latent sample and its noise from its own torch.Generator seeded with the pair's seed,
+exactly as diffusers does image by image, so each image is the one its pair asks for at any batch
+size. The float -> uint8 conversion and the
 NaN/black checks run on the device; one copy brings the batch's pixels back."""
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ..errors import DiffmixError
 from ..models import concepts as bank_io
 from ..models.compiling import CompileCache
 from ..models.cpu_thread import TorchThread, on_cpu
-from ..models.loader import load_pipeline, own_scheduler, to_text2img
+from ..models.loader import load_pipeline, to_text2img, with_own_scheduler
 from .cpu_stages import COL_ERROR, COL_PIXELS, COL_SOURCE_H, COL_SOURCE_W, decode_sources, finish_images
 from .plan import denoising_steps
 
@@ -163,7 +164,7 @@ class Translator:
         if self._torch.streams == 1:
             return self.pipe, self.text2img
         if not hasattr(self._shells, "pipe"):
-            self._shells.pipe = own_scheduler(self.pipe)
+            self._shells.pipe = with_own_scheduler(self.pipe)
             self._shells.text2img = to_text2img(self._shells.pipe) if self.kind == "gen" else None
         return self._shells.pipe, self._shells.text2img
 

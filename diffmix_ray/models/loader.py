@@ -357,7 +357,7 @@ def to_text2img(pipe):
     return text2img
 
 
-def own_scheduler(pipe):
+def with_own_scheduler(pipe):
     """A pipeline of `pipe`'s class sharing its modules (no weights copied) but with a scheduler of
     its own: a pipeline call keeps its denoising state (timesteps, step index) on its scheduler, so
     threads that run calls at once each need one."""
