@@ -232,6 +232,21 @@ def test_cpu_streams_run_at_once_and_give_the_images_of_one_team(translator, sam
     assert sorted(sizes) == [1, 1, 2]  # one batch of 4 would have left a stream idle: batches of 2 at most
 
 
+def test_cpu_streams_text_to_image_each_with_its_own_pipeline(sample_dataset, tiny_bank):
+    """diff-gen on 2 CPU streams: each stream's text-to-image pipeline has its own scheduler, and
+    the images are those of one OpenMP team."""
+    info = canonical.open_dataset(sample_dataset).info
+    kw = dict(concepts=tiny_bank, steps=4, threads=2, batch_size=2)
+    streamed = Translator("tiny", "gen", info.classes, info.super_class, **kw)
+    team = Translator("tiny", "gen", info.classes, info.super_class, streams=1, **kw)
+    batch = {"pair_id": np.array(["a", "b", "c", "d"], dtype=object), "target_label": np.array([0, 1, 2, 3]),
+             "seed": np.array([7, 8, 9, 10])}
+    out = streamed(batch)
+    assert list(out[COL_ERROR]) == [""] * 4 and out[COL_PIXELS].shape == (4, 64, 64, 3)
+    assert _diff(out[COL_PIXELS], team(batch)[COL_PIXELS]).max() <= 1
+    assert streamed._shells.__dict__ == {}  # the shells belong to the stream threads, not to this one
+
+
 def test_fused_and_unfused_lora_agree(translator, sample_dataset, tiny_bank):
     info = canonical.open_dataset(sample_dataset).info
     unfused = Translator("tiny", "mix", info.classes, info.super_class, concepts=tiny_bank, steps=6, threads=2,
