@@ -10,7 +10,7 @@ so one graph serves the whole run.
 
 Per batch: pairs are grouped by the number of denoising steps they run (plan.denoising_steps)
 and cut into device batches; on a CPU the device batches run on single-threaded streams, one per
-CPU (models/cpu_thread.py says why). Each device batch is VAE-encoded in one call, and every pair
+CPU (models/cpu_threads.py says why). Each device batch is VAE-encoded in one call, and every pair
 draws its latent sample and its noise from its own torch.Generator seeded with the pair's seed,
 exactly as diffusers does image by image, so each image is the one its pair asks for at any batch
 size. The float -> uint8 conversion and the
@@ -31,7 +31,7 @@ from ..contracts import COL_PROMPT, COL_SEED, COL_STRENGTH, COL_TARGET_LABEL, PL
 from ..errors import DiffmixError
 from ..models import concepts as bank_io
 from ..models.compiling import CompileCache
-from ..models.cpu_thread import TorchThread, on_cpu
+from ..models.cpu_threads import TorchThreads, on_cpu
 from ..models.loader import load_pipeline, to_text2img, with_own_scheduler
 from .cpu_stages import COL_ERROR, COL_PIXELS, COL_SOURCE_H, COL_SOURCE_W, decode_sources, finish_images
 from .plan import denoising_steps
@@ -55,12 +55,12 @@ class Translator:
                  device: str | None = None, dtype: str | torch.dtype | None = None,
                  batch_size: int | None = None, compile: bool = False, compile_cache: str | None = None,
                  fuse_lora: bool = True, report_metrics: bool = False, streams: int | None = None):
-        # On a CPU, set-up and every batch run on threads of the actor's own (cpu_thread.py):
+        # On a CPU, set-up and every batch run on threads of the actor's own (cpu_threads.py):
         # `streams` single-threaded ones (default: one per thread) or, with 1, one OpenMP team of
         # `threads`. A compiled UNet keeps to one stream.
         if streams is None:
             streams = 1 if compile else (threads or 1)
-        self._torch = TorchThread(on_cpu(device), threads, streams)
+        self._torch = TorchThreads(on_cpu(device), threads, streams)
         self._shells = threading.local()
         self._torch.run(self._setup, model, kind, class_names, super_class, concepts, steps, guidance,
                         prompt_template, device, dtype, batch_size, compile, compile_cache, fuse_lora,

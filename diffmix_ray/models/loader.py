@@ -347,26 +347,28 @@ def _pipeline_class(pipeline: str):
     return classes[pipeline]
 
 
+def _sharing(pipeline_class, components: dict):
+    """A pipeline of `pipeline_class` around existing modules (no weights copied), quiet, no safety checker."""
+    shell = pipeline_class(**components, requires_safety_checker=False)
+    shell.set_progress_bar_config(disable=True)
+    return shell
+
+
 def to_text2img(pipe):
-    """A StableDiffusionPipeline sharing `pipe`'s modules (no weights copied). Not `from_pipe`:
-    that casts the shared modules to float32 unless told otherwise."""
+    """A StableDiffusionPipeline sharing `pipe`'s modules. Not `from_pipe`: that casts the shared
+    modules to float32 unless told otherwise."""
     from diffusers import StableDiffusionPipeline
 
-    text2img = StableDiffusionPipeline(**pipe.components, requires_safety_checker=False)
-    text2img.set_progress_bar_config(disable=True)
-    return text2img
+    return _sharing(StableDiffusionPipeline, pipe.components)
 
 
 def with_own_scheduler(pipe):
-    """A pipeline of `pipe`'s class sharing its modules (no weights copied) but with a scheduler of
-    its own: a pipeline call keeps its denoising state (timesteps, step index) on its scheduler, so
-    threads that run calls at once each need one."""
+    """A pipeline of `pipe`'s class sharing its modules but with a scheduler of its own: a pipeline
+    call keeps its denoising state (timesteps, step index) on its scheduler, so threads that run
+    calls at once each need one."""
     import copy
 
-    shell = type(pipe)(**dict(pipe.components, scheduler=copy.deepcopy(pipe.scheduler)),
-                       requires_safety_checker=False)
-    shell.set_progress_bar_config(disable=True)
-    return shell
+    return _sharing(type(pipe), dict(pipe.components, scheduler=copy.deepcopy(pipe.scheduler)))
 
 
 def load_pipeline(spec: str, *, device: str | None = None, dtype: torch.dtype | str | None = None,

@@ -22,7 +22,7 @@ from ..contracts import (CLASS_PROMPT, COL_CLASSIFIER_SOURCE_PROB, COL_CLASSIFIE
                          COL_CLIP_TARGET_SIM, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_TARGET_LABEL, SCORE_COLUMNS,
                          object_prompts)
 from ..models.clip import load_clip
-from ..models.cpu_thread import TorchThread, on_cpu
+from ..models.cpu_threads import TorchThreads, on_cpu
 from .cpu_stages import COL_CLIP, COL_CLIP_SRC, COL_CLS, COL_ERROR, COL_SRC_FILE
 
 PROMPT_CHUNK = 256  # class prompts encoded per text-tower call at start-up
@@ -36,8 +36,8 @@ class Scorer:
     def __init__(self, clip: str, class_names: list[str], super_class: str, classifier: str | None = None,
                  classifier_fingerprint: str | None = None, device: str | None = None, dtype=None,
                  threads: int | None = None, report_metrics: bool = False, batch_delay_s: float = 0.0):
-        # On a CPU, set-up and every batch run on one thread of the actor's own (models/cpu_thread.py).
-        self._torch = TorchThread(on_cpu(device), threads)
+        # On a CPU, set-up and every batch run on one thread of the actor's own (models/cpu_threads.py).
+        self._torch = TorchThreads(on_cpu(device), threads)
         self._torch.run(self._setup, clip, class_names, super_class, classifier, classifier_fingerprint, device,
                         dtype, report_metrics, batch_delay_s)
 

@@ -33,7 +33,7 @@ def on_cpu(device: str | None) -> bool:
     return not (device or "").startswith("cuda") and (device is not None or not torch.cuda.is_available())
 
 
-class TorchThread:
+class TorchThreads:
     """`run(fn, ...)` calls fn on one of this actor's torch threads, and `map(fn, items)` spreads
     the items over all of them (`streams` threads sharing `threads` torch threads) on the CPU; on
     a GPU both run in place, on the calling thread."""
