@@ -46,6 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from _results import Results  # beside this file
+
 VARIANTS = ("bare", "float-host", "uint8", "uint8-cl", "gpu-decode", "cpu-decode", "eval-fp32", "eval-amp")
 DEFAULTS = {"cuda": dict(arch="resnet50", res_mode=448, batch_size=64, images=512),
             "cpu": dict(arch="resnet18", res_mode=224, batch_size=8, images=64)}
@@ -245,6 +247,26 @@ class Variant:
         s.mean_loss(losses)  # the round's one read, as an epoch's
 
 
+def figures(names, rounds, cpu_rounds, variants, warmup_s, device) -> dict:
+    """Per variant: median images/s over the rounds so far, ratios to the references, and the rest."""
+    rates = {n: statistics.median(r) for n, r in rounds.items()}
+    rows = {}
+    for name in names:
+        row = {"images_per_s": round(rates[name], 1), "rounds": [round(r, 1) for r in rounds[name]],
+               "channels_last": variants[name].channels_last, "warmup_s": warmup_s[name]}
+        for ref in ("bare", "float-host", "eval-fp32"):
+            if ref in rates and name != ref and name.startswith("eval") == ref.startswith("eval"):
+                row[f"vs_{ref}"] = round(rates[name] / rates[ref], 3)
+        if device.type == "cpu":  # CPU time: what the step costs, whatever else the cores are doing
+            cpu = {n: statistics.median(r) for n, r in cpu_rounds.items()}
+            row["images_per_cpu_s"] = round(cpu[name], 2)
+            for ref in ("bare", "float-host", "eval-fp32"):
+                if ref in cpu and name != ref and name.startswith("eval") == ref.startswith("eval"):
+                    row[f"cpu_vs_{ref}"] = round(cpu[name] / cpu[ref], 3)
+        rows[name] = row
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -264,6 +286,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     ap.add_argument("--variants", default=None, help=f"comma-separated, from {', '.join(VARIANTS)} (default: all; "
                                                      "eval-amp on CUDA only)")
+    ap.add_argument("--json", default=None, help="write the figures here, after every round")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -285,8 +308,16 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True  # fixed input size: the run's loop does the same
 
     started = time.perf_counter()
+    results = Results(args.json, device=str(device) + (f" ({torch.cuda.get_device_name(device)})"
+                                                       if device.type == "cuda" else
+                                                       f" ({torch.get_num_threads()} threads, {os.cpu_count()} cores, "
+                                                       f"load {os.getloadavg()[0]:.1f})"),
+                      arch=args.arch, augment=args.augment, batch_size=args.batch_size, classes=args.classes,
+                      decode_threads=args.decode_threads, steps_per_round=args.steps, rounds=args.rounds,
+                      torch=torch.__version__)
     b = Bench(args, device)
     setup_s = time.perf_counter() - started
+    results.update(img_size=b.d["img_size"], autocast=str(b.amp), setup_s=round(setup_s, 1))
     variants, warmup_s = {}, {}
     for name in names:
         v = variants[name] = Variant(name, b)
@@ -295,43 +326,28 @@ def main() -> None:
         t0 = time.perf_counter()
         v.run(args.warmup)  # cudnn's algorithm search for this layout, the decoders' first calls
         warmup_s[name] = round(time.perf_counter() - t0, 2)
+        print(f"{name}: warmed up ({warmup_s[name]:.1f} s)", flush=True)
     rounds = {n: [] for n in names}
     cpu_rounds = {n: [] for n in names}
-    for _ in range(args.rounds):
-        for name in names:
-            b.layout(variants[name].channels_last)
-            t0, c0 = time.perf_counter(), time.process_time()
-            variants[name].run(args.steps)
-            rounds[name].append(args.steps * args.batch_size / (time.perf_counter() - t0))
-            cpu_rounds[name].append(args.steps * args.batch_size / max(time.process_time() - c0, 1e-9))
-    for v in variants.values():
-        v.stop()
-    rates = {n: statistics.median(r) for n, r in rounds.items()}
-    rows = {}
-    for name in names:
-        row = {"images_per_s": round(rates[name], 1), "rounds": [round(r, 1) for r in rounds[name]],
-               "channels_last": variants[name].channels_last, "warmup_s": warmup_s[name]}
-        for ref in ("bare", "float-host", "eval-fp32"):
-            if ref in rates and name != ref and name.startswith("eval") == ref.startswith("eval"):
-                row[f"vs_{ref}"] = round(rates[name] / rates[ref], 3)
-        if device.type == "cpu":  # CPU time: what the step costs, whatever else the cores are doing
-            cpu = {n: statistics.median(r) for n, r in cpu_rounds.items()}
-            row["images_per_cpu_s"] = round(cpu[name], 2)
-            for ref in ("bare", "float-host", "eval-fp32"):
-                if ref in cpu and name != ref and name.startswith("eval") == ref.startswith("eval"):
-                    row[f"cpu_vs_{ref}"] = round(cpu[name] / cpu[ref], 3)
-        rows[name] = row
+    try:
+        for r in range(args.rounds):
+            for name in names:
+                b.layout(variants[name].channels_last)
+                t0, c0 = time.perf_counter(), time.process_time()
+                variants[name].run(args.steps)
+                rounds[name].append(args.steps * args.batch_size / (time.perf_counter() - t0))
+                cpu_rounds[name].append(args.steps * args.batch_size / max(time.process_time() - c0, 1e-9))
+            # the figures so far, after every round: a run stopped at its budget keeps them
+            results.update(variants=figures(names, rounds, cpu_rounds, variants, warmup_s, device), rounds_done=r + 1,
+                           wall_s=round(time.perf_counter() - started, 1))
+    finally:
+        for v in variants.values():
+            v.stop()
     ray_loaded = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))
-    print(json.dumps({
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-                                 f" ({torch.get_num_threads()} threads, {os.cpu_count()} cores, load "
-                                 f"{os.getloadavg()[0]:.1f})"),
-        "arch": args.arch, "augment": args.augment, "img_size": b.d["img_size"], "batch_size": args.batch_size,
-        "autocast": str(b.amp), "classes": args.classes, "decode_threads": args.decode_threads,
-        "steps_per_round": args.steps, "rounds": args.rounds, "torch": torch.__version__,
-        "variants": rows, "setup_s": round(setup_s, 1),
-        "peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
-        "ray_imported": bool(ray_loaded), "wall_s": round(time.perf_counter() - started, 1)}, indent=2))
+    results.update(
+        peak_gpu_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        ray_imported=bool(ray_loaded), wall_s=round(time.perf_counter() - started, 1))
+    print(json.dumps(results.data, indent=2))
     if ray_loaded:
         sys.exit(f"bench_classify_step imported Ray ({ray_loaded[:3]}): it must run where Ray is not installed")
 

@@ -203,6 +203,7 @@ def main() -> None:
                    "batches: a timeline; a real run has ~1024-row blocks)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in (a)/(h); CPUs of the actor in (b)")
     p.add_argument("--work", default=None, help="working folder (default: a temp folder, deleted after)")
+    p.add_argument("--json", default=None, help="--gpu: write the figures here as they are measured")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.clip = args.clip or "clip-b32"

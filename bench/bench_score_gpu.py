@@ -75,6 +75,7 @@ def run_gpu(args) -> None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from _results import Results
     from _score_parts import HandWritten
     from diffmix_ray.score.scorer import Scorer
 
@@ -90,8 +91,11 @@ def run_gpu(args) -> None:
     scorer = Scorer(args.clip, info.classes, info.super_class, device=device, threads=args.threads)
     hw = scorer.ref.prep.output_hw
     batches = [_batch(B, args.per_image, hw, seed) for seed in range(4)]
-    print(f"{args.clip} on {torch.cuda.get_device_name() if on_cuda else device} ({scorer.dtype}), batch {B}, "
+    device_name = torch.cuda.get_device_name() if on_cuda else device
+    print(f"{args.clip} on {device_name} ({scorer.dtype}), batch {B}, "
           f"{args.classes} classes, {args.per_image} pairs per source", flush=True)
+    results = Results(getattr(args, "json", None), device=device_name, clip=args.clip, dtype=str(scorer.dtype),
+                      batch_size=B, classes=args.classes, per_image=args.per_image, torch=torch.__version__)
 
     _timed(scorer, batches[:2], sync)  # warm-up: cuDNN/cuBLAS choose their kernels
     if on_cuda:
@@ -102,6 +106,8 @@ def run_gpu(args) -> None:
         scorer.score(batches[0], np.arange(B))
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else float("nan")
     actor = B / per_batch
+    results.update(actor_images_per_s=round(actor, 1), gflop_per_pair=round(counter.get_total_flops() / B / 1e9, 3),
+                   peak_gib=None if peak != peak else round(peak, 2), nan_scores=nan)
 
     hand = HandWritten(args.clip, info, device=device)
 
@@ -114,7 +120,9 @@ def run_gpu(args) -> None:
 
     _timed(hand_batch, batches[:2], sync)
     hand_rate = B / _timed(hand_batch, [batches[i % 4] for i in range(args.batches)], sync)
+    results.update(hand_written_images_per_s=round(hand_rate, 1), actor_vs_hand_written=round(actor / hand_rate, 3))
     cpu = decode_rate(args.per_image)
+    results.update(cpu_stage_pairs_per_s_per_core=round(cpu, 1), cores_per_device=round(actor / cpu, 1))
     print(f"actor:        {actor:.0f} images/s ({1000 * per_batch:.1f} ms per batch of {B}); "
           f"{counter.get_total_flops() / B / 1e9:.2f} GFLOP per pair; peak memory {peak:.2f} GiB; "
           f"NaN scores {nan}/{4 * B}")
