@@ -74,9 +74,10 @@ def source_kind(state: dict[str, torch.Tensor]) -> str:
                        f"{list(state)[:4]}); convert-classifier reads torchvision's resnet50 and vit_b_16 weights")
 
 
-def convert_state(state: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+def convert_state(state: dict[str, torch.Tensor], arch: str, **model_kwargs) -> dict[str, torch.Tensor]:
     """`state` (torchvision) renamed for timm `arch`, checked tensor by tensor against that architecture
-    with the checkpoint's own class count: every tensor present, none left over, every shape equal."""
+    with the checkpoint's own class count: every tensor present, none left over, every shape equal.
+    `model_kwargs` go to timm.create_model (tests check the mapping on a shallower ViT-B: depth=2)."""
     import timm
 
     if arch not in ARCHS:
@@ -87,7 +88,7 @@ def convert_state(state: dict[str, torch.Tensor], arch: str) -> dict[str, torch.
                            f"--arch {'vit_base_patch16_384' if kind == 'torchvision-vit' else 'resnet50'}")
     state = vit_keys(state) if kind == "torchvision-vit" else dict(state)
     head = "head.weight" if arch.startswith("vit") else "fc.weight"
-    model = timm.create_model(arch, pretrained=False, num_classes=state[head].shape[0])
+    model = timm.create_model(arch, pretrained=False, num_classes=state[head].shape[0], **model_kwargs)
     own = model.state_dict()
     if arch.startswith("vit") and state["pos_embed"].shape != own["pos_embed"].shape:
         tokens = state["pos_embed"].shape[1]
