@@ -470,3 +470,21 @@ def test_report_names_the_backbone_weights():
     rows.append(Row("diff-mix", "Diff-Mix", [1], [{"weights": {"init": "random (--pretrained none)"}}]))
     assert _weights_lines(rows)[1] == "Backbone weights: random (--pretrained none) (Diff-Mix)"
     assert json.dumps(_weights_lines(rows))  # plain strings
+
+
+def test_mixing_from_config_picks_timm_or_the_reference():
+    from timm.data import Mixup
+
+    from diffmix_ray.classify import mixing
+
+    base = {"cutmix": True, "mixup": False, "label_smoothing": 0.1, "num_classes": 4}
+    timm_mix, ref = mixing.from_config(base | {"mixing": "timm", "mix_prob": None})
+    assert isinstance(timm_mix, Mixup) and ref is None and timm_mix.mix_prob == 0.5 and timm_mix.cutmix_alpha == 1.0
+    none, ref = mixing.from_config(base | {"mixing": "reference", "mix_prob": 1.0})
+    x, y = _batch(n=4)
+    torch.manual_seed(0)
+    got = ref(x, y)
+    torch.manual_seed(0)
+    want = mixing.cutmix(x, y, 1.0)
+    assert none is None and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert mixing.from_config(base | {"cutmix": False, "mixing": "reference"}) == (None, None)
