@@ -231,7 +231,8 @@ class Recipe:
             own = self.methods[name].train_cls
             changed = {k: own[k] for k in keys if own.get(k) != cls.get(k)}
             if changed:
-                lines.append(f"  row {name}: " + ", ".join(f"{k} {v}" for k, v in changed.items()))
+                lines.append(f"  row {name}: " + ", ".join(
+                    (k if v else f"no {k}") if isinstance(v, bool) else f"{k} {v}" for k, v in changed.items()))
         if self.follows:
             lines.append("follows: " + " ".join(self.follows.split()))
         return lines
