@@ -454,8 +454,9 @@ def make_clip(out: str = typer.Argument(..., help="Directory (or s3:// URI) to w
 
 @model_app.command("convert-classifier")
 @friendly
-def convert_classifier(src: str = typer.Argument(..., help="A torchvision state dict (.pth), e.g. resnet50-0676ba61.pth "
-                                                 "or vit_b_16_swag-9ac1b537.pth from ~/.cache/torch/hub/checkpoints."),
+def convert_classifier(src: str = typer.Argument(..., help="A torchvision state dict (.pth), e.g. "
+                                                 "resnet50-0676ba61.pth or vit_b_16_swag-9ac1b537.pth from "
+                                                 "~/.cache/torch/hub/checkpoints."),
                        out: str = typer.Argument(..., help="OUT.safetensors, or a folder that receives "
                                                  "model.safetensors: what --pretrained then reads."),
                        arch: str = typer.Option(..., help="timm architecture to map onto: resnet50 | "

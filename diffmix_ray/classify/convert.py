@@ -47,7 +47,8 @@ def vit_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A torchvision VisionTransformer state dict under timm's VisionTransformer names."""
     if any(k.startswith("heads.pre_logits") for k in state):
         raise DiffmixError("this ViT checkpoint has a pre-logits layer (representation_size); timm's "
-                           "vit_base_patch16_* has none: convert a checkpoint without one (e.g. IMAGENET1K_SWAG_E2E_V1)")
+                           "vit_base_patch16_* has none: convert a checkpoint without one "
+                           "(e.g. IMAGENET1K_SWAG_E2E_V1)")
     out, unknown = {}, []
     for key, value in state.items():
         if layer := _LAYER.match(key):

@@ -71,8 +71,9 @@ def describe_weights(pretrained: str | None) -> dict:
 
 def build_model(arch: str, num_classes: int, pretrained: str | None = None):
     """`arch` with `num_classes` outputs. `pretrained` weights (a local file or folder; None or "none":
-    random initialisation) must fit the architecture exactly, except the classifier head, which is replaced when the class count
-    differs: a file for another architecture is refused instead of half-loaded."""
+    random initialisation) must fit the architecture exactly, except the classifier head, which is
+    replaced when the class count differs: a file for another architecture is refused instead of
+    half-loaded."""
     import timm
 
     check_arch(arch)

@@ -129,7 +129,8 @@ def resolve(cfg: ClassifyConfig, info: DatasetInfo, num_real: int, num_synthetic
               "the reference's CMO: probability 0.5 per batch, from epoch 4 to epochs - 4 (its start/end_data_aug 3), "
               "minority images drawn with class weights 1/n_c")
     if cfg.soft_scaler != 1.0:
-        r.set("soft_scaler", cfg.soft_scaler, "--soft-scaler: synthetic targets scaled (the reference's dataset classes)")
+        r.set("soft_scaler", cfg.soft_scaler,
+              "--soft-scaler: synthetic targets scaled (the reference's dataset classes)")
     r.set("hard_labels", hard, "real data only, no label smoothing, no mixup/cutmix/cmo" if hard
           else "soft targets (synthetic data, label smoothing or mixing)")
     r.set("shot_thresholds", None if thresholds is None else {"many": thresholds[0], "few": thresholds[1]}, th_from)
