@@ -271,7 +271,7 @@ def train_cls(
                                                 "(default 80%,90% of --epochs: 160,180 of 200)."),
     lr_decay: Optional[float] = typer.Option(None, help="step: factor per milestone (default 0.01)."),
     loss: Optional[str] = typer.Option(None, help="ce (default) | drw (class re-weighting from --drw-epoch) | "
-                                       "balanced-softmax."),
+                                       "balanced-softmax | ldam | ldam-drw (LDAM margins, + drw)."),
     drw_epoch: Optional[int] = typer.Option(None, help="drw: first re-weighted epoch (default 80% of --epochs: 160 "
                                             "of 200)."),
     drw_beta: Optional[float] = typer.Option(None, help="drw: effective-number beta (default 0.9999)."),
@@ -295,8 +295,20 @@ def train_cls(
                                                "'default'); once for all --synthetic, or once each."),
     allow_incomplete: Optional[bool] = typer.Option(None, "--allow-incomplete", help="Accept shards (and scores) "
                                                     "without _SUCCESS."),
-    cutmix: Optional[bool] = typer.Option(None, "--cutmix", help="CutMix baseline (real data only)."),
-    mixup: Optional[bool] = typer.Option(None, "--mixup", help="Mixup baseline (real data only)."),
+    cutmix: Optional[bool] = typer.Option(None, "--cutmix", help="CutMix baseline (with --synthetic: needs "
+                                          "--mixing reference)."),
+    mixup: Optional[bool] = typer.Option(None, "--mixup", help="Mixup baseline (with --synthetic: needs "
+                                         "--mixing reference)."),
+    mixing: Optional[str] = typer.Option(None, help="timm (default; batch mode, real data only) | reference (the "
+                                         "Diff-Mix code's: CutMix per sample on the rows' own, soft, labels)."),
+    mix_prob: Optional[float] = typer.Option(None, help="Probability of --cutmix/--mixup (default 0.5; reference "
+                                             "CutMix: per sample)."),
+    cmo: Optional[bool] = typer.Option(None, "--cmo", help="CMO long-tail baseline: a box of a minority-sampled "
+                                       "image (1/n_c) pasted in, p 0.5 per batch."),
+    soft_scaler: Optional[float] = typer.Option(None, help="Synthetic targets x this (default 1.0; the reference's "
+                                                "dataset classes use 0.9)."),
+    drop_last: Optional[bool] = typer.Option(None, "--drop-last/--no-drop-last", help="Drop each epoch's "
+                                             "incomplete last batch (default) or train on it (the long-tail trainer)."),
     seed: Optional[int] = typer.Option(None, help="Seed (default 2020)."),
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds: one run each, then mean ± std."),
     workers: Optional[int] = typer.Option(None, help="Ray Train workers (DDP)."),
@@ -327,7 +339,8 @@ def train_cls(
         label_smoothing=label_smoothing, select=select, shot_thresholds=shot_thresholds, synthetic_p=synthetic_p,
         synthetic_sampling=synthetic_sampling, synthetic_pick=synthetic_pick, gamma=gamma,
         synthetic_filter=tuple(synthetic_filter) if synthetic_filter else None, scores=tuple(scores) if scores else None,
-        allow_incomplete=allow_incomplete, cutmix=cutmix, mixup=mixup, seed=seed, workers=workers,
+        allow_incomplete=allow_incomplete, cutmix=cutmix, mixup=mixup, mixing=mixing, mix_prob=mix_prob, cmo=cmo,
+        soft_scaler=soft_scaler, drop_last=drop_last, seed=seed, workers=workers,
         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, gpu_decode=gpu_decode,
         checkpoint_every=checkpoint_every, test_every_epoch=test_every_epoch))
     if seeds:
@@ -439,6 +452,25 @@ def make_clip(out: str = typer.Argument(..., help="Directory (or s3:// URI) to w
     console.print(f"wrote the '{preset}' CLIP model (seed {seed}) to {write_clip(f'{preset}:{seed}', out, overwrite)}")
 
 
+@model_app.command("convert-classifier")
+@friendly
+def convert_classifier(src: str = typer.Argument(..., help="A torchvision state dict (.pth), e.g. "
+                                                 "resnet50-0676ba61.pth or vit_b_16_swag-9ac1b537.pth from "
+                                                 "~/.cache/torch/hub/checkpoints."),
+                       out: str = typer.Argument(..., help="OUT.safetensors, or a folder that receives "
+                                                 "model.safetensors: what --pretrained then reads."),
+                       arch: str = typer.Option(..., help="timm architecture to map onto: resnet50 | "
+                                                "vit_base_patch16_384 | vit_base_patch16_224."),
+                       overwrite: bool = typer.Option(False, help="Replace an existing OUT file.")):
+    """Rename torchvision classifier weights (the Diff-Mix reference's ResNet-50 IMAGENET1K_V1 and ViT-B/16
+    IMAGENET1K_SWAG_E2E_V1) onto a timm architecture, every tensor checked, for `--pretrained`."""
+    from .classify.convert import convert_file
+    from .classify.model import fingerprint
+
+    file = convert_file(src, out, arch, overwrite)
+    console.print(f"wrote {file} ({arch}; sha256 {fingerprint(file)[:12]}): pass it as --pretrained", highlight=False)
+
+
 @model_app.command("stage")
 @friendly
 def stage(uri: str = typer.Argument(..., help="s3:// URI of a diffusers model folder."),
@@ -489,7 +521,8 @@ def run_cmd(recipe: str = typer.Argument(..., help="A recipe name (`diffmix-ray 
             seeds: Optional[str] = typer.Option(None, help="Classifier seeds, comma-separated (default: the recipe's)."),
             methods: Optional[str] = typer.Option(None, help="Methods to run, comma-separated (default: the table's "
                                                   "rows)."),
-            pretrained: Optional[str] = typer.Option(None, help="Local weights for the classifier architecture."),
+            pretrained: Optional[str] = typer.Option(None, help="Local weights for the classifier architecture "
+                                                     "(`recipe show` says which; `none`: from scratch, on purpose)."),
             clip: Optional[str] = typer.Option(None, help="CLIP model for the methods that filter synthetic images "
                                                "(Real-Filtering): a CLIPModel folder or s3:// URI (ViT-B/32 for the "
                                                "paper); tiny for smoke runs (default: the recipe's)."),
@@ -536,6 +569,8 @@ def recipe_show(name: str = typer.Argument(..., help="A recipe name or file.")):
         console.print(f"# {line}", highlight=False, markup=False)
     if r.description:
         console.print("# " + " ".join(r.description.split()), highlight=False, markup=False)
+    for line in r.summary():
+        console.print(f"# {line}", highlight=False, markup=False)
     print(yaml.safe_dump(r.content, sort_keys=False, allow_unicode=True, width=110), end="")
 
 

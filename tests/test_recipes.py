@@ -48,7 +48,7 @@ def test_paper_values_land_where_they_should():
     assert recipes.load("conventional-dogs-vit-b16-384").methods["real-only"].train_cls["lr"] == 1e-5
     assert recipes.load("conventional-flowers-resnet50-448").prepare["split"] == "reference"
     assert cub.rows == ("real-only", "cutmix", "mixup", "real-aug", "real-mix", "real-gen", "real-filtering", "da-fusion",
-                        "diff-aug", "diff-gen", "diff-mix")
+                        "diff-aug", "diff-gen", "diff-mix", "diff-mix+cutmix")
     # Real-Filtering: Real-Gen's images kept by the reference's object score, all but the lowest 10%
     rf = cub.methods["real-filtering"]
     assert (rf.synthetic, rf.train_cls["synthetic_filter"], rf.scores()) == \
@@ -121,7 +121,9 @@ GOOD = """
     ("rows: [real-only, dif-mix]\n", r"rows name undefined method\(s\) \['dif-mix'\]"),
     ("generations: {diff-mix: {bank: null}}\n", "generations.diff-mix: mode diff-mix translates with a fine-tuned "
                                                 "concept bank: name one with `bank:`"),
-    ("banks: {da-fusion: {mode: ti+lora}}\n", "mode da-fusion uses a TI-only bank; bank da-fusion trains ti\\+lora"),
+    ("banks: {da-fusion: {mode: ti+lora, token_schedule: joint}}\n",
+     "mode da-fusion uses a TI-only bank; bank da-fusion trains ti\\+lora"),
+    ("banks: {da-fusion: {mode: ti+lora}}\n", "token_schedule per-class .* use --mode ti, or token_schedule joint"),
     ("banks: {da-fusion: {max_steps: 10}}\n", "images_per_class sets max_steps from the class count; give one"),
     ("train_cls: {arch: test_resnet, select: best}\n", "methods.real-only: --select 'best': choose val or last"),
     ("seeds: []\n", "seeds lists the classifier seeds"),

@@ -17,6 +17,8 @@ MODULES = [
     "diffmix_ray.data.prepare", "diffmix_ray.data.sample", "diffmix_ray.finetune.run",
     "diffmix_ray.finetune.loop", "diffmix_ray.finetune.data", "diffmix_ray.classify.model",
     "diffmix_ray.score.scorer", "diffmix_ray.score.cpu_stages", "diffmix_ray.models.clip",
+    "diffmix_ray.classify.step", "diffmix_ray.classify.mixing", "diffmix_ray.classify.convert",
+    "diffmix_ray.finetune.token_optim",
 ]
 
 

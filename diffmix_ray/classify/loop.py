@@ -19,9 +19,10 @@ import time
 import numpy as np
 import torch
 
-from . import data, step
+from . import data, mixing, step
 from .losses import Criterion
 from .model import build_model
+from .recipe import CMO_PROB, cmo_active
 from .selected import Selected, cpu_copy
 
 CKPT_FILE = "state.pt"
@@ -95,7 +96,6 @@ def train_func(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
     from ray.data import DataContext
-    from timm.data import Mixup
 
     from ..errors import DiffmixError
 
@@ -125,14 +125,12 @@ def train_func(cfg: dict) -> None:
                           cfg["hard_labels"]).to(device)
     amp = step.autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    mixup = None
-    if cfg["cutmix"] or cfg["mixup"]:
-        mixup = Mixup(mixup_alpha=1.0 if cfg["mixup"] else 0.0, cutmix_alpha=1.0 if cfg["cutmix"] else 0.0,
-                      prob=0.5, label_smoothing=cfg["label_smoothing"], num_classes=cfg["num_classes"])
+    mixup, mix = mixing.from_config(cfg)  # timm's, or the reference's CutMix/Mixup
     uris = cfg["uris"]
     inputs = step.Inputs(cfg["data_cfg"], device, cfg["num_classes"], cfg["gamma"], cfg["label_smoothing"],
                          channels_last, cfg["gpu_decode"], mixup,
-                         where=lambda b, i: data.where(uris, b["file"][i], b["row"][i]))
+                         where=lambda b, i: data.where(uris, b["file"][i], b["row"][i]),
+                         soft_scaler=cfg.get("soft_scaler", 1.0), mix=mix, cmo_prob=CMO_PROB if cfg.get("cmo") else 0.0)
 
     start_epoch, history, n_steps, selected = 0, [], 0, Selected()
     if ckpt := ray.train.get_checkpoint():
@@ -144,13 +142,14 @@ def train_func(cfg: dict) -> None:
         selected = Selected.restore(state, cfg["select"], cfg["epochs"])
 
     epochs = cfg["epochs"]
-    rows, steps_per_epoch = data.run_rows(cfg["real_rows"], cfg["syn_rows"], cfg["p"], cfg["syn_weights"],
-                                          cfg["seed"], range(start_epoch, epochs), rank, world, cfg["batch_size"],
-                                          cfg.get("own"))
-    train_batches = None
-    if len(rows):
-        ds = data.dataset(rows, cfg["refs"], uris, True, cfg["data_cfg"], cfg["block_rows"], cfg["gpu_decode"])
-        train_batches = data.batches(ds, cfg["batch_size"], device, cfg["gpu_decode"])
+    def rows_of(real_weights=None):  # the main stream, or (weights 1/n_c) CMO's minority stream
+        return data.run_rows(cfg["real_rows"], cfg["syn_rows"], cfg["p"], cfg["syn_weights"], cfg["seed"],
+                             range(start_epoch, epochs), rank, world, cfg["batch_size"], cfg.get("own"),
+                             cfg.get("drop_last", True), real_weights)
+
+    rows, steps_per_epoch = rows_of()
+    minority = rows_of(cfg["cmo_weights"])[0] if cfg.get("cmo") else None
+    train_batches = data.training_batches(rows, minority, epochs - start_epoch, cfg, device)
     val = _Split("val", cfg, rank, world, keep=True)
     test = _Split("test", cfg, rank, world, keep=cfg["test_every_epoch"])
     every = max(1, int(cfg["checkpoint_every"]))
@@ -158,6 +157,7 @@ def train_func(cfg: dict) -> None:
     for epoch in range(start_epoch, epochs):
         _fail_once(cfg, epoch, rank, world)
         started_at, t0 = time.time(), time.perf_counter()
+        inputs.cmo_active = cmo_active(epoch, epochs)
         losses = step.train_epoch(model, train_batches, steps_per_epoch, inputs, opt, scaler,
                                   criterion.for_epoch(epoch), schedule.lr, n_steps, amp)
         n_steps += steps_per_epoch

@@ -22,7 +22,7 @@ from ..synthetic import open_synthetic
 from . import data, filters, labels
 from .config import GPU_DECODE_ON_CPU, ClassifyConfig
 from .loop import CKPT_FILE, train_func
-from .model import build_model, check_arch
+from .model import build_model, check_arch, describe_weights
 from .recipe import check_splits, resolve
 from .summary import mean_std, result_line, summarize
 
@@ -33,13 +33,17 @@ SUMMARY_JSON = "summary.json"
 EXECUTION_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "max_failures", "_fail_at_epoch", "out",
                   "gpu_decode", "checkpoint_every", "test_every_epoch")
 NEW_EXECUTION_KEYS = ("gpu_decode", "checkpoint_every", "test_every_epoch")
+# Options added after runs were written: at their defaults they stay out of the identity, so those runs resume.
+LATER_OPTIONS = {f.name: f.default for f in dataclasses.fields(ClassifyConfig)
+                 if f.name in ("soft_scaler", "mixing", "mix_prob", "cmo", "drop_last")}
 
 
 def _config(cfg: ClassifyConfig) -> dict:
     """The options as an output's identity sees them. The filter's keys only when there is a filter:
     runs written before filters existed keep their identity (and so resume)."""
     unfiltered = () if cfg.synthetic_filter else ("synthetic_filter", "scores")
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in unfiltered}
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in unfiltered and not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
 
 
 def _identity(cfg: ClassifyConfig, dataset_fp: str, synthetic_fps: list[str], selection) -> dict:
@@ -105,7 +109,8 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
     info = dataset.info
     ignored = check_splits(cfg, info, cfg.dataset)
     syn_sets = [open_synthetic(u, info.fingerprint, cfg.allow_incomplete) for u in cfg.synthetic]
-    if cfg.pretrained:
+    weights = describe_weights(cfg.pretrained)  # a missing file fails here, and its sha256 goes on record
+    if weights["file"]:
         build_model(cfg.arch, info.num_classes, cfg.pretrained)  # a wrong file fails here, not in N workers
     all_files, rows = _inputs(dataset, syn_sets)
     real, syn = rows["train"], rows["syn"]
@@ -120,6 +125,8 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
            if cfg.synthetic_pick == "own-source" else None)
     identity = _identity(cfg, info.fingerprint, [s.manifest.get("identity", {}).get("model_fingerprint", "")
                                                  + ":" + storage.normalize(s.uri) for s in syn_sets], selection)
+    if weights["sha256"]:  # other weights under the same path are another run
+        identity["pretrained_sha256"] = weights["sha256"]
     if cfg.lr_scaling == "linear":  # the rate then depends on the worker count, which otherwise may change
         identity["global_batch"] = cfg.batch_size * cfg.workers
     gpus = None
@@ -151,6 +158,8 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
                   f"{len(syn_sets)} run(s), p={recipe.p}, gamma={cfg.gamma}, {cfg.workers} worker(s), "
                   f"{cfg.epochs} epochs")
     said = [ignored] if ignored else []
+    said.append(f"backbone weights: {weights['file']} (sha256 {weights['sha256'][:12]})" if weights["file"]
+                else f"backbone weights: {weights['init']}")
     for line in recipe.notes + said + ([filters.describe(selection.record)] if selection else []):
         console.print(line, highlight=False)
     loop_cfg = dataclasses.asdict(cfg) | {
@@ -158,7 +167,7 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
         "val_rows": rows["val"], "test_rows": rows["test"], "p": recipe.p, "syn_weights": syn_weights,
         "data_cfg": recipe.data_cfg, "lr_schedule": recipe.schedule, "train_counts": train_counts,
         "drw_epoch": recipe.drw_epoch, "hard_labels": recipe.hard_labels, "block_rows": max(cfg.batch_size, 32),
-        "own": own,
+        "own": own, "cmo_weights": labels.minority_weights(real.target, train_counts) if cfg.cmo else None,
         "out": out, "fail_marker_dir": out, "dataset_fingerprint": info.fingerprint}
     fs, path = storage.arrow_filesystem(storage.join(out, "train"))
     trainer = TorchTrainer(
@@ -174,7 +183,7 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
         raise DiffmixError(f"training failed: {result.error}")
     with result.checkpoint.as_directory() as d:
         history = torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=False)["history"]
-    metrics = {"arch": cfg.arch, "dataset": dataset.uri, "dataset_fingerprint": info.fingerprint,
+    metrics = {"arch": cfg.arch, "weights": weights, "dataset": dataset.uri, "dataset_fingerprint": info.fingerprint,
                "synthetic": [s.uri for s in syn_sets], "synthetic_filter": selection.record if selection else None,
                "p": recipe.p, "gamma": cfg.gamma, "seed": cfg.seed,
                "select": cfg.select, "loss": cfg.loss, "synthetic_sampling": recipe.synthetic_sampling,

@@ -29,6 +29,7 @@ from ..errors import DiffmixError
 from ..models.loader import load_pipeline
 from .config import LORA_TARGETS, FinetuneConfig
 from .data import COL_KEY, COL_PIXELS
+from .token_optim import RowAdamW
 from .tokens import ClassTokenEmbedding, install_class_tokens
 
 CKPT_WEIGHTS = "trainable.safetensors"  # "lora.<peft key>" and "embed.<token>" tensors, rank 0
@@ -150,7 +151,9 @@ class Finetuner:
         if cfg.has_lora:
             groups.append({"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": cfg.lr})
         self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+        self.per_class = cfg.token_schedule == "per-class"  # mode ti: the token group only (config.validate)
+        optimizer = RowAdamW if self.per_class else torch.optim.AdamW
+        self.optimizer = optimizer(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
         for g in self.optimizer.param_groups:
             g["base_lr"] = g["lr"]
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
@@ -189,6 +192,8 @@ class Finetuner:
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * warm
         loss = self.loss(batch)
+        if self.per_class:  # only the batch's class token moves (every rank has the same class)
+            self.optimizer.set_rows(batch["label"].to(self.device, non_blocking=True))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -352,7 +357,7 @@ def train_func(config: dict) -> None:
     from .. import canonical, storage
     from ..contracts import COL_LABEL
     from .data import read_train, step_epochs
-    from .sampling import StepSampler
+    from .sampling import sampler_for
 
     cfg: FinetuneConfig = config["cfg"]
     ctx = ray.train.get_context()
@@ -370,8 +375,8 @@ def train_func(config: dict) -> None:
     # Every rank reads the train split itself and takes its slice of each step's global batch from the
     # step sampler: a resume after step k continues with the images of step k+1, on every rank.
     table = read_train(canonical.open_dataset(config["dataset"]))
-    sampler = StepSampler(table.column(COL_LABEL).to_numpy(), config["num_classes"], cfg.class_balanced, cfg.seed,
-                          cfg.batch_size, world)
+    sampler = sampler_for(table.column(COL_LABEL).to_numpy(), config["num_classes"], cfg.token_schedule,
+                          cfg.class_balanced, cfg.seed, cfg.batch_size, world)
     epochs = step_epochs(table, sampler, config["resolution"], rank, first_step=progress.step + 1)
 
     def report(metrics: dict, with_checkpoint: bool) -> None:

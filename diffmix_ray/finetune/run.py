@@ -91,6 +91,8 @@ def _check_dataset(cfg: FinetuneConfig, dataset: canonical.Dataset) -> None:
 def resolve_class_balanced(cfg: FinetuneConfig, info) -> tuple[bool, str]:
     """(class-balanced sampling or not, why): the user's choice, else the paper's for the dataset."""
     counts = info.class_counts("train")
+    if cfg.token_schedule == "per-class":
+        return False, "token_schedule per-class: every step trains one class, every class the same steps"
     if cfg.class_balanced is not None:
         if cfg.class_balanced and counts and min(counts) == max(counts):
             logger.warning("--class-balanced on %s, whose classes all have %d train images: the weights 1/n_c are "
@@ -211,11 +213,12 @@ def write_bank(inputs: Inputs, checkpoint_dir: str, extra: dict | None = None) -
 
 
 def _sampler(inputs: Inputs):
-    from .sampling import StepSampler
+    from .sampling import sampler_for
 
     info, cfg = inputs.dataset.info, inputs.cfg
     labels = [c for c, n in enumerate(info.class_counts("train")) for _ in range(n)]
-    return StepSampler(labels, info.num_classes, cfg.class_balanced, cfg.seed, cfg.batch_size, cfg.workers)
+    return sampler_for(labels, info.num_classes, cfg.token_schedule, cfg.class_balanced, cfg.seed, cfg.batch_size,
+                       cfg.workers)
 
 
 def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = False) -> bank_io.ConceptBank:
