@@ -139,6 +139,7 @@ class DatasetInfo:
 # rerun can tell "same config, resume" from "a different run lives here, refuse".
 # ---------------------------------------------------------------------------------------------
 RUN_JSON = "_run.json"
+LEASE_JSON = "_lease.json"  # the one writer of an output (lease.py); gone when it is done
 SUCCESS = "_SUCCESS"
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import storage
+from rich.markup import escape
+
+from . import lease, storage
 from .console import console, logger
 from .contracts import COL_PAIR_ID, MANIFEST_JSON, SUCCESS
 from .errors import DiffmixError
@@ -165,8 +167,9 @@ def finish(out: str, manifest: dict, missing: int, planned: int, failed: int, su
         raise IncompleteOutput(f"{missing} of {planned} {what} ({failed} failed, listed in "
                                f"{storage.join(out, MANIFEST_JSON)}): no {SUCCESS} was written. "
                                "Rerun the same command to retry them.", manifest)
+    lease.check_held(out)
     storage.write_text_atomic(storage.join(out, SUCCESS), "")
-    console.print(f"[green]{summary}[/green] -> {out}")
+    console.print(f"[green]{escape(summary)}[/green] -> {escape(out)}")
     return manifest
 
 

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import torch
 
-from .. import canonical, storage
+from .. import canonical, lease, storage
 from ..console import console, logger
 from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH, COL_TARGET_LABEL,
                          SUCCESS)
@@ -48,6 +48,11 @@ def _identity(cfg: ClassifyConfig, dataset_fp: str, synthetic_fps: list[str], se
     ident = {k: v for k, v in _config(cfg).items() if k not in EXECUTION_KEYS}
     ident |= {"dataset_fingerprint": dataset_fp, "synthetic_fingerprints": synthetic_fps}
     return ident | ({"scores_fingerprints": filters.scores_identity(selection.record)} if selection else {})
+
+
+def _input_uris(cfg: ClassifyConfig) -> storage.Inputs:
+    """Every input a run reads (its --out may be none of them, nor hold or sit inside one)."""
+    return {"--dataset": cfg.dataset, "--synthetic": cfg.synthetic, "--pretrained": cfg.pretrained}
 
 
 def _load_columns(uris: list[str]) -> list:
@@ -94,6 +99,7 @@ def _own_translations(cfg: ClassifyConfig, dataset: canonical.Dataset, syn_sets:
     return start, rows
 
 
+@lease.scoped  # the output has one writer while this runs, and none after
 def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = False) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -129,7 +135,7 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
         if gpus <= 0:
             raise DiffmixError(GPU_DECODE_ON_CPU.format(why="the Ray cluster has no GPUs, nor can its autoscaler "
                                                             "add any"))
-    resumed = storage.claim_output(out, "train-cls", identity, overwrite)
+    resumed = storage.claim_output(out, "train-cls", identity, overwrite, inputs=_input_uris(cfg))
     announce("train-cls", storage.config_hash(identity))  # inside a Ray job: where to watch it, which run it is
     if resumed and storage.exists(storage.join(out, SUCCESS)):
         console.print(f"{out} already holds this finished classifier run")
@@ -188,12 +194,13 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
     return metrics
 
 
+@lease.scoped  # the output has one writer while this runs, and none after
 def run_seeds(cfg: ClassifyConfig, seeds: list[int], overwrite: bool = False, resume: bool = False) -> dict:
     """One run per seed under <out>/seed-<s>/, then mean ± std of the selected test top-1."""
     out = storage.normalize(cfg.out)
     # without the options added by issue 12, so multi-seed runs started before them still resume
     ident = {k: v for k, v in _config(cfg).items() if k not in NEW_EXECUTION_KEYS}
-    storage.claim_output(out, "train-cls-seeds", ident | {"seeds": seeds}, overwrite)
+    storage.claim_output(out, "train-cls-seeds", ident | {"seeds": seeds}, overwrite, inputs=_input_uris(cfg))
     runs = []
     for seed in seeds:
         sub = dataclasses.replace(cfg, seed=seed, out=storage.join(out, f"seed-{seed}"))

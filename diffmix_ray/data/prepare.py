@@ -16,7 +16,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .. import canonical, storage
+from .. import canonical, lease, storage
 from ..console import logger, progress
 from ..contracts import SPLITS, DatasetInfo
 from ..errors import DiffmixError
@@ -141,6 +141,7 @@ def _assign_splits(rows: list[tuple[str, int, str | None]], cfg: PrepareConfig
     return split_of, fractions
 
 
+@lease.scoped  # the output has one writer while this runs, and none after
 def prepare(cfg: PrepareConfig, out: str, overwrite: bool = False, show_progress: bool = True) -> DatasetInfo:
     cfg.validate()
     out = storage.normalize(out)
@@ -155,7 +156,7 @@ def prepare(cfg: PrepareConfig, out: str, overwrite: bool = False, show_progress
     # Resolved values go into the config, so spelling out a default is the same config as omitting it.
     config = dataclasses.asdict(dataclasses.replace(cfg, shot_thresholds=thresholds)) | {
         "super_class": super_class, "source": storage.normalize(cfg.source)}
-    if found := output.claim(out, config, overwrite):
+    if found := output.claim(out, config, overwrite, {"--source": cfg.source}):
         return found
     logger.info("listed %d images in %d classes from %s", len(listing.items), len(listing.classes), cfg.source)
 

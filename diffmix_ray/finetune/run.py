@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from .. import canonical, storage
+from .. import canonical, lease, storage
 from ..console import console, logger
 from ..contracts import CONCEPTS_JSON, RUN_JSON
 from ..errors import DiffmixError
@@ -142,7 +142,8 @@ def _claim(inputs: Inputs, overwrite: bool, resume: bool) -> bool:
             why = "holds no finetune run" if have is None else "holds a run with a different config"
             raise DiffmixError(f"--resume: {inputs.out} {why}; rerun the original command unchanged, or drop "
                                "--resume to start a new run")
-    return storage.claim_output(inputs.out, "finetune", inputs.identity, overwrite)
+    return storage.claim_output(inputs.out, "finetune", inputs.identity, overwrite,
+                                inputs={"--dataset": inputs.dataset.uri, "--model": inputs.model.location})
 
 
 def _fit(inputs: Inputs):
@@ -218,6 +219,7 @@ def _sampler(inputs: Inputs):
     return StepSampler(labels, info.num_classes, cfg.class_balanced, cfg.seed, cfg.batch_size, cfg.workers)
 
 
+@lease.scoped  # the output has one writer while this runs, and none after
 def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = False) -> bank_io.ConceptBank:
     """Fine-tune (or resume, or find already finished) and return the concept bank at cfg.out."""
     started = time.perf_counter()

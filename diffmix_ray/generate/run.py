@@ -17,7 +17,7 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import canonical, exactly_once, storage
+from .. import canonical, exactly_once, lease, storage
 from ..console import console, logger
 from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_PAIR_ID, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH,
                          COL_TARGET_LABEL, MANIFEST_JSON, PLAN_DIR, SHARDS_DIR, SUCCESS)
@@ -56,6 +56,7 @@ class Inputs:
     identity: dict
     resolution: int  # the model's image side in pixels
     resolved: dict = dataclasses.field(default_factory=dict)  # option -> {"value", "from"}, for the manifest
+    model_location: str | None = None  # where the model's weights are read (None: a preset)
 
     def print_resolved(self) -> None:
         for name, r in self.resolved.items():
@@ -126,7 +127,7 @@ def resolve_inputs(cfg: GenerateConfig) -> Inputs:
     identity = _normalized(cfg.output_identity()) | {
         "dataset": dataset.uri, "dataset_fingerprint": dataset.info.fingerprint,
         "model_fingerprint": model.fingerprint, "concepts_fingerprint": bank.fingerprint if bank else None}
-    return Inputs(cfg, out, dataset, model.fingerprint, bank, identity, model.resolution, resolved)
+    return Inputs(cfg, out, dataset, model.fingerprint, bank, identity, model.resolution, resolved, model.location)
 
 
 def build_plan(inputs: Inputs) -> pa.Table:
@@ -223,6 +224,7 @@ def _pair_counts(plan: pa.Table) -> dict[str, int]:
     return {f"{s}->{t}": n for (s, t), n in sorted(Counter(pairs).items())}
 
 
+@lease.scoped  # the output has one writer while this runs, and none after
 def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
     """Generate every missing pair of the plan; returns the summary written into the manifest."""
     started = time.perf_counter()
@@ -230,7 +232,8 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
         raise DiffmixError("--out is required: where the plan, shards and manifest go")
     inputs = resolve_inputs(cfg)
     cfg, out = inputs.cfg, inputs.out
-    resumed = storage.claim_output(out, "generate", inputs.identity, overwrite)
+    resumed = storage.claim_output(out, "generate", inputs.identity, overwrite, inputs={
+        "--dataset": inputs.dataset.uri, "--model": inputs.model_location, "--concepts": cfg.concepts})
     announce("generate", storage.config_hash(inputs.identity))  # inside a Ray job: where to watch it, which run it is
     if resumed and storage.exists(storage.join(out, SUCCESS)):
         manifest = storage.read_json(storage.join(out, MANIFEST_JSON))

@@ -74,6 +74,11 @@ class ClipRef:
     fingerprint: str
     prep: ImagePrep
 
+    @property
+    def location(self) -> str | None:
+        """Where the weights are read from (an output must never be there); None for a preset."""
+        return self.spec if self.kind == "s3" else self.local_path
+
 
 def parse_clip_preset(spec: str) -> tuple[str, int] | None:
     name, sep, seed = spec.partition(":")

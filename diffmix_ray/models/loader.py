@@ -53,6 +53,11 @@ class ModelRef:
     fingerprint: str  # same fingerprint <=> same weights and configs
     resolution: int  # native image side in pixels: unet sample_size * VAE scale factor
 
+    @property
+    def location(self) -> str | None:
+        """Where the weights are read from (an output must never be there); None for a preset."""
+        return self.spec if self.kind == "s3" else self.local_path
+
 
 # ---------------------------------------------------------------------------------------------
 # Device and precision

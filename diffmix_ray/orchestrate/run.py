@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
-from .. import canonical, storage
+from .. import canonical, lease, storage
 from ..console import console
 from ..contracts import CONCEPTS_JSON, DATASET_JSON, DEFAULT_SCORES_NAME, RUN_JSON, SCORES_DIR, SUCCESS
 from ..errors import DiffmixError
@@ -264,6 +264,7 @@ class Runner:
         return result or {}
 
 
+@lease.scoped  # the output has one writer while this runs, and none after
 def run_recipe(recipe: Recipe, out: str, data: str | None = None, model: str | None = None,
                seeds: list[int] | None = None, methods: list[str] | None = None, pretrained: str | None = None,
                overwrite: bool = False, clip: str | None = None) -> dict:
@@ -288,7 +289,9 @@ def run_recipe(recipe: Recipe, out: str, data: str | None = None, model: str | N
         raise DiffmixError("--seeds lists at least one seed, e.g. 2020,2021,2022")
     check_data(recipe, data)
     runner = Runner(recipe, data, model, storage.normalize(out), chosen, list(seeds or recipe.seeds), pretrained, clip)
-    storage.claim_output(runner.layout.out, "recipe", runner.identity(), overwrite)
+    storage.claim_output(runner.layout.out, "recipe", runner.identity(), overwrite, inputs={
+        "--data": None if data == BUILTIN_SAMPLE else data, "--model": storage.path_like(model),
+        "--clip": storage.path_like(clip), "--pretrained": pretrained})
     timings = Timings(runner.layout.path(TIMINGS_JSON),
                       {"recipe": recipe.name, "methods": chosen, "seeds": runner.seeds})
     written = runner.run(timings)
