@@ -163,13 +163,13 @@ def finish(out: str, manifest: dict, missing: int, planned: int, failed: int, su
     IncompleteOutput (the CLI, and a Ray job around it, exits non-zero: the output is unusable)."""
     storage.write_json_atomic(storage.join(out, MANIFEST_JSON), manifest)
     if missing:
-        console.print(f"[yellow]{summary}[/yellow]")
+        console.print(summary, style="yellow")
         raise IncompleteOutput(f"{missing} of {planned} {what} ({failed} failed, listed in "
                                f"{storage.join(out, MANIFEST_JSON)}): no {SUCCESS} was written. "
                                "Rerun the same command to retry them.", manifest)
     lease.check_held(out)
     storage.write_text_atomic(storage.join(out, SUCCESS), "")
-    console.print(f"[green]{escape(summary)}[/green] -> {escape(out)}")
+    console.print(f"[green]{escape(summary)}[/green] -> {escape(out)}", markup=True)
     return manifest
 
 

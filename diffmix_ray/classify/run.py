@@ -9,19 +9,20 @@ import dataclasses
 import os
 
 import numpy as np
-import torch
+
+from rich.markup import escape
 
 from .. import canonical, lease, storage
 from ..console import console, logger
 from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH, COL_TARGET_LABEL,
-                         SUCCESS)
+                         DIVERGED, SUCCESS)
 from ..errors import DiffmixError
 from ..runtime.jobs import announce
 from ..runtime.local_ray import init_ray, resolve_gpus
 from ..synthetic import open_synthetic
 from . import data, filters, labels
 from .config import GPU_DECODE_ON_CPU, ClassifyConfig
-from .loop import CKPT_FILE, train_func
+from .loop import CKPT_FILE, load_state, train_func
 from .model import build_model, check_arch
 from .recipe import check_splits, resolve
 from .summary import mean_std, result_line, summarize
@@ -175,11 +176,14 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
                              storage_filesystem=fs if storage.is_s3(out) else None,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    storage.remove_tree(storage.join(out, DIVERGED))  # an earlier attempt's: this one decides again
     result = trainer.fit()
     if result.error:
         raise DiffmixError(f"training failed: {result.error}")
+    if storage.exists(diverged := storage.join(out, DIVERGED)):  # stopped by the loop: never marked complete
+        raise DiffmixError(storage.read_text(diverged))
     with result.checkpoint.as_directory() as d:
-        history = torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=False)["history"]
+        history = load_state(os.path.join(d, CKPT_FILE))["history"]
     metrics = {"arch": cfg.arch, "dataset": dataset.uri, "dataset_fingerprint": info.fingerprint,
                "synthetic": [s.uri for s in syn_sets], "synthetic_filter": selection.record if selection else None,
                "p": recipe.p, "gamma": cfg.gamma, "seed": cfg.seed,
@@ -190,13 +194,19 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
                "resolved": recipe.resolved, "config": dataclasses.asdict(cfg)}
     storage.write_json_atomic(storage.join(out, METRICS_JSON), metrics)
     storage.write_text_atomic(storage.join(out, SUCCESS), "")
-    console.print(f"[green]{result_line(metrics['summary'])}[/green] -> {out}", highlight=False)
+    console.print(f"[green]{escape(result_line(metrics['summary']))}[/green] -> {escape(out)}", markup=True,
+                  highlight=False)
     return metrics
 
 
 @lease.scoped  # the output has one writer while this runs, and none after
 def run_seeds(cfg: ClassifyConfig, seeds: list[int], overwrite: bool = False, resume: bool = False) -> dict:
     """One run per seed under <out>/seed-<s>/, then mean ± std of the selected test top-1."""
+    if repeated := sorted({s for s in seeds if seeds.count(s) > 1}):
+        raise DiffmixError(f"--seeds lists seed {repeated[0]} twice: it would be trained once and counted twice in "
+                           "the mean ± std; list each seed once")
+    if not seeds:
+        raise DiffmixError("--seeds lists no seed; give comma-separated seeds, e.g. 2020,2021,2022")
     out = storage.normalize(cfg.out)
     # without the options added by issue 12, so multi-seed runs started before them still resume
     ident = {k: v for k, v in _config(cfg).items() if k not in NEW_EXECUTION_KEYS}

@@ -252,10 +252,10 @@ class Runner:
         result = {}
         for i, step in enumerate(steps, 1):
             if step.marker is not None and storage.exists(step.marker):
-                console.print(f"[dim]{i}/{len(steps)} {step.name}: complete, skipped[/dim]")
+                console.print(f"{i}/{len(steps)} {step.name}: complete, skipped", style="dim")
                 timings.add(step.name, "skipped", 0.0)
                 continue
-            console.rule(f"[bold]{i}/{len(steps)} {step.name}")
+            console.rule(f"{i}/{len(steps)} {step.name}")
             if step.ray:
                 self._start_ray()
             t0 = time.perf_counter()
