@@ -126,6 +126,26 @@ def _explain(uri: str, err: BaseException) -> DiffmixError:
     return DiffmixError(f"storage error on {uri}: {name}: {text}")
 
 
+def explain_task_error(err: BaseException, uri: str) -> DiffmixError | None:
+    """A full disk, a quota or a read-only file system hit by a Ray task writing to `uri` reaches the
+    driver wrapped (RayTaskError around the OSError, itself inside Ray Data's error): one line naming
+    `uri` and the fix instead of Ray's traceback. None for any other error (a bug stays a traceback)."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            return _explain(uri, e)
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    text = str(err)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        if f"[Errno {code}]" in text:  # the cause could not travel back: its text did
+            return _explain(uri, OSError(code, os.strerror(code)))
+    return None
+
+
 @contextlib.contextmanager
 def explained(uri: str) -> Iterator[None]:
     """Re-raise storage errors raised inside the block as DiffmixError naming `uri`."""
@@ -233,6 +253,23 @@ def list_dir(uri: str) -> list[str]:
         if not fs.exists(path):
             return []
         return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def file_sizes(uri: str) -> dict[str, int]:
+    """Base name -> size in bytes of the files directly under `uri` (one listing); {} when absent."""
+    fs, path = filesystem(uri)
+    with explained(uri):
+        if not fs.exists(path):
+            return {}
+        return {posixpath.basename(e["name"].rstrip("/")): int(e["size"]) for e in fs.ls(path, detail=True)
+                if e["type"] == "file"}
+
+
+def read_tail(uri: str, size: int, n: int) -> bytes:
+    """The last `n` bytes of the file `uri` of `size` bytes (one ranged read)."""
+    fs, path = filesystem(uri)
+    with explained(uri):
+        return fs.cat_file(path, start=max(0, size - n), end=size)
 
 
 def remove_tree(uri: str) -> None:

@@ -24,6 +24,7 @@ from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_PAIR_ID, COL_SOURCE_ID, CO
 from ..errors import DiffmixError
 from ..exactly_once import FAILED_DIR
 from ..runtime.jobs import announce
+from ..synthetic import damaged_shards, describe_damage, shard_records
 from ..runtime.local_ray import init_ray, resolve_gpus
 from ..models import concepts as bank_io
 from ..models.loader import resolve_model
@@ -235,14 +236,19 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
     resumed = storage.claim_output(out, "generate", inputs.identity, overwrite, inputs={
         "--dataset": inputs.dataset.uri, "--model": inputs.model_location, "--concepts": cfg.concepts})
     announce("generate", storage.config_hash(inputs.identity))  # inside a Ray job: where to watch it, which run it is
+    shards = storage.join(out, SHARDS_DIR)
     if resumed and storage.exists(storage.join(out, SUCCESS)):
         manifest = storage.read_json(storage.join(out, MANIFEST_JSON))
-        console.print(f"{out} is complete ({manifest['counts']['generated']} images); nothing to do")
-        return manifest
+        if not (damaged := damaged_shards(out, manifest)):
+            console.print(f"{out} is complete ({manifest['counts']['generated']} images); nothing to do")
+            return manifest
+        console.print(f"{out} was complete, but {len(damaged)} shard(s) are damaged: {describe_damage(damaged)}; "
+                      "deleting them and generating their pairs again", style="yellow")
+        for name in damaged:
+            storage.remove_tree(storage.join(shards, name))
     storage.remove_tree(storage.join(out, SUCCESS))
     plan = build_plan(inputs)
     write_plan(out, plan)
-    shards = storage.join(out, SHARDS_DIR)
     before = exactly_once.scan_and_compact(shards)
     done = before.done
     exactly_once.clear_failures(out)
@@ -258,10 +264,19 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
 
         gauges = PlanMetrics(run=storage.config_hash(inputs.identity))
         gauges.set(plan.num_rows, todo.num_rows)
-        _ray_pipeline(inputs, todo, files, gpus)
+        try:
+            _ray_pipeline(inputs, todo, files, gpus)
+        except Exception as e:
+            if (said := storage.explain_task_error(e, out)) is not None:  # disk full: one line, not Ray's traceback
+                raise said from None
+            raise
     gen_seconds = time.perf_counter() - gen_started
     planned = set(plan.column(COL_PAIR_ID).to_pylist())
     after, missing = exactly_once.settle(shards, planned, "pairs")
+    disagree, example = exactly_once.disagreeing_rows(shards, after.found, plan)
+    if disagree:  # another writer's rows (another strength, seed...): never marked complete
+        raise DiffmixError(f"{disagree} shard rows disagree with the plan (e.g. {example}): another run wrote into "
+                           f"{out}; rerun with --overwrite to generate it again from scratch")
     done_after = after.done
     failures = exactly_once.read_failures(out, missing)
     if todo.num_rows:
@@ -270,7 +285,8 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
         if ray.is_initialized():
             PlanMetrics(run=storage.config_hash(inputs.identity)).set(plan.num_rows, len(missing))
     made_now = len(done_after) - len(done)
-    shard_bytes = exactly_once.files_bytes(shards, after.found)
+    shard_files = shard_records(shards, after.found)
+    shard_bytes = sum(r["bytes"] for r in shard_files.values())
     manifest = {
         "config": dataclasses.asdict(cfg) | {"out": out},
         "identity": inputs.identity,
@@ -283,6 +299,7 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
                    "pairs": _pair_counts(plan), "duplicates_removed": before.duplicates + after.duplicates,
                    "unreadable_shards_removed": len(before.removed) + len(after.removed)},
         "failed": failures[:1000],
+        "shard_files": shard_files,  # rows and bytes per file: a rerun and every reader check the shards by it
         "timings": {"total_s": round(time.perf_counter() - started, 3), "generate_s": round(gen_seconds, 3),
                     "images_this_run": made_now,
                     "images_per_s": round(made_now / gen_seconds, 3) if gen_seconds > 0 and made_now else 0.0},

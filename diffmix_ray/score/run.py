@@ -244,7 +244,12 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False) -> dict:
         from ..runtime.metrics import PlanMetrics
 
         PlanMetrics(run=run_id, stage="score").set(plan.num_rows, todo.num_rows)
-        _ray_pipeline(inputs, todo, src_files, gpus)
+        try:
+            _ray_pipeline(inputs, todo, src_files, gpus)
+        except Exception as e:
+            if (said := storage.explain_task_error(e, out)) is not None:  # disk full: one line, not Ray's traceback
+                raise said from None
+            raise
     score_seconds = time.perf_counter() - score_started
     planned = set(plan.column(COL_PAIR_ID).to_pylist())
     after, missing = exactly_once.settle(out, planned, "scored pairs", refuse_extra=inputs.synthetic.complete)
