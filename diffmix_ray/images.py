@@ -30,10 +30,12 @@ JPEG_QUALITY = 95
 Image.MAX_IMAGE_PIXELS = 180_000_000
 
 
-# Peak bytes per pixel while decoding and converting to RGB: the decoded pixels (bands x bytes per band)
-# plus the conversion copies (an RGBA composite makes a background, the composite and the RGB result).
+# Peak bytes per pixel while decoding and converting to RGB: the decoded pixels twice (exif_transpose
+# returns a copy) plus the conversion's own images (an RGBA composite makes a background, the composite
+# and the RGB result) and encoder buffers. Measured: a 13000 x 13000 RGBA PNG peaks at 4.0 GB RSS in
+# `prepare` (24 B/pixel, this estimate), where the bytes-per-band count alone (4 B/pixel) said 0.7 GB.
 CONVERT_BYTES_PER_PIXEL = {"RGB": 3, "L": 3, "I": 20, "I;16": 20, "I;16B": 20, "I;16L": 20, "I;16N": 20}
-CONVERT_BYTES_PER_PIXEL_OTHER = 12
+CONVERT_BYTES_PER_PIXEL_OTHER = 16
 DECODE_SHARE = 0.25  # of the machine's memory (or its container's limit) that decoding may hold at once
 DECODE_BUDGET_ENV = "DIFFMIX_DECODE_MEMORY_GB"
 
@@ -42,7 +44,7 @@ def decode_cost(width: int, height: int, mode: str) -> int:
     """Bytes decoding a width x height image of PIL `mode` into RGB may hold at its peak."""
     bands = Image.getmodebands(mode) if mode in Image.MODES else 4
     per_band = 2 if "16" in mode else 4 if mode in ("I", "F") else 1
-    return width * height * (bands * per_band + CONVERT_BYTES_PER_PIXEL.get(mode, CONVERT_BYTES_PER_PIXEL_OTHER))
+    return width * height * (2 * bands * per_band + CONVERT_BYTES_PER_PIXEL.get(mode, CONVERT_BYTES_PER_PIXEL_OTHER))
 
 
 def machine_memory_bytes() -> int:
