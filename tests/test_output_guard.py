@@ -245,3 +245,14 @@ def test_s3_lease_refuses_and_takes_over(s3_env, warnings_seen):
     assert storage.read_json(storage.join(out, LEASE_JSON))["pid"] == os.getpid()
     lease.release_all()
     assert not storage.exists(storage.join(out, LEASE_JSON))
+
+
+def test_copying_a_model_never_overwrites_it(tmp_path):
+    from diffmix_ray.models.loader import write_model
+
+    src = write_model("tiny", str(tmp_path / "models" / "tiny"))
+    before = _files(src)
+    for out in (src, str(tmp_path / "models")):
+        with pytest.raises(DiffmixError, match="--out .* (is|contains) the model"):
+            write_model(src, out, overwrite=True)
+    assert _files(src) == before
