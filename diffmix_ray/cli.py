@@ -7,6 +7,7 @@ import sys
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from .console import console, setup_logging
 from .errors import DiffmixError
@@ -28,7 +29,7 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except DiffmixError as e:
-            console.print(f"[bold red]error:[/bold red] {e}", markup=True, highlight=False)
+            console.print(f"[bold red]error:[/bold red] {escape(str(e))}", markup=True, highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -134,9 +135,12 @@ def _floats(text: Optional[str], flag: str) -> Optional[tuple[float, ...]]:
     if text is None:
         return None
     try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
+        values = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise DiffmixError(f"{flag} {text!r} must be comma-separated numbers, e.g. 0.3,0.5,0.7") from None
+    if not values:  # an empty list would silently mean "not given"
+        raise DiffmixError(f"{flag} {text!r} lists no number; give comma-separated numbers, e.g. 0.3,0.5,0.7")
+    return values
 
 
 def _generate_config(config: Optional[str] = None, **flags):
@@ -343,8 +347,8 @@ def train_cls(
         soft_scaler=soft_scaler, drop_last=drop_last, seed=seed, workers=workers,
         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, gpu_decode=gpu_decode,
         checkpoint_every=checkpoint_every, test_every_epoch=test_every_epoch))
-    if seeds:
-        run_seeds(cfg, [int(s) for s in seeds.split(",")], overwrite=overwrite, resume=resume)
+    if seeds is not None:
+        run_seeds(cfg, _ints(seeds, "--seeds"), overwrite=overwrite, resume=resume)
     else:
         run_classify(cfg, overwrite=overwrite, resume=resume)
 
@@ -406,8 +410,10 @@ def report(runs: list[str] = typer.Argument(..., help="generate outputs and/or t
            out: Optional[str] = typer.Option(None, help="Folder for the report (default: report/ next to the first run)."),
            gamma: float = typer.Option(0.5, help="Soft-label exponent used to label the contact sheet.")):
     """Contact sheets of synthetic images, accuracy plots and a comparison table (Markdown + HTML)."""
+    from .config import check_finite
     from .orchestrate.report import run_report
 
+    check_finite({"--gamma": gamma})
     written = run_report(runs, out, gamma=gamma)
     for kind, paths in written.items():
         for p in paths:
@@ -505,9 +511,13 @@ def _ints(text: Optional[str], flag: str) -> Optional[list[int]]:
     if text is None:
         return None
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",")]
     except ValueError:
         raise DiffmixError(f"{flag} {text!r} must be whole numbers separated by commas, e.g. 2020,2021,2022") from None
+    if repeated := sorted({v for v in values if values.count(v) > 1}):
+        raise DiffmixError(f"{flag} {text!r} lists {repeated[0]} twice: each run would be trained once and counted "
+                           "twice in the mean ± std; list each value once")
+    return values
 
 
 @app.command("run")

@@ -211,12 +211,12 @@ def test_a_different_recipe_at_the_same_out_is_refused(tmp_path):
     out = str(tmp_path / "o")
     tiny = recipes.load("tiny")
     runner = Runner(tiny, "builtin:sample", "tiny", out, ["real-only"], [0], None)
-    storage.claim_output(out, "recipe", runner.identity())
+    storage.claim_output(out, "recipe", runner.identity(), inputs={})
     (tmp_path / "o" / "dataset").mkdir()
     (tmp_path / "o" / "dataset" / "dataset.json").write_text("{}")  # a result: the claim is owned
     other = Runner(tiny, "builtin:sample", "tiny:1", out, ["real-only"], [0], None)
     with pytest.raises(DiffmixError, match="holds a recipe run with a different config.*--overwrite"):
-        storage.claim_output(out, "recipe", other.identity())
+        storage.claim_output(out, "recipe", other.identity(), inputs={})
     # words, rows and seeds say what to run, not how: the same run; a setting is another run
     import dataclasses
 

@@ -12,6 +12,7 @@ Per-epoch fixed costs are cut to what resume and selection need (docs/train-cls.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -83,6 +84,25 @@ def _accuracy(correct: np.ndarray, total: np.ndarray) -> dict:
             "per_class": [None if np.isnan(v) else float(v) for v in per_class]}
 
 
+def _diverged(loss: float | None, epoch: int, first_step: int, steps: int, device, world: int) -> str | None:
+    """The error when the epoch's loss is NaN or inf on any rank (every rank gets the same answer)."""
+    bad = loss is not None and not math.isfinite(loss)
+    if world > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(bad)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = bool(flag.item())
+    if not bad:
+        return None
+    try:
+        step.check_finite_loss(loss if loss is not None and not math.isfinite(loss) else float("nan"), epoch,
+                               first_step, steps)
+    except Exception as e:  # noqa: BLE001 - the DiffmixError it raises carries the message
+        return str(e)
+    return None
+
+
 def _fail_once(cfg: dict, epoch: int, rank: int, world: int) -> None:
     """Test hook: rank 1 (or 0 alone) dies once at epoch `_fail_at_epoch`."""
     if cfg.get("_fail_at_epoch") == epoch and rank == min(1, world - 1):
@@ -135,7 +155,7 @@ def train_func(cfg: dict) -> None:
     start_epoch, history, n_steps, selected = 0, [], 0, Selected()
     if ckpt := ray.train.get_checkpoint():
         with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=False)
+            state = load_state(os.path.join(d, CKPT_FILE))
         module.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, history, n_steps = state["epoch"] + 1, state["history"], state["step"]
@@ -162,6 +182,15 @@ def train_func(cfg: dict) -> None:
                                   criterion.for_epoch(epoch), schedule.lr, n_steps, amp)
         n_steps += steps_per_epoch
         train_loss = step.mean_loss(losses)  # the epoch's one read of the training loss
+        if diverged := _diverged(train_loss, epoch, n_steps - steps_per_epoch, steps_per_epoch, device, world):
+            # every rank: end the run without a checkpoint (a restart would diverge again); the driver raises it
+            if rank == 0:
+                from .. import storage
+                from ..contracts import DIVERGED
+
+                storage.write_text_atomic(storage.join(cfg["out"], DIVERGED), diverged)
+            ray.train.report({"epoch": epoch, "train_loss": train_loss})
+            return
         train_seconds = time.perf_counter() - t0
         if world > 1:  # BN running stats drift per rank after DDP's last broadcast: score rank 0's model
             import torch.distributed as dist
@@ -183,14 +212,26 @@ def train_func(cfg: dict) -> None:
         state = None
         if last or (epoch + 1) % every == 0:
             # a copy: _finish loads the selected weights into the module before the last one is saved
-            state = {"model": cpu_copy(module.state_dict()), "optimizer": opt.state_dict(), "epoch": epoch,
-                     "step": n_steps}
-            state |= selected.checkpoint_fields(epoch)
+            state = checkpoint_state(module, opt, epoch, n_steps, selected)
         if last:  # before the final checkpoint, which must hold the test score it adds
             history = _finish(module, selected, history, test, inputs, cfg, device, amp, rank, world)
         _report(record, state, history, rank)
     if start_epoch >= epochs and history:  # resumed after the final checkpoint: end on it again
         _report(history[-1], None, history, rank)
+
+
+def checkpoint_state(module, opt, epoch: int, n_steps: int, selected: Selected) -> dict:
+    """What a checkpoint holds (plus the history, added when it is written): tensors and plain
+    containers only, so that it loads with weights_only=True."""
+    return {"model": cpu_copy(module.state_dict()), "optimizer": opt.state_dict(), "epoch": epoch,
+            "step": n_steps} | selected.checkpoint_fields(epoch)
+
+
+def load_state(path: str) -> dict:
+    """A checkpoint's state, refused (named) when it needs more than tensors and plain data to load."""
+    from ..models.safe_load import load_plain
+
+    return load_plain(path, path)
 
 
 def _finish(module, selected: Selected, history: list[dict], test: _Split, inputs, cfg: dict, device, amp,

@@ -9,20 +9,21 @@ import dataclasses
 import os
 
 import numpy as np
-import torch
 
-from .. import canonical, storage
+from rich.markup import escape
+
+from .. import canonical, lease, storage
 from ..console import console, logger
 from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH, COL_TARGET_LABEL,
-                         SUCCESS)
+                         DIVERGED, SUCCESS)
 from ..errors import DiffmixError
 from ..runtime.jobs import announce
 from ..runtime.local_ray import init_ray, resolve_gpus
 from ..synthetic import open_synthetic
 from . import data, filters, labels
 from .config import GPU_DECODE_ON_CPU, ClassifyConfig
-from .loop import CKPT_FILE, train_func
-from .model import build_model, check_arch, describe_weights
+from .loop import CKPT_FILE, load_state, train_func
+from .model import FROM_SCRATCH, build_model, check_arch, describe_weights
 from .recipe import check_splits, resolve
 from .summary import mean_std, result_line, summarize
 
@@ -52,6 +53,12 @@ def _identity(cfg: ClassifyConfig, dataset_fp: str, synthetic_fps: list[str], se
     ident = {k: v for k, v in _config(cfg).items() if k not in EXECUTION_KEYS}
     ident |= {"dataset_fingerprint": dataset_fp, "synthetic_fingerprints": synthetic_fps}
     return ident | ({"scores_fingerprints": filters.scores_identity(selection.record)} if selection else {})
+
+
+def _input_uris(cfg: ClassifyConfig) -> storage.Inputs:
+    """Every input a run reads (its --out may be none of them, nor hold or sit inside one)."""
+    pretrained = None if cfg.pretrained == FROM_SCRATCH else cfg.pretrained  # "none" names no file
+    return {"--dataset": cfg.dataset, "--synthetic": cfg.synthetic, "--pretrained": pretrained}
 
 
 def _load_columns(uris: list[str]) -> list:
@@ -98,6 +105,7 @@ def _own_translations(cfg: ClassifyConfig, dataset: canonical.Dataset, syn_sets:
     return start, rows
 
 
+@lease.scoped  # the output has one writer while this runs, and none after
 def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = False) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -136,7 +144,7 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
         if gpus <= 0:
             raise DiffmixError(GPU_DECODE_ON_CPU.format(why="the Ray cluster has no GPUs, nor can its autoscaler "
                                                             "add any"))
-    resumed = storage.claim_output(out, "train-cls", identity, overwrite)
+    resumed = storage.claim_output(out, "train-cls", identity, overwrite, inputs=_input_uris(cfg))
     announce("train-cls", storage.config_hash(identity))  # inside a Ray job: where to watch it, which run it is
     if resumed and storage.exists(storage.join(out, SUCCESS)):
         console.print(f"{out} already holds this finished classifier run")
@@ -178,11 +186,14 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
                              storage_filesystem=fs if storage.is_s3(out) else None,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    storage.remove_tree(storage.join(out, DIVERGED))  # an earlier attempt's: this one decides again
     result = trainer.fit()
     if result.error:
         raise DiffmixError(f"training failed: {result.error}")
+    if storage.exists(diverged := storage.join(out, DIVERGED)):  # stopped by the loop: never marked complete
+        raise DiffmixError(storage.read_text(diverged))
     with result.checkpoint.as_directory() as d:
-        history = torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=False)["history"]
+        history = load_state(os.path.join(d, CKPT_FILE))["history"]
     metrics = {"arch": cfg.arch, "weights": weights, "dataset": dataset.uri, "dataset_fingerprint": info.fingerprint,
                "synthetic": [s.uri for s in syn_sets], "synthetic_filter": selection.record if selection else None,
                "p": recipe.p, "gamma": cfg.gamma, "seed": cfg.seed,
@@ -193,16 +204,23 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
                "resolved": recipe.resolved, "config": dataclasses.asdict(cfg)}
     storage.write_json_atomic(storage.join(out, METRICS_JSON), metrics)
     storage.write_text_atomic(storage.join(out, SUCCESS), "")
-    console.print(f"[green]{result_line(metrics['summary'])}[/green] -> {out}", highlight=False)
+    console.print(f"[green]{escape(result_line(metrics['summary']))}[/green] -> {escape(out)}", markup=True,
+                  highlight=False)
     return metrics
 
 
+@lease.scoped  # the output has one writer while this runs, and none after
 def run_seeds(cfg: ClassifyConfig, seeds: list[int], overwrite: bool = False, resume: bool = False) -> dict:
     """One run per seed under <out>/seed-<s>/, then mean ± std of the selected test top-1."""
+    if repeated := sorted({s for s in seeds if seeds.count(s) > 1}):
+        raise DiffmixError(f"--seeds lists seed {repeated[0]} twice: it would be trained once and counted twice in "
+                           "the mean ± std; list each seed once")
+    if not seeds:
+        raise DiffmixError("--seeds lists no seed; give comma-separated seeds, e.g. 2020,2021,2022")
     out = storage.normalize(cfg.out)
     # without the options added by issue 12, so multi-seed runs started before them still resume
     ident = {k: v for k, v in _config(cfg).items() if k not in NEW_EXECUTION_KEYS}
-    storage.claim_output(out, "train-cls-seeds", ident | {"seeds": seeds}, overwrite)
+    storage.claim_output(out, "train-cls-seeds", ident | {"seeds": seeds}, overwrite, inputs=_input_uris(cfg))
     runs = []
     for seed in seeds:
         sub = dataclasses.replace(cfg, seed=seed, out=storage.join(out, f"seed-{seed}"))

@@ -15,12 +15,24 @@ loss scaling needs it. bf16, the default where the GPU has it, needs no scaler.)
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator
 
 import torch
 
 from . import gpu_decode, mixing
 from .transforms import ToInput, tensor_augmentations
+
+
+def check_finite_loss(loss: float, epoch: int, first_step: int, steps: int) -> None:
+    """Stop a run whose epoch loss is NaN or inf: its weights are broken, and scoring or marking
+    them complete would pass a diverged run off as a result."""
+    if not math.isfinite(loss):
+        from ..errors import DiffmixError
+
+        raise DiffmixError(f"epoch {epoch} (steps {first_step + 1}-{first_step + steps}): the training loss became "
+                           f"{loss} (non-finite): training diverged and is stopped; nothing is marked complete. "
+                           "Lower --lr (or --weight-decay), then start again with --overwrite")
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:

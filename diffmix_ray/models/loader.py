@@ -53,6 +53,11 @@ class ModelRef:
     fingerprint: str  # same fingerprint <=> same weights and configs
     resolution: int  # native image side in pixels: unet sample_size * VAE scale factor
 
+    @property
+    def location(self) -> str | None:
+        """Where the weights are read from (an output must never be there); None for a preset."""
+        return self.spec if self.kind == "s3" else self.local_path
+
 
 # ---------------------------------------------------------------------------------------------
 # Device and precision
@@ -417,8 +422,7 @@ def write_model(spec: str, out: str, overwrite: bool = False, dtype: str | None 
         raise DiffmixError(f"dtype {dtype!r} applies only to built-in presets ({', '.join(sorted(PRESETS))}); "
                            f"{redact(spec)} is copied as it is: drop the dtype, or convert the folder yourself")
     ref = resolve_model(spec)
-    if ref.local_path == out:
-        raise DiffmixError(f"{out} is the model's own folder; choose a different output path")
+    storage.check_out_of_inputs(out, {"the model": ref.location})  # --overwrite would delete the source
     if preset and not storage.is_s3(out):
         # Straight into `out`: no temporary copy of a multi-GB model. write_preset saves
         # model_index.json last, so an interrupted write is refused as incomplete on load.

@@ -31,6 +31,7 @@ from typing import Any
 
 from ..classify.config import ClassifyConfig
 from ..classify.filters import parse as parse_filter
+from ..config import check_finite
 from ..contracts import DEFAULT_SCORES_NAME
 from ..data.prepare import DeriveConfig, PrepareConfig
 from ..errors import DiffmixError
@@ -94,6 +95,10 @@ def check_options(cls, options: Any, where: str, extras: tuple[str, ...] = ()) -
             hint = " (YAML reads 5e-5 as text: write 5.0e-5)"
         raise DiffmixError(f"{where}.{key}: {value!r} is a {type(value).__name__}, expected "
                            f"{' or '.join(t.__name__ for t in types_ok if t is not type(None))}{hint}")
+    try:
+        check_finite({k: v for k, v in options.items() if k not in extras})
+    except DiffmixError as e:
+        raise DiffmixError(f"{where}: {e}") from None
     return {k: v for k, v in options.items() if k not in extras}
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
-from .. import canonical, storage
+from .. import canonical, lease, storage
 from ..console import console
 from ..contracts import CONCEPTS_JSON, DATASET_JSON, DEFAULT_SCORES_NAME, RUN_JSON, SCORES_DIR, SUCCESS
 from ..errors import DiffmixError
@@ -269,10 +269,10 @@ class Runner:
         result = {}
         for i, step in enumerate(steps, 1):
             if step.marker is not None and storage.exists(step.marker):
-                console.print(f"[dim]{i}/{len(steps)} {step.name}: complete, skipped[/dim]")
+                console.print(f"{i}/{len(steps)} {step.name}: complete, skipped", style="dim")
                 timings.add(step.name, "skipped", 0.0)
                 continue
-            console.rule(f"[bold]{i}/{len(steps)} {step.name}")
+            console.rule(f"{i}/{len(steps)} {step.name}")
             if step.ray:
                 self._start_ray()
             t0 = time.perf_counter()
@@ -281,6 +281,7 @@ class Runner:
         return result or {}
 
 
+@lease.scoped  # the output has one writer while this runs, and none after
 def run_recipe(recipe: Recipe, out: str, data: str | None = None, model: str | None = None,
                seeds: list[int] | None = None, methods: list[str] | None = None, pretrained: str | None = None,
                overwrite: bool = False, clip: str | None = None) -> dict:
@@ -306,7 +307,9 @@ def run_recipe(recipe: Recipe, out: str, data: str | None = None, model: str | N
     check_data(recipe, data)
     check_weights(recipe, chosen, pretrained)
     runner = Runner(recipe, data, model, storage.normalize(out), chosen, list(seeds or recipe.seeds), pretrained, clip)
-    storage.claim_output(runner.layout.out, "recipe", runner.identity(), overwrite)
+    storage.claim_output(runner.layout.out, "recipe", runner.identity(), overwrite, inputs={
+        "--data": None if data == BUILTIN_SAMPLE else data, "--model": storage.path_like(model),
+        "--clip": storage.path_like(clip), "--pretrained": pretrained})
     timings = Timings(runner.layout.path(TIMINGS_JSON),
                       {"recipe": recipe.name, "methods": chosen, "seeds": runner.seeds})
     written = runner.run(timings)
