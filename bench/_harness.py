@@ -32,6 +32,7 @@ import gc
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -45,8 +46,8 @@ from collections.abc import Callable
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 RESULTS_DIR = os.path.join(BENCH_DIR, "results")
 CLI = os.path.join(os.path.dirname(sys.executable), "diffmix-ray")
-# Where to write and what to write with, not what is measured: left out of a results file's name.
-NOT_CONFIG = {"json", "work", "model"}
+# Where to write, what to write with, and the device (named apart): left out of a results file's config.
+NOT_CONFIG = {"json", "work", "model", "device"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +132,7 @@ class Bench:
         label = device(args) if callable(device) else device
         path = self.path(label, args.json)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        run = {"bench": self.name, "device": label, "config": self.config, "argv": sys.argv[1:],
+        run = {"bench": self.name, "device": label, "config": self.config, "argv": shlex.join(argv or sys.argv[1:]),
                "started_at": datetime.datetime.now().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
                "load_at_start": round(os.getloadavg()[0], 1)}
         self.results = Results(path, run=run)
