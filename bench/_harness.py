@@ -121,6 +121,13 @@ class Bench:
         self.config = config_name(self.parser, args)
         return args
 
+    def pick(self, flag: str, value: str | None, known: tuple[str, ...], default: list[str]) -> list[str]:
+        """The comma-separated names of `value` (`default` if None); an unknown name stops the run."""
+        names = [v.strip() for v in (value or ",".join(default)).split(",") if v.strip()]
+        if unknown := sorted(set(names) - set(known)):
+            self.parser.error(f"{flag}: unknown {unknown}; choose from {', '.join(known)}")
+        return names
+
     def path(self, device: str, json_path: str | None = None) -> str:
         return json_path or os.path.join(RESULTS_DIR, f"{self.name}-{slug(device)}-{self.config}.json")
 
@@ -180,6 +187,20 @@ def rates(seconds: list[float], counts: list[int], warmup: int = 1) -> dict:
     per = sorted(n / s for n, s in zip(steady_n, steady_s)) or [total]
     return {"images": sum(counts), "seconds": sum(seconds), "images_per_s": total, "steady_images_per_s": steady,
             "median_images_per_s": per[len(per) // 2]}
+
+
+def rounded(figures: dict, digits: int = 3) -> dict:
+    """The figures with their floats rounded, nested dicts too (for the results file)."""
+    return {k: round(v, digits) if isinstance(v, float) else rounded(v, digits) if isinstance(v, dict) else v
+            for k, v in figures.items()}
+
+
+def compare(results: Results, name: str, system: dict, ref: dict, note: str = "") -> None:
+    """`name` = system / ref of the steady and the median rates (see `rates`), printed and recorded."""
+    steady = system["steady_images_per_s"] / ref["steady_images_per_s"]
+    median = system["median_images_per_s"] / ref["median_images_per_s"]
+    print(f"{name} steady = {steady:.2f}, median = {median:.2f}{note}", flush=True)
+    results.add("ratios", name, {"steady": round(steady, 3), "median": round(median, 3)})
 
 
 def writes(folder: str, gap: float = 0.2) -> list[tuple[float, int]]:

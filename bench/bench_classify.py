@@ -7,11 +7,12 @@ pre-augmented), in one run.
     python bench/bench_classify.py --arch resnet50 --augment reference --res-mode 448 --batch-size 64 \\
         --per-class 200 --gpus 1                                               # a GPU node with Ray
 
-Prints figures and writes them to bench/results/ (--json); asserts nothing. Target: ingest/in-memory >= 0.9. Figures are medians over epochs:
-the ingest run's epochs after the first (which includes the pipeline's start), and as many epochs'
-worth of in-memory steps before and after the Ray run (which starts and leaves daemons); the
-spread of the in-memory rounds says how steady the machine was. On a shared machine a neighbour's
-load moves both, and not alike: a Ray run has more threads to claim a share of the cores with."""
+Prints figures and writes them to bench/results/ (--json); asserts nothing. Target: ingest/in-memory
+>= 0.9. Figures are medians over epochs: the ingest run's epochs after the first (which includes the
+pipeline's start), and as many epochs' worth of in-memory steps before and after the Ray run (which
+starts and leaves daemons); the spread of the in-memory rounds says how steady the machine was. On a
+shared machine a neighbour's load moves both, and not alike: a Ray run has more threads to claim a
+share of the cores with."""
 
 from __future__ import annotations
 

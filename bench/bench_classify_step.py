@@ -301,9 +301,7 @@ def measure(args, results) -> None:
     args.warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
     args.images = max(args.images, args.batch_size * args.host_batches)
     default = [v for v in VARIANTS if device.type == "cuda" or v != "eval-amp"]
-    names = [v.strip() for v in (args.variants or ",".join(default)).split(",") if v.strip()]
-    if unknown := sorted(set(names) - set(VARIANTS)):
-        ap.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    names = bench.pick("--variants", args.variants, VARIANTS, default)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     else:

@@ -6,9 +6,10 @@ final metrics of rank 0.
 
     .venv/bin/python bench/bench_finetune.py [--steps 30] [--batch-size 2] [--threads 1]
 
-Prints figures and writes them to bench/results/ (--json); asserts nothing. Each worker gets --threads torch threads (default 1): on a busy
-2-core machine a 2-thread worker ran 18x slower per step than a 1-thread one (0.28 s vs 5.0 s,
-OpenMP threads fighting other processes), which would measure the machine, not the code."""
+Prints figures and writes them to bench/results/ (--json); asserts nothing. Each worker gets
+--threads torch threads (default 1): on a busy 2-core machine a 2-thread worker ran 18x slower per
+step than a 1-thread one (0.28 s vs 5.0 s, OpenMP threads fighting other processes), which would
+measure the machine, not the code."""
 
 from __future__ import annotations
 

@@ -291,9 +291,7 @@ ap.add_argument("--variants", default=None, help=f"comma-separated, from {', '.j
 
 def measure(args, results) -> None:
     default = VARIANTS if args.device.startswith("cuda") else VARIANTS[:-1]
-    variants = [v.strip() for v in (args.variants or ",".join(default)).split(",") if v.strip()]
-    if unknown := sorted(set(variants) - set(VARIANTS)):
-        ap.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    variants = bench.pick("--variants", args.variants, VARIANTS, default)
     if args.device.startswith("cpu"):
         torch.set_num_threads(args.threads)
 

@@ -17,7 +17,7 @@ import io
 import os
 import time
 
-from _harness import Bench, rates, run_cli, timeline, workdir, writes  # beside this file
+from _harness import Bench, compare, rates, rounded, run_cli, timeline, workdir, writes  # beside this file
 from _inputs import img2img_pipeline, sample_dataset
 
 CLASSES = 4
@@ -147,10 +147,6 @@ def fmt(r: dict) -> str:
     return f"{r['steady_images_per_s']:.2f} images/s steady (median {r['median_images_per_s']:.2f})"
 
 
-def figures(r: dict) -> dict:
-    return {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
-
-
 def measure(args, results) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from diffmix_ray.models.loader import write_model
@@ -169,31 +165,28 @@ def measure(args, results) -> None:
         load_s = time.perf_counter() - t
         a = floor_loop(pipe, pairs, args)
         print(f"(a) floor:     {fmt(a)}; all batches {a['images_per_s']:.2f}; model load {load_s:.1f} s", flush=True)
-        results.update(floor=figures(a), model_load_s=round(load_s, 1))
+        results.update(floor=rounded(a), model_load_s=round(load_s, 1))
         c = reference_loop(pipe, pairs, args, os.path.join(work, "c"))
         print(f"(c) reference: {fmt(c)}; all images {c['images_per_s']:.2f}", flush=True)
-        results.update(reference=figures(c))
+        results.update(reference=rounded(c))
         del pipe
 
         b = system_run(base, work, "b")
-        results.update(system=figures(b))
+        results.update(system=rounded(b))
         # (a) again, after (b): a busy neighbour's load drifts; both figures show how much.
         pipe = load_pipe(model, args.threads)
         a2 = floor_loop(pipe, pairs, args)
         del pipe
         print(f"(a) again:     {fmt(a2)}", flush=True)
-        results.update(floor_again=figures(a2))
+        results.update(floor_again=rounded(a2))
         a = {k: (a[k] + a2[k]) / 2 for k in ("steady_images_per_s", "median_images_per_s")}
         print(f"(b) system:    {fmt(b)}; wall {b['wall_s']:.1f} s = start-up {b['startup_s']:.1f} s (first shard at "
               f"{b['first_write_s']:.1f} s) + translation + {b['after_last_write_s']:.1f} s after the last shard; "
               f"manifest {b['manifest_images_per_s']:.2f} images/s incl. actor start; "
               f"peak RSS {b['peak_rss_gib']:.2f} GiB, PSS {b['peak_pss_gib']:.2f} GiB", flush=True)
 
-        for name, ref, target in (("b/a", a, "0.85"), ("b/c", c, "3")):  # a: the mean of its two runs
-            steady = b["steady_images_per_s"] / ref["steady_images_per_s"]
-            median = b["median_images_per_s"] / ref["median_images_per_s"]
-            print(f"{name} steady = {steady:.2f}, median = {median:.2f}   (target >= {target})")
-            results.add("ratios", name, {"steady": round(steady, 3), "median": round(median, 3)})
+        compare(results, "b/a", b, a, "   (target >= 0.85)")  # a: the mean of its two runs
+        compare(results, "b/c", b, c, "   (target >= 3)")
         end_to_end = (c["seconds"] + load_s) / b["wall_s"]
         print(f"c/b end to end (c's loop + model load vs b's wall incl. Ray and actor start) = {end_to_end:.2f}")
         results.add("ratios", "c/b end to end", round(end_to_end, 3))
@@ -204,7 +197,7 @@ def measure(args, results) -> None:
                   f"peak RSS {big['peak_rss_gib']:.2f} GiB, PSS {big['peak_pss_gib']:.2f} GiB")
             rss, pss = big["peak_rss_gib"] / b["peak_rss_gib"], big["peak_pss_gib"] / b["peak_pss_gib"]
             print(f"memory x{args.scale}/x1: RSS {rss:.2f}, PSS {pss:.2f}   (target <= 1.2)")
-            results.update(system_scaled=figures(big), memory_ratio={"scale": args.scale, "rss": round(rss, 3),
+            results.update(system_scaled=rounded(big), memory_ratio={"scale": args.scale, "rss": round(rss, 3),
                                                                      "pss": round(pss, 3)})
 
 

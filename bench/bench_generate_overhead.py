@@ -17,7 +17,7 @@ import dataclasses
 import os
 import time
 
-from _harness import Bench, workdir  # beside this file
+from _harness import Bench, rounded, workdir  # beside this file
 from _inputs import sample_dataset
 
 RESOLUTION = 8  # pixels per side everywhere: decoding, "translating" and encoding cost ~nothing
@@ -107,7 +107,7 @@ def run_case(name: str, dataset: str, work: str, pairs: int, train_images: int, 
     per_pair = 1000 * sum(times.values()) / n
     print(f"  per pair {per_pair:.4f} ms; 6.4M pairs: {per_pair * 6.4e6 / 60_000:.1f} min", flush=True)
     results.update(**{name: {"pairs": n, "blocks": -(-n // block), "block_rows": block, "chunk_rows": chunk,
-                             "shards": len(found), "exact": exact, "seconds": {k: round(v, 2) for k, v in times.items()},
+                             "shards": len(found), "exact": exact, "seconds": rounded(times, 2),
                              "ms_per_pair": round(per_pair, 5)}})
     if not exact:
         raise SystemExit(f"FAIL: {name}: the shards do not hold exactly the plan")

@@ -72,7 +72,8 @@ def measure(args, results) -> None:
                                                 os.path.join(tmp, "out2"), show_progress=False)),
             ):
                 seconds = timed(run)
-                results.update(**{name: {"seconds": round(seconds, 2), "images_per_s": round(args.images / seconds, 1)}})
+                figures = {"seconds": round(seconds, 2), "images_per_s": round(args.images / seconds, 1)}
+                results.update(**{name: figures})
         print(json.dumps({k: v for k, v in results.data.items() if k != "run"}, indent=2))
     finally:
         server.stop()

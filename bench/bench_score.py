@@ -35,7 +35,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from _harness import Bench, device_label, halving, rates, run_cli, timed, timeline, workdir, writes  # beside this file
+from _harness import (Bench, compare, device_label, halving, rates, rounded, run_cli, timed, timeline,  # bench/
+                      workdir, writes)
 from _score_parts import CLASSES, SIZE, HandWritten, load_pairs, make_inputs
 
 bench = Bench("score", __doc__)
@@ -138,9 +139,6 @@ def cpu_main(args, results) -> None:
     from diffmix_ray.models.clip import resolve_clip
     from diffmix_ray.score.scorer import Scorer
 
-    def rounded(r: dict) -> dict:
-        return {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
-
     with workdir(args.work, "bench-score-") as work:
         # Shards as large as (b)'s blocks: each block reads exactly one shard.
         synthetic = make_inputs(work, max(CLASSES, args.pairs // args.per_image), args.per_image, args.rows_per_file)
@@ -160,7 +158,7 @@ def cpu_main(args, results) -> None:
         print(f"(a) floor:        {fmt(a1)}", flush=True)
         print(f"(h) hand-written: {fmt(h)}", flush=True)
         b = system(args, synthetic)
-        results.update(system=rounded(b | {"small": rounded(b["small"])}))
+        results.update(system=rounded(b))
         a2 = floor_loop(scorer, rows, sources, args.batch_size, prep)  # again: a neighbour's load drifts
         results.update(floor_again=rounded(a2))
         print(f"(a) again:        {fmt(a2)}", flush=True)
@@ -168,11 +166,8 @@ def cpu_main(args, results) -> None:
         print(f"(b) system:       {fmt(b)}; {b['pairs']} pairs: wall {b['wall_s']:.1f} s, first score file at "
               f"{b['first_file_s']:.1f} s, {b['writes']} writes; {b['small']['pairs']} pairs: wall "
               f"{b['small']['wall_s']:.1f} s; the extra pairs: {b['marginal_per_s']:.2f} pairs/s", flush=True)
-        for name, ref, target in (("b/a", a, " (target >= 0.85)"), ("b/h", h, "")):
-            steady = b["steady_images_per_s"] / ref["steady_images_per_s"]
-            median = b["median_images_per_s"] / ref["median_images_per_s"]
-            print(f"{name} steady = {steady:.2f}, median = {median:.2f}{target}")
-            results.add("ratios", name, {"steady": round(steady, 3), "median": round(median, 3)})
+        compare(results, "b/a", b, a, " (target >= 0.85)")
+        compare(results, "b/h", b, h)
         per_cpu = b["per_cpu_s"] / a["per_cpu_s"]
         print(f"per CPU second: b/a = {per_cpu:.2f} ((b): every process of the run, the "
               f"extra pairs over the extra CPU seconds)")

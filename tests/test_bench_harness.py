@@ -35,6 +35,15 @@ def test_rates_leave_the_warm_up_out_of_the_steady_rate_and_take_the_median_inte
     assert empty["images"] == 0 and empty["steady_images_per_s"] != empty["steady_images_per_s"]  # NaN
 
 
+def test_compare_prints_and_records_the_steady_and_median_ratios(capsys):
+    results = h.Results(None)
+    h.compare(results, "b/a", {"steady_images_per_s": 9.0, "median_images_per_s": 8.0},
+              {"steady_images_per_s": 10.0, "median_images_per_s": 10.0}, " (target >= 0.85)")
+    assert capsys.readouterr().out == "b/a steady = 0.90, median = 0.80 (target >= 0.85)\n"
+    assert results.data == {"ratios": {"b/a": {"steady": 0.9, "median": 0.8}}}
+    assert h.rounded({"a": 1 / 3, "n": 4, "small": {"b": 2 / 3}}) == {"a": 0.333, "n": 4, "small": {"b": 0.667}}
+
+
 def write_parquet(folder, name: str, rows: int, mtime: float) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -171,6 +180,15 @@ def test_config_name_says_which_flags_differ_from_their_defaults():
     bench.parser.add_argument("--variants", default=None)
     bench.parse(["--variants", ",".join(f"variant-{i}" for i in range(30))])
     assert len(bench.config) == 89 and bench.config.startswith("variants=variant-0,variant-1")
+
+
+def test_pick_reads_a_list_of_names_and_stops_at_an_unknown_one(capsys):
+    bench = make_bench()
+    assert bench.pick("--variants", None, ("a", "b", "c"), ["a", "b"]) == ["a", "b"]
+    assert bench.pick("--variants", "c, a", ("a", "b", "c"), ["a"]) == ["c", "a"]
+    with pytest.raises(SystemExit):
+        bench.pick("--variants", "a,z", ("a", "b"), ["a"])
+    assert "--variants: unknown ['z']; choose from a, b" in capsys.readouterr().err
 
 
 def test_results_are_written_as_measured_and_the_run_is_recorded_however_it_ends(tmp_path, monkeypatch, capsys):
