@@ -38,6 +38,8 @@ except ImportError:  # pip vendors it
     from pip._vendor.packaging.specifiers import SpecifierSet
     from pip._vendor.packaging.version import Version
 
+from _harness import write_json  # beside this file; standard library only
+
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
 IMAGE_LIST = os.path.join(BENCH, "gpu_image.txt")
@@ -252,8 +254,8 @@ IMPORTS = [
     ("diffmix_ray.finetune.data", None), ("diffmix_ray.classify.model", None), ("diffmix_ray.classify.step", None),
     ("diffmix_ray.classify.gpu_decode", None), ("diffmix_ray.classify.transforms", None),
     ("diffmix_ray.score.scorer", None), ("diffmix_ray.score.cpu_stages", None), ("diffmix_ray.models.clip", None),
-    ("gpu_smoke", None), ("bench_generate_gpu", None), ("bench_finetune_step", None), ("bench_score", None),
-    ("bench_score_gpu", None), ("bench_classify_step", None),
+    ("_harness", None), ("_inputs", None), ("_score_parts", None), ("gpu_smoke", None), ("bench_generate_gpu", None),
+    ("bench_finetune_step", None), ("bench_score", None), ("bench_classify_step", None),
 ]
 VERSIONS = ["torch", "torchvision", "diffusers", "transformers", "huggingface_hub", "peft", "timm", "safetensors",
             "tokenizers", "numpy", "PIL", "pyarrow", "triton"]
@@ -370,13 +372,6 @@ def _last_device(args: list[str]) -> list[str]:
         out.append(args[i])
         i += 1
     return out + (["--device", device] if device else [])
-
-
-def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 class Log:

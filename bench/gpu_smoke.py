@@ -18,15 +18,13 @@ No Ray; about 2-3 minutes on one GPU (most of it writing the sd15 model once).
 
     python bench/gpu_smoke.py [--preset sd15 | --model DIR] [--device cuda] [--json PATH]
 
-Exits 1 if any item fails. `--device cpu --preset tiny` runs the same checks on a CPU (bf16
-where the CPU has it; fp16 items are skipped there)."""
+Exits 1 if any item fails; the checks go to bench/results/ (--json) as they finish. `--device cpu
+--preset tiny` runs the same checks on a CPU (bf16 where the CPU has it; fp16 items are skipped there)."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -35,7 +33,8 @@ import traceback
 import numpy as np
 import torch
 
-from _results import Results  # beside this file
+from _harness import Bench, Results, device_label, workdir  # beside this file
+from _inputs import model_folder, random_bank, sample_dataset
 
 RESULTS: list[tuple[str, bool, str]] = []
 JSON = Results(None)
@@ -62,23 +61,11 @@ def check(name: str):
 
 def make_inputs(work: str, preset: str, device: str, model: str | None = None):
     """(model folder, dataset, concept bank); the model is written unless `model` names a folder."""
-    from diffmix_ray import canonical
-    from diffmix_ray.data.prepare import PrepareConfig, prepare
-    from diffmix_ray.data.sample import SAMPLE_SUPER_CLASS, write_sample_imagefolder
-    from diffmix_ray.models.concepts import write_random_bank
-    from diffmix_ray.models.loader import resolve_model, write_model
+    from diffmix_ray.models.loader import resolve_model
 
-    if model is None:
-        model = write_model(preset, os.path.join(work, "model"), dtype="float16" if device == "cuda" else "float32")
-    side = resolve_model(model).resolution
-    raw = write_sample_imagefolder(os.path.join(work, "raw"), num_classes=4, per_class=4, size=side)
-    dataset = os.path.join(work, "dataset")
-    prepare(PrepareConfig("imagefolder", raw, super_class=SAMPLE_SUPER_CLASS, val_fraction=0.0), dataset,
-            show_progress=False)
-    info = canonical.open_dataset(dataset).info
-    bank = write_random_bank(os.path.join(work, "bank"), model, info.classes, info.super_class, info.fingerprint,
-                             lora_std=0.02)
-    return model, dataset, bank
+    model = model_folder(work, preset, device, model)
+    dataset = sample_dataset(work, 4, 4, resolve_model(model).resolution)
+    return model, dataset, random_bank(work, model, dataset)
 
 
 def finetune_checks(model: str, dataset: str, work: str, device: torch.device, precisions: list[str]) -> None:
@@ -307,25 +294,25 @@ def decode_check(dev: torch.device) -> tuple[bool, str]:
     return ok, f"decoded on {decoded[0].device}, input {tuple(x.shape)}, eval pixels vs PIL: mean |diff| {diff:.2f}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--preset", default=None, help="model preset (default sd15 on cuda, tiny on cpu)")
-    parser.add_argument("--model", default=None, help="a model folder to use instead of writing the preset")
-    parser.add_argument("--work", default=None)
-    parser.add_argument("--json", default=None, help="write the checks here as they finish")
-    args = parser.parse_args()
+bench = Bench("gpu-smoke", __doc__)
+bench.parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+bench.parser.add_argument("--preset", default=None, help="model preset (default sd15 on cuda, tiny on cpu)")
+bench.parser.add_argument("--model", default=None, help="a model folder to use instead of writing the preset")
+bench.parser.add_argument("--work", default=None)
+
+
+def measure(args, results) -> None:
+    global JSON
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no CUDA device here")
     preset = args.preset or ("sd15" if cuda else "tiny")
-    work = args.work or tempfile.mkdtemp(prefix="gpu-smoke-")
     started = time.perf_counter()
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
-    JSON.path = args.json
+    JSON = results
     JSON.update(device=device_name, torch=torch.__version__, model=args.model or preset)
-    try:
+    with workdir(args.work, "gpu-smoke-") as work:
         print(f"{device_name}; torch {torch.__version__}; model {args.model or preset}", flush=True)
         model, dataset, bank = make_inputs(work, preset, args.device, args.model)
         print(f"inputs written in {time.perf_counter() - started:.0f} s", flush=True)
@@ -333,14 +320,11 @@ def main() -> None:
         finetune_checks(model, dataset, work, torch.device(args.device), precisions)
         translate_checks(model, dataset, bank, args.device)
         classifier_checks(args.device, [torch.bfloat16] + ([torch.float16] if cuda else []))
-    finally:
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
     failed = [name for name, ok, _ in RESULTS if not ok]
-    JSON.update(passed=len(RESULTS) - len(failed), failed=failed, wall_s=round(time.perf_counter() - started, 1))
+    JSON.update(passed=len(RESULTS) - len(failed), failed=failed)
     print(f"{len(RESULTS) - len(failed)} passed, {len(failed)} failed in {time.perf_counter() - started:.0f} s")
     sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
-    main()
+    bench.main(measure, lambda args: device_label(args.device))

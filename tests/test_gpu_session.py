@@ -172,6 +172,20 @@ def test_small_settings_run_on_cpu_and_gpu_settings_on_cuda():
         assert "cpu" not in gpu, name
 
 
+def test_every_part_command_is_one_its_script_accepts_and_names_its_results_file():
+    """The session hands each script --json (where the part's figures are read from), --model and
+    --budget-s; the scripts' harness must accept them in both settings."""
+    import importlib
+
+    for name in gpu_session.PARTS:
+        for small in (False, True):
+            cmd = gpu_session.part_command(name, "py", small, "/m", "/r.json", 100, True)
+            script = importlib.import_module(os.path.basename(cmd[1])[:-3])
+            args = script.bench.parse(cmd[2:])
+            assert args.json == "/r.json", name
+            assert script.bench.path("cpu", args.json) == "/r.json"
+
+
 PART = textwrap.dedent("""
     import json, sys, time
     json.dump({"measured": 1}, open(sys.argv[1], "w"))
