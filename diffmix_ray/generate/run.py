@@ -25,6 +25,7 @@ from ..errors import DiffmixError
 from ..exactly_once import FAILED_DIR
 from ..runtime.jobs import announce
 from ..runtime.local_ray import init_ray, resolve_gpus
+from ..runtime.nodes import remote_errors_as_one_line
 from ..models import concepts as bank_io
 from ..models.loader import resolve_model
 from .config import GenerateConfig
@@ -255,7 +256,8 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
 
         gauges = PlanMetrics(run=storage.config_hash(inputs.identity))
         gauges.set(plan.num_rows, todo.num_rows)
-        _ray_pipeline(inputs, todo, files, gpus)
+        with remote_errors_as_one_line():  # e.g. a GPU node without CUDA, named
+            _ray_pipeline(inputs, todo, files, gpus)
     gen_seconds = time.perf_counter() - gen_started
     planned = set(plan.column(COL_PAIR_ID).to_pylist())
     after, missing = exactly_once.settle(shards, planned, "pairs")

@@ -26,6 +26,7 @@ from ..errors import DiffmixError
 from ..models.clip import ClipRef, resolve_clip
 from ..runtime.jobs import announce
 from ..runtime.local_ray import init_ray, resolve_gpus
+from ..runtime.nodes import remote_errors_as_one_line
 from ..synthetic import SyntheticSet, open_synthetic
 from .classifier import ClassifierRun, open_classifier
 from .config import ScoreConfig
@@ -242,7 +243,8 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False) -> dict:
         from ..runtime.metrics import PlanMetrics
 
         PlanMetrics(run=run_id, stage="score").set(plan.num_rows, todo.num_rows)
-        _ray_pipeline(inputs, todo, src_files, gpus)
+        with remote_errors_as_one_line():  # e.g. a GPU node without CUDA, named
+            _ray_pipeline(inputs, todo, src_files, gpus)
     score_seconds = time.perf_counter() - score_started
     planned = set(plan.column(COL_PAIR_ID).to_pylist())
     after, missing = exactly_once.settle(out, planned, "scored pairs", refuse_extra=inputs.synthetic.complete)
