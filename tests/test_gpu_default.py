@@ -49,6 +49,8 @@ def test_v1_without_the_demand_in_sight_waits():
 
 def test_v2_infeasible_is_definite_and_a_launch_is_a_yes():
     assert judge([v2(1), v2(2, demand=True, infeasible=True)], 1) == INFEASIBLE
+    handmade = Look(0.0, "v2", 2.0, demand_seen=True, infeasible=True, handmade=True)
+    assert judge([v2(1), handmade], 1) == NONE  # `ray start` by hand with v2: it adds nothing, ever
     assert judge([v2(1), v2(2, demand=True, launching=True)], 1) == LAUNCHING
     assert judge([v2(1, launching=True)], 1) == WAIT  # a launch before our demand is someone else's
     assert judge([v2(1, demand=True), v2(2, demand=True), v2(3, demand=True), v2(4, demand=True)], 1) == STUCK
@@ -116,8 +118,7 @@ def _answering(monkeypatch, verdict, facts=None):
                                                                                   facts or {}))
 
 
-@pytest.mark.parametrize("verdict, expected", [(ALIVE, 1.0), (LAUNCHING, 1.0), (CONFIGURED, 1.0), (NONE, 0.0),
-                                               (INFEASIBLE, 0.0)])
+@pytest.mark.parametrize("verdict, expected", [(ALIVE, 1.0), (LAUNCHING, 1.0), (CONFIGURED, 1.0), (NONE, 0.0)])
 def test_the_default_follows_the_verdict(monkeypatch, capsys, verdict, expected):
     _answering(monkeypatch, verdict)
     assert local_ray.resolve_gpus(None, "generate", "actor") == expected
@@ -126,9 +127,12 @@ def test_the_default_follows_the_verdict(monkeypatch, capsys, verdict, expected)
     assert ("generate: 1 GPU per actor" in said) if expected else ("running on CPU in fp32" in said)
 
 
-def test_a_default_the_autoscaler_sits_on_is_an_error_naming_the_flag(monkeypatch):
-    _answering(monkeypatch, STUCK)
-    with pytest.raises(DiffmixError, match=r"generate: no GPU for the default .*because stuck.*--gpus-per-actor 0"):
+@pytest.mark.parametrize("verdict", [INFEASIBLE, STUCK])
+def test_a_default_the_autoscaler_will_not_serve_is_an_error_naming_the_flag(monkeypatch, verdict):
+    """Not a quiet fall back to CPU: the cluster may have GPU types it cannot add right now."""
+    _answering(monkeypatch, verdict)
+    with pytest.raises(DiffmixError, match=rf"generate: no GPU for the default .*because {verdict}.*"
+                                           r"--gpus-per-actor 0"):
         local_ray.resolve_gpus(None, "generate", "actor")
 
 

@@ -14,10 +14,11 @@ generations (and KubeRay, which runs the same two monitors):
        calls infeasible (no node type holds them), instances it is launching.
 
 The verdict (`judge`, pure, unit-tested): GPUs alive now; a GPU node launching (the stage goes on
-and its own demand scales the pool); infeasible (no GPU node type); or "stuck": the autoscaler saw
-the demand for a few updates and started nothing (no GPU node type on v1, which does not say
-infeasible, or the cluster is at max_workers) - bounded, instead of Ray's endless infeasible warning.
-A cluster with no autoscaler that can add nodes (a private `ray.init`, or `ray start` by hand: the
+and its own demand scales the pool); no way to add nodes at all (a private `ray.init`, or `ray start`
+by hand: its monitor runs a read-only provider); or a GPU request the autoscaler will not serve:
+v2 calls it infeasible (no node type holds it, or max_workers allows no more nodes), v1 - which
+says no such thing - saw it for a few updates and started nothing. The last one is an error in
+bounded time, instead of Ray's endless "infeasible" warning. A cluster that cannot add nodes (the
 monitor then runs a read-only provider) is answered from its alive nodes alone."""
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class Look:
     demand_seen: bool = False  # a GPU demand that fits the probe is in what the autoscaler reads
     launching_gpus: bool = False  # v1: launches pending whose resources include GPUs
     launching_any: bool = False  # v2: instances requested or starting (v2 names their type, not resources)
-    infeasible: bool = False  # v2: the autoscaler says no node type can hold a GPU request
+    infeasible: bool = False  # v2: no node type can hold a GPU request, or none may be added (max_workers)
+    handmade: bool = False  # v2: no node has a node type name: `ray start` by hand, nothing to add
     configured_gpus: float | None = None  # per node, when the autoscaler published its node types
 
 
@@ -71,7 +73,7 @@ def judge(history: list[Look], gpus: float, updates: int = UPDATES_TO_WAIT) -> s
     if last.kind == "readonly":
         return NONE
     if last.infeasible:
-        return INFEASIBLE
+        return NONE if last.handmade else INFEASIBLE
     if last.launching_gpus:
         return LAUNCHING
     seen = next((i for i, look in enumerate(history) if look.demand_seen), None)
@@ -153,6 +155,7 @@ def look(gpus: float) -> Look:
                                     for r in resources.pending_resource_requests),
                     launching_any=bool(len(state.pending_instance_requests) or len(state.pending_instances)),
                     infeasible=any(_fits(dict(r.resources_bundle), gpus) for r in state.infeasible_resource_requests),
+                    handmade=not any(n.ray_node_type_name for n in resources.node_states),
                     configured_gpus=configured)
     return Look(alive, "none", configured_gpus=configured)
 
@@ -174,9 +177,12 @@ def _why(verdict: str, last: Look, waited: float) -> str:
     if verdict == LAUNCHING:
         return f"its autoscaler ({last.kind}) is adding a GPU node; {waited:.0f} s to decide"
     if verdict == INFEASIBLE:
-        return f"its autoscaler ({last.kind}) says no node type can hold the GPU request"
+        return (f"its autoscaler ({last.kind}) calls the GPU request infeasible: no node type holds it, or "
+                "max_workers allows no more nodes")
     if verdict == NONE:
-        return ("its autoscaler's node types have no GPUs" if last.configured_gpus is not None
+        if last.configured_gpus is not None:
+            return "its autoscaler's node types have no GPUs"
+        return ("its nodes were started by hand: its autoscaler (v2) adds none" if last.handmade
                 else "it has no autoscaler that can add nodes")
     if verdict == STUCK:
         return (f"its autoscaler ({last.kind}) saw the GPU request for {UPDATES_TO_WAIT} updates ({waited:.0f} s) "

@@ -72,7 +72,7 @@ def resolve_gpus(requested: float | None, stage: str, unit: str) -> float:
             console.print(f"{stage}: 1 GPU per {unit} (the Ray cluster: {answer.why}); pass {flag} 0 to run on CPU",
                           highlight=False)
         return gpus
-    if requested is None and answer.verdict != "stuck":
+    if requested is None and answer.verdict == "none":
         console.print(f"{stage}: no GPUs in this Ray cluster ({answer.why}): running on CPU in fp32", highlight=False)
         return 0.0
     if requested is None:

@@ -22,14 +22,14 @@ logger = logging.getLogger("diffmix_ray.runtime")
 
 
 def describe_node() -> str:
-    """'node 10.0.0.7 (id 3f2a91c0d4e5)' inside a Ray task or actor, else 'this machine'."""
+    """'node 10.0.0.7 (id 3f2a91c0...)' inside a Ray task or actor, else 'this machine'."""
     try:
         import ray
         from ray._private import worker  # private: which kind of process this is; guarded
 
         if ray.is_initialized() and worker.global_worker.mode == worker.WORKER_MODE:
             node_id = ray.get_runtime_context().get_node_id()
-            return f"node {ray.util.get_node_ip_address()} (id {node_id[:12]})"
+            return f"node {ray.util.get_node_ip_address()} (id {node_id})"
     except Exception:  # noqa: BLE001 - describing the node must never be what fails
         pass
     return "this machine"
@@ -69,9 +69,16 @@ def no_cuda_message(where: str | None = None) -> str:
             "--gpus-per-actor 0 / --gpus-per-worker 0")
 
 
+_warned: set[str] = set()
+
+
 def cpu_fallback_warning(where: str | None = None) -> None:
+    where = where or describe_node()
+    if where in _warned:  # once per process and node: an actor loads several models
+        return
+    _warned.add(where)
     logger.warning("%s advertises GPUs but has no CUDA; %s=cpu: running on its CPU in float32 (tests and Ray's "
-                   "fake multi-node provider only)", where or describe_node(), GPU_WITHOUT_CUDA_ENV)
+                   "fake multi-node provider only)", where, GPU_WITHOUT_CUDA_ENV)
 
 
 def gpu_node_facts() -> dict:
