@@ -73,6 +73,18 @@ def _work_nodes() -> list[dict]:
                                                           or n.get("Resources", {}).get("GPU", 0) > 0)]
 
 
+def _warn_if_nodes_may_join(stage: str) -> None:
+    """Workers that an autoscaler adds later cannot be asked now: say so once."""
+    from .autoscaler import look
+    from .local_ray import started_here
+    from .nodes import logger
+
+    if not started_here() and look(1.0).kind in ("v1", "v2"):
+        logger.warning("%s: local paths on an autoscaling Ray cluster whose worker nodes are not up yet: each node "
+                       "that joins must see them at the same path (a shared mount), or its output is lost; s3:// "
+                       "paths are safe", stage)
+
+
 def check_shared_paths(stage: str, inputs: list[tuple[str, str | None]], out: str | None) -> None:
     """Refuse the run when a local path of it is not the same folder on every alive node that runs
     work. `inputs`: (flag, value as given); `out`: the output folder."""
@@ -85,8 +97,11 @@ def check_shared_paths(stage: str, inputs: list[tuple[str, str | None]], out: st
     out_local = out if out and "://" not in out else None
     nodes = _work_nodes()
     here = ray.get_runtime_context().get_node_id()
-    if not (local or out_local) or not nodes or [n["NodeID"] for n in nodes] == [here]:
-        return  # nothing local, or one node (the driver's): nothing can differ
+    if not (local or out_local):
+        return
+    if not nodes or [n["NodeID"] for n in nodes] == [here]:  # one node (the driver's): nothing can differ yet
+        _warn_if_nodes_may_join(stage)
+        return
     mine = [listing_digest(path) for _, _, path in local]
     token = uuid.uuid4().hex
     marker = os.path.join(out_local, f".diffmix-visible-{token}") if out_local else None
