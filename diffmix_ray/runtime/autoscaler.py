@@ -5,21 +5,19 @@ cannot decide the GPU default. Open-source Ray 2.60 publishes no list of the nod
 autoscaler can add that every deployment fills in: the GCS key Ray Data and Ray Train read
 (`get_cluster_config`) is written by no autoscaler of this release (a later v2 autoscaler writes
 it; it is read first, guarded). So the autoscaler is asked the way work asks it: a probe task that
-needs GPUs and no CPU, and what the autoscaler then reports, which is public state of both
-generations (and KubeRay, which runs the same two monitors):
+needs GPUs and no CPU, and what the autoscaler then reports in the GCS (what `ray status` reads):
 
-  v1 (monitor.py; launcher and KubeRay default)  the status it writes to the GCS every update
-       (`ray status` reads it): the probe's demand shape, launches pending with their resources;
-  v2 (RAY_enable_autoscaler_v2=1, KubeRay v2)     the autoscaling state in the GCS: requests it
-       calls infeasible (no node type holds them), instances it is launching.
+  v1 (monitor.py: `ray start --autoscaling-config`, KubeRay's v1)  its status, every update: the
+       demand shapes it saw, the resources of the launches it queued;
+  v2 (the launcher's default since Ray 2.50, KubeRay's v2)         its autoscaling state: requests
+       it calls infeasible, instances it is launching.
 
 The verdict (`judge`, pure, unit-tested): GPUs alive now; a GPU node launching (the stage goes on
-and its own demand scales the pool); no way to add nodes at all (a private `ray.init`, or `ray start`
-by hand: its monitor runs a read-only provider); or a GPU request the autoscaler will not serve:
-v2 calls it infeasible (no node type holds it, or max_workers allows no more nodes), v1 - which
-says no such thing - saw it for a few updates and started nothing. The last one is an error in
-bounded time, instead of Ray's endless "infeasible" warning. A cluster that cannot add nodes (the
-monitor then runs a read-only provider) is answered from its alive nodes alone."""
+and its own demand keeps the node coming); no way to add nodes at all (a private `ray.init`, or
+`ray start` by hand, whose monitor runs a read-only provider: answered from the alive nodes alone);
+or a GPU request the autoscaler will not serve: v2 calls it infeasible (no node type holds it, or
+max_workers allows no more nodes), v1 - which says no such thing - saw it for a few updates and
+queued nothing. The last is an error in bounded time, instead of Ray's endless "infeasible" warning."""
 
 from __future__ import annotations
 
