@@ -163,9 +163,9 @@ def fake_config(gcs_port: int, worker_types: dict, head_cpus: int, idle_minutes:
 
 @contextlib.contextmanager
 def fake_autoscaling_head(version: str, worker_types: dict, head_cpus: int = 2, idle_minutes: float = 0.1,
-                          node_env: dict | None = None):
+                          node_env: dict | None = None, update_interval_s: int | None = 1):
     """`RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...` on loopback, autoscaler v1 or
-    v2, updating every second (AUTOSCALER_UPDATE_INTERVAL_S=1, as Ray's own fake-cluster tests do).
+    v2, updating every `update_interval_s` (1 s as in Ray's own fake-cluster tests; None: Ray's 5 s).
     `node_env` reaches every process of every node (the fake nodes are started by the monitor)."""
     temp_dir = tempfile.mkdtemp(prefix="dmx19-", dir="/tmp")  # short: Ray's socket paths stay < 108 chars
     gcs_port, *more = free_ports(7)
@@ -173,8 +173,9 @@ def fake_autoscaling_head(version: str, worker_types: dict, head_cpus: int = 2, 
     config = os.path.join(temp_dir, "autoscaling.yaml")
     with open(config, "w", encoding="utf-8") as f:
         yaml.safe_dump(fake_config(gcs_port, worker_types, head_cpus, idle_minutes), f)
-    env = client_env({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_TMPDIR": temp_dir,
-                      **(node_env or {})})
+    env = client_env({"RAY_FAKE_CLUSTER": "1", "RAY_TMPDIR": temp_dir, **(node_env or {})})
+    if update_interval_s is not None:
+        env["AUTOSCALER_UPDATE_INTERVAL_S"] = str(update_interval_s)
     if version == "v2":
         env.update({"RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID})
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",

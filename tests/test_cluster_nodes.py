@@ -82,7 +82,11 @@ def nodes():
     try:
         cluster = Cluster(initialize_head=True, connect=False, head_node_args=dict(
             num_cpus=0, node_ip_address="127.0.0.1", temp_dir=temp_dir, include_dashboard=False,
-            object_store_memory=150 * 2**20))
+            object_store_memory=150 * 2**20,
+            # A killed node is declared dead after ~3 s of missed health checks, not Ray's ~15-30 s: what the
+            # tests wait for is the stages' recovery, not the detector.
+            _system_config={"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
+                            "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}))
         n = Nodes(cluster, client_env({"RAY_ADDRESS": cluster.address, "RAY_TMPDIR": temp_dir}), temp_dir)
         for _ in range(2):
             n.add_worker()
@@ -209,21 +213,33 @@ def _python_driver(stage: str, config_class: str, run: str, **kw) -> str:
             f"{run}({config_class}(**{kw!r}))\n")
 
 
+def _registered_checkpoint(out: str) -> str | None:
+    """The folder of the latest checkpoint in Ray Train's checkpoint manager snapshot, if any."""
+    for snapshot in glob.glob(os.path.join(out, "train", "*", "checkpoint_manager_snapshot.json")):
+        with contextlib.suppress(OSError, ValueError):
+            with open(snapshot) as f:
+                latest = json.load(f).get("latest_checkpoint_result")
+            if latest:
+                return os.path.join(os.path.dirname(snapshot), latest["checkpoint_dir_name"])
+    return None
+
+
 def test_finetune_restores_after_a_node_death_and_ends_bit_exact(nodes, ray_local, sample_dataset, tmp_path):
     out, reference = str(tmp_path / "bank"), str(tmp_path / "reference")
     log = str(tmp_path / "finetune.log")
     started = time.monotonic()
     proc = _driver(nodes, _python_driver("finetune", "FinetuneConfig", "run_finetune", **FINETUNE_KW,
                                          dataset=sample_dataset, out=out), log)
-    wait_for(lambda: proc.poll() is not None or _checkpoints(out, "checkpoint_step=*"), timeout=240,
-             what="the first finetune checkpoint")
+    registered = wait_for(lambda: proc.poll() is not None or _registered_checkpoint(out), timeout=240,
+                          what="a finetune checkpoint Ray Train has registered")
     assert proc.poll() is None, "finetune ended before a node could be killed"
     nodes.kill_node_of("RayTrainWorker")
     rc, text = _finish(proc, log)
     assert rc == 0, text[-4000:]
     with open(os.path.join(_checkpoints(out, "checkpoint_step=00000200")[0], "progress-rank0.json")) as f:
         progress = json.load(f)
-    assert len(progress["resumed_at"]) == 1 and progress["resumed_at"][0] >= 20, (progress, text[-3000:])
+    at_least = int(registered.rsplit("=", 1)[1])  # Ray Train restores its latest registered checkpoint
+    assert len(progress["resumed_at"]) == 1 and progress["resumed_at"][0] >= at_least, (progress, text[-3000:])
     assert progress["step_ranges"] == [[1, 200]]  # every step once, in order
     killed_s = round(time.monotonic() - started, 1)
 
@@ -254,17 +270,6 @@ def shapes(tmp_path_factory):
     prepare(PrepareConfig("imagefolder", raw, super_class="shape", val_fraction=0.2, test_fraction=0.2),
             str(root / "ds"), show_progress=False)
     return str(root / "ds")
-
-
-def _registered_checkpoint(out: str) -> str | None:
-    """The folder of the latest checkpoint in Ray Train's checkpoint manager snapshot, if any."""
-    for snapshot in glob.glob(os.path.join(out, "train", "*", "checkpoint_manager_snapshot.json")):
-        with contextlib.suppress(OSError, ValueError):
-            with open(snapshot) as f:
-                latest = json.load(f).get("latest_checkpoint_result")
-            if latest:
-                return os.path.join(os.path.dirname(snapshot), latest["checkpoint_dir_name"])
-    return None
 
 
 def test_train_cls_restores_after_a_node_death(nodes, ray_local, shapes, tmp_path):
@@ -301,9 +306,10 @@ def test_train_cls_restores_after_a_node_death(nodes, ray_local, shapes, tmp_pat
     with open(os.path.join(out, "metrics.json")) as f:
         metrics = json.load(f)
     assert [e["epoch"] for e in metrics["epochs"]] == list(range(6)), text[-3000:]  # each epoch once
-    # Restored, not retrained: the epochs before the death keep their records, measured throughput included
-    # (a recomputation would not reproduce it to the last digit).
-    assert metrics["epochs"][:len(saved)] == json.loads(json.dumps(saved)), "the epochs before the death were redone"
+    # Restored, not retrained: the epochs before the death keep their records, measured times included (a
+    # recomputation would not reproduce them to the last digit). `test` is added at the end to the selected epoch.
+    final = [{k: v for k, v in e.items() if k != "test"} for e in metrics["epochs"][:len(saved)]]
+    assert final == json.loads(json.dumps(saved)), "the epochs before the death were redone"
     killed_s = round(time.monotonic() - started, 1)
 
     ref.join(timeout=300)
