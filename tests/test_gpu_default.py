@@ -103,6 +103,22 @@ def test_a_private_ray_is_answered_from_its_nodes_without_a_probe(monkeypatch):
     assert cluster.polls == 0 and not cluster.cancelled
 
 
+def test_ray_train_stages_check_cuda_on_a_gpu_node_that_is_up(monkeypatch):
+    """Ray Train's workers would fail inside its NCCL set-up on such a node, before any of our code."""
+    facts = {"node": "node 10.0.0.7 (id 3f2a)", "cuda": False, "message": "no CUDA on node 10.0.0.7"}
+    Cluster([Look(1.0, "v1")], monkeypatch, probe_result=facts)
+    assert autoscaler.gpu_answer(1.0, private=False, sleep=lambda s: None).facts == {}  # actors check themselves
+    cluster = Cluster([Look(1.0, "v1")], monkeypatch, probe_result=facts)
+    cluster.polls = 3  # the fake probe is ready at once
+    answer = autoscaler.gpu_answer(1.0, private=False, check_cuda=True, sleep=lambda s: None)
+    assert answer.verdict == ALIVE and answer.facts == facts
+    busy = Cluster([Look(1.0, "v1")], monkeypatch)  # every GPU busy: no answer within CHECK_S, not a hang
+    clock = iter(range(0, 1000))
+    answer = autoscaler.gpu_answer(1.0, private=False, check_cuda=True, sleep=lambda s: None,
+                                   clock=lambda: float(next(clock)))
+    assert answer.verdict == ALIVE and answer.facts == {} and busy.cancelled == ["probe-ref"]
+
+
 def test_the_probe_reports_what_it_found_on_the_gpu_node(monkeypatch):
     facts = {"node": "node 10.0.0.7 (id 3f2a91c0d4e5)", "cuda": False, "message": "no CUDA on node 10.0.0.7"}
     cluster = Cluster([v1(1)], monkeypatch, probe_result=facts)
@@ -114,8 +130,8 @@ def test_the_probe_reports_what_it_found_on_the_gpu_node(monkeypatch):
 # resolve_gpus: what each verdict means for a default and for a request
 # ---------------------------------------------------------------------------------------------
 def _answering(monkeypatch, verdict, facts=None):
-    monkeypatch.setattr(autoscaler, "gpu_answer", lambda gpus, private: Answer(verdict, f"because {verdict}",
-                                                                                  facts or {}))
+    monkeypatch.setattr(autoscaler, "gpu_answer", lambda gpus, private, check_cuda: Answer(
+        verdict, f"because {verdict}", facts or {}))
 
 
 @pytest.mark.parametrize("verdict, expected", [(ALIVE, 1.0), (LAUNCHING, 1.0), (CONFIGURED, 1.0), (NONE, 0.0)])

@@ -36,6 +36,8 @@ UPDATES_TO_WAIT = 3
 FIRST_REPORT_S = 15.0
 # The whole question is bounded: an autoscaler that stops reporting does not hang the stage.
 DECIDE_S = 120.0
+# How long a CUDA check on a GPU node that is up may wait for a free GPU.
+CHECK_S = 15.0
 _READONLY_TYPE = re.compile(r"node_[0-9a-f]{56}")  # ray.autoscaler._private.util.format_readonly_node_type
 
 
@@ -188,17 +190,37 @@ def _why(verdict: str, last: Look, waited: float) -> str:
     return f"its autoscaler did not answer within {waited:.0f} s"
 
 
-def gpu_answer(gpus: float, private: bool, sleep=time.sleep, clock=time.monotonic) -> Answer:
+def _facts_from_an_alive_gpu(gpus: float, clock, sleep) -> dict:
+    """What a probe finds on a GPU node that is up now; {} when no GPU frees up within CHECK_S (the
+    GPUs are busy: the stage's work will wait for them anyway)."""
+    import ray
+
+    probe = _probe_task(gpus).remote()
+    deadline = clock() + CHECK_S
+    while clock() < deadline:
+        ready, _ = ray.wait([probe], timeout=0)
+        if ready:
+            return ray.get(probe)
+        sleep(0.2)
+    ray.cancel(probe, force=True)
+    return {}
+
+
+def gpu_answer(gpus: float, private: bool, check_cuda: bool = False, sleep=time.sleep,
+               clock=time.monotonic) -> Answer:
     """Can `gpus` GPUs on one node be had? `private`: a Ray this process started (no autoscaler can
     add to it: answered from its nodes alone, at once). Otherwise a probe task asks the autoscaler;
     it is cancelled once the verdict is in (a launch, once begun, goes on: the stage's own demand
-    keeps the node)."""
+    keeps the node). `check_cuda`: when GPU nodes are up, a probe also looks at CUDA on one of them
+    (Ray Train's workers would otherwise fail inside its NCCL set-up, before any of this project's
+    code runs, on a node whose GPU has no CUDA)."""
     import ray
 
     first = look(gpus) if not private else Look(_alive_gpus(), "readonly")
     if private or judge([first], gpus) in (ALIVE, CONFIGURED, NONE):
         verdict = judge([first], gpus)
-        return Answer(verdict, _why(verdict, first, 0))
+        facts = _facts_from_an_alive_gpu(gpus, clock, sleep) if check_cuda and verdict == ALIVE else {}
+        return Answer(verdict, _why(verdict, first, 0), facts)
     started = clock()
     probe = _probe_task(gpus).remote()
     history, facts = [first], {}

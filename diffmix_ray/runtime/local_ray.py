@@ -62,7 +62,7 @@ def resolve_gpus(requested: float | None, stage: str, unit: str) -> float:
     if requested is not None and float(requested) <= 0:
         return 0.0
     gpus = float(requested) if requested is not None else 1.0
-    answer = gpu_answer(gpus, private=started_here())
+    answer = gpu_answer(gpus, private=started_here(), check_cuda=unit == "worker")  # workers: Ray Train
     if answer.facts and not answer.facts.get("cuda"):  # the probe ran on a GPU node that cannot run CUDA
         if not cpu_instead_of_missing_cuda():
             raise DiffmixError(f"{stage}: {answer.facts['message']}")
