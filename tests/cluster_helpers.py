@@ -187,7 +187,8 @@ def fake_autoscaling_head(version: str, worker_types: dict, head_cpus: int = 2, 
     try:
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         assert started.returncode == 0, f"ray start failed:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}"
-        yield FakeCluster(gcs, temp_dir, version, client_env({"RAY_ADDRESS": gcs, "RAY_TMPDIR": temp_dir, **(node_env or {})}))
+        yield FakeCluster(gcs, temp_dir, version,
+                          client_env({"RAY_ADDRESS": gcs, "RAY_TMPDIR": temp_dir, **(node_env or {})}))
     finally:
         stop_processes(processes_of(temp_dir, gcs))
         shutil.rmtree(temp_dir, ignore_errors=True)
