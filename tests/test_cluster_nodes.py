@@ -228,8 +228,8 @@ def _registered_checkpoint(out: str) -> str | None:
 
 def test_finetune_restores_after_a_node_death_and_ends_bit_exact(nodes, ray_local, sample_dataset, tmp_path):
     """The bank equals the one of a run restored from the same checkpoint after its worker process died
-    (the test hook; run meanwhile on the session's private Ray in this process). Equality with an
-    uninterrupted run needs noise drawn per step, not per attempt (finetune/loop.py `_noise_seed`)."""
+    (the test hook; run meanwhile on the session's private Ray in this process). Where the noise is
+    drawn per step rather than per attempt, that is also an uninterrupted run's bank."""
     import threading
 
     from diffmix_ray.finetune.config import FinetuneConfig
