@@ -19,6 +19,7 @@ from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_SOURCE_ID, COL_SOURCE_LABE
 from ..errors import DiffmixError
 from ..runtime.jobs import announce
 from ..runtime.local_ray import init_ray, resolve_gpus
+from ..runtime.shared_paths import check_shared_paths
 from ..synthetic import open_synthetic
 from . import data, filters, labels
 from .config import GPU_DECODE_ON_CPU, ClassifyConfig
@@ -158,6 +159,8 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
     if gpus is None:
         init_ray(min_cpus=cfg.workers * cfg.cpus_per_worker)
         gpus = resolve_gpus(cfg.gpus_per_worker, "train-cls", "worker")
+    check_shared_paths("train-cls", [("--dataset", cfg.dataset), *(("--synthetic", s) for s in cfg.synthetic),
+                                     ("--pretrained", cfg.pretrained)], out)
     refs = _load_columns(all_files)
     train_counts = info.class_counts("train")
     syn_weights = (labels.synthetic_row_weights(syn.target, info.num_classes, recipe.synthetic_sampling,

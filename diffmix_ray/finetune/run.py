@@ -23,6 +23,7 @@ from ..models import concepts as bank_io
 from ..models.loader import ModelRef, resolve_model
 from ..runtime.jobs import announce
 from ..runtime.local_ray import init_ray, resolve_gpus
+from ..runtime.shared_paths import check_shared_paths
 from .config import DEFAULT_INITIALIZER, FinetuneConfig
 from .data import epoch_rows
 
@@ -159,6 +160,7 @@ def _fit(inputs: Inputs):
     init_ray(min_cpus=inputs.cfg.workers * inputs.cfg.cpus_per_worker)
     cfg = dataclasses.replace(inputs.cfg, gpus_per_worker=resolve_gpus(inputs.cfg.gpus_per_worker, "finetune", "worker"))
     cfg.validate()  # again, now that the GPU count is known (fp16/bf16 need GPUs)
+    check_shared_paths("finetune", [("--dataset", inputs.dataset.uri), ("--model", cfg.model)], inputs.out)
     train_uri = storage.join(inputs.out, TRAIN_DIR)
     storage.makedirs(train_uri)
     filesystem, path = storage.arrow_filesystem(train_uri) if storage.is_s3(train_uri) else (None, train_uri)

@@ -26,6 +26,8 @@ from ..exactly_once import FAILED_DIR
 from ..runtime.jobs import announce
 from ..synthetic import damaged_shards, describe_damage, shard_records
 from ..runtime.local_ray import init_ray, resolve_gpus
+from ..runtime.nodes import remote_errors_as_one_line
+from ..runtime.shared_paths import check_shared_paths
 from ..models import concepts as bank_io
 from ..models.loader import resolve_model
 from .config import GenerateConfig
@@ -260,16 +262,16 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
     if todo.num_rows:
         init_ray(min_cpus=cfg.max_actors * cfg.cpus_per_actor)
         gpus = resolve_gpus(cfg.gpus_per_actor, "generate", "actor")
+        check_shared_paths("generate", [("--dataset", cfg.dataset), ("--model", cfg.model),
+                                        ("--concepts", cfg.concepts)], out)
+        inputs.resolved["gpus_per_actor"] = {"value": gpus, "from": "--gpus-per-actor" if cfg.gpus_per_actor
+                                             is not None else "default: what the Ray cluster has or can add"}
         from ..runtime.metrics import PlanMetrics
 
         gauges = PlanMetrics(run=storage.config_hash(inputs.identity))
         gauges.set(plan.num_rows, todo.num_rows)
-        try:
+        with remote_errors_as_one_line(out):  # a GPU node without CUDA, a full disk: one line, named
             _ray_pipeline(inputs, todo, files, gpus)
-        except Exception as e:
-            if (said := storage.explain_task_error(e, out)) is not None:  # disk full: one line, not Ray's traceback
-                raise said from None
-            raise
     gen_seconds = time.perf_counter() - gen_started
     planned = set(plan.column(COL_PAIR_ID).to_pylist())
     after, missing = exactly_once.settle(shards, planned, "pairs")

@@ -76,8 +76,13 @@ def runtime_policy(device: str | None = None, dtype: torch.dtype | str | None = 
     except RuntimeError as e:
         raise DiffmixError(f"invalid device {device!r} ({e}); use 'cpu', 'cuda' or 'cuda:N'") from None
     if device_type == "cuda" and not cuda:
-        raise DiffmixError(f"device {device!r} was requested but CUDA is not available to torch "
-                           f"{torch.__version__}; use device 'cpu', or install a CUDA build of torch")
+        from ..runtime.nodes import cpu_fallback_warning, cpu_instead_of_missing_cuda, no_cuda_message
+
+        if not cpu_instead_of_missing_cuda():  # e.g. a GPU node whose image lacks the driver: name it
+            raise DiffmixError(no_cuda_message())
+        cpu_fallback_warning()
+        device, device_type = "cpu", "cpu"
+        dtype = None if dtype in (torch.float16, "float16", "fp16", "half") else dtype
     if isinstance(dtype, str):
         if dtype.lower() not in _DTYPE_NAMES:
             raise DiffmixError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPE_NAMES)}")

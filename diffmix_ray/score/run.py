@@ -26,6 +26,8 @@ from ..errors import DiffmixError
 from ..models.clip import ClipRef, resolve_clip
 from ..runtime.jobs import announce
 from ..runtime.local_ray import init_ray, resolve_gpus
+from ..runtime.nodes import remote_errors_as_one_line
+from ..runtime.shared_paths import check_shared_paths
 from ..synthetic import SyntheticSet, open_synthetic
 from .classifier import ClassifierRun, open_classifier
 from .config import ScoreConfig
@@ -241,15 +243,13 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False) -> dict:
         todo, src_files = locate_sources(inputs, todo)
         init_ray(min_cpus=cfg.max_actors * cfg.cpus_per_actor)
         gpus = resolve_gpus(cfg.gpus_per_actor, "score", "actor")
+        check_shared_paths("score", [("--synthetic", cfg.synthetic), ("--dataset", inputs.dataset.uri),
+                                     ("--clip", cfg.clip), ("--classifier", cfg.classifier)], out)
         from ..runtime.metrics import PlanMetrics
 
         PlanMetrics(run=run_id, stage="score").set(plan.num_rows, todo.num_rows)
-        try:
+        with remote_errors_as_one_line(out):  # a GPU node without CUDA, a full disk: one line, named
             _ray_pipeline(inputs, todo, src_files, gpus)
-        except Exception as e:
-            if (said := storage.explain_task_error(e, out)) is not None:  # disk full: one line, not Ray's traceback
-                raise said from None
-            raise
     score_seconds = time.perf_counter() - score_started
     planned = set(plan.column(COL_PAIR_ID).to_pylist())
     after, missing = exactly_once.settle(out, planned, "scored pairs", refuse_extra=inputs.synthetic.complete)
