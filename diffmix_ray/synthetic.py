@@ -44,10 +44,9 @@ class SyntheticSet:
 PARQUET_MAGIC = b"PAR1"
 
 
-def shard_records(shards: str, found: dict[str, list[str]]) -> dict[str, dict]:
+def shard_records(found: dict[str, list[str]], sizes: dict[str, int]) -> dict[str, dict]:
     """What the manifest records of each shard file (its rows and bytes), so that a later reader
-    can tell a shard cut short or replaced from the one generate wrote."""
-    sizes = storage.file_sizes(shards)
+    (`damaged_shards`) can tell a shard cut short or replaced from the one generate wrote."""
     return {name: {"rows": len(ids), "bytes": sizes[name]} for name, ids in sorted(found.items())}
 
 

@@ -102,9 +102,9 @@ class Translator:
             self._warm_up()
         self.metrics = None
         if report_metrics:
-            from ..runtime.metrics import GenerateMetrics
+            from ..runtime.metrics import StageMetrics
 
-            self.metrics = GenerateMetrics()
+            self.metrics = StageMetrics("generate")
 
     # -----------------------------------------------------------------------------------------
     # Start-up

@@ -66,9 +66,9 @@ class Scorer:
         self.batch_delay_s = batch_delay_s  # test hook: keeps a run going long enough to be killed
         self.metrics = None
         if report_metrics:
-            from ..runtime.metrics import ScoreMetrics
+            from ..runtime.metrics import StageMetrics
 
-            self.metrics = ScoreMetrics()
+            self.metrics = StageMetrics("score")
 
     # -----------------------------------------------------------------------------------------
     # Embeddings
