@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .. import canonical, storage  # noqa: E402
+from .. import canonical, classifier_run, storage  # noqa: E402
 from ..contracts import (COL_IMAGE, COL_IMAGE_ID, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH,  # noqa: E402
                          COL_TARGET_LABEL, MANIFEST_JSON)
 from ..errors import DiffmixError  # noqa: E402
@@ -26,16 +26,13 @@ from ..scores import is_scores_output  # noqa: E402
 from ..synthetic import open_synthetic  # noqa: E402
 from . import score_report  # noqa: E402
 
-METRICS_JSON = "metrics.json"  # the classifier run's file name (classify/run.py writes it)
-
-
 def _kind(run: str) -> str:
     # a score output holds a manifest.json too: asked first, by the manifest's content
     if is_scores_output(run):
         return "score"
     if storage.exists(storage.join(run, MANIFEST_JSON)):
         return "generate"
-    if storage.exists(storage.join(run, METRICS_JSON)):
+    if classifier_run.has_metrics(run):
         return "train-cls"
     raise DiffmixError(f"{run} is neither a generate output (manifest.json), a score output (<synthetic>/scores/NAME) "
                        "nor a train-cls run (metrics.json)")
@@ -210,7 +207,7 @@ def run_report(runs: list[str], out: str | None = None, gamma: float = 0.5) -> d
             label = posixpath.basename(synthetic)
             scored += [s for s in score_report.open_scored(synthetic, label) if s.scores.name == name]
         else:
-            classifiers.append((name, storage.read_json(storage.join(run, METRICS_JSON))))
+            classifiers.append((name, classifier_run.read_metrics(run)))
     filters = [(name, m["synthetic_filter"]) for name, m in classifiers if m.get("synthetic_filter")]
     written["score_plots"] = score_report.score_plots(scored, out, filters)
     kept = score_report.kept_rows(filters)
