@@ -28,6 +28,7 @@ class Config(ActorPoolConfig):
 
 class Stage(PoolStage):
     name, verb = "generate", "made"  # a stage name the metrics know
+    schema = pa.schema([pa.field("pair_id", pa.string())])
     file_prefix, file_word, row_words, missing_words = "rows", "file(s)", "rows", "rows are missing"
     versioned = ("pyarrow",)
 
@@ -139,3 +140,15 @@ def test_blocks_are_whole_chunks_and_chunks_whole_batches(rows, batch, actors, p
     assert block % chunk == 0 and chunk % batch == 0 and block < per_block + chunk
     parts = cut_blocks(pa.table({"i": range(rows)}), block)
     assert sum(p.num_rows for p in parts) == rows and max(p.num_rows for p in parts) <= block
+
+
+def test_rows_without_the_output_schema_are_refused(tmp_path):
+    class Valued(Stage):
+        schema = pa.schema([pa.field("pair_id", pa.string()), pa.field("value", pa.float32())])
+
+    stage = Valued(str(tmp_path / "out"))
+    _killed_run(stage)
+    _rows(stage.rows_dir, "rows-a.parquet", ["p0", "p1", "p2", "p3"])  # no "value": not this stage's rows
+    with pytest.raises(DiffmixError, match="rows-a.parquet: missing column 'value'"):
+        run_pool_stage(stage)
+    assert not os.path.exists(os.path.join(stage.out, SUCCESS))

@@ -19,7 +19,7 @@ import pyarrow as pa
 from .. import canonical, exactly_once, storage
 from ..console import console, logger
 from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH, COL_TARGET_LABEL,
-                         PLAN_DIR, SHARDS_DIR)
+                         PLAN_DIR, SHARD_SCHEMA, SHARDS_DIR)
 from ..errors import DiffmixError
 from ..models import concepts as bank_io
 from ..models.loader import resolve_model
@@ -142,6 +142,7 @@ class GenerateStage(PoolStage):
 
     name, verb = "generate", "generated"
     file_prefix, file_word, row_words, missing_words = "shard", "shard(s)", "pairs", "pairs are missing"
+    schema = SHARD_SCHEMA
     versioned = VERSIONED
 
     def __init__(self, inputs: Inputs) -> None:

@@ -31,10 +31,11 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from .. import exactly_once, lease, storage
 from ..console import console
-from ..contracts import COL_PAIR_ID, MANIFEST_JSON, SUCCESS
+from ..contracts import COL_PAIR_ID, MANIFEST_JSON, SUCCESS, check_columns
 from .pool_config import ActorPoolConfig
 
 # The CPU steps (read + decode before the actor, cast + encode after it, the file writes) cost a few
@@ -107,6 +108,7 @@ class PoolStage(ABC):
     name: str  # "generate" | "score": the output's owner in _run.json, metric names, messages
     verb: str  # what the actors do to a row, in the summary: "generated", "scored"
     key: str = COL_PAIR_ID  # the column that makes a row unique
+    schema: pa.Schema  # of the output's rows (what the step after the actor casts to)
     file_prefix: str  # output files are <file_prefix>-<write uuid>-<task>-<i>.parquet
     file_word: str  # what an output file is called in messages: "shard(s)", "score file(s)"
     row_words: str  # what the output's rows are called in messages: "pairs", "scored pairs"
@@ -322,6 +324,11 @@ def run_pool_stage(stage: PoolStage, overwrite: bool = False, started: float | N
     planned = set(plan.column(stage.key).to_pylist())
     after, missing = exactly_once.settle(stage.rows_dir, planned, stage.row_words, stage.key,
                                          refuse_extra=stage.refuse_extra)
+    if after.found:  # what readers check too: the output's files hold the contract's columns
+        first = storage.join(stage.rows_dir, min(after.found))
+        fs, path = storage.arrow_filesystem(first)
+        with storage.explained(first):
+            check_columns(pq.read_schema(path, filesystem=fs), stage.schema, first)
     stage.check_rows(after, plan)
     failures = exactly_once.read_failures(out, missing, stage.key)
     if todo.num_rows:

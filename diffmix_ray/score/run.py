@@ -18,7 +18,7 @@ import pyarrow as pa
 from .. import canonical, storage
 from ..console import logger
 from ..contracts import (CLASS_PROMPT, COL_PAIR_ID, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_TARGET_LABEL, MANIFEST_JSON,
-                         RUN_JSON, SCORE_COLUMNS, SCORES_DIR, SCORES_VERSION, object_prompts)
+                         RUN_JSON, SCORE_COLUMNS, SCORES_DIR, SCORES_SCHEMA, SCORES_VERSION, object_prompts)
 from ..errors import DiffmixError
 from ..models.clip import ClipRef, resolve_clip
 from ..runtime.pool_stage import Outcome, PoolStage, Step, Steps, run_pool_stage
@@ -103,6 +103,7 @@ class ScoreStage(PoolStage):
 
     name, verb = "score", "scored"
     file_prefix, file_word, row_words, missing_words = "scores", "score file(s)", "scored pairs", "pairs have no score"
+    schema = SCORES_SCHEMA
     block_group = COL_SYN_FILE  # a block reads whole row groups of the shards it touches: never one shard twice
     versioned = VERSIONED
 
