@@ -27,13 +27,14 @@ def noop_before(batch, files, resolution, chunk_rows):
     """prepare_sources without decoding: the same row-group reads, zero pixels."""
     import numpy as np
 
+    from diffmix_ray.canonical import read_located
     from diffmix_ray.generate import cpu_stages as cs
 
-    data = cs.read_sources(batch, files)
+    data = read_located(batch, files, cs.COL_FILE, cs.COL_ROW)
     for start in range(0, batch.num_rows, chunk_rows):
         chunk = batch.slice(start, chunk_rows)
         n = chunk.num_rows
-        yield cs._plan_columns(chunk) | {
+        yield cs.plan_columns(chunk) | {
             cs.COL_PIXELS: np.zeros((n, resolution, resolution, 3), np.uint8),
             cs.COL_SOURCE_W: np.full(n, resolution, np.int32), cs.COL_SOURCE_H: np.full(n, resolution, np.int32),
             cs.COL_ERROR: np.full(n, "", dtype=object), "_bytes": np.array([len(d or b"") for d in data[start:start + n]])}
@@ -48,7 +49,7 @@ def noop_after(batch, failed_uri, jpeg_quality):
 
     n = len(batch["pair_id"])
     rows = list(range(n))
-    columns = {f.name: cs._column(batch[f.name], rows, f.type) for f in PLAN_SCHEMA}
+    columns = {f.name: cs.plan_column(batch[f.name], rows, f.type) for f in PLAN_SCHEMA}
     columns.update({"image": pa.array([b"\xff\xd8"] * n, pa.binary()), "width": pa.array([8] * n, pa.int32()),
                     "height": pa.array([8] * n, pa.int32()), "prompt": pa.array(["no-op"] * n, pa.string())})
     return pa.table([columns[f.name] for f in SHARD_SCHEMA], schema=SHARD_SCHEMA)
@@ -72,30 +73,34 @@ class NoOpTranslator:
 
 def run_case(name: str, dataset: str, work: str, pairs: int, train_images: int, batch_size: int, noop_codecs: bool,
              results):
-    from diffmix_ray import exactly_once, storage
-    from diffmix_ray.contracts import COL_PAIR_ID, SHARDS_DIR
-    from diffmix_ray.generate import run
+    from diffmix_ray import exactly_once
+    from diffmix_ray.contracts import COL_PAIR_ID
     from diffmix_ray.generate.config import GenerateConfig
+    from diffmix_ray.generate.run import GenerateStage, resolve_inputs
+    from diffmix_ray.runtime.pool_stage import Step, build_dataset, write_rows
 
     cfg = GenerateConfig(dataset=dataset, model="tiny", out=os.path.join(work, name), mode="real-mix",
                          multiplier=pairs / train_images, batch_size=batch_size, gpus_per_actor=0.0)
     times = {}
     t = time.perf_counter()
-    inputs = dataclasses.replace(run.resolve_inputs(cfg), resolution=RESOLUTION)
-    plan = run.build_plan(inputs)
+    stage = GenerateStage(dataclasses.replace(resolve_inputs(cfg), resolution=RESOLUTION))
+    plan = stage.plan
     times["plan"] = time.perf_counter() - t
     t = time.perf_counter()
-    run.write_plan(inputs.out, plan)
-    exactly_once.scan_files(storage.join(inputs.out, SHARDS_DIR))
-    todo, files = run._todo(inputs, plan, set())
+    stage.keep_plan(plan)
+    exactly_once.scan_files(stage.rows_dir)
+    todo = stage.todo(plan, set())
     times["resume bookkeeping"] = time.perf_counter() - t
-    block, chunk = run.block_rows(todo.num_rows, cfg, RESOLUTION)
-    stages = dict(before=noop_before, after=noop_after) if noop_codecs else {}
+    block, chunk = stage.blocking(todo.num_rows)
+    steps = dataclasses.replace(stage.steps(0.0, chunk), actor=NoOpTranslator)
+    if noop_codecs:
+        steps = dataclasses.replace(steps, before=Step(noop_before, steps.before.kwargs),
+                                    after=Step(noop_after, steps.after.kwargs))
     t = time.perf_counter()
-    run._ray_pipeline(inputs, todo, files, 0.0, translator=NoOpTranslator, **stages)
+    write_rows(stage, build_dataset(stage, todo, 0.0, steps))
     times["pipeline"] = time.perf_counter() - t
     t = time.perf_counter()
-    found, _ = exactly_once.scan_files(storage.join(inputs.out, SHARDS_DIR))
+    found, _ = exactly_once.scan_files(stage.rows_dir)
     times["verify"] = time.perf_counter() - t
     done = [i for ids in found.values() for i in ids]
     exact = sorted(done) == sorted(plan.column(COL_PAIR_ID).to_pylist())

@@ -43,6 +43,19 @@ class Dataset:
             return schema.empty_table()
         return pa.concat_tables(tables)
 
+    def locate(self, split: str, image_ids: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
+        """(file index into files(split), row in that file) of each image id, read from the id
+        column only; (-1, -1) for None and for an id the split does not hold (the caller says
+        which of the two it allows)."""
+        where: dict[str, tuple[int, int]] = {}
+        for f, uri in enumerate(self.files(split)):
+            for r, image_id in enumerate(storage.read_parquet(uri, [COL_IMAGE_ID]).column(COL_IMAGE_ID).to_pylist()):
+                where[image_id] = (f, r)
+        found = [where.get(i, (-1, -1)) if i is not None else (-1, -1) for i in image_ids]
+        files = np.fromiter((w[0] for w in found), np.int32, len(found))
+        rows = np.fromiter((w[1] for w in found), np.int64, len(found))
+        return files, rows
+
 
 def open_dataset(uri: str) -> Dataset:
     """Open a complete canonical dataset; refuse anything without dataset.json (incomplete)."""
@@ -102,6 +115,19 @@ def rows_table(image_ids: list[str], images: list[bytes], labels: list[int], spl
                      COL_LABEL: pa.array(labels, pa.int32()),
                      COL_SPLIT: pa.array([split] * len(image_ids), pa.string())},
                     schema=DATASET_SCHEMA)
+
+
+def read_located(batch: pa.Table, files: list[str], file_col: str, row_col: str) -> list[bytes | None]:
+    """The image bytes at each row's (file index, row) of `files` (None where the file index is -1),
+    reading per file only the row groups that hold them."""
+    file_idx = batch.column(file_col).to_pylist()
+    row_idx = batch.column(row_col).to_pylist()
+    by_file: dict[int, list[int]] = {}
+    for f, r in zip(file_idx, row_idx):
+        if f >= 0:
+            by_file.setdefault(f, []).append(r)
+    fetched = {f: read_rows(files[f], rows) for f, rows in by_file.items()}
+    return [fetched[f].get(r) if f >= 0 else None for f, r in zip(file_idx, row_idx)]
 
 
 def read_rows(uri: str, rows: list[int]) -> dict[int, bytes]:

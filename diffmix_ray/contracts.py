@@ -256,11 +256,16 @@ def object_prompts(super_class: str) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Classifier run (train-cls): the val-selected weights `evaluate` and `score --classifier` load.
-# classify/loop.py writes them (<run>/best/model.pt: a timm state_dict; model.json: arch,
-# num_classes, epoch, val_top1, data_cfg {img_size, mean, std, interpolation, crop_pct},
-# dataset_fingerprint); <run>/_SUCCESS marks the run finished.
+# Classifier run (train-cls): the val-selected weights `evaluate` and `score --classifier` load,
+# and the run's metrics `report` reads; classifier_run.py reads and writes them. <run>/best/model.pt:
+# a timm state_dict; model.json: arch, num_classes, epoch, val_top1, select, data_cfg {augment,
+# img_size, mean, std, interpolation, crop_pct, ...}, dataset_fingerprint; <run>/metrics.json: per
+# epoch and summary; <run>/_SUCCESS marks the run finished. A multi-seed run holds seed-<s>/ runs and
+# summary.json (mean and std over the seeds).
 # ---------------------------------------------------------------------------------------------
 CLASSIFIER_BEST_DIR = "best"
 CLASSIFIER_MODEL_JSON = "model.json"
 CLASSIFIER_WEIGHTS = "model.pt"
+CLASSIFIER_METRICS_JSON = "metrics.json"
+CLASSIFIER_SEEDS_JSON = "summary.json"
+CLASSIFIER_MODEL_KEYS = ("arch", "num_classes", "data_cfg", "dataset_fingerprint")  # what every model.json holds

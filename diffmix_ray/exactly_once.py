@@ -179,12 +179,6 @@ def clear_failures(out: str) -> None:
     storage.remove_tree(storage.join(out, FAILED_DIR))
 
 
-def files_bytes(folder: str, names) -> int:
-    fs, root = storage.filesystem(folder)
-    with storage.explained(folder):
-        return sum(fs.size(f"{root}/{n}") for n in names)
-
-
 def finish(out: str, manifest: dict, missing: int, planned: int, failed: int, summary: str, what: str) -> dict:
     """Write manifest.json, then `_SUCCESS` when nothing is missing. Otherwise raise
     IncompleteOutput (the CLI, and a Ray job around it, exits non-zero: the output is unusable)."""

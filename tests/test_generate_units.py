@@ -404,21 +404,14 @@ def test_prepare_sources_reads_decodes_and_chunks(sample_dataset):
     from diffmix_ray.generate.cpu_stages import COL_FILE, COL_ROW, COL_SOURCE_H, COL_SOURCE_W, prepare_sources
     from diffmix_ray.images import decode_rgb
 
-    from diffmix_ray import storage
-
     ds = canonical.open_dataset(sample_dataset)
     files = ds.files("train")
     train = ds.read_split("train")
     plan_rows = make_plan(train.column(COL_IMAGE_ID).to_pylist(), train.column(COL_LABEL).to_pylist(), 4,
                           GenerateConfig(dataset="d", mode="real-mix", limit=7))
-    # locate each source as run._todo does
-    where = {}
-    for f, uri in enumerate(files):
-        for r, image_id in enumerate(storage.read_parquet(uri, [COL_IMAGE_ID]).column(COL_IMAGE_ID).to_pylist()):
-            where[image_id] = (f, r)
-    locs = [where[i] for i in plan_rows.column("source_id").to_pylist()]
-    table = plan_rows.append_column(COL_FILE, pa.array([l[0] for l in locs], pa.int32()))
-    table = table.append_column(COL_ROW, pa.array([l[1] for l in locs], pa.int64()))
+    # locate each source as the stage does
+    at_file, at_row = ds.locate("train", plan_rows.column("source_id").to_pylist())
+    table = plan_rows.append_column(COL_FILE, pa.array(at_file)).append_column(COL_ROW, pa.array(at_row))
     chunks = list(prepare_sources(table, files, resolution=64, chunk_rows=3))
     assert [len(c["pair_id"]) for c in chunks] == [3, 3, 1]
     assert COL_FILE not in chunks[0] and chunks[0][COL_PIXELS].shape == (3, 64, 64, 3)
@@ -460,10 +453,10 @@ def test_finish_images_resizes_back_records_failures_and_fits_the_schema(tmp_pat
 @pytest.mark.parametrize("rows, batch, actors, resolution", [
     (6_400_000, 16, 8, 512), (6_400_000, 32, 8, 512), (640_000, 8, 1, 64), (100, 4, 2, 64), (13, 8, 4, 64)])
 def test_blocks_are_whole_batches_about_a_shard_and_feed_every_actor(rows, batch, actors, resolution):
-    from diffmix_ray.generate.run import CHUNK_BYTES, block_rows
+    from diffmix_ray.runtime.pool_stage import CHUNK_BYTES, block_rows
 
     cfg = GenerateConfig(dataset="d", mode="real-mix", batch_size=batch, max_actors=actors)
-    block, chunk = block_rows(rows, cfg, resolution)
+    block, chunk = block_rows(rows, cfg, cfg.rows_per_shard, resolution * resolution * 3)
     assert block % chunk == 0 and chunk % batch == 0
     assert chunk * resolution * resolution * 3 <= max(CHUNK_BYTES, batch * resolution * resolution * 3)
     assert block < cfg.rows_per_shard + chunk

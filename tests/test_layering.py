@@ -78,7 +78,7 @@ def test_shared_modules_import_no_stage_runtime_or_orchestration():
 
 def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
     """The scan resolves `from ..x import y` inside functions, so the rules above have teeth."""
-    fake = PACKAGE / "generate" / "run.py"
+    fake = PACKAGE / "runtime" / "pool_stage.py"
     names = _imports(fake)
     assert "diffmix_ray.runtime.local_ray" in names and "diffmix_ray.runtime.metrics" in names  # a lazy import
     assert _imports(PACKAGE / "orchestrate" / "demo.py") >= {"diffmix_ray.finetune.run", "diffmix_ray.generate.run"}

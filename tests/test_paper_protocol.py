@@ -478,13 +478,13 @@ def test_mixing_from_config_picks_timm_or_the_reference():
     from diffmix_ray.classify import mixing
 
     base = {"cutmix": True, "mixup": False, "label_smoothing": 0.1, "num_classes": 4}
-    timm_mix, ref = mixing.from_config(base | {"mixing": "timm", "mix_prob": None})
+    timm_mix, ref = mixing.from_config(**base | {"mixing": "timm", "mix_prob": None})
     assert isinstance(timm_mix, Mixup) and ref is None and timm_mix.mix_prob == 0.5 and timm_mix.cutmix_alpha == 1.0
-    none, ref = mixing.from_config(base | {"mixing": "reference", "mix_prob": 1.0})
+    none, ref = mixing.from_config(**base | {"mixing": "reference", "mix_prob": 1.0})
     x, y = _batch(n=4)
     torch.manual_seed(0)
     got = ref(x, y)
     torch.manual_seed(0)
     want = mixing.cutmix(x, y, 1.0)
     assert none is None and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert mixing.from_config(base | {"cutmix": False, "mixing": "reference"}) == (None, None)
+    assert mixing.from_config(**base | {"cutmix": False, "mixing": "reference"}) == (None, None)

@@ -94,9 +94,9 @@ def make_classifier_run(out: str, dataset_fingerprint: str, num_classes: int = 4
 
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", pretrained=False, num_classes=num_classes)
-    save_best(out, model.state_dict(), 0, 0.5, {"arch": "test_resnet", "num_classes": num_classes, "select": "val",
-                                   "data_cfg": data_config("test_resnet", "timm", 40, None),
-                                   "dataset_fingerprint": dataset_fingerprint})
+    save_best(out, model.state_dict(), {"arch": "test_resnet", "num_classes": num_classes, "epoch": 0, "val_top1": 0.5,
+                                        "select": "val", "data_cfg": data_config("test_resnet", "timm", 40, None),
+                                        "dataset_fingerprint": dataset_fingerprint})
     if finished:
         storage.write_text_atomic(os.path.join(out, SUCCESS), "")
     return out

@@ -264,12 +264,13 @@ def test_cpu_stage_reads_only_the_rows_it_needs_from_local_or_s3_shards(sample_d
 def test_plan_blocks_are_bounded_and_cut_at_shard_boundaries():
     import pyarrow as pa
 
-    from diffmix_ray.score.run import block_rows, plan_blocks
+    from diffmix_ray.runtime.pool_stage import block_rows, cut_blocks
+    from diffmix_ray.score.run import BLOCK_ROWS, ScoreStage
 
     def blocks(shard_sizes, block):
         files = np.repeat(np.arange(len(shard_sizes)), shard_sizes)
         todo = pa.table({"_syn_file": pa.array(files, pa.int32()), "_syn_row": np.arange(len(files))})
-        parts = plan_blocks(todo, block)
+        parts = cut_blocks(todo, block, ScoreStage.block_group)
         assert pa.concat_tables(parts).equals(todo)  # every row once, in order
         return [p.num_rows for p in parts]
 
@@ -278,9 +279,10 @@ def test_plan_blocks_are_bounded_and_cut_at_shard_boundaries():
     assert blocks([10], 4) == [4, 4, 2]  # a big shard: whole blocks of it
     assert blocks([1, 9, 1], 4) == [1, 4, 4, 2]
     cfg = ScoreConfig(synthetic="x", clip="tiny", batch_size=8, rows_per_file=20)
-    assert block_rows(10_000, cfg, 3 * 32 * 32)[0] == 24  # at most a score file (rounded to batches)
-    assert block_rows(10_000, ScoreConfig(synthetic="x", clip="tiny", batch_size=8), 3 * 32 * 32)[0] == 1024
-    assert block_rows(40, ScoreConfig(synthetic="x", clip="tiny", batch_size=8), 3 * 32 * 32)[0] == 24  # 2 per actor
+    assert block_rows(10_000, cfg, min(BLOCK_ROWS, 20), 3 * 32 * 32)[0] == 24  # at most a score file (whole batches)
+    cfg = ScoreConfig(synthetic="x", clip="tiny", batch_size=8)
+    assert block_rows(10_000, cfg, BLOCK_ROWS, 3 * 32 * 32)[0] == 1024
+    assert block_rows(40, cfg, BLOCK_ROWS, 3 * 32 * 32)[0] == 24  # 2 per actor
 
 
 def test_the_cpu_stages_import_neither_torch_nor_ray():

@@ -217,18 +217,18 @@ def batches(ds, batch_size: int, device, encoded: bool = False, drop_last: bool 
         yield out | {"image": list(b["image"]), "file": b["file"], "row": b["row"]}
 
 
-def training_batches(rows: Rows, minority: Rows | None, epochs: int, cfg: dict, device) -> Iterator[dict] | None:
+def training_batches(rows: Rows, minority: Rows | None, epochs: int, cfg, device) -> Iterator[dict] | None:
     """The training steps of the run's remaining `epochs`, in order: one dataset streams all of them;
     without drop_last the stream is cut back at epoch ends (regroup). With CMO, the minority stream
     (`minority`: the same count of rows, drawn by 1/n_c) rides along under `cmo_*` keys, cut the same way."""
     if not len(rows):
         return None
-    size, encoded = cfg["batch_size"], cfg["gpu_decode"]
+    size, encoded = cfg.batch_size, cfg.gpu_decode
 
     def stream(r: Rows) -> Iterator[dict]:
-        out = batches(dataset(r, cfg["refs"], cfg["uris"], True, cfg["data_cfg"], cfg["block_rows"], encoded),
-                      size, device, encoded)
-        return out if cfg["drop_last"] else regroup(out, epoch_sizes(len(r) // epochs, size, epochs))
+        out = batches(dataset(r, cfg.refs, cfg.uris, True, cfg.data_cfg, cfg.block_rows, encoded), size, device,
+                      encoded)
+        return out if cfg.drop_last else regroup(out, epoch_sizes(len(r) // epochs, size, epochs))
 
     main = stream(rows)
     if minority is None:

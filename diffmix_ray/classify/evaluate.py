@@ -3,17 +3,14 @@ through the same image pipeline the run evaluated with (its data config is store
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 
-from .. import canonical, storage
-from ..contracts import COL_IMAGE, COL_IMAGE_ID, COL_LABEL
+from .. import canonical, classifier_run, storage
+from ..contracts import CLASSIFIER_BEST_DIR, CLASSIFIER_MODEL_JSON, COL_IMAGE, COL_IMAGE_ID, COL_LABEL
 from ..errors import DiffmixError
 from ..models.safe_load import load_plain
 from .data import decode
-from .loop import BEST_DIR
 from .model import build_model
 from .transforms import ToInput, pipeline
 
@@ -21,15 +18,14 @@ from .transforms import ToInput, pipeline
 def load_best(run: str):
     """(model, meta) of <run>/best/; `run` may also point at the best/ folder itself."""
     run = storage.normalize(run)
-    for base in (storage.join(run, BEST_DIR), run):
-        if storage.exists(storage.join(base, "model.json")):
-            meta = json.loads(storage.read_text(storage.join(base, "model.json")))
-            model = build_model(meta["arch"], meta["num_classes"])
-            weights = storage.join(base, "model.pt")
-            state = load_plain(storage.read_bytes(weights), weights)
-            model.load_state_dict(state)
-            return model.eval(), meta
-    raise DiffmixError(f"{run} holds no {BEST_DIR}/model.json: pass a `train-cls` output directory")
+    best = classifier_run.find_best(run)
+    if best is None:
+        raise DiffmixError(f"{run} holds no {CLASSIFIER_BEST_DIR}/{CLASSIFIER_MODEL_JSON}: pass a `train-cls` output "
+                           "directory")
+    stored = classifier_run.read_best(best)
+    model = build_model(stored.card["arch"], stored.card["num_classes"])
+    model.load_state_dict(load_plain(stored.weights, classifier_run.weights_uri(best)))
+    return model.eval(), stored.card
 
 
 def evaluate(checkpoint: str, dataset_uri: str, split: str = "test", batch_size: int = 64) -> dict:

@@ -21,13 +21,14 @@ import numpy as np
 import torch
 
 from . import data, mixing, step
+from .loop_config import LoopConfig
 from .losses import Criterion
 from .model import build_model
 from .recipe import CMO_PROB, cmo_active
 from .selected import Selected, cpu_copy
 
 CKPT_FILE = "state.pt"
-BEST_DIR = "best"  # <out>/best/model.pt + model.json: the selected weights (best val, or the last epoch)
+LOOP_KEY = "loop"  # Ray Train's train_loop_config is a dict: the LoopConfig travels under this key
 KEEP_EVAL_BYTES = 2 * 2**30  # a rank's decoded val (or test) images up to this size stay in the object store
 
 
@@ -38,36 +39,35 @@ def _rank_rows(rows: data.Rows, rank: int, world: int) -> data.Rows:
 class _Split:
     """One evaluation split on this rank: its dataset, built (and for val kept) once per attempt."""
 
-    def __init__(self, name: str, cfg: dict, rank: int, world: int, keep: bool):
+    def __init__(self, name: str, cfg: LoopConfig, rank: int, world: int, keep: bool):
         self.name, self.cfg = name, cfg
-        self.exists = len(cfg[f"{name}_rows"]) > 0  # the same on every rank
-        self.rows = _rank_rows(cfg[f"{name}_rows"], rank, world)
+        self.exists = len(cfg.rows(name)) > 0  # the same on every rank
+        self.rows = _rank_rows(cfg.rows(name), rank, world)
         self.keep, self._ds = keep, None
 
     def dataset(self):
         cfg, rows = self.cfg, self.rows
         if self._ds is not None or not len(rows):
             return self._ds
-        ds = data.dataset(rows, cfg["refs"], cfg["uris"], False, cfg["data_cfg"], cfg["block_rows"],
-                          encoded=cfg["gpu_decode"])
-        size = cfg["data_cfg"]["img_size"]
-        if self.keep and (cfg["gpu_decode"] or len(rows) * 3 * size * size <= KEEP_EVAL_BYTES):
+        ds = data.dataset(rows, cfg.refs, cfg.uris, False, cfg.data_cfg, cfg.block_rows, encoded=cfg.gpu_decode)
+        size = cfg.data_cfg["img_size"]
+        if self.keep and (cfg.gpu_decode or len(rows) * 3 * size * size <= KEEP_EVAL_BYTES):
             self._ds = ds = ds.materialize()  # the eval pipeline is deterministic: decode once
         return ds
 
 
-def _score(model, split: _Split, inputs: step.Inputs, cfg: dict, device, amp, world: int) -> dict | None:
+def _score(model, split: _Split, inputs: step.Inputs, cfg: LoopConfig, device, amp, world: int) -> dict | None:
     """Top-1 and per-class accuracy; None when the dataset has no such split (every rank agrees, so
     none waits in an all-reduce the others skip). The unwrapped module is used: DDP's forward would
     sync buffers and hang on uneven eval shards."""
     if not split.exists:
         return None
-    C = cfg["num_classes"]
+    C = cfg.num_classes
     correct = torch.zeros(C, dtype=torch.float64, device=device)
     total = torch.zeros(C, dtype=torch.float64, device=device)
     if (ds := split.dataset()) is not None:
         model.eval()
-        for batch in data.batches(ds, cfg["batch_size"], device, cfg["gpu_decode"]):
+        for batch in data.batches(ds, cfg.batch_size, device, cfg.gpu_decode):
             step.count_correct(model, batch, inputs, correct, total, amp)
     if world > 1:
         import torch.distributed as dist
@@ -103,16 +103,21 @@ def _diverged(loss: float | None, epoch: int, first_step: int, steps: int, devic
     return None
 
 
-def _fail_once(cfg: dict, epoch: int, rank: int, world: int) -> None:
+def _fail_once(cfg: LoopConfig, epoch: int, rank: int, world: int) -> None:
     """Test hook: rank 1 (or 0 alone) dies once at epoch `_fail_at_epoch`."""
-    if cfg.get("_fail_at_epoch") == epoch and rank == min(1, world - 1):
-        marker = os.path.join(cfg["fail_marker_dir"], "failed-once")
+    if cfg._fail_at_epoch == epoch and rank == min(1, world - 1):
+        marker = os.path.join(cfg.out, "failed-once")
         if not os.path.exists(marker):  # fire once: the restarted worker must get past it
             open(marker, "w").close()
             os._exit(1)
 
 
-def train_func(cfg: dict) -> None:
+def train_func(config: dict) -> None:
+    """Ray Train's entry point on every worker; `config` carries the run's LoopConfig."""
+    _train(config[LOOP_KEY])
+
+
+def _train(cfg: LoopConfig) -> None:
     import ray.train
     import ray.train.torch
     from ray.data import DataContext
@@ -124,33 +129,33 @@ def train_func(cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    if cfg["gpu_decode"] and device.type != "cuda":
+    if cfg.gpu_decode and device.type != "cuda":
         raise DiffmixError("--gpu-decode needs a GPU per worker; this worker has none: run without --gpu-decode")
-    torch.manual_seed(cfg["seed"] + rank)
+    torch.manual_seed(cfg.seed + rank)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     else:  # every training batch has the same shape: let cuDNN pick its fastest kernels once
         torch.backends.cudnn.benchmark = True
-    net = build_model(cfg["arch"], cfg["num_classes"], cfg["pretrained"])
+    net = build_model(cfg.arch, cfg.num_classes, cfg.pretrained)
     channels_last = step.use_channels_last(net, device)
     model = ray.train.torch.prepare_model(net.to(memory_format=torch.channels_last) if channels_last else net)
     module = model.module if hasattr(model, "module") else model
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg["optimizer"] == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    schedule = cfg["lr_schedule"]  # schedule.Schedule: the rate is a function of the step count
-    criterion = Criterion(cfg["loss"], cfg["train_counts"], cfg["drw_epoch"], cfg["drw_beta"],
-                          cfg["hard_labels"]).to(device)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = cfg.lr_schedule  # the rate is a function of the step count
+    criterion = Criterion(cfg.loss, cfg.train_counts, cfg.drw_epoch, cfg.drw_beta, cfg.hard_labels).to(device)
     amp = step.autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    mixup, mix = mixing.from_config(cfg)  # timm's, or the reference's CutMix/Mixup
-    uris = cfg["uris"]
-    inputs = step.Inputs(cfg["data_cfg"], device, cfg["num_classes"], cfg["gamma"], cfg["label_smoothing"],
-                         channels_last, cfg["gpu_decode"], mixup,
-                         where=lambda b, i: data.where(uris, b["file"][i], b["row"][i]),
-                         soft_scaler=cfg.get("soft_scaler", 1.0), mix=mix, cmo_prob=CMO_PROB if cfg.get("cmo") else 0.0)
+    # timm's, or the reference's CutMix/Mixup
+    mixup, mix = mixing.from_config(cutmix=cfg.cutmix, mixup=cfg.mixup, mixing=cfg.mixing, mix_prob=cfg.mix_prob,
+                                    label_smoothing=cfg.label_smoothing, num_classes=cfg.num_classes)
+    uris = cfg.uris
+    inputs = step.Inputs(cfg.data_cfg, device, cfg.num_classes, cfg.gamma, cfg.label_smoothing, channels_last,
+                         cfg.gpu_decode, mixup, where=lambda b, i: data.where(uris, b["file"][i], b["row"][i]),
+                         soft_scaler=cfg.soft_scaler, mix=mix, cmo_prob=CMO_PROB if cfg.cmo else 0.0)
 
     start_epoch, history, n_steps, selected = 0, [], 0, Selected()
     if ckpt := ray.train.get_checkpoint():
@@ -159,20 +164,20 @@ def train_func(cfg: dict) -> None:
         module.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, history, n_steps = state["epoch"] + 1, state["history"], state["step"]
-        selected = Selected.restore(state, cfg["select"], cfg["epochs"])
+        selected = Selected.restore(state, cfg.select, cfg.epochs)
 
-    epochs = cfg["epochs"]
+    epochs = cfg.epochs
     def rows_of(real_weights=None):  # the main stream, or (weights 1/n_c) CMO's minority stream
-        return data.run_rows(cfg["real_rows"], cfg["syn_rows"], cfg["p"], cfg["syn_weights"], cfg["seed"],
-                             range(start_epoch, epochs), rank, world, cfg["batch_size"], cfg.get("own"),
-                             cfg.get("drop_last", True), real_weights)
+        return data.run_rows(cfg.real_rows, cfg.syn_rows, cfg.p, cfg.syn_weights, cfg.seed,
+                             range(start_epoch, epochs), rank, world, cfg.batch_size, cfg.own, cfg.drop_last,
+                             real_weights)
 
     rows, steps_per_epoch = rows_of()
-    minority = rows_of(cfg["cmo_weights"])[0] if cfg.get("cmo") else None
+    minority = rows_of(cfg.cmo_weights)[0] if cfg.cmo else None
     train_batches = data.training_batches(rows, minority, epochs - start_epoch, cfg, device)
     val = _Split("val", cfg, rank, world, keep=True)
-    test = _Split("test", cfg, rank, world, keep=cfg["test_every_epoch"])
-    every = max(1, int(cfg["checkpoint_every"]))
+    test = _Split("test", cfg, rank, world, keep=cfg.test_every_epoch)
+    every = max(1, int(cfg.checkpoint_every))
 
     for epoch in range(start_epoch, epochs):
         _fail_once(cfg, epoch, rank, world)
@@ -188,7 +193,7 @@ def train_func(cfg: dict) -> None:
                 from .. import storage
                 from ..contracts import DIVERGED
 
-                storage.write_text_atomic(storage.join(cfg["out"], DIVERGED), diverged)
+                storage.write_text_atomic(storage.join(cfg.out, DIVERGED), diverged)
             ray.train.report({"epoch": epoch, "train_loss": train_loss})
             return
         train_seconds = time.perf_counter() - t0
@@ -199,15 +204,15 @@ def train_func(cfg: dict) -> None:
                 dist.broadcast(buf.data, src=0)
         record = {"epoch": epoch, "train_loss": train_loss,
                   "val": _score(module, val, inputs, cfg, device, amp, world)}
-        if cfg["test_every_epoch"] or not test.exists:  # null: the dataset has no test split
+        if cfg.test_every_epoch or not test.exists:  # null: the dataset has no test split
             record["test"] = _score(module, test, inputs, cfg, device, amp, world)
-        seen = steps_per_epoch * cfg["batch_size"] * world
+        seen = steps_per_epoch * cfg.batch_size * world
         record |= {"lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
                    "train_seconds": train_seconds, "started_at": started_at, "steps": n_steps,
                    # training throughput (all ranks), evaluation excluded
                    "images_per_s": seen / train_seconds if train_seconds else 0.0}
         history = history + [record]
-        selected.update(history, cfg["select"], epochs, module)
+        selected.update(history, cfg.select, epochs, module)
         last = epoch == epochs - 1
         state = None
         if last or (epoch + 1) % every == 0:
@@ -234,7 +239,7 @@ def load_state(path: str) -> dict:
     return load_plain(path, path)
 
 
-def _finish(module, selected: Selected, history: list[dict], test: _Split, inputs, cfg: dict, device, amp,
+def _finish(module, selected: Selected, history: list[dict], test: _Split, inputs, cfg: LoopConfig, device, amp,
             rank: int, world: int) -> list[dict]:
     """Score test on the selected weights (once) and write them to best/ (rank 0)."""
     history = [dict(h) for h in history]
@@ -244,7 +249,7 @@ def _finish(module, selected: Selected, history: list[dict], test: _Split, input
     if test.exists and rec.get("test") is None:
         rec["test"] = _score(module, test, inputs, cfg, device, amp, world)
     if rank == 0 and selected.weights is not None:  # else: a checkpoint from before issue 12 left best/ as is
-        save_best(cfg["out"], selected.weights, selected.epoch, rec["val"]["top1"] if rec["val"] else None, cfg)
+        save_best(cfg.out, selected.weights, model_card(cfg, selected.epoch, rec["val"]["top1"] if rec["val"] else None))
     return history
 
 
@@ -263,15 +268,18 @@ def _report(record: dict, state: dict | None, history: list[dict], rank: int) ->
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def save_best(out: str, weights: dict, epoch: int, val_top1: float | None, cfg: dict) -> None:
-    import io
-    import json
+def model_card(cfg: LoopConfig, epoch: int, val_top1: float | None) -> dict:
+    """What best/model.json says of the selected weights (contracts.CLASSIFIER_MODEL_KEYS and more)."""
+    return {"arch": cfg.arch, "num_classes": cfg.num_classes, "epoch": epoch, "val_top1": val_top1,
+            "select": cfg.select, "data_cfg": cfg.data_cfg, "dataset_fingerprint": cfg.dataset_fingerprint}
 
-    from .. import storage
+
+def save_best(out: str, weights: dict, card: dict) -> None:
+    """The selected weights and their model card, as `evaluate` and `score --classifier` read them."""
+    import io
+
+    from ..classifier_run import write_best
 
     buf = io.BytesIO()
     torch.save({k: v.contiguous() for k, v in weights.items()}, buf)  # channels_last or not: plain tensors
-    storage.write_bytes_atomic(storage.join(out, BEST_DIR, "model.pt"), buf.getvalue())
-    meta = {"arch": cfg["arch"], "num_classes": cfg["num_classes"], "epoch": epoch, "val_top1": val_top1,
-            "select": cfg["select"], "data_cfg": cfg["data_cfg"], "dataset_fingerprint": cfg["dataset_fingerprint"]}
-    storage.write_text_atomic(storage.join(out, BEST_DIR, "model.json"), json.dumps(meta, indent=2))
+    write_best(out, buf.getvalue(), card)

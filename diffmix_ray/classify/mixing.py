@@ -103,15 +103,20 @@ def cmo(x: torch.Tensor, y: torch.Tensor, x_minor: torch.Tensor, y_minor: torch.
     return torch.where(mask, x_minor, x), keep * y + (1.0 - keep) * y_minor
 
 
-def from_config(cfg: dict):
-    """(timm Mixup or None, the reference's mix function (x, y) -> (x, y) or None) for a run's options."""
-    if not (cfg["cutmix"] or cfg["mixup"]):
+REFERENCE_MIXES = {"cutmix": cutmix, "mixup": mixup}
+
+
+def from_config(*, cutmix: bool, mixup: bool, label_smoothing: float, num_classes: int, mixing: str = "timm",
+                mix_prob: float | None = None):
+    """(timm Mixup or None, the reference's mix function (x, y) -> (x, y) or None) for a run's options
+    (--cutmix, --mixup, --mixing, --mix-prob)."""
+    if not (cutmix or mixup):
         return None, None
-    prob = DEFAULT_PROB if cfg.get("mix_prob") is None else cfg["mix_prob"]
-    if cfg.get("mixing", "timm") == "timm":
+    prob = DEFAULT_PROB if mix_prob is None else mix_prob
+    if mixing == "timm":
         from timm.data import Mixup
 
-        return Mixup(mixup_alpha=1.0 if cfg["mixup"] else 0.0, cutmix_alpha=1.0 if cfg["cutmix"] else 0.0,
-                     prob=prob, label_smoothing=cfg["label_smoothing"], num_classes=cfg["num_classes"]), None
-    fn = cutmix if cfg["cutmix"] else mixup
+        return Mixup(mixup_alpha=1.0 if mixup else 0.0, cutmix_alpha=1.0 if cutmix else 0.0, prob=prob,
+                     label_smoothing=label_smoothing, num_classes=num_classes), None
+    fn = REFERENCE_MIXES["cutmix" if cutmix else "mixup"]
     return None, lambda x, y: fn(x, y, prob)

@@ -12,10 +12,10 @@ import numpy as np
 
 from rich.markup import escape
 
-from .. import canonical, lease, storage
+from .. import canonical, classifier_run, lease, storage
 from ..console import console, logger
 from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH, COL_TARGET_LABEL,
-                         DIVERGED, SUCCESS)
+                         DIVERGED)
 from ..errors import DiffmixError
 from ..runtime.jobs import announce
 from ..runtime.local_ray import init_ray, resolve_gpus
@@ -23,13 +23,12 @@ from ..runtime.shared_paths import check_shared_paths
 from ..synthetic import open_synthetic
 from . import data, filters, labels
 from .config import GPU_DECODE_ON_CPU, ClassifyConfig
-from .loop import CKPT_FILE, load_state, train_func
+from .loop import CKPT_FILE, LOOP_KEY, load_state, train_func
+from .loop_config import LoopConfig
 from .model import FROM_SCRATCH, build_model, check_arch, describe_weights
 from .recipe import check_splits, resolve
 from .summary import mean_std, result_line, summarize
 
-METRICS_JSON = "metrics.json"
-SUMMARY_JSON = "summary.json"
 # What may change between a run and its resume; also what runs started before these options existed
 # lack, so their identity (and resume) is unchanged.
 EXECUTION_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "max_failures", "_fail_at_epoch", "out",
@@ -147,9 +146,9 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
                                                             "add any"))
     resumed = storage.claim_output(out, "train-cls", identity, overwrite, inputs=_input_uris(cfg))
     announce("train-cls", storage.config_hash(identity))  # inside a Ray job: where to watch it, which run it is
-    if resumed and storage.exists(storage.join(out, SUCCESS)):
+    if resumed and classifier_run.is_finished(out):
         console.print(f"{out} already holds this finished classifier run")
-        return storage.read_json(storage.join(out, METRICS_JSON))
+        return classifier_run.read_metrics(out)
     if resumed and not resume:
         raise DiffmixError(f"{out} holds an unfinished train-cls run of this config: pass --resume to continue it "
                            "from its last epoch checkpoint, or --overwrite to start again")
@@ -173,16 +172,15 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
                 else f"backbone weights: {weights['init']}")
     for line in recipe.notes + said + ([filters.describe(selection.record)] if selection else []):
         console.print(line, highlight=False)
-    loop_cfg = dataclasses.asdict(cfg) | {
-        "num_classes": info.num_classes, "refs": refs, "uris": all_files, "real_rows": real, "syn_rows": syn,
-        "val_rows": rows["val"], "test_rows": rows["test"], "p": recipe.p, "syn_weights": syn_weights,
-        "data_cfg": recipe.data_cfg, "lr_schedule": recipe.schedule, "train_counts": train_counts,
-        "drw_epoch": recipe.drw_epoch, "hard_labels": recipe.hard_labels, "block_rows": max(cfg.batch_size, 32),
-        "own": own, "cmo_weights": labels.minority_weights(real.target, train_counts) if cfg.cmo else None,
-        "out": out, "fail_marker_dir": out, "dataset_fingerprint": info.fingerprint}
+    loop_cfg = LoopConfig.of(
+        cfg, out=out, num_classes=info.num_classes, dataset_fingerprint=info.fingerprint, data_cfg=recipe.data_cfg,
+        lr_schedule=recipe.schedule, train_counts=train_counts, drw_epoch=recipe.drw_epoch,
+        hard_labels=recipe.hard_labels, p=recipe.p, refs=refs, uris=all_files, block_rows=max(cfg.batch_size, 32),
+        real_rows=real, syn_rows=syn, val_rows=rows["val"], test_rows=rows["test"], syn_weights=syn_weights, own=own,
+        cmo_weights=labels.minority_weights(real.target, train_counts) if cfg.cmo else None)
     fs, path = storage.arrow_filesystem(storage.join(out, "train"))
     trainer = TorchTrainer(
-        train_func, train_loop_config=loop_cfg,
+        train_func, train_loop_config={LOOP_KEY: loop_cfg},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpus > 0,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, "GPU": gpus}),
         run_config=RunConfig(name=f"train-cls-{storage.config_hash(identity)[:10]}", storage_path=path,
@@ -205,8 +203,8 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
                "classes": info.classes, "train_counts": train_counts, "epochs": history,
                "summary": summarize(history, train_counts, cfg.select, recipe.thresholds),
                "resolved": recipe.resolved, "config": dataclasses.asdict(cfg)}
-    storage.write_json_atomic(storage.join(out, METRICS_JSON), metrics)
-    storage.write_text_atomic(storage.join(out, SUCCESS), "")
+    classifier_run.write_metrics(out, metrics)
+    classifier_run.mark_finished(out)
     console.print(f"[green]{escape(result_line(metrics['summary']))}[/green] -> {escape(out)}", markup=True,
                   highlight=False)
     return metrics
@@ -227,13 +225,13 @@ def run_seeds(cfg: ClassifyConfig, seeds: list[int], overwrite: bool = False, re
     runs = []
     for seed in seeds:
         sub = dataclasses.replace(cfg, seed=seed, out=storage.join(out, f"seed-{seed}"))
-        done = storage.exists(storage.join(sub.out, SUCCESS))
+        done = classifier_run.is_finished(sub.out)
         runs.append(run_classify(sub, overwrite=False, resume=resume and not done))
     test_mean, test_std = mean_std([r["summary"]["test_top1"] for r in runs])
     val_mean, _ = mean_std([r["summary"]["val_top1"] for r in runs])
     summary = {"seeds": seeds, "test_top1_mean": test_mean, "test_top1_std": test_std, "val_top1_mean": val_mean,
                "runs": [storage.join(out, f"seed-{s}") for s in seeds]}
-    storage.write_json_atomic(storage.join(out, SUMMARY_JSON), summary)
+    classifier_run.write_seeds_summary(out, summary)
     if test_mean is None:
         logger.info("no test top-1 over %d seeds: the dataset has no test split", len(seeds))
     else:

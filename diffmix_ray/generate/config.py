@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import DiffmixError
+from ..runtime.pool_config import ActorPoolConfig
 
 # mode -> (needs a concept bank, translation kind). Kinds: "mix" inter-class img2img, "aug"
 # intra-class img2img, "gen" text-to-image of the target class.
@@ -25,7 +26,7 @@ DEFAULT_MULTIPLIER = 5.0  # pairs = 5 x train images, the Diff-Mix default
 
 
 @dataclass(frozen=True)
-class GenerateConfig:
+class GenerateConfig(ActorPoolConfig):
     dataset: str
     model: str = "tiny"
     out: str = ""
@@ -47,13 +48,8 @@ class GenerateConfig:
     steps: int = 25
     guidance: float = 7.5
     prompt_template: str | None = None  # default: the concept bank's, else "a photo of a {name} {super_class}"
-    # execution
-    batch_size: int = 8
-    min_actors: int = 1
-    max_actors: int = 1
-    gpus_per_actor: float | None = None  # None: 1 when the Ray cluster has (or can add) GPUs, else 0
-    cpus_per_actor: float = 1.0
-    memory_per_actor_gb: float | None = None
+    # execution (and the actor pool's options, ActorPoolConfig)
+    batch_size: int = field(default=8, kw_only=True)  # pairs per device batch
     rows_per_shard: int = 1000
     jpeg_quality: int = 95
     limit: int | None = None  # generate only the first N pairs of the plan (smoke runs)
@@ -116,12 +112,7 @@ class GenerateConfig:
                                    f"{math.ceil(1 / lowest)})")
         if self.compile_cache and not self.compile:
             raise DiffmixError("--compile-cache stores compiled kernels: it needs --compile")
-        if self.batch_size < 1 or self.rows_per_shard < 1:
-            raise DiffmixError("--batch-size and --rows-per-shard must be >= 1")
-        if not 1 <= self.min_actors <= self.max_actors:
-            raise DiffmixError(f"actors: need 1 <= --min-actors ({self.min_actors}) <= --max-actors ({self.max_actors})")
-        if (self.gpus_per_actor or 0) < 0 or self.cpus_per_actor <= 0:
-            raise DiffmixError("--gpus-per-actor must be >= 0 and --cpus-per-actor > 0")
+        self.check_pool("--rows-per-shard", self.rows_per_shard)
         if not 1 <= self.jpeg_quality <= 100:
             raise DiffmixError(f"--jpeg-quality {self.jpeg_quality} must be in 1..100")
         if self.limit is not None and self.limit < 1:

@@ -14,14 +14,13 @@ translation actors are using."""
 from __future__ import annotations
 
 import io
-from collections import defaultdict
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from ..canonical import read_rows
+from ..canonical import read_located
 from ..contracts import COL_IMAGE, COL_PAIR_ID, COL_PROMPT, PLAN_SCHEMA, SHARD_SCHEMA
 from ..exactly_once import write_failures
 from ..images import BadImage, decode_rgb
@@ -46,18 +45,8 @@ def source_pixels(data: bytes, resolution: int) -> tuple[np.ndarray, int, int]:
     return np.asarray(resized, dtype=np.uint8), img.width, img.height
 
 
-def read_sources(batch: pa.Table, files: list[str]) -> list[bytes | None]:
-    """The source image bytes of each row, reading per file only the row groups that hold them."""
-    file_idx = batch.column(COL_FILE).to_pylist()
-    row_idx = batch.column(COL_ROW).to_pylist()
-    by_file: dict[int, list[int]] = defaultdict(list)
-    for f, r in zip(file_idx, row_idx):
-        by_file[f].append(r)
-    fetched = {f: read_rows(files[f], rows) for f, rows in by_file.items()}
-    return [fetched[f].get(r) for f, r in zip(file_idx, row_idx)]
-
-
-def _plan_columns(table: pa.Table) -> dict[str, np.ndarray]:
+def plan_columns(table: pa.Table) -> dict[str, np.ndarray]:
+    """The plan's columns of `table` as numpy arrays, the actor's batch format."""
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in PLAN_COLUMNS}
 
 
@@ -83,10 +72,10 @@ def prepare_sources(batch: pa.Table, files: list[str], resolution: int, chunk_ro
     most `chunk_rows` rows for the actor. A generator, so a whole plan block (~a shard) reads its
     row groups once while the decoded pixels (R*R*3 bytes a row) leave in bounded chunks, which
     Ray Data coalesces into blocks."""
-    data = read_sources(batch, files)
+    data = read_located(batch, files, COL_FILE, COL_ROW)
     for start in range(0, batch.num_rows, chunk_rows):
         chunk = batch.slice(start, chunk_rows)
-        yield decode_sources(_plan_columns(chunk), data[start:start + chunk.num_rows], resolution)
+        yield decode_sources(plan_columns(chunk), data[start:start + chunk.num_rows], resolution)
 
 
 def encode_jpeg(pixels: np.ndarray, size: tuple[int, int], quality: int) -> tuple[bytes, int, int]:
@@ -99,7 +88,8 @@ def encode_jpeg(pixels: np.ndarray, size: tuple[int, int], quality: int) -> tupl
     return buf.getvalue(), img.width, img.height
 
 
-def _column(values: np.ndarray, rows: list[int], type_: pa.DataType) -> pa.Array:
+def plan_column(values: np.ndarray, rows: list[int], type_: pa.DataType) -> pa.Array:
+    """The `rows` of a plan column as it left the actor, back in the plan's Arrow type."""
     picked = values[rows]
     if pa.types.is_string(type_):
         # A column of nulls (text-to-image modes have no source_id) reaches the stage as float NaN.
@@ -119,7 +109,7 @@ def finish_images(batch: dict[str, np.ndarray], failed_uri: str | None, jpeg_qua
     good = [i for i, e in enumerate(errors) if not e]
     encoded = [encode_jpeg(batch[COL_PIXELS][i], (int(batch[COL_SOURCE_W][i]), int(batch[COL_SOURCE_H][i])),
                            jpeg_quality) for i in good]
-    columns = {f.name: _column(batch[f.name], good, f.type) for f in PLAN_SCHEMA}
+    columns = {f.name: plan_column(batch[f.name], good, f.type) for f in PLAN_SCHEMA}
     columns.update({COL_IMAGE: pa.array([e[0] for e in encoded], pa.binary()),
                     "width": pa.array([e[1] for e in encoded], pa.int32()),
                     "height": pa.array([e[2] for e in encoded], pa.int32()),

@@ -1,49 +1,36 @@
-"""The `generate` driver: plan -> (resume: what is missing) -> Ray Data pipeline -> verify ->
-manifest.json -> _SUCCESS. Only this module knows about Ray Data.
+"""`generate` as an actor-pool stage (runtime/pool_stage.py runs it): its inputs (dataset, model,
+concept bank), its plan (one row per pair, kept in <out>/plan/), where each pair's source image is,
+its steps (read + decode + resize -> translation actor -> resize + JPEG) and its manifest.
 
-Exactly-once (diffmix_ray/exactly_once.py, shared with `score`): shard files are written by
-`write_parquet` into <out>/shards/. A rerun reads the pair_ids of the shards that exist (an
-unreadable file, e.g. cut short by a killed driver, is deleted: its pairs are simply redone),
-generates only the missing pairs, then verifies that the shard set equals the plan; duplicates (a
-pair in two files) are compacted away before _SUCCESS."""
+Exactly-once (diffmix_ray/exactly_once.py, through the driver): shard files are appended into
+<out>/shards/. A rerun reads the pair_ids of the shards that exist (an unreadable file, e.g. cut
+short by a killed driver, is deleted: its pairs are simply redone), generates only the missing
+pairs, then verifies that the shard set equals the plan; duplicates (a pair in two files) are
+compacted away before _SUCCESS."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections import Counter
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from .. import canonical, exactly_once, lease, storage
+from .. import canonical, exactly_once, storage
 from ..console import console, logger
-from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_PAIR_ID, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH,
-                         COL_TARGET_LABEL, MANIFEST_JSON, PLAN_DIR, SHARDS_DIR, SUCCESS)
+from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH, COL_TARGET_LABEL,
+                         PLAN_DIR, SHARD_SCHEMA, SHARDS_DIR)
 from ..errors import DiffmixError
-from ..exactly_once import FAILED_DIR
-from ..runtime.jobs import announce
-from ..synthetic import damaged_shards, describe_damage, shard_records
-from ..runtime.local_ray import init_ray, resolve_gpus
-from ..runtime.nodes import remote_errors_as_one_line
-from ..runtime.shared_paths import check_shared_paths
 from ..models import concepts as bank_io
 from ..models.loader import resolve_model
+from ..runtime.pool_stage import Outcome, PoolStage, Step, Steps, print_resolved, run_pool_stage
+from ..synthetic import damaged_shards, describe_damage, shard_records
 from .config import GenerateConfig
 from .cpu_stages import COL_FILE, COL_ROW, finish_images, prepare_sources  # no torch in their workers
 from .plan import denoising_steps, make_plan
 from .translate import Translator
 
 PLAN_FILE = "plan-00000.parquet"
-# The CPU stages (read + decode + resize before, resize + JPEG after, the shard writes) cost a few
-# ms of CPU per image and partly wait on storage: a quarter CPU each lets several run beside the
-# translation actors instead of queueing for a whole core.
-CPU_STAGE_CPUS = 0.25
-# Decoded pixels travel from the stage before translation to the actors in chunks of at most
-# this many bytes (a multiple of the batch size in rows); Ray Data coalesces them into blocks of
-# whole chunks, so the actors' batches come out full.
-CHUNK_BYTES = 32 * 2**20
 VERSIONED = ("diffmix-ray", "ray", "torch", "diffusers", "transformers", "peft", "pyarrow")
 
 
@@ -62,8 +49,7 @@ class Inputs:
     model_location: str | None = None  # where the model's weights are read (None: a preset)
 
     def print_resolved(self) -> None:
-        for name, r in self.resolved.items():
-            console.print(f"{name.replace('_', '-')}: {r['value']} ({r['from']})", highlight=False)
+        print_resolved(self.resolved)
 
 
 def _normalized(identity: dict) -> dict:
@@ -151,75 +137,95 @@ def write_plan(out: str, plan: pa.Table) -> None:
     exactly_once.write_table_atomic(uri, plan)
 
 
-def _todo(inputs: Inputs, plan: pa.Table, done: set[str]) -> tuple[pa.Table, list[str]]:
-    """Plan rows still missing, with the location of their source image, ordered so that a batch
-    runs one number of denoising steps (one pipeline call) and reads neighbouring rows of a shard."""
-    todo = plan.filter(pc.invert(pc.is_in(plan.column(COL_PAIR_ID), value_set=pa.array(sorted(done), pa.string()))))
-    files = inputs.dataset.files("train")
-    if inputs.cfg.kind == "gen":
-        return todo.sort_by([(COL_TARGET_LABEL, "ascending")]), files
-    loc: dict[str, tuple[int, int]] = {}
-    for f, uri in enumerate(files):
-        for r, image_id in enumerate(storage.read_parquet(uri, [COL_IMAGE_ID]).column(COL_IMAGE_ID).to_pylist()):
-            loc[image_id] = (f, r)
-    where = [loc[i] for i in todo.column(COL_SOURCE_ID).to_pylist()]
-    steps = [denoising_steps(s, inputs.cfg.steps) for s in todo.column(COL_STRENGTH).to_pylist()]
-    todo = todo.append_column(COL_FILE, pa.array([w[0] for w in where], pa.int32()))
-    todo = todo.append_column(COL_ROW, pa.array([w[1] for w in where], pa.int64()))
-    todo = todo.append_column("_steps", pa.array(steps, pa.int32()))
-    todo = todo.sort_by([("_steps", "ascending"), (COL_FILE, "ascending"), (COL_ROW, "ascending")])
-    return todo.drop_columns(["_steps"]), files
+class GenerateStage(PoolStage):
+    """`generate` as an actor-pool stage: plan rows in, shard rows (JPEG + plan columns) out."""
 
+    name, verb = "generate", "generated"
+    file_prefix, file_word, row_words, missing_words = "shard", "shard(s)", "pairs", "pairs are missing"
+    schema = SHARD_SCHEMA
+    versioned = VERSIONED
 
-def block_rows(rows: int, cfg: GenerateConfig, resolution: int) -> tuple[int, int]:
-    """(rows per plan block, rows per chunk of decoded pixels), both multiples of the batch size.
-    A plan block is about a shard (the driver's cost is per block: 6.4M pairs in 32-row blocks
-    are 200k blocks per stage, in 1,000-row blocks 6.4k), but small runs still get >= 2 blocks
-    per actor so every actor has work."""
-    b = cfg.batch_size
-    per_actor = b * math.ceil(rows / (2 * cfg.max_actors * b))
-    shard = b * math.ceil(cfg.rows_per_shard / b)
-    chunk = max(b, min(b * (CHUNK_BYTES // (b * resolution * resolution * 3)), shard, per_actor))
-    return chunk * max(1, min(math.ceil(shard / chunk), math.ceil(per_actor / chunk))), chunk
+    def __init__(self, inputs: Inputs) -> None:
+        cfg = inputs.cfg
+        super().__init__(cfg, inputs.out, storage.join(inputs.out, SHARDS_DIR), inputs.identity, cfg.rows_per_shard,
+                         cfg.rows_per_shard, inputs.resolved)
+        self.inputs = inputs
 
+    def input_uris(self) -> storage.Inputs:
+        i = self.inputs
+        return {"--dataset": i.dataset.uri, "--model": i.model_location, "--concepts": i.cfg.concepts}
 
-def _ray_pipeline(inputs: Inputs, todo: pa.Table, files: list[str], gpus_per_actor: float,
-                  translator=Translator, before=prepare_sources, after=finish_images) -> None:
-    """The Ray Data pipeline. The stages are parameters so that bench/bench_generate_overhead.py can
-    run this very pipeline with no-op stages and measure what the machinery itself costs."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    def shared_inputs(self) -> list[tuple[str, str | None]]:
+        cfg = self.cfg
+        return [("--dataset", cfg.dataset), ("--model", cfg.model), ("--concepts", cfg.concepts)]
 
-    cfg = inputs.cfg
-    ctx = DataContext.get_current()
-    ctx.enable_operator_progress_bars = console.is_terminal  # job logs: dashboard + summary instead
-    ctx.actor_init_retry_on_errors = True  # a flaky model download should not kill the run
-    info = inputs.dataset.info
-    block, chunk = block_rows(todo.num_rows, cfg, inputs.resolution)
-    ds = ray.data.from_arrow([todo.slice(i, block) for i in range(0, todo.num_rows, block)])
-    if cfg.kind != "gen":
-        ds = ds.map_batches(before, fn_kwargs={"files": files, "resolution": inputs.resolution,
-                                                         "chunk_rows": chunk},
-                            batch_format="pyarrow", batch_size=None, num_cpus=CPU_STAGE_CPUS)
-    translator_args = dict(model=cfg.model, kind=cfg.kind, class_names=info.classes, super_class=info.super_class,
-                           concepts=cfg.concepts, steps=cfg.steps, guidance=cfg.guidance,
-                           prompt_template=cfg.prompt_template, threads=max(1, int(cfg.cpus_per_actor)),
-                           device="cuda" if gpus_per_actor > 0 else None, batch_size=cfg.batch_size,
-                           compile=cfg.compile, compile_cache=cfg.compile_cache, report_metrics=True)
-    remote = {}
-    if cfg.memory_per_actor_gb:
-        remote["memory"] = int(cfg.memory_per_actor_gb * 2**30)
-    # The actor takes whole chunks and cuts its own device batches of --batch-size: Ray Data's cost per
-    # call (~1 ms: slicing, format conversions) is paid per chunk, and step groups form over the chunk.
-    ds = ds.map_batches(translator, fn_constructor_kwargs=translator_args, batch_size=chunk,
-                        batch_format="numpy", num_gpus=gpus_per_actor, num_cpus=cfg.cpus_per_actor,
-                        compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors,
-                                                  initial_size=cfg.max_actors), **remote)
-    ds = ds.map_batches(after, fn_kwargs={"failed_uri": storage.join(inputs.out, FAILED_DIR),
-                                                  "jpeg_quality": cfg.jpeg_quality},
-                        batch_format="numpy", batch_size=None, num_cpus=CPU_STAGE_CPUS)
-    exactly_once.write_appending(ds, storage.join(inputs.out, SHARDS_DIR), "shard", cfg.rows_per_shard,
-                                 CPU_STAGE_CPUS)
+    def make_plan(self) -> pa.Table:
+        return build_plan(self.inputs)
+
+    def keep_plan(self, plan: pa.Table) -> None:
+        write_plan(self.out, plan)
+
+    def complete(self, manifest: dict) -> str | None:
+        if not (damaged := damaged_shards(self.out, manifest)):
+            return f"{manifest['counts']['generated']} images"
+        console.print(f"{self.out} was complete, but {len(damaged)} shard(s) are damaged: {describe_damage(damaged)}; "
+                      "deleting them and generating their pairs again", style="yellow")
+        for name in damaged:
+            storage.remove_tree(storage.join(self.rows_dir, name))
+        return None
+
+    def locate(self, todo: pa.Table) -> pa.Table:
+        """Ordered so that a batch runs one number of denoising steps (one pipeline call) and reads
+        neighbouring rows of a source file."""
+        if self.cfg.kind == "gen":
+            return todo.sort_by([(COL_TARGET_LABEL, "ascending")])
+        files, rows = self.inputs.dataset.locate("train", todo.column(COL_SOURCE_ID).to_pylist())
+        steps = [denoising_steps(s, self.cfg.steps) for s in todo.column(COL_STRENGTH).to_pylist()]
+        todo = todo.append_column(COL_FILE, pa.array(files)).append_column(COL_ROW, pa.array(rows))
+        todo = todo.append_column("_steps", pa.array(steps, pa.int32()))
+        todo = todo.sort_by([("_steps", "ascending"), (COL_FILE, "ascending"), (COL_ROW, "ascending")])
+        return todo.drop_columns(["_steps"])
+
+    def row_bytes(self) -> int:
+        return self.inputs.resolution ** 2 * 3
+
+    def steps(self, gpus: float, chunk_rows: int) -> Steps:
+        cfg, inputs = self.cfg, self.inputs
+        info = inputs.dataset.info
+        before = None if cfg.kind == "gen" else Step(prepare_sources, {"files": inputs.dataset.files("train"),
+                                                                       "resolution": inputs.resolution})
+        translator = dict(model=cfg.model, kind=cfg.kind, class_names=info.classes, super_class=info.super_class,
+                          concepts=cfg.concepts, steps=cfg.steps, guidance=cfg.guidance,
+                          prompt_template=cfg.prompt_template, batch_size=cfg.batch_size, compile=cfg.compile,
+                          compile_cache=cfg.compile_cache)
+        # The actor takes whole chunks and cuts its own device batches of --batch-size: Ray Data's cost per
+        # call (~1 ms: slicing, format conversions) is paid per chunk, and step groups form over the chunk.
+        return Steps(before, Translator, translator, chunk_rows, Step(finish_images, {"jpeg_quality": cfg.jpeg_quality}))
+
+    def plan_line(self, plan: pa.Table, done: set[str], todo: pa.Table) -> str:
+        return f"plan: {plan.num_rows} pairs ({self.cfg.mode}); already generated {len(done)}; to do {todo.num_rows}"
+
+    def check_rows(self, scan, plan: pa.Table) -> None:
+        disagree, example = exactly_once.disagreeing_rows(self.rows_dir, scan.found, plan)
+        if disagree:  # another writer's rows (another strength, seed...): never marked complete
+            raise DiffmixError(f"{disagree} shard rows disagree with the plan (e.g. {example}): another run wrote "
+                               f"into {self.out}; rerun with --overwrite to generate it again from scratch")
+
+    def describe(self, outcome: Outcome) -> dict:
+        inputs, after = self.inputs, outcome.after
+        return {"dataset_fingerprint": inputs.dataset.info.fingerprint, "model_fingerprint": inputs.model_fingerprint,
+                "concepts_fingerprint": inputs.bank.fingerprint if inputs.bank else None,
+                "counts": {"planned": outcome.plan.num_rows, "generated": len(after.done),
+                           "missing": len(outcome.missing), "failed": len(outcome.failures), "shards": len(after.found),
+                           "bytes": outcome.bytes, "pairs": _pair_counts(outcome.plan),
+                           "duplicates_removed": outcome.duplicates_removed,
+                           "unreadable_shards_removed": outcome.unreadable_removed},
+                # rows and bytes per file: a rerun and every reader check the shards by it
+                "shard_files": shard_records(after.found, outcome.file_bytes)}
+
+    def summary(self, outcome: Outcome) -> str:
+        return (f"{len(outcome.after.done)}/{outcome.plan.num_rows} pairs in {len(outcome.after.found)} shards, "
+                f"{outcome.bytes / 2**20:.1f} MiB")
 
 
 def _pair_counts(plan: pa.Table) -> dict[str, int]:
@@ -227,86 +233,15 @@ def _pair_counts(plan: pa.Table) -> dict[str, int]:
     return {f"{s}->{t}": n for (s, t), n in sorted(Counter(pairs).items())}
 
 
-@lease.scoped  # the output has one writer while this runs, and none after
+def generate_stage(cfg: GenerateConfig) -> GenerateStage:
+    """The stage for `cfg`, its inputs resolved and checked: what `run_generate` runs, and what a
+    benchmark drives step by step."""
+    if not cfg.out:
+        raise DiffmixError("--out is required: where the plan, shards and manifest go")
+    return GenerateStage(resolve_inputs(cfg))
+
+
 def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
     """Generate every missing pair of the plan; returns the summary written into the manifest."""
     started = time.perf_counter()
-    if not cfg.out:
-        raise DiffmixError("--out is required: where the plan, shards and manifest go")
-    inputs = resolve_inputs(cfg)
-    cfg, out = inputs.cfg, inputs.out
-    resumed = storage.claim_output(out, "generate", inputs.identity, overwrite, inputs={
-        "--dataset": inputs.dataset.uri, "--model": inputs.model_location, "--concepts": cfg.concepts})
-    announce("generate", storage.config_hash(inputs.identity))  # inside a Ray job: where to watch it, which run it is
-    shards = storage.join(out, SHARDS_DIR)
-    if resumed and storage.exists(storage.join(out, SUCCESS)):
-        manifest = storage.read_json(storage.join(out, MANIFEST_JSON))
-        if not (damaged := damaged_shards(out, manifest)):
-            console.print(f"{out} is complete ({manifest['counts']['generated']} images); nothing to do")
-            return manifest
-        console.print(f"{out} was complete, but {len(damaged)} shard(s) are damaged: {describe_damage(damaged)}; "
-                      "deleting them and generating their pairs again", style="yellow")
-        for name in damaged:
-            storage.remove_tree(storage.join(shards, name))
-    storage.remove_tree(storage.join(out, SUCCESS))
-    plan = build_plan(inputs)
-    write_plan(out, plan)
-    before = exactly_once.scan_and_compact(shards)
-    done = before.done
-    exactly_once.clear_failures(out)
-    todo, files = _todo(inputs, plan, done)
-    inputs.print_resolved()
-    console.print(f"plan: {plan.num_rows} pairs ({cfg.mode}); already generated {len(done)}; to do {todo.num_rows}"
-                  + (f"; deleted {len(before.removed)} unreadable shard(s)" if before.removed else ""))
-    gen_started = time.perf_counter()
-    if todo.num_rows:
-        init_ray(min_cpus=cfg.max_actors * cfg.cpus_per_actor)
-        gpus = resolve_gpus(cfg.gpus_per_actor, "generate", "actor")
-        check_shared_paths("generate", [("--dataset", cfg.dataset), ("--model", cfg.model),
-                                        ("--concepts", cfg.concepts)], out)
-        inputs.resolved["gpus_per_actor"] = {"value": gpus, "from": "--gpus-per-actor" if cfg.gpus_per_actor
-                                             is not None else "default: what the Ray cluster has or can add"}
-        from ..runtime.metrics import PlanMetrics
-
-        gauges = PlanMetrics(run=storage.config_hash(inputs.identity))
-        gauges.set(plan.num_rows, todo.num_rows)
-        with remote_errors_as_one_line(out):  # a GPU node without CUDA, a full disk: one line, named
-            _ray_pipeline(inputs, todo, files, gpus)
-    gen_seconds = time.perf_counter() - gen_started
-    planned = set(plan.column(COL_PAIR_ID).to_pylist())
-    after, missing = exactly_once.settle(shards, planned, "pairs")
-    disagree, example = exactly_once.disagreeing_rows(shards, after.found, plan)
-    if disagree:  # another writer's rows (another strength, seed...): never marked complete
-        raise DiffmixError(f"{disagree} shard rows disagree with the plan (e.g. {example}): another run wrote into "
-                           f"{out}; rerun with --overwrite to generate it again from scratch")
-    done_after = after.done
-    failures = exactly_once.read_failures(out, missing)
-    if todo.num_rows:
-        import ray
-
-        if ray.is_initialized():
-            PlanMetrics(run=storage.config_hash(inputs.identity)).set(plan.num_rows, len(missing))
-    made_now = len(done_after) - len(done)
-    shard_files = shard_records(shards, after.found)
-    shard_bytes = sum(r["bytes"] for r in shard_files.values())
-    manifest = {
-        "config": dataclasses.asdict(cfg) | {"out": out},
-        "identity": inputs.identity,
-        "resolved": inputs.resolved,
-        "dataset_fingerprint": inputs.dataset.info.fingerprint,
-        "model_fingerprint": inputs.model_fingerprint,
-        "concepts_fingerprint": inputs.bank.fingerprint if inputs.bank else None,
-        "counts": {"planned": plan.num_rows, "generated": len(done_after), "missing": len(missing),
-                   "failed": len(failures), "shards": len(after.found), "bytes": shard_bytes,
-                   "pairs": _pair_counts(plan), "duplicates_removed": before.duplicates + after.duplicates,
-                   "unreadable_shards_removed": len(before.removed) + len(after.removed)},
-        "failed": failures[:1000],
-        "shard_files": shard_files,  # rows and bytes per file: a rerun and every reader check the shards by it
-        "timings": {"total_s": round(time.perf_counter() - started, 3), "generate_s": round(gen_seconds, 3),
-                    "images_this_run": made_now,
-                    "images_per_s": round(made_now / gen_seconds, 3) if gen_seconds > 0 and made_now else 0.0},
-        "versions": exactly_once.versions(VERSIONED),
-    }
-    summary = (f"generated {made_now} images in {gen_seconds:.1f} s ({manifest['timings']['images_per_s']:.2f} images/s); "
-               f"{len(done_after)}/{plan.num_rows} pairs in {len(after.found)} shards, {shard_bytes / 2**20:.1f} MiB")
-    return exactly_once.finish(out, manifest, len(missing), plan.num_rows, len(failures), summary, "pairs are missing")
+    return run_pool_stage(generate_stage(cfg), overwrite, started)

@@ -18,16 +18,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .. import canonical, storage  # noqa: E402
+from .. import classifier_run, storage  # noqa: E402
 from ..contracts import (COL_IMAGE, COL_IMAGE_ID, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH,  # noqa: E402
                          COL_TARGET_LABEL, MANIFEST_JSON)
 from ..errors import DiffmixError  # noqa: E402
 from ..scores import is_scores_output  # noqa: E402
-from ..synthetic import open_synthetic  # noqa: E402
+from ..synthetic import open_with_dataset  # noqa: E402
 from . import score_report  # noqa: E402
-
-METRICS_JSON = "metrics.json"  # the classifier run's file name (classify/run.py writes it)
-
 
 def _kind(run: str) -> str:
     # a score output holds a manifest.json too: asked first, by the manifest's content
@@ -35,7 +32,7 @@ def _kind(run: str) -> str:
         return "score"
     if storage.exists(storage.join(run, MANIFEST_JSON)):
         return "generate"
-    if storage.exists(storage.join(run, METRICS_JSON)):
+    if classifier_run.has_metrics(run):
         return "train-cls"
     raise DiffmixError(f"{run} is neither a generate output (manifest.json), a score output (<synthetic>/scores/NAME) "
                        "nor a train-cls run (metrics.json)")
@@ -50,9 +47,7 @@ def _save_png(fig, uri: str) -> None:
 
 def contact_sheet(run: str, out_png: str, rows: int = 6, per_row: int = 5, gamma: float = 0.5) -> str:
     """Rows of source images, each followed by its translations toward other classes."""
-    manifest = storage.read_json(storage.join(run, MANIFEST_JSON))
-    dataset = canonical.open_dataset(manifest["identity"]["dataset"])
-    syn = open_synthetic(run, dataset.info.fingerprint, allow_incomplete=True)
+    dataset, syn = open_with_dataset(run, allow_incomplete=True)
     table = syn.read([COL_SOURCE_ID, COL_SOURCE_LABEL, COL_TARGET_LABEL, COL_STRENGTH, COL_IMAGE])
     by_source: dict[str, list[int]] = defaultdict(list)
     for i, sid in enumerate(table.column(COL_SOURCE_ID).to_pylist()):
@@ -80,7 +75,8 @@ def contact_sheet(run: str, out_png: str, rows: int = 6, per_row: int = 5, gamma
             if c < len(cells) and cells[c][0] is not None:
                 ax.imshow(Image.open(io.BytesIO(cells[c][0])).convert("RGB"))
                 ax.set_title(cells[c][1], fontsize=8)
-    fig.suptitle(f"{manifest['config']['mode']}: source → target (y = source/target weight, γ={gamma})", fontsize=10)
+    mode = syn.manifest["config"]["mode"]
+    fig.suptitle(f"{mode}: source → target (y = source/target weight, γ={gamma})", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     _save_png(fig, out_png)
     return out_png
@@ -210,7 +206,7 @@ def run_report(runs: list[str], out: str | None = None, gamma: float = 0.5) -> d
             label = posixpath.basename(synthetic)
             scored += [s for s in score_report.open_scored(synthetic, label) if s.scores.name == name]
         else:
-            classifiers.append((name, storage.read_json(storage.join(run, METRICS_JSON))))
+            classifiers.append((name, classifier_run.read_metrics(run)))
     filters = [(name, m["synthetic_filter"]) for name, m in classifiers if m.get("synthetic_filter")]
     written["score_plots"] = score_report.score_plots(scored, out, filters)
     kept = score_report.kept_rows(filters)

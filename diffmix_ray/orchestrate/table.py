@@ -18,13 +18,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .. import canonical, storage  # noqa: E402
+from .. import canonical, classifier_run, storage  # noqa: E402
 from ..classify.summary import mean_std  # noqa: E402
 from ..console import console  # noqa: E402
-from ..contracts import SUCCESS  # noqa: E402
+from ..contracts import DATASET_JSON, SUCCESS  # noqa: E402
 from . import score_report  # noqa: E402
 from .recipes import Recipe  # noqa: E402
-from .report import METRICS_JSON, NO_SPLIT, _save_png, _series, contact_sheet, html_table  # noqa: E402
+from .report import NO_SPLIT, _save_png, _series, contact_sheet, html_table  # noqa: E402
 
 BASELINE = "real-only"
 GROUPS = ("many", "medium", "few")
@@ -55,9 +55,9 @@ def collect(recipe: Recipe, layout) -> list[Row]:
         names = [n for n in storage.list_dir(folder) if n.startswith("seed-")]
         for name in sorted(names, key=lambda n: int(n.split("-", 1)[1])):
             run = storage.join(folder, name)
-            if storage.exists(storage.join(run, SUCCESS)):
+            if classifier_run.is_finished(run):
                 row.seeds.append(int(name.split("-", 1)[1]))
-                row.metrics.append(storage.read_json(storage.join(run, METRICS_JSON)))
+                row.metrics.append(classifier_run.read_metrics(run))
         if row.metrics:
             rows.append(row)
     return rows
@@ -98,7 +98,7 @@ def table_rows(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
 
 def _context(recipe: Recipe, layout, rows: list[Row], seeds: list[int]) -> list[str]:
     lines = []
-    if storage.exists(storage.join(layout.path("dataset"), "dataset.json")):
+    if storage.exists(storage.join(layout.path("dataset"), DATASET_JSON)):
         info = canonical.open_dataset(layout.path("dataset")).info
         subset = info.subset.get("kind")
         lines.append(f"Dataset {info.name}: {info.num_classes} classes, {info.split_size('train')} train / "

@@ -1,21 +1,18 @@
 """The classifier of `score --classifier RUN`: the val-selected weights of a finished `train-cls`
-run, read through the contract's file names (contracts.CLASSIFIER_*), not classify's internals.
+run, read through the contract's reader (classifier_run.py), not classify's internals.
 
 `open_classifier` (driver: no torch) checks the run and fingerprints its weights;
 `load_classifier` (actor) builds the timm model and loads them."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass
 
-from .. import storage
-from ..contracts import CLASSIFIER_BEST_DIR, CLASSIFIER_MODEL_JSON, CLASSIFIER_WEIGHTS, SUCCESS
+from .. import classifier_run, storage
+from ..contracts import CLASSIFIER_BEST_DIR, CLASSIFIER_MODEL_JSON, CLASSIFIER_MODEL_KEYS, SUCCESS
 from ..errors import DiffmixError
 from .cpu_stages import CLASSIFIER_PIPELINES
-
-META_KEYS = ("arch", "num_classes", "data_cfg", "dataset_fingerprint")
 
 
 @dataclass(frozen=True)
@@ -33,26 +30,20 @@ class ClassifierRun:
                 "epoch": self.meta.get("epoch"), "val_top1": self.meta.get("val_top1")}
 
 
-def _fingerprint(meta_text: str, weights: bytes) -> str:
-    h = hashlib.sha256(meta_text.encode("utf-8"))
-    h.update(hashlib.sha256(weights).digest())
-    return h.hexdigest()
-
-
 def open_classifier(run: str, dataset_fingerprint: str, num_classes: int) -> ClassifierRun:
     """A finished train-cls run trained on the dataset with `dataset_fingerprint`; refused otherwise."""
     run = storage.normalize(run)
-    best = storage.join(run, CLASSIFIER_BEST_DIR)
-    meta_uri = storage.join(best, CLASSIFIER_MODEL_JSON)
+    best = classifier_run.best_dir(run)
+    meta_uri = classifier_run.model_card_uri(best)
     if not storage.exists(meta_uri):
         raise DiffmixError(f"--classifier {run} holds no {CLASSIFIER_BEST_DIR}/{CLASSIFIER_MODEL_JSON}: pass a "
                            "`diffmix-ray train-cls` output directory (with --seeds, one of its seed-N folders)")
-    if not storage.exists(storage.join(run, SUCCESS)):
+    if not classifier_run.is_finished(run):
         raise DiffmixError(f"--classifier {run} is an unfinished train-cls run (no {SUCCESS}): its best weights may "
                            "still change; finish it (train-cls --resume) or pass a finished run")
-    meta_text = storage.read_text(meta_uri)
-    meta = storage.read_json(meta_uri)
-    if missing := [k for k in META_KEYS if k not in meta]:
+    stored = classifier_run.read_best(best)
+    meta = stored.card
+    if missing := [k for k in CLASSIFIER_MODEL_KEYS if k not in meta]:
         raise DiffmixError(f"{meta_uri} lacks {missing}: it was not written by this diffmix-ray's train-cls")
     if meta["dataset_fingerprint"] != dataset_fingerprint:
         raise DiffmixError(f"--classifier {run} was trained on another dataset (fingerprint "
@@ -63,8 +54,7 @@ def open_classifier(run: str, dataset_fingerprint: str, num_classes: int) -> Cla
                            f"(it knows {', '.join(CLASSIFIER_PIPELINES)}); upgrade diffmix-ray")
     if meta["num_classes"] != num_classes:
         raise DiffmixError(f"--classifier {run} predicts {meta['num_classes']} classes, the dataset has {num_classes}")
-    weights = storage.read_bytes(storage.join(best, CLASSIFIER_WEIGHTS))
-    return ClassifierRun(run, meta, _fingerprint(meta_text, weights))
+    return ClassifierRun(run, meta, stored.fingerprint)
 
 
 def load_classifier(run: str, fingerprint: str):
@@ -73,13 +63,11 @@ def load_classifier(run: str, fingerprint: str):
     import timm
     import torch
 
-    best = storage.join(storage.normalize(run), CLASSIFIER_BEST_DIR)
-    meta_text = storage.read_text(storage.join(best, CLASSIFIER_MODEL_JSON))
-    weights = storage.read_bytes(storage.join(best, CLASSIFIER_WEIGHTS))
-    if _fingerprint(meta_text, weights) != fingerprint:
+    stored = classifier_run.read_best(classifier_run.best_dir(run))
+    if stored.fingerprint != fingerprint:
         raise DiffmixError(f"--classifier {run} changed while scoring (its weights no longer match the fingerprint "
                            "the run started with); rerun score with --overwrite")
-    meta = storage.read_json(storage.join(best, CLASSIFIER_MODEL_JSON))
+    meta = stored.card
     model = timm.create_model(meta["arch"], pretrained=False, num_classes=meta["num_classes"])
-    model.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(io.BytesIO(stored.weights), map_location="cpu", weights_only=True))
     return model.eval(), meta

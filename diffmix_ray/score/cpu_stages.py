@@ -13,14 +13,13 @@ as plain dicts (models.clip.ImagePrep as a dict; the classifier's data config)."
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from ..canonical import read_rows
+from ..canonical import read_located
 from ..contracts import (COL_PAIR_ID, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_TARGET_LABEL, SCORE_COLUMNS,
                          SCORES_SCHEMA)
 from ..exactly_once import write_failures
@@ -94,18 +93,6 @@ def classifier_pixels(img: Image.Image, data_cfg: dict) -> np.ndarray:
     return np.asarray(_center_crop(img, size), dtype=np.uint8)
 
 
-def _read(batch: pa.Table, files: list[str], file_col: str, row_col: str) -> list[bytes | None]:
-    """The image bytes of each row, reading per file only the row groups that hold them."""
-    file_idx = batch.column(file_col).to_pylist()
-    row_idx = batch.column(row_col).to_pylist()
-    by_file: dict[int, list[int]] = defaultdict(list)
-    for f, r in zip(file_idx, row_idx):
-        if f >= 0:
-            by_file[f].append(r)
-    fetched = {f: read_rows(files[f], rows) for f, rows in by_file.items()}
-    return [fetched[f].get(r) if f >= 0 else None for f, r in zip(file_idx, row_idx)]
-
-
 def decode_pairs(keys: dict[str, np.ndarray], synthetic: list[bytes | None], sources: list[bytes | None],
                  has_source: np.ndarray, clip_prep: dict, cls_cfg: dict | None) -> dict[str, np.ndarray]:
     """Key columns + image bytes -> the actor's input. A pair whose synthetic (or source) image
@@ -150,8 +137,8 @@ def prepare_images(batch: pa.Table, syn_files: list[str], src_files: list[str], 
     """The stage before scoring: todo rows -> batches of at most `chunk_rows` decoded rows. A
     generator, so a whole block (~a shard) reads its row groups once while the pixels leave in
     bounded chunks."""
-    synthetic = _read(batch, syn_files, COL_SYN_FILE, COL_SYN_ROW)
-    sources = _read(batch, src_files, COL_SRC_FILE, COL_SRC_ROW)
+    synthetic = read_located(batch, syn_files, COL_SYN_FILE, COL_SYN_ROW)
+    sources = read_located(batch, src_files, COL_SRC_FILE, COL_SRC_ROW)
     has_source = batch.column(COL_SRC_FILE).to_numpy() >= 0
     for start in range(0, batch.num_rows, chunk_rows):
         chunk = batch.slice(start, chunk_rows)
