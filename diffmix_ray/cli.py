@@ -9,8 +9,10 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
+from .cli_config import config_command
 from .console import console, setup_logging
 from .errors import DiffmixError
+from .score.config import ScoreConfig
 
 app = typer.Typer(help="Diff-Mix inter-class image translation as a distributed batch system on Ray.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -355,37 +357,13 @@ def train_cls(
 
 @app.command()
 @friendly
-def score(
-    synthetic: Optional[str] = typer.Option(None, help="A generate output (local path or s3://) whose shards to score."),
-    clip: Optional[str] = typer.Option(None, help="CLIP model: tiny | clip-b32 (random weights, for tests and benchmarks) "
-                                       "| a CLIPModel folder | s3://... | a hub id org/name (only when online)."),
-    classifier: Optional[str] = typer.Option(None, help="A finished train-cls run: adds its softmax probability of the "
-                                             "source and the target class."),
-    name: Optional[str] = typer.Option(None, help="Scores go to <synthetic>/scores/NAME/ (default 'default')."),
-    dataset: Optional[str] = typer.Option(None, help="The canonical dataset the shards were made from (default: the "
-                                          "one generate recorded; its fingerprint must match)."),
-    allow_incomplete: Optional[bool] = typer.Option(None, "--allow-incomplete", help="Score shards without _SUCCESS."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per scoring call (default 64)."),
-    min_actors: Optional[int] = typer.Option(None, help="Scoring actors, autoscaling minimum (default 1)."),
-    max_actors: Optional[int] = typer.Option(None, help="Scoring actors, autoscaling maximum (default 1)."),
-    gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs per actor. Default: 1 when the Ray cluster has GPUs "
-                                                   "or its autoscaler can add them, else 0 (CPU, fp32)."),
-    cpus_per_actor: Optional[float] = typer.Option(None, help="CPUs per actor; on CPU also its torch threads (default 1)."),
-    memory_per_actor_gb: Optional[float] = typer.Option(None, help="Host memory reserved per actor."),
-    rows_per_file: Optional[int] = typer.Option(None, help="Scores per Parquet file (default 100000)."),
-    config: Optional[str] = typer.Option(None, help="YAML file with any of these options."),
-    overwrite: bool = typer.Option(False, help="Delete a different scores run found under this name and start again."),
-):
+@config_command(ScoreConfig)
+def score(cfg: ScoreConfig,
+          overwrite: bool = typer.Option(False, help="Delete a different scores run found under this name and start "
+                                         "again.")):
     """Score synthetic images (CLIP, source similarity, a classifier) on a Ray actor pool, beside the shards."""
-    from . import config as cfgmod
-    from .score.config import ScoreConfig
     from .score.run import run_score
 
-    cfg = cfgmod.build(ScoreConfig, config, dict(
-        synthetic=synthetic, clip=clip, classifier=classifier, name=name, dataset=dataset,
-        allow_incomplete=allow_incomplete, batch_size=batch_size, min_actors=min_actors, max_actors=max_actors,
-        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, memory_per_actor_gb=memory_per_actor_gb,
-        rows_per_file=rows_per_file))
     run_score(cfg, overwrite=overwrite)
 
 
