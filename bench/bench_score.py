@@ -273,8 +273,8 @@ def model_rates(args, info, device: str, B: int, results) -> tuple[float, float]
     hand = HandWritten(args.clip, info, device=device)
 
     def hand_batch(b):
-        pixels = scorer._pixels(b["_clip"], scorer.mean, scorer.std, scorer.rescale)
-        src = scorer._pixels(b["_clip_src"], scorer.mean, scorer.std, scorer.rescale)
+        pixels = scorer.pixels(b["_clip"], scorer.mean, scorer.std, scorer.rescale)
+        src = scorer.pixels(b["_clip_src"], scorer.mean, scorer.std, scorer.rescale)
         t = torch.as_tensor(b["target_label"], device=scorer.device)
         s = torch.as_tensor(b["source_label"], device=scorer.device)
         hand.model_part(pixels, src, t, s)

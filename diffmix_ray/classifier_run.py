@@ -75,6 +75,11 @@ def is_finished(run: str) -> bool:
     return storage.exists(storage.join(storage.normalize(run), SUCCESS))
 
 
+def mark_finished(out: str) -> None:
+    """The run is finished: its metrics and best weights are final (written after them)."""
+    storage.write_text_atomic(storage.join(out, SUCCESS), "")
+
+
 def write_metrics(out: str, metrics: dict) -> None:
     storage.write_json_atomic(storage.join(out, CLASSIFIER_METRICS_JSON), metrics)
 

@@ -62,11 +62,14 @@ def score_names(synthetic: str) -> list[str]:
 def is_scores_output(uri: str) -> bool:
     """Whether `uri` is a `score` output: like a generate output it holds a manifest.json, so report and
     others tell them apart by the manifest's content, not by its presence."""
+    manifest = read_manifest(uri)
+    return manifest is not None and "synthetic_fingerprint" in manifest and "columns" in manifest
+
+
+def read_manifest(uri: str) -> dict | None:
+    """The manifest.json of the scores (or other output) at `uri`; None where there is none."""
     manifest_uri = storage.join(uri, MANIFEST_JSON)
-    if not storage.exists(manifest_uri):
-        return False
-    manifest = storage.read_json(manifest_uri)
-    return "synthetic_fingerprint" in manifest and "columns" in manifest
+    return storage.read_json(manifest_uri) if storage.exists(manifest_uri) else None
 
 
 def score_command(synthetic: str, name: str) -> str:
@@ -81,13 +84,12 @@ def open_scores(syn: SyntheticSet, name: str = DEFAULT_SCORES_NAME, allow_incomp
     (naming the `score` command that writes them), scores computed for other shards (by the shards'
     fingerprint), and incomplete scores (no _SUCCESS) unless `allow_incomplete`."""
     uri = scores_uri(syn.uri, name)
-    if not storage.exists(storage.join(uri, MANIFEST_JSON)):
+    if (manifest := read_manifest(uri)) is None:
         present = score_names(syn.uri)
         have = (f"; it has scores {', '.join(present)} (pick one with --scores NAME)" if present
                 else "; it has no scores yet")
         raise DiffmixError(f"{use} reads the scores {uri}, which do not exist{have}. Score the shards first: "
                            f"`{score_command(syn.uri, name)}` (CLIP: a CLIPModel folder or s3:// copy, or tiny)")
-    manifest = storage.read_json(storage.join(uri, MANIFEST_JSON))
     made_for = manifest.get("synthetic_fingerprint")
     if made_for != syn.fingerprint:
         raise DiffmixError(f"scores {uri} were computed for other shards (fingerprint {str(made_for)[:12]}; the shards "

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
-from . import storage
+from . import canonical, storage
 from .contracts import MANIFEST_JSON, SHARD_SCHEMA, SHARDS_DIR, SUCCESS, check_columns
 from .errors import DiffmixError
 
@@ -81,17 +81,37 @@ def describe_damage(problems: dict[str, str]) -> str:
     return f"{first} ({problems[first]}){more}"
 
 
+def read_manifest(uri: str, flag: str | None = None) -> dict:
+    """generate's manifest.json of the output at `uri`; refused (naming the option `flag` that gave
+    `uri`, when there is one) where there is none: not a generate output, or one never finished once."""
+    uri = storage.normalize(uri)
+    storage.check_bucket(uri)
+    manifest_uri = storage.join(uri, MANIFEST_JSON)
+    if not storage.exists(manifest_uri):
+        raise DiffmixError(f"{flag + ' ' if flag else ''}{uri} holds no {MANIFEST_JSON}: it is not a `diffmix-ray "
+                           "generate` output (or generate has not finished once); run generate there first")
+    return storage.read_json(manifest_uri)
+
+
+def open_with_dataset(uri: str, dataset: str | None = None, allow_incomplete: bool = False, use: str = "train on",
+                      flag: str | None = None) -> tuple[canonical.Dataset, SyntheticSet]:
+    """A generate output and the dataset it was made from: `dataset` (checked against the shards by
+    fingerprint), else the one its manifest records."""
+    uri = storage.normalize(uri)
+    recorded = read_manifest(uri, flag).get("identity", {}).get("dataset")
+    if not (dataset or recorded):
+        raise DiffmixError(f"{storage.join(uri, MANIFEST_JSON)} records no dataset: pass --dataset (the one the "
+                           "shards were made from)")
+    data = canonical.open_dataset(dataset or recorded)
+    return data, open_synthetic(uri, data.info.fingerprint, allow_incomplete, use)
+
+
 def open_synthetic(uri: str, dataset_fingerprint: str, allow_incomplete: bool = False,
                    use: str = "train on") -> SyntheticSet:
     """Open a generate output for reading; refuse one made from another dataset, and an incomplete
     one (no _SUCCESS) unless `allow_incomplete`. `use` words the fix ("train on", "score")."""
     uri = storage.normalize(uri)
-    storage.check_bucket(uri)
-    manifest_uri = storage.join(uri, MANIFEST_JSON)
-    if not storage.exists(manifest_uri):
-        raise DiffmixError(f"{uri} holds no {MANIFEST_JSON}: it is not a `diffmix-ray generate` output "
-                           "(or generate has not finished once); run generate there first")
-    manifest = storage.read_json(manifest_uri)
+    manifest = read_manifest(uri)
     made_from = manifest.get("dataset_fingerprint")
     if made_from != dataset_fingerprint:
         raise DiffmixError(f"synthetic shards {uri} were generated from another dataset (fingerprint "

@@ -15,7 +15,7 @@ from rich.markup import escape
 from .. import canonical, classifier_run, lease, storage
 from ..console import console, logger
 from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH, COL_TARGET_LABEL,
-                         DIVERGED, SUCCESS)
+                         DIVERGED)
 from ..errors import DiffmixError
 from ..runtime.jobs import announce
 from ..runtime.local_ray import init_ray, resolve_gpus
@@ -146,7 +146,7 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
                                                             "add any"))
     resumed = storage.claim_output(out, "train-cls", identity, overwrite, inputs=_input_uris(cfg))
     announce("train-cls", storage.config_hash(identity))  # inside a Ray job: where to watch it, which run it is
-    if resumed and storage.exists(storage.join(out, SUCCESS)):
+    if resumed and classifier_run.is_finished(out):
         console.print(f"{out} already holds this finished classifier run")
         return classifier_run.read_metrics(out)
     if resumed and not resume:
@@ -204,7 +204,7 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
                "summary": summarize(history, train_counts, cfg.select, recipe.thresholds),
                "resolved": recipe.resolved, "config": dataclasses.asdict(cfg)}
     classifier_run.write_metrics(out, metrics)
-    storage.write_text_atomic(storage.join(out, SUCCESS), "")
+    classifier_run.mark_finished(out)
     console.print(f"[green]{escape(result_line(metrics['summary']))}[/green] -> {escape(out)}", markup=True,
                   highlight=False)
     return metrics
@@ -225,7 +225,7 @@ def run_seeds(cfg: ClassifyConfig, seeds: list[int], overwrite: bool = False, re
     runs = []
     for seed in seeds:
         sub = dataclasses.replace(cfg, seed=seed, out=storage.join(out, f"seed-{seed}"))
-        done = storage.exists(storage.join(sub.out, SUCCESS))
+        done = classifier_run.is_finished(sub.out)
         runs.append(run_classify(sub, overwrite=False, resume=resume and not done))
     test_mean, test_std = mean_std([r["summary"]["test_top1"] for r in runs])
     val_mean, _ = mean_std([r["summary"]["val_top1"] for r in runs])

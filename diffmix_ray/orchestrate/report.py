@@ -18,12 +18,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .. import canonical, classifier_run, storage  # noqa: E402
+from .. import classifier_run, storage  # noqa: E402
 from ..contracts import (COL_IMAGE, COL_IMAGE_ID, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH,  # noqa: E402
                          COL_TARGET_LABEL, MANIFEST_JSON)
 from ..errors import DiffmixError  # noqa: E402
 from ..scores import is_scores_output  # noqa: E402
-from ..synthetic import open_synthetic  # noqa: E402
+from ..synthetic import open_with_dataset  # noqa: E402
 from . import score_report  # noqa: E402
 
 def _kind(run: str) -> str:
@@ -47,9 +47,7 @@ def _save_png(fig, uri: str) -> None:
 
 def contact_sheet(run: str, out_png: str, rows: int = 6, per_row: int = 5, gamma: float = 0.5) -> str:
     """Rows of source images, each followed by its translations toward other classes."""
-    manifest = storage.read_json(storage.join(run, MANIFEST_JSON))
-    dataset = canonical.open_dataset(manifest["identity"]["dataset"])
-    syn = open_synthetic(run, dataset.info.fingerprint, allow_incomplete=True)
+    dataset, syn = open_with_dataset(run, allow_incomplete=True)
     table = syn.read([COL_SOURCE_ID, COL_SOURCE_LABEL, COL_TARGET_LABEL, COL_STRENGTH, COL_IMAGE])
     by_source: dict[str, list[int]] = defaultdict(list)
     for i, sid in enumerate(table.column(COL_SOURCE_ID).to_pylist()):

@@ -22,10 +22,10 @@ from .. import canonical, storage  # noqa: E402
 from ..classify.filters import parse_one  # noqa: E402
 from ..console import logger  # noqa: E402
 from ..contracts import (COL_CLIP_TARGET_PROB, COL_PAIR_ID, COL_SOURCE_LABEL, COL_TARGET_LABEL,  # noqa: E402
-                         MANIFEST_JSON, SCORE_COLUMNS)
+                         SCORE_COLUMNS)
 from ..errors import DiffmixError  # noqa: E402
 from ..scores import ScoresSet, open_scores, score_names  # noqa: E402
-from ..synthetic import SyntheticSet, open_synthetic  # noqa: E402
+from ..synthetic import SyntheticSet, open_with_dataset  # noqa: E402
 
 MAX_CLASS_PANELS = 16  # more classes than this: one box per class instead of a histogram each
 EXTREMES = 6  # images per row of the lowest/highest contact sheet
@@ -51,9 +51,7 @@ def _save(fig, uri: str) -> str:
 def open_scored(synthetic: str, label: str) -> list[Scored]:
     """Every complete-enough scores run beside a generate output. Scores of other shards are left out
     with a warning: a report shows what there is and never stops at one stale folder."""
-    manifest = storage.read_json(storage.join(synthetic, MANIFEST_JSON))
-    dataset = canonical.open_dataset(manifest["identity"]["dataset"])
-    syn = open_synthetic(synthetic, dataset.info.fingerprint, allow_incomplete=True)
+    dataset, syn = open_with_dataset(synthetic, allow_incomplete=True)
     out = []
     for name in score_names(synthetic):
         try:

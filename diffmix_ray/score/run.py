@@ -17,12 +17,12 @@ import pyarrow as pa
 
 from .. import canonical, config, storage
 from ..console import logger
-from ..contracts import (CLASS_PROMPT, COL_PAIR_ID, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_TARGET_LABEL, MANIFEST_JSON,
+from ..contracts import (CLASS_PROMPT, COL_PAIR_ID, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_TARGET_LABEL,
                          RUN_JSON, SCORE_COLUMNS, SCORES_DIR, SCORES_SCHEMA, SCORES_VERSION, object_prompts)
 from ..errors import DiffmixError
 from ..models.clip import ClipRef, resolve_clip
 from ..runtime.pool_stage import Outcome, PoolStage, Step, Steps, run_pool_stage
-from ..synthetic import SyntheticSet, open_synthetic
+from ..synthetic import SyntheticSet, open_with_dataset
 from .classifier import ClassifierRun, open_classifier
 from .config import ScoreConfig
 from .cpu_stages import COL_SRC_FILE, COL_SRC_ROW, COL_SYN_FILE, COL_SYN_ROW, finish_scores, prepare_images
@@ -46,17 +46,8 @@ class Inputs:
 def resolve_inputs(cfg: ScoreConfig) -> Inputs:
     """Validate the config and every input before any output is touched."""
     cfg.validate()
-    syn_uri = storage.normalize(cfg.synthetic)
-    storage.check_bucket(syn_uri)
-    manifest_uri = storage.join(syn_uri, MANIFEST_JSON)
-    if not storage.exists(manifest_uri):
-        raise DiffmixError(f"--synthetic {syn_uri} holds no {MANIFEST_JSON}: it is not a `diffmix-ray generate` output "
-                           "(or generate has not finished once); run generate there first")
-    recorded = storage.read_json(manifest_uri).get("identity", {}).get("dataset")
-    if not (cfg.dataset or recorded):
-        raise DiffmixError(f"{manifest_uri} records no dataset: pass --dataset (the one the shards were made from)")
-    dataset = canonical.open_dataset(cfg.dataset or recorded)
-    synthetic = open_synthetic(syn_uri, dataset.info.fingerprint, cfg.allow_incomplete, use="score")
+    dataset, synthetic = open_with_dataset(cfg.synthetic, cfg.dataset, cfg.allow_incomplete, use="score",
+                                           flag="--synthetic")
     clip = resolve_clip(cfg.clip)
     info = dataset.info
     classifier = open_classifier(cfg.classifier, info.fingerprint, info.num_classes) if cfg.classifier else None
@@ -64,7 +55,7 @@ def resolve_inputs(cfg: ScoreConfig) -> Inputs:
         "scores_version": SCORES_VERSION, "synthetic_fingerprint": synthetic.fingerprint,
         "dataset_fingerprint": info.fingerprint, "clip_fingerprint": clip.fingerprint,
         "classifier_fingerprint": classifier.fingerprint if classifier else None}
-    out = storage.join(syn_uri, SCORES_DIR, cfg.name)
+    out = storage.join(synthetic.uri, SCORES_DIR, cfg.name)
     return Inputs(cfg, out, synthetic, dataset, clip, classifier, identity)
 
 

@@ -84,7 +84,9 @@ class Scorer:
             out.append(self.model.text_projection(pooled).float())
         return torch.nn.functional.normalize(torch.cat(out), dim=-1)
 
-    def _pixels(self, u8: np.ndarray, mean: torch.Tensor, std: torch.Tensor, scale: float) -> torch.Tensor:
+    def pixels(self, u8: np.ndarray, mean: torch.Tensor, std: torch.Tensor, scale: float) -> torch.Tensor:
+        """uint8 (n, H, W, 3) pixels on the actor's device, rescaled and normalised: the model's input
+        (public: the score benchmark feeds the same input to its hand-written model)."""
         x = torch.from_numpy(np.ascontiguousarray(u8)).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float()  # an NCHW view of NHWC memory: channels_last, as cuDNN likes it
         return ((x * scale - mean) / std).to(self.dtype)
@@ -92,7 +94,7 @@ class Scorer:
     @torch.inference_mode()
     def encode_images(self, u8: np.ndarray) -> torch.Tensor:
         """(n, D) unit-norm image embeddings in float32 of uint8 (n, H, W, 3) pixels."""
-        pooled = self.model.vision_model(pixel_values=self._pixels(u8, self.mean, self.std, self.rescale)).pooler_output
+        pooled = self.model.vision_model(pixel_values=self.pixels(u8, self.mean, self.std, self.rescale)).pooler_output
         return torch.nn.functional.normalize(self.model.visual_projection(pooled).float(), dim=-1)
 
     # -----------------------------------------------------------------------------------------
@@ -123,7 +125,7 @@ class Scorer:
             out[COL_CLIP_IMAGE_SIM][where] = (image[where] * src[torch.as_tensor(inverse, device=self.device)]).sum(-1)
         out[COL_CLASSIFIER_TARGET_PROB] = out[COL_CLASSIFIER_SOURCE_PROB] = nan
         if self.classifier is not None:
-            x = self._pixels(batch[COL_CLS][rows], self.cls_mean, self.cls_std, 1 / 255)
+            x = self.pixels(batch[COL_CLS][rows], self.cls_mean, self.cls_std, 1 / 255)
             p = self.classifier(x).float().softmax(-1)
             out[COL_CLASSIFIER_TARGET_PROB], out[COL_CLASSIFIER_SOURCE_PROB] = p[at, target], p[at, source]
         return {k: v.float().cpu().numpy() for k, v in out.items()}
