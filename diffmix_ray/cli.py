@@ -12,7 +12,10 @@ from rich.markup import escape
 from .cli_config import config_command
 from .console import console, setup_logging
 from .errors import DiffmixError
+from .generate.config import GenerateConfig
 from .score.config import ScoreConfig
+
+FLAGS_OVERRIDE = "YAML file with any of these options (flags override it)."
 
 app = typer.Typer(help="Diff-Mix inter-class image translation as a distributed batch system on Ray.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -133,116 +136,29 @@ def _print_dataset_summary(out: str, info) -> None:
     console.print(f"fingerprint {info.fingerprint[:16]}  skipped bad files: {skipped}  -> {out}")
 
 
-def _floats(text: Optional[str], flag: str) -> Optional[tuple[float, ...]]:
-    if text is None:
-        return None
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise DiffmixError(f"{flag} {text!r} must be comma-separated numbers, e.g. 0.3,0.5,0.7") from None
-    if not values:  # an empty list would silently mean "not given"
-        raise DiffmixError(f"{flag} {text!r} lists no number; give comma-separated numbers, e.g. 0.3,0.5,0.7")
-    return values
-
-
-def _generate_config(config: Optional[str] = None, **flags):
-    from . import config as cfgmod
-    from .generate.config import GenerateConfig
-
-    for key in ("strength_set", "strength_beta"):
-        flags[key] = _floats(flags[key], "--" + key.replace("_", "-"))
-    return cfgmod.build(GenerateConfig, config, flags)
-
-
-# Options shared by `generate` and `plan` (plan = the same arguments, no generation).
-GENERATE_OPTIONS = dict(
-    dataset=typer.Option(None, help="Canonical dataset URI (from `prepare`)."),
-    model=typer.Option(None, help="Base model: tiny | bench | sd15 | a diffusers folder | s3://... (default tiny)."),
-    concepts=typer.Option(None, help="Concept bank URI (from `finetune`); needed by diff-* and da-fusion modes."),
-    out=typer.Option(None, help="Output URI for plan/, shards/, manifest.json, _SUCCESS."),
-    config=typer.Option(None, help="YAML file with any of these options (flags override it)."),
-    mode=typer.Option(None, help="diff-mix (default) | diff-aug | diff-gen | real-mix | real-aug | real-gen | da-fusion."),
-    multiplier=typer.Option(None, help="Pairs = multiplier x train images (default 5)."),
-    per_image=typer.Option(None, help="Instead: M pairs for every train image."),
-    source_sampling=typer.Option(None, help="class-uniform (the reference's) | per-image (evenly over images: the "
-                                 "long-tailed image distribution). Default: per-image on long-tailed datasets, "
-                                 "class-uniform otherwise."),
-    target_sampling=typer.Option(None, help="uniform | inverse-frequency (weights 1/(n_c+1), for long-tail)."),
-    strength=typer.Option(None, help="Fixed translation strength in (0, 1] (default 0.7)."),
-    strength_set=typer.Option(None, help="Comma-separated strengths sampled uniformly, e.g. 0.3,0.5,0.7,0.9."),
-    strength_beta=typer.Option(None, help="a,b: strength ~ Beta(a, b) clipped to [0.1, 0.9]."),
-    seed=typer.Option(None, help="Run seed: fixes the plan and every pair's noise (default 0)."),
-    steps=typer.Option(None, help="DPM-Solver++ steps (default 25; img2img runs int(steps x strength))."),
-    guidance=typer.Option(None, help="Classifier-free guidance scale (default 7.5)."),
-    prompt_template=typer.Option(None, help="Override the prompt, with {token} and {super_class}."),
-    batch_size=typer.Option(None, help="Pairs per translation call (default 8)."),
-    min_actors=typer.Option(None, help="Translation actors, autoscaling minimum (default 1)."),
-    max_actors=typer.Option(None, help="Translation actors, autoscaling maximum (default 1)."),
-    gpus_per_actor=typer.Option(None, help="GPUs per actor (fractions pack several per GPU). Default: 1 when the Ray "
-                                "cluster has GPUs or its autoscaler can add them, else 0 (CPU, fp32)."),
-    cpus_per_actor=typer.Option(None, help="CPUs per actor; on CPU the actor runs one single-threaded stream of "
-                                "device batches per CPU (default 1)."),
-    memory_per_actor_gb=typer.Option(None, help="Host memory reserved per actor, so Ray does not over-pack nodes."),
-    rows_per_shard=typer.Option(None, help="Images per Parquet shard (default 1000)."),
-    jpeg_quality=typer.Option(None, help="JPEG quality of generated images (default 95)."),
-    limit=typer.Option(None, help="Only the first N pairs of the plan (smoke runs)."),
-    compile=typer.Option(None, "--compile/--no-compile", help="torch.compile the UNet: minutes per actor at start, "
-                         "faster batches after (batches are padded to --batch-size). Default off."),
-    compile_cache=typer.Option(None, help="URI (folder or s3://) where the first actor stores its compiled kernels "
-                               "and the others load them, so they start warm. Needs --compile."),
-)
-GENERATE_TYPES = dict(dataset=Optional[str], model=Optional[str], concepts=Optional[str], out=Optional[str],
-                      config=Optional[str], mode=Optional[str], multiplier=Optional[float], per_image=Optional[int],
-                      source_sampling=Optional[str], target_sampling=Optional[str], strength=Optional[float],
-                      strength_set=Optional[str], strength_beta=Optional[str], seed=Optional[int],
-                      steps=Optional[int], guidance=Optional[float], prompt_template=Optional[str],
-                      batch_size=Optional[int], min_actors=Optional[int], max_actors=Optional[int],
-                      gpus_per_actor=Optional[float], cpus_per_actor=Optional[float],
-                      memory_per_actor_gb=Optional[float], rows_per_shard=Optional[int], jpeg_quality=Optional[int],
-                      limit=Optional[int], compile=Optional[bool], compile_cache=Optional[str])
-
-
-def with_generate_options(fn):
-    """Give `fn` the shared generate options (typer reads the signature) before its own."""
-    import inspect
-
-    own = [p for p in inspect.signature(fn).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=GENERATE_TYPES[name])
-              for name, opt in GENERATE_OPTIONS.items()]
-    fn.__signature__ = inspect.Signature(shared + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own])
-    return fn
-
-
-def _split_generate_kwargs(kwargs: dict) -> tuple[dict, dict]:
-    shared = {k: kwargs.pop(k) for k in list(kwargs) if k in GENERATE_OPTIONS}
-    return shared, kwargs
-
-
 @app.command()
-@with_generate_options
 @friendly
-def generate(overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again."),
-             **kwargs):
+@config_command(GenerateConfig, config_after="out", config_help=FLAGS_OVERRIDE)
+def generate(cfg: GenerateConfig,
+             overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again.")):
     """Translate train images toward other classes on a Ray actor pool; write Parquet+JPEG shards."""
     from .generate.run import run_generate
 
-    shared, _ = _split_generate_kwargs(kwargs)
-    run_generate(_generate_config(**shared), overwrite=overwrite)
+    run_generate(cfg, overwrite=overwrite)
 
 
 @app.command()
-@with_generate_options
 @friendly
-def plan(images_per_second: Optional[float] = typer.Option(
+@config_command(GenerateConfig, config_after="out", config_help=FLAGS_OVERRIDE)
+def plan(cfg: GenerateConfig,
+         images_per_second: Optional[float] = typer.Option(
              None, help="Measured throughput of ONE actor, for the time/GPU-hour estimate."),
          calibrate: Optional[int] = typer.Option(
-             None, help="Measure throughput by translating N pairs on this machine first."),
-         **kwargs):
+             None, help="Measure throughput by translating N pairs on this machine first.")):
     """Dry run: pairs per mode/class, shards, bytes, and a wall-time / GPU-hour estimate. Writes nothing."""
     from .generate.estimate import estimate
 
-    shared, _ = _split_generate_kwargs(kwargs)
-    estimate(_generate_config(**shared), images_per_second=images_per_second, calibrate=calibrate)
+    estimate(cfg, images_per_second=images_per_second, calibrate=calibrate)
 
 
 @app.command("train-cls")
