@@ -12,7 +12,9 @@ from rich.markup import escape
 from .cli_config import config_command
 from .console import console, setup_logging
 from .errors import DiffmixError
+from .finetune.config import FinetuneConfig
 from .generate.config import GenerateConfig
+from .runtime.jobs import DEFAULT_ADDRESS
 from .score.config import ScoreConfig
 
 FLAGS_OVERRIDE = "YAML file with any of these options (flags override it)."
@@ -478,12 +480,66 @@ def recipe_show(name: str = typer.Argument(..., help="A recipe name or file.")):
     print(yaml.safe_dump(r.content, sort_keys=False, allow_unicode=True, width=110), end="")
 
 
-from .finetune.command import finetune as _finetune  # noqa: E402
-app.command(name="finetune")(friendly(_finetune))
+@app.command()
+@friendly
+@config_command(FinetuneConfig, config_after="out", config_help=FLAGS_OVERRIDE)
+def finetune(cfg: FinetuneConfig,
+             overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again."),
+             resume: bool = typer.Option(False, help="Insist on resuming the run at --out (fail if it holds none).")):
+    """Learn one token per class plus a UNet LoRA (Ray Train, DDP) and write the concept bank `generate` uses."""
+    from .finetune.run import run_finetune
+
+    run_finetune(cfg, overwrite=overwrite, resume=resume)
 
 
-from .runtime.jobs import register_job_commands  # noqa: E402
-register_job_commands(app, friendly)
+# Ray job helpers over the job-submission REST API (runtime/jobs.py does the work).
+ADDRESS_HELP = (f"Dashboard URL (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, {DEFAULT_ADDRESS}). Token auth: "
+                "export RAY_AUTH_TOKEN.")
+
+
+@app.command("status")
+@friendly
+def status_cmd(submission_id: Optional[str] = typer.Argument(None, help="A job's submission id; omit for a table of "
+                                                             "recent jobs."),
+               address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+               json_: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
+               wait: bool = typer.Option(False, help="Block until the job ends; exit 0 only if it SUCCEEDED.")):
+    """Status of one Ray job (or the recent ones) on the cluster."""
+    from .runtime import jobs
+
+    if wait:
+        if not submission_id:
+            raise DiffmixError("--wait needs a SUBMISSION_ID")
+        final = jobs.wait_for(submission_id, address)
+        console.print(f"{submission_id}: {final}")
+        if final != "SUCCEEDED":
+            raise typer.Exit(1)
+        return
+    jobs.show_status(submission_id, address, json_)
+
+
+@app.command("logs")
+@friendly
+def logs_cmd(submission_id: str = typer.Argument(..., help="The job's submission id."),
+             address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+             follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends.")):
+    """Print a Ray job's driver logs (stdout+stderr)."""
+    from .runtime import jobs
+
+    jobs.print_logs(submission_id, address, follow)
+
+
+@app.command("stop")
+@friendly
+def stop_cmd(submission_id: str = typer.Argument(..., help="The job's submission id."),
+             address: Optional[str] = typer.Option(None, help=ADDRESS_HELP)):
+    """Ask a running Ray job to stop (its output stays resumable: rerun the same command)."""
+    from .runtime import jobs
+
+    if jobs.stop(submission_id, address):
+        console.print(f"stop requested for {submission_id}")
+    else:
+        console.print(f"{submission_id} was not running; nothing to stop")
 
 
 def main() -> None:  # pragma: no cover - `python -m diffmix_ray`

@@ -8,7 +8,6 @@ from typing import Any, TypeVar
 
 import yaml
 
-from . import storage
 from .errors import DiffmixError
 
 T = TypeVar("T")
@@ -17,6 +16,8 @@ T = TypeVar("T")
 def load_yaml(uri: str | None) -> dict[str, Any]:
     if not uri:
         return {}
+    from . import storage  # pyarrow and fsspec: only when a file is read, not for --help
+
     try:
         data = yaml.safe_load(storage.read_text(uri)) or {}
     except yaml.YAMLError as e:
