@@ -40,12 +40,15 @@ def _help(cls: type, f: dataclasses.Field) -> str:
     return text
 
 
-def option_parameters(cls: type) -> list[inspect.Parameter]:
-    """One keyword parameter per command-line field of `cls`, as typer reads them: default None
+def option_parameters(*classes: type) -> list[inspect.Parameter]:
+    """One keyword parameter per command-line field of the classes, as typer reads them: default None
     (= not given, so the YAML file or the field's default applies)."""
-    return [inspect.Parameter(f.name, _KW, annotation=Optional[_cli_type(cls, f)],
-                              default=typer.Option(None, *option_of(f).flags, help=_help(cls, f)))
-            for f in cli_fields(cls)]
+    params = []
+    for f in cli_fields(*classes):
+        cls = next(c for c in classes if f.name in {g.name for g in dataclasses.fields(c)})
+        params.append(inspect.Parameter(f.name, _KW, annotation=Optional[_cli_type(cls, f)],
+                                        default=typer.Option(None, *option_of(f).flags, help=_help(cls, f))))
+    return params
 
 
 def config_from_flags(cls: type, config_file: Optional[str], given: dict[str, Any]) -> Any:
@@ -57,24 +60,32 @@ def config_from_flags(cls: type, config_file: Optional[str], given: dict[str, An
     return build(cls, config_file, flags)
 
 
-def config_command(cls: type, *, config_after: Optional[str] = None, config_help: str = CONFIG_HELP,
+def config_command(classes: type | tuple[type, ...], *, pick: Optional[Callable[[dict], type]] = None,
+                   place: Optional[dict[str, str]] = None, config_help: str = CONFIG_HELP,
                    name: str = "cfg") -> Callable:
-    """Decorate `fn(..., cfg, ...)` into a typer command whose options are `cls`'s option fields plus
-    --config (after the option `config_after`, else after the last field), in --help order: `fn`'s own
-    parameters before `cfg`, the config's, then `fn`'s own after `cfg`. `fn` receives the built config."""
+    """Decorate `fn(..., cfg, ...)` into a typer command whose options are the config class's option
+    fields plus --config, and which calls `fn` with the built config. Several classes (one command, two
+    configs): their options' union, and `pick(given flags)` says which one to build (or refuses them).
+    --help order: `fn`'s own parameters before `cfg`, the config's fields, --config, then `fn`'s own
+    parameters after `cfg`; `place` moves --config or one of `fn`'s parameters right behind the field it
+    names ({"config": "out"})."""
+    classes = classes if isinstance(classes, tuple) else (classes,)
 
     def decorate(fn: Callable) -> Callable:
-        own = list(inspect.signature(fn).parameters.values())
+        own = [p.replace(kind=_KW) for p in inspect.signature(fn).parameters.values()]
         split = [p.name for p in own].index(name)
-        options = option_parameters(cls)
-        at = len(options) if config_after is None else [p.name for p in options].index(config_after) + 1
-        options.insert(at, inspect.Parameter("config", _KW, annotation=Optional[str],
-                                             default=typer.Option(None, help=config_help)))
-        params = [p.replace(kind=_KW) for p in own[:split]] + options + [p.replace(kind=_KW) for p in own[split + 1:]]
-        fields = {f.name for f in cli_fields(cls)}
+        config = inspect.Parameter("config", _KW, annotation=Optional[str],
+                                   default=typer.Option(None, help=config_help))
+        params = own[:split] + option_parameters(*classes) + [config] + own[split + 1:]
+        for moved, behind in (place or {}).items():
+            param = next(p for p in params if p.name == moved)
+            params.remove(param)
+            params.insert([p.name for p in params].index(behind) + 1, param)
+        fields = {f.name for f in cli_fields(*classes)}
 
         def command(**kwargs):
             given = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
+            cls = pick(given) if pick else classes[0]
             return fn(**{name: config_from_flags(cls, kwargs.pop("config"), given)}, **kwargs)
 
         hints = typing.get_type_hints(fn)

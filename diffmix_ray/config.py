@@ -103,6 +103,12 @@ def option_of(f: dataclasses.Field) -> Option | None:
     return f.metadata.get("option")
 
 
+def flag(f: dataclasses.Field) -> str:
+    """The flag users type for a field: --field-name, or its Option's own spelling (--from, --compile)."""
+    spelled = [d.split("/")[0] for d in (option_of(f).flags if option_of(f) else ()) if d.startswith("--")]
+    return spelled[0] if spelled else "--" + f.name.replace("_", "-")
+
+
 def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
@@ -123,21 +129,24 @@ def identity(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def cli_fields(cls: type) -> list[dataclasses.Field]:
-    """`cls`'s command-line options in --help order: the class's own declaration order (a field a base
-    class declares and the class redeclares sits where the class puts it), then the bases' fields;
-    a field with `after=` moves right behind the option it names (several behind one keep their order)."""
-    own: list[str] = []
-    for klass in cls.__mro__:
-        for name in getattr(klass, "__annotations__", {}):
-            if name not in own:
-                own.append(name)
-    by_name = {f.name: f for f in dataclasses.fields(cls) if option_of(f) is not None and option_of(f).cli}
-    order = [n for n in own if n in by_name]
+def cli_fields(*classes: type) -> list[dataclasses.Field]:
+    """The command-line options of one config class (or the union of several, the first's field winning
+    a shared name) in --help order: each class's own declaration order (a field a base class declares and
+    the class redeclares sits where the class puts it), then its bases'; a field with `after=` moves right
+    behind the option it names, when there is one (several behind one keep their order)."""
+    names: list[str] = []
+    by_name: dict[str, dataclasses.Field] = {}
+    for cls in classes:
+        fields = {f.name: f for f in dataclasses.fields(cls) if option_of(f) is not None and option_of(f).cli}
+        for klass in cls.__mro__:
+            for name in getattr(klass, "__annotations__", {}):
+                if name in fields and name not in by_name:
+                    names.append(name)
+                    by_name[name] = fields[name]
     last_behind: dict[str, str] = {}
-    for name in [n for n in order if option_of(by_name[n]).after]:
+    for name in [n for n in names if option_of(by_name[n]).after in by_name]:
         target = option_of(by_name[name]).after
-        order.remove(name)
-        order.insert(order.index(last_behind.get(target, target)) + 1, name)
+        names.remove(name)
+        names.insert(names.index(last_behind.get(target, target)) + 1, name)
         last_behind[target] = name
-    return [by_name[n] for n in order]
+    return [by_name[n] for n in names]
