@@ -125,3 +125,19 @@ def test_prepare_identity_is_the_whole_config():
 
     for cfg in (PrepareConfig("imagefolder", "src", class_names=("a", "b")), DeriveConfig(parent="p", shots=2)):
         assert config.identity(cfg) == dataclasses.asdict(cfg)
+
+
+def test_only_the_command_line_modules_import_typer():
+    """Commands live in cli.py (generated through cli_config.py): the stages and runtime parse nothing."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "diffmix_ray"
+    importers = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "typer" or n.startswith("typer.") for n in names):
+                importers.add(str(path.relative_to(package)))
+    assert importers == {"cli.py", "cli_config.py"}
