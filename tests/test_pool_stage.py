@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -138,7 +139,7 @@ def test_blocks_are_whole_chunks_and_chunks_whole_batches(rows, batch, actors, p
     cfg = Config(batch_size=batch, max_actors=actors)
     block, chunk = block_rows(rows, cfg, per_block, row_bytes)
     assert block % chunk == 0 and chunk % batch == 0 and block < per_block + chunk
-    parts = cut_blocks(pa.table({"i": range(rows)}), block)
+    parts = cut_blocks(pa.table({"i": np.arange(rows)}), block)
     assert sum(p.num_rows for p in parts) == rows and max(p.num_rows for p in parts) <= block
 
 
