@@ -1,4 +1,5 @@
-"""The `diffmix-ray` command line: one thin command per stage, no logic beyond parsing and calling."""
+"""The `diffmix-ray` command line: one thin command per stage, no logic beyond parsing and calling. A stage's
+options are its config's fields (config.option), turned into typer options by cli_config.config_command."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from .cli_config import config_command
-from .console import console, setup_logging
-from .errors import DiffmixError
 from .classify.config import ClassifyConfig
+from .cli_config import config_command
+from .config import cli_fields, flag
+from .console import console, setup_logging
 from .data.derive import DeriveConfig
 from .data.prepare import PrepareConfig
+from .errors import DiffmixError
 from .finetune.config import FinetuneConfig
 from .generate.config import GenerateConfig
 from .runtime.jobs import DEFAULT_ADDRESS
@@ -48,8 +50,6 @@ def friendly(fn):
 def _prepare_or_derive(given: dict) -> type:
     """--from derives a subset of a canonical dataset (DeriveConfig); otherwise a raw source is read
     (PrepareConfig). The options only the other one has are refused, naming them."""
-    from .config import cli_fields, flag
-
     raw, derived = cli_fields(PrepareConfig), cli_fields(DeriveConfig)
     only_raw = [f for f in raw if f.name not in {d.name for d in derived}]
     only_derived = [f for f in derived if f.name not in {r.name for r in raw} and f.name != "parent"]
