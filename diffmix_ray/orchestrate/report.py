@@ -75,7 +75,8 @@ def contact_sheet(run: str, out_png: str, rows: int = 6, per_row: int = 5, gamma
             if c < len(cells) and cells[c][0] is not None:
                 ax.imshow(Image.open(io.BytesIO(cells[c][0])).convert("RGB"))
                 ax.set_title(cells[c][1], fontsize=8)
-    fig.suptitle(f"{manifest['config']['mode']}: source → target (y = source/target weight, γ={gamma})", fontsize=10)
+    fig.suptitle(f"{syn.manifest['config']['mode']}: source → target (y = source/target weight, γ={gamma})",
+                 fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     _save_png(fig, out_png)
     return out_png
