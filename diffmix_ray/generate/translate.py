@@ -237,8 +237,7 @@ class Translator:
         if COL_SOURCE_W not in result:  # text-to-image: keep the model's size
             result[COL_SOURCE_W] = result[COL_SOURCE_H] = np.zeros(n, dtype=np.int32)
         if self.metrics is not None:
-            failed = sum(1 for e in errors if e)
-            self.metrics.batch_done(ok=n - failed, failed=failed, seconds=time.perf_counter() - t0)
+            self.metrics.batch_done(errors, t0)
         return result
 
     def _translate_rows(self, batch: dict, idx: list[int], n_steps: int,

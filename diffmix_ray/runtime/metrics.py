@@ -7,6 +7,7 @@ dashboards and alerts read (cluster/monitoring/), so they stay those the stages 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 LATENCY_BOUNDARIES_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
@@ -49,7 +50,11 @@ class StageMetrics:
         self.failed = Counter(names.failed, description=names.failed_help)
         self.latency = Histogram(names.latency, description=names.latency_help, boundaries=LATENCY_BOUNDARIES_S)
 
-    def batch_done(self, ok: int, failed: int, seconds: float) -> None:
+    def batch_done(self, errors: list[str], started: float) -> None:
+        """One actor call of len(errors) rows is done (a row failed where its error is not empty);
+        `started`: time.perf_counter() when the call began."""
+        failed = sum(1 for e in errors if e)
+        ok, seconds = len(errors) - failed, time.perf_counter() - started
         if ok:
             self.images.inc(ok)
         if failed:

@@ -153,6 +153,5 @@ class Scorer:
         if self.batch_delay_s:
             time.sleep(self.batch_delay_s)
         if self.metrics is not None:
-            failed = sum(1 for e in errors if e)
-            self.metrics.batch_done(ok=n - failed, failed=failed, seconds=time.perf_counter() - t0)
+            self.metrics.batch_done(errors, t0)
         return result
