@@ -1,4 +1,5 @@
-"""The `diffmix-ray` command line: one thin command per stage, no logic beyond parsing and calling."""
+"""The `diffmix-ray` command line: one thin command per stage, no logic beyond parsing and calling. A stage's
+options are its config's fields (config.option), turned into typer options by cli_config.config_command."""
 
 from __future__ import annotations
 
@@ -9,8 +10,19 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
+from .classify.config import ClassifyConfig
+from .cli_config import config_command
+from .config import cli_fields, flag
 from .console import console, setup_logging
+from .data.derive import DeriveConfig
+from .data.prepare import PrepareConfig
 from .errors import DiffmixError
+from .finetune.config import FinetuneConfig
+from .generate.config import GenerateConfig
+from .runtime.jobs import DEFAULT_ADDRESS
+from .score.config import ScoreConfig
+
+FLAGS_OVERRIDE = "YAML file with any of these options (flags override it)."
 
 app = typer.Typer(help="Diff-Mix inter-class image translation as a distributed batch system on Ray.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -35,74 +47,37 @@ def friendly(fn):
     return wrapper
 
 
-def _read_class_names(path: Optional[str]) -> Optional[tuple[str, ...]]:
-    if path is None:
-        return None
-    from . import storage
-
-    names = [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]
-    if not names:
-        raise DiffmixError(f"--class-names {path} lists no names (one class name per line)")
-    return tuple(names)
+def _prepare_or_derive(given: dict) -> type:
+    """--from derives a subset of a canonical dataset (DeriveConfig); otherwise a raw source is read
+    (PrepareConfig). The options only the other one has are refused, naming them."""
+    raw, derived = cli_fields(PrepareConfig), cli_fields(DeriveConfig)
+    only_raw = [f for f in raw if f.name not in {d.name for d in derived}]
+    only_derived = [f for f in derived if f.name not in {r.name for r in raw} and f.name != "parent"]
+    if given["parent"] is not None:
+        if named := [flag(f) for f in only_raw if given[f.name] is not None]:
+            raise DiffmixError(f"--from derives from a canonical dataset, whose splits and images are fixed; "
+                               f"{', '.join(named)} only apply when reading a raw source: drop them")
+        return DeriveConfig
+    if any(given[f.name] is not None for f in only_derived):
+        raise DiffmixError(f"{'/'.join(flag(f) for f in only_derived)} derive a subset of a canonical dataset: "
+                           "prepare the full dataset first, then pass --from URI")
+    return PrepareConfig
 
 
 @app.command()
 @friendly
-def prepare(
-    out: str = typer.Option(..., help="Output URI (local path or s3://bucket/prefix) of the canonical dataset."),
-    format: Optional[str] = typer.Option(None, "--format", "-f", help="imagefolder | cub | flowers102 | parquet."),
-    source: Optional[str] = typer.Option(None, help="Raw dataset path or s3:// URI."),
-    from_: Optional[str] = typer.Option(None, "--from", help="Derive a subset of this canonical dataset instead."),
-    shots: Optional[int] = typer.Option(None, help="Derived: K train images per class (few-shot)."),
-    imbalance_ratio: Optional[float] = typer.Option(None, help="Derived: long-tail with imbalance ratio R (e.g. 100)."),
-    long_tail: Optional[str] = typer.Option(None, help="Derived, with --imbalance-ratio: reference (default; the Diff-Mix "
-                                            "code's avg*(1/R)^(i/(C-2)), classes by size) or geometric "
-                                            "(n_max*R^(-i/(C-1)), seeded class order)."),
-    shot_thresholds: Optional[str] = typer.Option(None, help="MANY,FEW: many = more than MANY train images, few = fewer "
-                                                  "than FEW; default flowers102 30,10, others 20,5 (derived: the "
-                                                  "parent's). Recorded in dataset.json."),
-    split: Optional[str] = typer.Option(None, help="flowers102: official (trn/val/tst, default) or reference (the "
-                                        "Diff-Mix code's seeded 50/50 per class over all images)."),
-    seed: Optional[int] = typer.Option(None, help="Seed for split carving, the Flowers-102 reference split and subsets (default 0)."),
-    super_class: Optional[str] = typer.Option(None, help="Word used in prompts for every class (bird, flower, ...)."),
-    val_fraction: Optional[float] = typer.Option(None, help="Val share carved from train when the source has no val split (default 0.1; 0 = no val split)."),
-    test_fraction: Optional[float] = typer.Option(None, help="Test share carved from train when the source has no test split (default 0)."),
-    on_bad_image: Optional[str] = typer.Option(None, help="fail (default: list every bad file) or skip (count them)."),
-    image_column: Optional[str] = typer.Option(None, help="Parquet: image column (bytes or {bytes,path}); default 'image'."),
-    label_column: Optional[str] = typer.Option(None, help="Parquet: integer label column; default 'label'."),
-    split_column: Optional[str] = typer.Option(None, help="Parquet: optional split column (train/val/test)."),
-    id_column: Optional[str] = typer.Option(None, help="Parquet: optional unique image id column."),
-    class_names: Optional[str] = typer.Option(None, help="File with one class name per line, in label order."),
-    name: Optional[str] = typer.Option(None, help="Dataset name recorded in dataset.json."),
-    config: Optional[str] = typer.Option(None, help="YAML file with any of these options."),
-    overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
-):
+@config_command((PrepareConfig, DeriveConfig), pick=_prepare_or_derive)
+def prepare(out: str = typer.Option(..., help="Output URI (local path or s3://bucket/prefix) of the canonical "
+                                    "dataset."),
+            cfg: PrepareConfig | DeriveConfig = None,
+            overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again."),
+            quiet: bool = typer.Option(False, help="No progress bar.")):
     """Read a raw dataset (or a canonical one, with --from) and write the canonical dataset."""
-    from . import config as cfgmod
     from .data import prepare as prep
 
-    raw_only = {"--source": source, "--format": format, "--super-class": super_class, "--val-fraction": val_fraction,
-                "--test-fraction": test_fraction, "--on-bad-image": on_bad_image, "--image-column": image_column,
-                "--label-column": label_column, "--split-column": split_column, "--id-column": id_column,
-                "--class-names": class_names, "--split": split}
-    if from_ is not None:
-        if given := [flag for flag, value in raw_only.items() if value is not None]:
-            raise DiffmixError(f"--from derives from a canonical dataset, whose splits and images are fixed; "
-                               f"{', '.join(given)} only apply when reading a raw source: drop them")
-        cfg = cfgmod.build(prep.DeriveConfig, config, dict(
-            parent=from_, shots=shots, imbalance_ratio=imbalance_ratio, seed=seed, name=name, long_tail=long_tail,
-            shot_thresholds=shot_thresholds))
+    if isinstance(cfg, DeriveConfig):
         info = prep.derive(cfg, out, overwrite=overwrite)
     else:
-        if shots is not None or imbalance_ratio is not None or long_tail is not None:
-            raise DiffmixError("--shots/--imbalance-ratio/--long-tail derive a subset of a canonical dataset: "
-                               "prepare the full dataset first, then pass --from URI")
-        cfg = cfgmod.build(prep.PrepareConfig, config, dict(
-            format=format, source=source, super_class=super_class, name=name, val_fraction=val_fraction,
-            test_fraction=test_fraction, seed=seed, on_bad_image=on_bad_image, image_column=image_column,
-            label_column=label_column, split_column=split_column, id_column=id_column,
-            class_names=_read_class_names(class_names), split=split, shot_thresholds=shot_thresholds))
         info = prep.prepare(cfg, out, overwrite=overwrite, show_progress=not quiet)
     _print_dataset_summary(out, info)
 
@@ -131,222 +106,42 @@ def _print_dataset_summary(out: str, info) -> None:
     console.print(f"fingerprint {info.fingerprint[:16]}  skipped bad files: {skipped}  -> {out}")
 
 
-def _floats(text: Optional[str], flag: str) -> Optional[tuple[float, ...]]:
-    if text is None:
-        return None
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise DiffmixError(f"{flag} {text!r} must be comma-separated numbers, e.g. 0.3,0.5,0.7") from None
-    if not values:  # an empty list would silently mean "not given"
-        raise DiffmixError(f"{flag} {text!r} lists no number; give comma-separated numbers, e.g. 0.3,0.5,0.7")
-    return values
-
-
-def _generate_config(config: Optional[str] = None, **flags):
-    from . import config as cfgmod
-    from .generate.config import GenerateConfig
-
-    for key in ("strength_set", "strength_beta"):
-        flags[key] = _floats(flags[key], "--" + key.replace("_", "-"))
-    return cfgmod.build(GenerateConfig, config, flags)
-
-
-# Options shared by `generate` and `plan` (plan = the same arguments, no generation).
-GENERATE_OPTIONS = dict(
-    dataset=typer.Option(None, help="Canonical dataset URI (from `prepare`)."),
-    model=typer.Option(None, help="Base model: tiny | bench | sd15 | a diffusers folder | s3://... (default tiny)."),
-    concepts=typer.Option(None, help="Concept bank URI (from `finetune`); needed by diff-* and da-fusion modes."),
-    out=typer.Option(None, help="Output URI for plan/, shards/, manifest.json, _SUCCESS."),
-    config=typer.Option(None, help="YAML file with any of these options (flags override it)."),
-    mode=typer.Option(None, help="diff-mix (default) | diff-aug | diff-gen | real-mix | real-aug | real-gen | da-fusion."),
-    multiplier=typer.Option(None, help="Pairs = multiplier x train images (default 5)."),
-    per_image=typer.Option(None, help="Instead: M pairs for every train image."),
-    source_sampling=typer.Option(None, help="class-uniform (the reference's) | per-image (evenly over images: the "
-                                 "long-tailed image distribution). Default: per-image on long-tailed datasets, "
-                                 "class-uniform otherwise."),
-    target_sampling=typer.Option(None, help="uniform | inverse-frequency (weights 1/(n_c+1), for long-tail)."),
-    strength=typer.Option(None, help="Fixed translation strength in (0, 1] (default 0.7)."),
-    strength_set=typer.Option(None, help="Comma-separated strengths sampled uniformly, e.g. 0.3,0.5,0.7,0.9."),
-    strength_beta=typer.Option(None, help="a,b: strength ~ Beta(a, b) clipped to [0.1, 0.9]."),
-    seed=typer.Option(None, help="Run seed: fixes the plan and every pair's noise (default 0)."),
-    steps=typer.Option(None, help="DPM-Solver++ steps (default 25; img2img runs int(steps x strength))."),
-    guidance=typer.Option(None, help="Classifier-free guidance scale (default 7.5)."),
-    prompt_template=typer.Option(None, help="Override the prompt, with {token} and {super_class}."),
-    batch_size=typer.Option(None, help="Pairs per translation call (default 8)."),
-    min_actors=typer.Option(None, help="Translation actors, autoscaling minimum (default 1)."),
-    max_actors=typer.Option(None, help="Translation actors, autoscaling maximum (default 1)."),
-    gpus_per_actor=typer.Option(None, help="GPUs per actor (fractions pack several per GPU). Default: 1 when the Ray "
-                                "cluster has GPUs or its autoscaler can add them, else 0 (CPU, fp32)."),
-    cpus_per_actor=typer.Option(None, help="CPUs per actor; on CPU the actor runs one single-threaded stream of "
-                                "device batches per CPU (default 1)."),
-    memory_per_actor_gb=typer.Option(None, help="Host memory reserved per actor, so Ray does not over-pack nodes."),
-    rows_per_shard=typer.Option(None, help="Images per Parquet shard (default 1000)."),
-    jpeg_quality=typer.Option(None, help="JPEG quality of generated images (default 95)."),
-    limit=typer.Option(None, help="Only the first N pairs of the plan (smoke runs)."),
-    compile=typer.Option(None, "--compile/--no-compile", help="torch.compile the UNet: minutes per actor at start, "
-                         "faster batches after (batches are padded to --batch-size). Default off."),
-    compile_cache=typer.Option(None, help="URI (folder or s3://) where the first actor stores its compiled kernels "
-                               "and the others load them, so they start warm. Needs --compile."),
-)
-GENERATE_TYPES = dict(dataset=Optional[str], model=Optional[str], concepts=Optional[str], out=Optional[str],
-                      config=Optional[str], mode=Optional[str], multiplier=Optional[float], per_image=Optional[int],
-                      source_sampling=Optional[str], target_sampling=Optional[str], strength=Optional[float],
-                      strength_set=Optional[str], strength_beta=Optional[str], seed=Optional[int],
-                      steps=Optional[int], guidance=Optional[float], prompt_template=Optional[str],
-                      batch_size=Optional[int], min_actors=Optional[int], max_actors=Optional[int],
-                      gpus_per_actor=Optional[float], cpus_per_actor=Optional[float],
-                      memory_per_actor_gb=Optional[float], rows_per_shard=Optional[int], jpeg_quality=Optional[int],
-                      limit=Optional[int], compile=Optional[bool], compile_cache=Optional[str])
-
-
-def with_generate_options(fn):
-    """Give `fn` the shared generate options (typer reads the signature) before its own."""
-    import inspect
-
-    own = [p for p in inspect.signature(fn).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=GENERATE_TYPES[name])
-              for name, opt in GENERATE_OPTIONS.items()]
-    fn.__signature__ = inspect.Signature(shared + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own])
-    return fn
-
-
-def _split_generate_kwargs(kwargs: dict) -> tuple[dict, dict]:
-    shared = {k: kwargs.pop(k) for k in list(kwargs) if k in GENERATE_OPTIONS}
-    return shared, kwargs
-
-
 @app.command()
-@with_generate_options
 @friendly
-def generate(overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again."),
-             **kwargs):
+@config_command(GenerateConfig, place={"config": "out"}, config_help=FLAGS_OVERRIDE)
+def generate(cfg: GenerateConfig,
+             overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again.")):
     """Translate train images toward other classes on a Ray actor pool; write Parquet+JPEG shards."""
     from .generate.run import run_generate
 
-    shared, _ = _split_generate_kwargs(kwargs)
-    run_generate(_generate_config(**shared), overwrite=overwrite)
+    run_generate(cfg, overwrite=overwrite)
 
 
 @app.command()
-@with_generate_options
 @friendly
-def plan(images_per_second: Optional[float] = typer.Option(
+@config_command(GenerateConfig, place={"config": "out"}, config_help=FLAGS_OVERRIDE)
+def plan(cfg: GenerateConfig,
+         images_per_second: Optional[float] = typer.Option(
              None, help="Measured throughput of ONE actor, for the time/GPU-hour estimate."),
          calibrate: Optional[int] = typer.Option(
-             None, help="Measure throughput by translating N pairs on this machine first."),
-         **kwargs):
+             None, help="Measure throughput by translating N pairs on this machine first.")):
     """Dry run: pairs per mode/class, shards, bytes, and a wall-time / GPU-hour estimate. Writes nothing."""
     from .generate.estimate import estimate
 
-    shared, _ = _split_generate_kwargs(kwargs)
-    estimate(_generate_config(**shared), images_per_second=images_per_second, calibrate=calibrate)
+    estimate(cfg, images_per_second=images_per_second, calibrate=calibrate)
 
 
 @app.command("train-cls")
 @friendly
-def train_cls(
-    dataset: Optional[str] = typer.Option(None, help="Canonical dataset URI."),
-    synthetic: Optional[list[str]] = typer.Option(None, help="Synthetic shards URI (from generate); repeatable."),
-    arch: Optional[str] = typer.Option(None, help="timm architecture, e.g. resnet50, vit_base_patch16_384."),
-    out: Optional[str] = typer.Option(None, help="Output URI: metrics.json, best/, checkpoints under train/."),
-    config: Optional[str] = typer.Option(None, help="YAML file with any of these options."),
-    pretrained: Optional[str] = typer.Option(None, help="Local weights file/folder for --arch (no hub access)."),
-    augment: Optional[str] = typer.Option(None, help="Image pipeline: timm (default; the architecture's) | reference "
-                                          "(Diff-Mix: Resize((r,r)) > RandomCrop(c, pad 8) > flip) | reference-lt "
-                                          "(its long-tail trainer: RandomResizedCrop > flip > ColorJitter 0.4)."),
-    res_mode: Optional[int] = typer.Option(None, help="reference pipelines: 224 | 384 | 448 = resize>crop 256>224, "
-                                           "440>384, 512>448 (default 224)."),
-    img_size: Optional[int] = typer.Option(None, help="--augment timm: input size (default: the architecture's)."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (default 30)."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size per worker (default 32)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 0.05)."),
-    lr_scaling: Optional[str] = typer.Option(None, help="none (default) | linear: lr x global batch / --lr-base-batch."),
-    lr_base_batch: Optional[int] = typer.Option(None, help="Global batch --lr is given for under linear scaling "
-                                                "(default 256)."),
-    optimizer: Optional[str] = typer.Option(None, help="sgd (default) | adamw."),
-    weight_decay: Optional[float] = typer.Option(None, help="Weight decay (default 5e-4)."),
-    schedule: Optional[str] = typer.Option(None, help="cosine (default; to 0 over all steps) | step (x--lr-decay at "
-                                           "each --lr-milestones epoch; the long-tail trainer's)."),
-    warmup_fraction: Optional[float] = typer.Option(None, help="Linear warm-up over this share of all steps "
-                                                    "(default 0.1 with cosine, the reference's)."),
-    warmup_epochs: Optional[float] = typer.Option(None, help="Linear warm-up in epochs instead (default 5 with step)."),
-    lr_milestones: Optional[str] = typer.Option(None, help="step: epochs where the lr is multiplied by --lr-decay "
-                                                "(default 80%,90% of --epochs: 160,180 of 200)."),
-    lr_decay: Optional[float] = typer.Option(None, help="step: factor per milestone (default 0.01)."),
-    loss: Optional[str] = typer.Option(None, help="ce (default) | drw (class re-weighting from --drw-epoch) | "
-                                       "balanced-softmax | ldam | ldam-drw (LDAM margins, + drw)."),
-    drw_epoch: Optional[int] = typer.Option(None, help="drw: first re-weighted epoch (default 80% of --epochs: 160 "
-                                            "of 200)."),
-    drw_beta: Optional[float] = typer.Option(None, help="drw: effective-number beta (default 0.9999)."),
-    label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing on the soft target (default 0.1)."),
-    select: Optional[str] = typer.Option(None, help="val (default): report the epoch with the best val top-1 | last: "
-                                         "the final epoch (datasets without val; published-number protocol)."),
-    shot_thresholds: Optional[str] = typer.Option(None, help="MANY,FEW for many/medium/few (default: the dataset's, "
-                                                  "from dataset.json)."),
-    synthetic_p: Optional[float] = typer.Option(None, help="P(replace a real sample by a synthetic one); default 0.1, 0.3 for few-shot/long-tail."),
-    synthetic_sampling: Optional[str] = typer.Option(None, help="uniform | inverse-frequency (by target class ∝ "
-                                                     "1/(n_c+1)); default inverse-frequency on long-tailed datasets."),
-    synthetic_pick: Optional[str] = typer.Option(None, help="pool (default; Diff-Mix: any synthetic image, drawn "
-                                                 "by --synthetic-sampling) | own-source (DA-Fusion: one of the real "
-                                                 "image's own translations)."),
-    gamma: Optional[float] = typer.Option(None, help="Soft-label exponent: y = (1-s^g) src + s^g tgt (default 0.5)."),
-    synthetic_filter: Optional[list[str]] = typer.Option(None, help="Keep synthetic images whose scores pass every "
-                                                         "condition: COLUMN>=VALUE (>, <=, <), COLUMN:pA-B (percentile "
-                                                         "band, e.g. clip_object_prob:p10-100), COLUMN:pA-B@class (per "
-                                                         "target class); repeatable or comma-separated."),
-    scores: Optional[list[str]] = typer.Option(None, help="The scores a filter reads: <synthetic>/scores/NAME (default "
-                                               "'default'); once for all --synthetic, or once each."),
-    allow_incomplete: Optional[bool] = typer.Option(None, "--allow-incomplete", help="Accept shards (and scores) "
-                                                    "without _SUCCESS."),
-    cutmix: Optional[bool] = typer.Option(None, "--cutmix", help="CutMix baseline (with --synthetic: needs "
-                                          "--mixing reference)."),
-    mixup: Optional[bool] = typer.Option(None, "--mixup", help="Mixup baseline (with --synthetic: needs "
-                                         "--mixing reference)."),
-    mixing: Optional[str] = typer.Option(None, help="timm (default; batch mode, real data only) | reference (the "
-                                         "Diff-Mix code's: CutMix per sample on the rows' own, soft, labels)."),
-    mix_prob: Optional[float] = typer.Option(None, help="Probability of --cutmix/--mixup (default 0.5; reference "
-                                             "CutMix: per sample)."),
-    cmo: Optional[bool] = typer.Option(None, "--cmo", help="CMO long-tail baseline: a box of a minority-sampled "
-                                       "image (1/n_c) pasted in, p 0.5 per batch."),
-    soft_scaler: Optional[float] = typer.Option(None, help="Synthetic targets x this (default 1.0; the reference's "
-                                                "dataset classes use 0.9)."),
-    drop_last: Optional[bool] = typer.Option(None, "--drop-last/--no-drop-last", help="Drop each epoch's "
-                                             "incomplete last batch (default) or train on it (the long-tail trainer)."),
-    seed: Optional[int] = typer.Option(None, help="Seed (default 2020)."),
-    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds: one run each, then mean ± std."),
-    workers: Optional[int] = typer.Option(None, help="Ray Train workers (DDP)."),
-    cpus_per_worker: Optional[float] = typer.Option(None, help="CPUs per worker (default 1)."),
-    gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs per worker. Default: 1 when the Ray cluster has GPUs or its autoscaler can add them, else 0 (CPU)."),
-    gpu_decode: Optional[bool] = typer.Option(None, "--gpu-decode", help="Decode JPEGs (nvJPEG) and augment on "
-                                              "each worker's GPU instead of CPU data workers: for nodes with few "
-                                              "CPU cores per GPU. GPU workers only."),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Epochs between full checkpoints (default 10; one is "
-                                                   "always written after the last epoch). A resumed run restarts "
-                                                   "from the last one."),
-    test_every_epoch: Optional[bool] = typer.Option(None, "--test-every-epoch", help="Score test every epoch (for "
-                                                    "curves) instead of once, on the selected weights."),
-    resume: bool = typer.Option(False, help="Continue an unfinished run of the same config from its last checkpoint."),
-    overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again."),
-):
+@config_command(ClassifyConfig, place={"config": "out", "seeds": "seed"})
+def train_cls(cfg: ClassifyConfig,
+              seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds: one run each, then mean ± std."),
+              resume: bool = typer.Option(False, help="Continue an unfinished run of the same config from its last "
+                                          "checkpoint."),
+              overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again.")):
     """Train a timm classifier on real data plus synthetic shards (Ray Train, DDP)."""
-    from . import config as cfgmod
-    from .classify.config import ClassifyConfig
     from .classify.run import run_classify, run_seeds
 
-    cfg = cfgmod.build(ClassifyConfig, config, dict(
-        dataset=dataset, synthetic=tuple(synthetic) if synthetic else None, arch=arch, out=out,
-        pretrained=pretrained, augment=augment, res_mode=res_mode, img_size=img_size, epochs=epochs,
-        batch_size=batch_size, lr=lr, lr_scaling=lr_scaling, lr_base_batch=lr_base_batch, optimizer=optimizer,
-        weight_decay=weight_decay, schedule=schedule, warmup_fraction=warmup_fraction, warmup_epochs=warmup_epochs,
-        lr_milestones=lr_milestones, lr_decay=lr_decay, loss=loss, drw_epoch=drw_epoch, drw_beta=drw_beta,
-        label_smoothing=label_smoothing, select=select, shot_thresholds=shot_thresholds, synthetic_p=synthetic_p,
-        synthetic_sampling=synthetic_sampling, synthetic_pick=synthetic_pick, gamma=gamma,
-        synthetic_filter=tuple(synthetic_filter) if synthetic_filter else None, scores=tuple(scores) if scores else None,
-        allow_incomplete=allow_incomplete, cutmix=cutmix, mixup=mixup, mixing=mixing, mix_prob=mix_prob, cmo=cmo,
-        soft_scaler=soft_scaler, drop_last=drop_last, seed=seed, workers=workers,
-        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, gpu_decode=gpu_decode,
-        checkpoint_every=checkpoint_every, test_every_epoch=test_every_epoch))
     if seeds is not None:
         run_seeds(cfg, _ints(seeds, "--seeds"), overwrite=overwrite, resume=resume)
     else:
@@ -355,37 +150,13 @@ def train_cls(
 
 @app.command()
 @friendly
-def score(
-    synthetic: Optional[str] = typer.Option(None, help="A generate output (local path or s3://) whose shards to score."),
-    clip: Optional[str] = typer.Option(None, help="CLIP model: tiny | clip-b32 (random weights, for tests and benchmarks) "
-                                       "| a CLIPModel folder | s3://... | a hub id org/name (only when online)."),
-    classifier: Optional[str] = typer.Option(None, help="A finished train-cls run: adds its softmax probability of the "
-                                             "source and the target class."),
-    name: Optional[str] = typer.Option(None, help="Scores go to <synthetic>/scores/NAME/ (default 'default')."),
-    dataset: Optional[str] = typer.Option(None, help="The canonical dataset the shards were made from (default: the "
-                                          "one generate recorded; its fingerprint must match)."),
-    allow_incomplete: Optional[bool] = typer.Option(None, "--allow-incomplete", help="Score shards without _SUCCESS."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per scoring call (default 64)."),
-    min_actors: Optional[int] = typer.Option(None, help="Scoring actors, autoscaling minimum (default 1)."),
-    max_actors: Optional[int] = typer.Option(None, help="Scoring actors, autoscaling maximum (default 1)."),
-    gpus_per_actor: Optional[float] = typer.Option(None, help="GPUs per actor. Default: 1 when the Ray cluster has GPUs "
-                                                   "or its autoscaler can add them, else 0 (CPU, fp32)."),
-    cpus_per_actor: Optional[float] = typer.Option(None, help="CPUs per actor; on CPU also its torch threads (default 1)."),
-    memory_per_actor_gb: Optional[float] = typer.Option(None, help="Host memory reserved per actor."),
-    rows_per_file: Optional[int] = typer.Option(None, help="Scores per Parquet file (default 100000)."),
-    config: Optional[str] = typer.Option(None, help="YAML file with any of these options."),
-    overwrite: bool = typer.Option(False, help="Delete a different scores run found under this name and start again."),
-):
+@config_command(ScoreConfig)
+def score(cfg: ScoreConfig,
+          overwrite: bool = typer.Option(False, help="Delete a different scores run found under this name and start "
+                                         "again.")):
     """Score synthetic images (CLIP, source similarity, a classifier) on a Ray actor pool, beside the shards."""
-    from . import config as cfgmod
-    from .score.config import ScoreConfig
     from .score.run import run_score
 
-    cfg = cfgmod.build(ScoreConfig, config, dict(
-        synthetic=synthetic, clip=clip, classifier=classifier, name=name, dataset=dataset,
-        allow_incomplete=allow_incomplete, batch_size=batch_size, min_actors=min_actors, max_actors=max_actors,
-        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, memory_per_actor_gb=memory_per_actor_gb,
-        rows_per_file=rows_per_file))
     run_score(cfg, overwrite=overwrite)
 
 
@@ -584,12 +355,66 @@ def recipe_show(name: str = typer.Argument(..., help="A recipe name or file.")):
     print(yaml.safe_dump(r.content, sort_keys=False, allow_unicode=True, width=110), end="")
 
 
-from .finetune.command import finetune as _finetune  # noqa: E402
-app.command(name="finetune")(friendly(_finetune))
+@app.command()
+@friendly
+@config_command(FinetuneConfig, place={"config": "out"}, config_help=FLAGS_OVERRIDE)
+def finetune(cfg: FinetuneConfig,
+             overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again."),
+             resume: bool = typer.Option(False, help="Insist on resuming the run at --out (fail if it holds none).")):
+    """Learn one token per class plus a UNet LoRA (Ray Train, DDP) and write the concept bank `generate` uses."""
+    from .finetune.run import run_finetune
+
+    run_finetune(cfg, overwrite=overwrite, resume=resume)
 
 
-from .runtime.jobs import register_job_commands  # noqa: E402
-register_job_commands(app, friendly)
+# Ray job helpers over the job-submission REST API (runtime/jobs.py does the work).
+ADDRESS_HELP = (f"Dashboard URL (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, {DEFAULT_ADDRESS}). Token auth: "
+                "export RAY_AUTH_TOKEN.")
+
+
+@app.command("status")
+@friendly
+def status_cmd(submission_id: Optional[str] = typer.Argument(None, help="A job's submission id; omit for a table of "
+                                                             "recent jobs."),
+               address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+               json_: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
+               wait: bool = typer.Option(False, help="Block until the job ends; exit 0 only if it SUCCEEDED.")):
+    """Status of one Ray job (or the recent ones) on the cluster."""
+    from .runtime import jobs
+
+    if wait:
+        if not submission_id:
+            raise DiffmixError("--wait needs a SUBMISSION_ID")
+        final = jobs.wait_for(submission_id, address)
+        console.print(f"{submission_id}: {final}")
+        if final != "SUCCEEDED":
+            raise typer.Exit(1)
+        return
+    jobs.show_status(submission_id, address, json_)
+
+
+@app.command("logs")
+@friendly
+def logs_cmd(submission_id: str = typer.Argument(..., help="The job's submission id."),
+             address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+             follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends.")):
+    """Print a Ray job's driver logs (stdout+stderr)."""
+    from .runtime import jobs
+
+    jobs.print_logs(submission_id, address, follow)
+
+
+@app.command("stop")
+@friendly
+def stop_cmd(submission_id: str = typer.Argument(..., help="The job's submission id."),
+             address: Optional[str] = typer.Option(None, help=ADDRESS_HELP)):
+    """Ask a running Ray job to stop (its output stays resumable: rerun the same command)."""
+    from .runtime import jobs
+
+    if jobs.stop(submission_id, address):
+        console.print(f"stop requested for {submission_id}")
+    else:
+        console.print(f"{submission_id} was not running; nothing to stop")
 
 
 def main() -> None:  # pragma: no cover - `python -m diffmix_ray`

@@ -250,6 +250,21 @@ def test_killed_worker_resumes_from_epoch_checkpoint(ray_local, shapes, tmp_path
         run_classify(cfg(shapes, out, epochs=4))
 
 
+def test_an_unfinished_run_of_the_same_config_resumes_without_a_flag(ray_local, shapes, tmp_path, capsys):
+    """Resume means what it means for every stage: the same identity continues (here from its epoch
+    checkpoint); --resume only insists that there is a run to continue."""
+    out = tmp_path / "cut"
+    with pytest.raises(DiffmixError, match="--resume: .* holds no earlier run"):
+        run_classify(cfg(shapes, tmp_path / "fresh", epochs=2), resume=True)
+    with pytest.raises(Exception, match="(?i)training failed"):  # dies in epoch 1, no retries: unfinished
+        run_classify(cfg(shapes, out, epochs=2, workers=1, _fail_at_epoch=1, max_failures=0, checkpoint_every=1))
+    assert (out / "failed-once").exists() and not (out / "_SUCCESS").exists()
+    capsys.readouterr()
+    metrics = run_classify(cfg(shapes, out, epochs=2, workers=1, checkpoint_every=1))
+    assert "continuing from its last epoch checkpoint" in capsys.readouterr().err
+    assert [e["epoch"] for e in metrics["epochs"]] == [0, 1] and (out / "_SUCCESS").exists()
+
+
 def test_evaluate_and_report(ray_local, shapes, tmp_path):
     from typer.testing import CliRunner
 

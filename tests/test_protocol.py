@@ -244,7 +244,7 @@ def test_cli_long_tail_options_in_the_wrong_place(tmp_path):
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["prepare", "--from", str(tmp_path / "ds"), "--imbalance-ratio", "4",
                               "--val-fraction", "0", "--split", "reference", "--out", str(tmp_path / "lt")])
-    assert res.exit_code == 2 and "--val-fraction, --split only apply when reading a raw source" in _flat(res.output)
+    assert res.exit_code == 2 and "--split, --val-fraction only apply when reading a raw source" in _flat(res.output)
     res = runner.invoke(app, ["prepare", "--from", str(tmp_path / "ds"), "--imbalance-ratio", "4",
                               "--long-tail", "geometric", "--out", str(tmp_path / "lt")])
     assert res.exit_code == 0, res.output

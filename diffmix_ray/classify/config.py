@@ -5,11 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .. import config
+from ..config import EXECUTION, UNLESS_DEFAULT, option
 from ..contracts import DEFAULT_SCORES_NAME, SCORES_NAME_PATTERN
 from ..errors import DiffmixError
-from . import filters
-from .losses import LOSSES, REWEIGHTED
-from .mixing import DEFAULT_PROB as DEFAULT_MIX_PROB
 from .schedule import SCHEDULES
 from .transforms import AUGMENTS, RES_MODES
 
@@ -28,73 +27,132 @@ GPU_DECODE_ON_CPU = ("--gpu-decode decodes and augments the images on each worke
                      "run on GPUs")
 
 
+def _many(value: list[str], flag: str) -> tuple[str, ...] | None:
+    """A repeatable option: what typer collected, or None when it was not given."""
+    return tuple(value) or None
+
+
+# Identity: every option decides the trained model unless marked EXECUTION (may change between a run and its
+# resume); UNLESS_DEFAULT ones came after runs were written, which keep their identity at the default.
 @dataclass(frozen=True)
 class ClassifyConfig:
-    dataset: str
-    arch: str
-    out: str
-    synthetic: tuple[str, ...] = ()
-    pretrained: str | None = None  # local file or directory of weights for `arch`; no hub access
-    augment: str = "timm"  # timm | reference | reference-lt (transforms.py)
-    img_size: int | None = None  # timm only; default: the architecture's own input size
-    res_mode: int | None = None  # reference pipelines only: 224 | 384 | 448 (default 224)
-    epochs: int = 30
-    batch_size: int = 32  # per worker
-    lr: float = 0.05
-    lr_scaling: str = "none"  # linear: lr x global batch / lr_base_batch
-    lr_base_batch: int = 256
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # cosine | step (schedule.py)
+    dataset: str = option(help="Canonical dataset URI.")
+    arch: str = option(help="timm architecture, e.g. resnet50, vit_base_patch16_384.")
+    out: str = option(identity=EXECUTION, help="Output URI: metrics.json, best/, checkpoints under train/.")
+    synthetic: tuple[str, ...] = option((), after="dataset", cli_type=list[str], parse=_many,
+                                        help="Synthetic shards URI (from generate); repeatable.")
+    # local file or directory of weights for `arch`; no hub access
+    pretrained: str | None = option(None, help="Local weights file/folder for --arch (no hub access).")
+    augment: str = option("timm", help="Image pipeline: timm (default; the architecture's) | reference (Diff-Mix: "
+                          "Resize((r,r)) > RandomCrop(c, pad 8) > flip) | reference-lt (its long-tail trainer: "
+                          "RandomResizedCrop > flip > ColorJitter 0.4).")  # transforms.py
+    res_mode: int | None = option(None, help="reference pipelines: 224 | 384 | 448 = resize>crop 256>224, 440>384, "
+                                  "512>448 (default 224).")
+    img_size: int | None = option(None, help="--augment timm: input size (default: the architecture's).")
+    epochs: int = option(30, help="Epochs (default 30).")
+    batch_size: int = option(32, help="Batch size per worker (default 32).")
+    lr: float = option(0.05, help="Peak learning rate (default 0.05).")
+    lr_scaling: str = option("none", help="none (default) | linear: lr x global batch / --lr-base-batch.")
+    lr_base_batch: int = option(256, help="Global batch --lr is given for under linear scaling (default 256).")
+    optimizer: str = option("sgd", help="sgd (default) | adamw.")
+    momentum: float = option(0.9, cli=False, help="SGD momentum.")
+    weight_decay: float = option(5e-4, help="Weight decay (default 5e-4).")
+    schedule: str = option("cosine", help="cosine (default; to 0 over all steps) | step (x--lr-decay at each "
+                           "--lr-milestones epoch; the long-tail trainer's).")  # schedule.py
     # warm-up: at most one of the two; default 0.1 of all steps (cosine), 5 epochs (step)
-    warmup_epochs: float | None = None
-    warmup_fraction: float | None = None
-    lr_milestones: tuple[int, ...] | None = None  # step: epochs where lr *= lr_decay; default 80%, 90%
-    lr_decay: float = 0.01
-    loss: str = "ce"  # ce | drw | balanced-softmax (losses.py)
-    drw_epoch: int | None = None  # drw: re-weight from this epoch; default 80% of epochs (160 of 200)
-    drw_beta: float = 0.9999
-    label_smoothing: float = 0.1
-    select: str = "val"  # val: the epoch with the best val top-1; last: the final epoch
-    # Diff-Mix mixing: replace each real sample with probability p by a synthetic one
-    synthetic_p: float | None = None  # default 0.1; 0.3 for few-shot and long-tail datasets
-    synthetic_sampling: str | None = None  # default uniform; inverse-frequency on long-tailed datasets
-    synthetic_pick: str = "pool"  # pool | own-source (SYNTHETIC_PICK)
-    gamma: float = 0.5  # soft label y = (1 - s^gamma) onehot(src) + s^gamma onehot(tgt)
-    # which synthetic images may be used, from their scores (filters.py): conditions, all of which must hold
-    synthetic_filter: tuple[str, ...] = ()
-    # the scores a filter reads: <synthetic>/scores/<name>, one name for every --synthetic or one each
-    scores: tuple[str, ...] = ()
-    allow_incomplete: bool = False  # shards without _SUCCESS, and scores without it
-    # synthetic targets x this (the reference's soft_scaler; 1.0 = its paper-era trainer's -ss default)
-    soft_scaler: float = 1.0
-    # the mixing baselines; with --mixing reference also on top of synthetic data (Diff-Mix + CutMix)
-    cutmix: bool = False
-    mixup: bool = False
-    mixing: str = "timm"  # timm | reference (MIXING)
-    mix_prob: float | None = None  # timm: per batch; reference: CutMix per sample, Mixup per batch; default 0.5
-    cmo: bool = False  # CMO (long-tail): a box of a minority-sampled image pasted in (mixing.py)
-    drop_last: bool = True  # False: an epoch's incomplete last batch is trained on (the long-tail trainer)
+    warmup_fraction: float | None = option(None, help="Linear warm-up over this share of all steps (default 0.1 "
+                                           "with cosine, the reference's).")
+    warmup_epochs: float | None = option(None, help="Linear warm-up in epochs instead (default 5 with step).")
+    # "160,180" from the command line, a list from YAML
+    lr_milestones: tuple[int, ...] | None = option(None, cli_type=str, help="step: epochs where the lr is "
+                                                   "multiplied by --lr-decay (default 80%,90% of --epochs: 160,180 "
+                                                   "of 200).")
+    lr_decay: float = option(0.01, help="step: factor per milestone (default 0.01).")
+    loss: str = option("ce", help="ce (default) | drw (class re-weighting from --drw-epoch) | balanced-softmax | "
+                       "ldam | ldam-drw (LDAM margins, + drw).")  # losses.py
+    drw_epoch: int | None = option(None, help="drw: first re-weighted epoch (default 80% of --epochs: 160 of 200).")
+    drw_beta: float = option(0.9999, help="drw: effective-number beta (default 0.9999).")
+    label_smoothing: float = option(0.1, help="Label smoothing on the soft target (default 0.1).")
+    select: str = option("val", help="val (default): report the epoch with the best val top-1 | last: the final "
+                         "epoch (datasets without val; published-number protocol).")
     # many/medium/few as (MANY, FEW): many = more than MANY train images, few = fewer than FEW;
     # "20,5" or [20, 5] are accepted; None = the dataset's (dataset.json shot_thresholds)
-    shot_thresholds: tuple[int, int] | None = None
-    seed: int = 2020
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float | None = None  # None: 1 when the Ray cluster has (or can add) GPUs, else 0
-    max_failures: int = 2
-    # execution (issue 12; none changes what is trained, so a run may resume with them changed):
-    gpu_decode: bool = False  # decode JPEGs (nvJPEG) and augment on the training GPU, not on CPU workers
-    checkpoint_every: int = 10  # epochs between full checkpoints (and one after the last epoch)
-    test_every_epoch: bool = False  # score test every epoch (curves) instead of once on the selected weights
+    shot_thresholds: tuple[int, int] | None = option(None, cli_type=str, help="MANY,FEW for many/medium/few "
+                                                     "(default: the dataset's, from dataset.json).")
+    # Diff-Mix mixing: replace each real sample with probability p by a synthetic one
+    synthetic_p: float | None = option(None, help="P(replace a real sample by a synthetic one); default 0.1, 0.3 "
+                                       "for few-shot/long-tail.")
+    synthetic_sampling: str | None = option(None, help="uniform | inverse-frequency (by target class ∝ 1/(n_c+1)); "
+                                            "default inverse-frequency on long-tailed datasets.")
+    synthetic_pick: str = option("pool", help="pool (default; Diff-Mix: any synthetic image, drawn by "
+                                 "--synthetic-sampling) | own-source (DA-Fusion: one of the real image's own "
+                                 "translations).")  # SYNTHETIC_PICK
+    gamma: float = option(0.5, help="Soft-label exponent: y = (1-s^g) src + s^g tgt (default 0.5).")
+    # which synthetic images may be used, from their scores (filters.py): conditions, all of which must hold;
+    # none: runs written before filters existed keep their identity
+    synthetic_filter: tuple[str, ...] = option(
+        (), identity=UNLESS_DEFAULT, cli_type=list[str], parse=_many,
+        help="Keep synthetic images whose scores pass every condition: COLUMN>=VALUE (>, <=, <), COLUMN:pA-B "
+             "(percentile band, e.g. clip_object_prob:p10-100), COLUMN:pA-B@class (per target class); repeatable "
+             "or comma-separated.")
+    # the scores a filter reads: <synthetic>/scores/<name>, one name for every --synthetic or one each;
+    # in the identity only with a filter (identity())
+    scores: tuple[str, ...] = option((), cli_type=list[str], parse=_many, help="The scores a filter reads: "
+                                     "<synthetic>/scores/NAME (default 'default'); once for all --synthetic, or "
+                                     "once each.")
+    allow_incomplete: bool = option(False, flags=("--allow-incomplete",),
+                                    help="Accept shards (and scores) without _SUCCESS.")
+    # the mixing baselines; with --mixing reference also on top of synthetic data (Diff-Mix + CutMix)
+    cutmix: bool = option(False, flags=("--cutmix",),
+                          help="CutMix baseline (with --synthetic: needs --mixing reference).")
+    mixup: bool = option(False, flags=("--mixup",), help="Mixup baseline (with --synthetic: needs --mixing reference).")
+    mixing: str = option("timm", identity=UNLESS_DEFAULT, help="timm (default; batch mode, real data only) | "
+                         "reference (the Diff-Mix code's: CutMix per sample on the rows' own, soft, labels).")
+    # timm: per batch; reference: CutMix per sample, Mixup per batch; default 0.5
+    mix_prob: float | None = option(None, identity=UNLESS_DEFAULT, help="Probability of --cutmix/--mixup (default "
+                                    "0.5; reference CutMix: per sample).")
+    cmo: bool = option(False, identity=UNLESS_DEFAULT, flags=("--cmo",), help="CMO long-tail baseline: a box of a "
+                       "minority-sampled image (1/n_c) pasted in, p 0.5 per batch.")  # mixing.py
+    # synthetic targets x this (the reference's soft_scaler; 1.0 = its paper-era trainer's -ss default)
+    soft_scaler: float = option(1.0, identity=UNLESS_DEFAULT, help="Synthetic targets x this (default 1.0; the "
+                                "reference's dataset classes use 0.9).")
+    # False: an epoch's incomplete last batch is trained on (the long-tail trainer)
+    drop_last: bool = option(True, identity=UNLESS_DEFAULT, flags=("--drop-last/--no-drop-last",),
+                             help="Drop each epoch's incomplete last batch (default) or train on it (the long-tail "
+                                  "trainer).")
+    seed: int = option(2020, help="Seed (default 2020).")
+    # execution: none changes what is trained, so a run may resume with them changed
+    workers: int = option(1, identity=EXECUTION, help="Ray Train workers (DDP).")
+    cpus_per_worker: float = option(1.0, identity=EXECUTION, help="CPUs per worker (default 1).")
+    # None: 1 when the Ray cluster has (or can add) GPUs, else 0
+    gpus_per_worker: float | None = option(None, identity=EXECUTION, help="GPUs per worker. Default: 1 when the Ray "
+                                           "cluster has GPUs or its autoscaler can add them, else 0 (CPU).")
+    max_failures: int = option(2, identity=EXECUTION, cli=False, help="Worker failures Ray Train survives.")
+    gpu_decode: bool = option(False, identity=EXECUTION, flags=("--gpu-decode",), help="Decode JPEGs (nvJPEG) and "
+                              "augment on each worker's GPU instead of CPU data workers: for nodes with few CPU cores "
+                              "per GPU. GPU workers only.")
+    checkpoint_every: int = option(10, identity=EXECUTION, help="Epochs between full checkpoints (default 10; one "
+                                   "is always written after the last epoch). A resumed run restarts from the last "
+                                   "one.")
+    test_every_epoch: bool = option(False, identity=EXECUTION, flags=("--test-every-epoch",), help="Score test "
+                                    "every epoch (for curves) instead of once, on the selected weights.")
     _fail_at_epoch: int | None = None  # test hook: rank 1 dies once at this epoch
+
+    def identity(self) -> dict:
+        """The options that decide the trained model (config.identity); the scores' names only with a
+        filter, which reads them (runs written before filters existed keep their identity)."""
+        ident = config.identity(self)
+        if not self.synthetic_filter:
+            ident.pop("scores")
+        return ident
 
     def __post_init__(self) -> None:
         if isinstance(self.synthetic, (list, str)):
             object.__setattr__(self, "synthetic", tuple([self.synthetic] if isinstance(self.synthetic, str)
                                                         else self.synthetic))
         # one form ('a,b' and [a, b] alike), so equal filters are the same run (the identity hashes the config)
+        from . import filters  # pyarrow: not when the command line only parses
+
         object.__setattr__(self, "synthetic_filter", filters.split_specs(self.synthetic_filter))
         if isinstance(self.scores, (list, str)):
             object.__setattr__(self, "scores", tuple([self.scores] if isinstance(self.scores, str) else self.scores))
@@ -162,9 +220,13 @@ class ClassifyConfig:
 
     @property
     def resolved_mix_prob(self) -> float:
-        return DEFAULT_MIX_PROB if self.mix_prob is None else self.mix_prob
+        from .mixing import DEFAULT_PROB  # torch: not when the command line only parses
+
+        return DEFAULT_PROB if self.mix_prob is None else self.mix_prob
 
     def _validate_recipe(self) -> None:
+        from .losses import LOSSES, REWEIGHTED  # torch: not when the command line only parses
+
         choices = ((self.augment, "--augment", AUGMENTS), (self.schedule, "--schedule", SCHEDULES),
                    (self.loss, "--loss", LOSSES), (self.select, "--select", SELECT),
                    (self.lr_scaling, "--lr-scaling", LR_SCALING))
@@ -208,6 +270,8 @@ class ClassifyConfig:
             raise DiffmixError(f"--drw-beta {self.drw_beta} must be in [0, 1)")
 
     def _validate_filter(self) -> None:
+        from . import filters
+
         filters.parse(self.synthetic_filter)  # its syntax, columns and bands, before anything is read
         if self.synthetic_filter and not self.synthetic:
             raise DiffmixError("--synthetic-filter chooses among synthetic images: pass --synthetic (a generate output "

@@ -12,7 +12,7 @@ import numpy as np
 
 from rich.markup import escape
 
-from .. import canonical, classifier_run, lease, storage
+from .. import canonical, classifier_run, config, lease, storage
 from ..console import console, logger
 from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH, COL_TARGET_LABEL,
                          DIVERGED)
@@ -29,29 +29,26 @@ from .model import FROM_SCRATCH, build_model, check_arch, describe_weights
 from .recipe import check_splits, resolve
 from .summary import mean_std, result_line, summarize
 
-# What may change between a run and its resume; also what runs started before these options existed
-# lack, so their identity (and resume) is unchanged.
-EXECUTION_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "max_failures", "_fail_at_epoch", "out",
-                  "gpu_decode", "checkpoint_every", "test_every_epoch")
-NEW_EXECUTION_KEYS = ("gpu_decode", "checkpoint_every", "test_every_epoch")
-# Options added after runs were written: at their defaults they stay out of the identity, so those runs resume.
+# Options added after runs were written (config.UNLESS_DEFAULT): at their defaults they stay out of the
+# identity, so those runs resume.
 LATER_OPTIONS = {f.name: f.default for f in dataclasses.fields(ClassifyConfig)
-                 if f.name in ("soft_scaler", "mixing", "mix_prob", "cmo", "drop_last")}
+                 if config.option_of(f) is not None and config.option_of(f).identity == config.UNLESS_DEFAULT}
+# The execution options added after multi-seed runs were written (their claim, _seeds_identity).
+NEW_EXECUTION_KEYS = ("gpu_decode", "checkpoint_every", "test_every_epoch")
 
 
 def _config(cfg: ClassifyConfig) -> dict:
-    """The options as an output's identity sees them. The filter's keys only when there is a filter:
-    runs written before filters existed keep their identity (and so resume)."""
+    """The whole config as a multi-seed run's claim has always recorded it: later options only off their
+    defaults, the filter's keys only with a filter."""
     unfiltered = () if cfg.synthetic_filter else ("synthetic_filter", "scores")
     return {k: v for k, v in dataclasses.asdict(cfg).items()
             if k not in unfiltered and not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
 
 
 def _identity(cfg: ClassifyConfig, dataset_fp: str, synthetic_fps: list[str], selection) -> dict:
-    """What decides the trained model; execution knobs may change between a run and its resume. With a
-    filter, the scores it read: other scores under the same name keep other images."""
-    ident = {k: v for k, v in _config(cfg).items() if k not in EXECUTION_KEYS}
-    ident |= {"dataset_fingerprint": dataset_fp, "synthetic_fingerprints": synthetic_fps}
+    """What decides the trained model (cfg.identity(), from the options' metadata) and what its inputs
+    hold. With a filter, the scores it read: other scores under the same name keep other images."""
+    ident = cfg.identity() | {"dataset_fingerprint": dataset_fp, "synthetic_fingerprints": synthetic_fps}
     return ident | ({"scores_fingerprints": filters.scores_identity(selection.record)} if selection else {})
 
 
@@ -149,11 +146,11 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
     if resumed and classifier_run.is_finished(out):
         console.print(f"{out} already holds this finished classifier run")
         return classifier_run.read_metrics(out)
-    if resumed and not resume:
-        raise DiffmixError(f"{out} holds an unfinished train-cls run of this config: pass --resume to continue it "
-                           "from its last epoch checkpoint, or --overwrite to start again")
-    if resume and not resumed:
-        raise DiffmixError(f"--resume: {out} holds no earlier run of this config to continue")
+    if resume and not resumed:  # the same config resumes anyway; --resume insists on it
+        raise DiffmixError(f"--resume: {out} holds no earlier run of this config to continue; drop --resume to "
+                           "start one")
+    if resumed:
+        console.print(f"{out} holds an unfinished run of this config: continuing from its last epoch checkpoint")
 
     if gpus is None:
         init_ray(min_cpus=cfg.workers * cfg.cpus_per_worker)

@@ -12,21 +12,31 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import canonical, lease, storage
+from .. import config as options
+from ..config import option
 from ..console import logger
 from ..contracts import COL_IMAGE_ID, COL_LABEL, DatasetInfo
 from ..errors import DiffmixError
 from . import output, protocol, splits
 
 
+# Identity: every option (the whole config, resolved) decides the subset written. In `prepare --help`
+# the options only a subset has follow --source (PrepareConfig's).
 @dataclass(frozen=True)
 class DeriveConfig:
-    parent: str
-    shots: int | None = None
-    imbalance_ratio: float | None = None
-    seed: int = 0
-    name: str | None = None
-    long_tail: str | None = None  # construction for --imbalance-ratio; None = protocol.DEFAULT_LONG_TAIL
-    shot_thresholds: tuple[int, int] | None = None  # (many, few); None = the parent's
+    parent: str = option(flags=("--from",), after="source", help="Derive a subset of this canonical dataset "
+                         "instead.")
+    shots: int | None = option(None, after="source", help="Derived: K train images per class (few-shot).")
+    imbalance_ratio: float | None = option(None, after="source", help="Derived: long-tail with imbalance ratio R "
+                                           "(e.g. 100).")
+    seed: int = option(0, help=protocol.SEED_HELP)
+    name: str | None = option(None, help=protocol.NAME_HELP)
+    # construction for --imbalance-ratio; None = protocol.DEFAULT_LONG_TAIL
+    long_tail: str | None = option(None, after="source", help="Derived, with --imbalance-ratio: reference "
+                                   "(default; the Diff-Mix code's avg*(1/R)^(i/(C-2)), classes by size) or geometric "
+                                   "(n_max*R^(-i/(C-1)), seeded class order).")
+    # (many, few); None = the parent's
+    shot_thresholds: tuple[int, int] | None = option(None, cli_type=str, help=protocol.SHOT_THRESHOLDS_HELP)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shot_thresholds", protocol.parse_shot_thresholds(self.shot_thresholds))
@@ -81,7 +91,7 @@ def derive(cfg: DeriveConfig, out: str, overwrite: bool = False) -> DatasetInfo:
     construction = (cfg.long_tail or protocol.DEFAULT_LONG_TAIL) if cfg.imbalance_ratio is not None else None
     thresholds = cfg.shot_thresholds or _parent_thresholds(parent.info)
     # Resolved values go into the config, so spelling out a default is the same config as omitting it.
-    config = dataclasses.asdict(dataclasses.replace(cfg, long_tail=construction, shot_thresholds=thresholds)) | {
+    config = options.identity(dataclasses.replace(cfg, long_tail=construction, shot_thresholds=thresholds)) | {
         "parent": parent.uri, "parent_fingerprint": parent.info.fingerprint}
     if found := output.claim(out, config, overwrite, {"--from": cfg.parent}):
         return found

@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .. import canonical, lease, storage
+from .. import config as options
+from ..config import option
 from ..console import logger, progress
 from ..contracts import SPLITS, DatasetInfo
 from ..errors import DiffmixError
@@ -32,23 +34,40 @@ BAD_IMAGE_POLICIES = ("fail", "skip")
 MAX_LISTED = 1000  # bad/ignored file names kept in dataset.json (all are counted)
 
 
+def read_class_names(path: str, flag: str) -> tuple[str, ...]:
+    """The class names in a file, one a line, in label order (--class-names FILE)."""
+    names = [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]
+    if not names:
+        raise DiffmixError(f"{flag} {path} lists no names (one class name per line)")
+    return tuple(names)
+
+
+# Identity: every option (the whole config, resolved) decides the dataset written.
 @dataclass(frozen=True)
 class PrepareConfig:
-    format: str
-    source: str
-    super_class: str | None = None
-    name: str | None = None
-    val_fraction: float = 0.1  # only used when the source has no val split; 0 = no val split at all
-    test_fraction: float = 0.0  # only used when the source has no test split
-    seed: int = 0
-    on_bad_image: str = "fail"
-    image_column: str = "image"
-    label_column: str = "label"
-    split_column: str | None = None
-    id_column: str | None = None
-    class_names: tuple[str, ...] | None = None
-    split: str = "official"  # flowers102 only: "reference" = the Diff-Mix code's seeded 50/50 per class
-    shot_thresholds: tuple[int, int] | None = None  # (many, few); None = the format's default
+    format: str = option(flags=("--format", "-f"), help="imagefolder | cub | flowers102 | parquet.")
+    source: str = option(help="Raw dataset path or s3:// URI.")
+    # (many, few); None = the format's default
+    shot_thresholds: tuple[int, int] | None = option(None, cli_type=str, help=protocol.SHOT_THRESHOLDS_HELP)
+    # flowers102 only: "reference" = the Diff-Mix code's seeded 50/50 per class
+    split: str = option("official", help="flowers102: official (trn/val/tst, default) or reference (the Diff-Mix "
+                        "code's seeded 50/50 per class over all images).")
+    seed: int = option(0, help=protocol.SEED_HELP)
+    super_class: str | None = option(None, help="Word used in prompts for every class (bird, flower, ...).")
+    # only used when the source has no val split; 0 = no val split at all
+    val_fraction: float = option(0.1, help="Val share carved from train when the source has no val split (default "
+                                 "0.1; 0 = no val split).")
+    # only used when the source has no test split
+    test_fraction: float = option(0.0, help="Test share carved from train when the source has no test split "
+                                  "(default 0).")
+    on_bad_image: str = option("fail", help="fail (default: list every bad file) or skip (count them).")
+    image_column: str = option("image", help="Parquet: image column (bytes or {bytes,path}); default 'image'.")
+    label_column: str = option("label", help="Parquet: integer label column; default 'label'.")
+    split_column: str | None = option(None, help="Parquet: optional split column (train/val/test).")
+    id_column: str | None = option(None, help="Parquet: optional unique image id column.")
+    class_names: tuple[str, ...] | None = option(None, cli_type=str, parse=read_class_names,
+                                                 help="File with one class name per line, in label order.")
+    name: str | None = option(None, help=protocol.NAME_HELP)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shot_thresholds", protocol.parse_shot_thresholds(self.shot_thresholds))
@@ -173,7 +192,7 @@ def prepare(cfg: PrepareConfig, out: str, overwrite: bool = False, show_progress
                            "for every class, e.g. 'bird' in 'a photo of a <class> bird'")
     thresholds = cfg.resolved_thresholds()
     # Resolved values go into the config, so spelling out a default is the same config as omitting it.
-    config = dataclasses.asdict(dataclasses.replace(cfg, shot_thresholds=thresholds)) | {
+    config = options.identity(dataclasses.replace(cfg, shot_thresholds=thresholds)) | {
         "super_class": super_class, "source": storage.normalize(cfg.source)}
     if found := output.claim(out, config, overwrite, {"--source": cfg.source}):
         return found

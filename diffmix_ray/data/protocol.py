@@ -70,3 +70,11 @@ def one_group_warning(train_counts: Sequence[int], thresholds: tuple[int, int]) 
     return (f"--shot-thresholds {thresholds[0]},{thresholds[1]} put all {len(train_counts)} classes in "
             f"'{group}' (train images per class: {min(train_counts)}..{max(train_counts)}): many/medium/few "
             "only separate classes of a long-tailed train split; they are recorded anyway")
+
+
+# The help of the options `prepare` and `prepare --from` share (PrepareConfig, DeriveConfig).
+SEED_HELP = "Seed for split carving, the Flowers-102 reference split and subsets (default 0)."
+NAME_HELP = "Dataset name recorded in dataset.json."
+SHOT_THRESHOLDS_HELP = ("MANY,FEW: many = more than MANY train images, few = fewer than FEW; default flowers102 30,10, "
+                        "others 20,5 (derived: the parent's). Recorded in dataset.json.")
+

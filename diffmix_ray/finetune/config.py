@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
+from .. import config
+from ..config import EXECUTION, UNLESS_DEFAULT, option
 from ..contracts import DEFAULT_PROMPT_TEMPLATE, PLACEHOLDER_TEMPLATE
 from ..errors import DiffmixError
-from ..models.concepts import BANK_MODES
 
 # The reference initialises every class token from CLIP BPE id 42170, the rare sub-word "ktn":
 # rare, so the new tokens start close to "no meaning" instead of some common word's.
@@ -18,48 +18,64 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 TOKEN_SCHEDULES = ("joint", "per-class")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every UNet attention q/k/v/out, as the reference
 
-# Options that do not change the trained weights: they may differ between a run and its resume.
-EXECUTION_KNOBS = ("out", "gpus_per_worker", "cpus_per_worker", "checkpoint_every", "checkpoints_to_keep",
-                   "log_every", "max_failures", "gradient_checkpointing", "compile", "_fail_at_step")
-
-
-@dataclass(frozen=True)
+# Identity: every option decides the trained weights unless marked EXECUTION (may differ between a run and
+# its resume: where it runs, how often it saves, speed/memory trade-offs that leave the weights as they are).
+@dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
-    dataset: str
-    out: str
-    model: str = "tiny"
-    mode: str = "ti+lora"  # ti+lora | ti | lora
+    dataset: str = option(help="Canonical dataset URI (from `prepare`); reads its train split.")
+    model: str = option("tiny", help="Base model: tiny | bench | sd15 | a diffusers folder | s3://...")
+    out: str = option(identity=EXECUTION, help="Output URI: the concept bank at its root, checkpoints under train/.")
+    mode: str = option("ti+lora", help="ti+lora (default: class tokens + UNet LoRA) | ti | lora.")
     # what is trained
-    rank: int = 10  # LoRA rank (the reference's LoRAAttnProcessor(rank=10))
-    lora_alpha: float | None = None  # default = rank, i.e. LoRA scale 1 as in the reference
-    initializer_token: str | None = None  # None: "ktn", or the mean of its pieces if it is not one token
-    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    rank: int = option(10, help="LoRA rank (default 10).")  # the reference's LoRAAttnProcessor(rank=10)
     # optimisation (Diff-Mix defaults)
-    lr: float = 5e-5  # LoRA learning rate
-    ti_lr: float = 5e-5  # token-embedding learning rate
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 0
-    max_steps: int = 35000
-    batch_size: int = 2  # per worker
-    seed: int = 42
-    token_schedule: str = "joint"  # joint | per-class (TOKEN_SCHEDULES)
+    lr: float = option(5e-5, help="LoRA learning rate (default 5e-5).")
+    ti_lr: float = option(5e-5, help="Class-token embedding learning rate (default 5e-5).")
+    max_steps: int = option(35000, help="Optimizer steps (default 35000, the reference's).")
+    batch_size: int = option(2, help="Images per worker per step (default 2).")
+    # execution
+    workers: int = option(1, help="Data-parallel training workers (default 1).")
+    # None: 1 when the Ray cluster has (or can add) GPUs, else 0
+    gpus_per_worker: float | None = option(None, identity=EXECUTION, help="GPUs per worker. Default: 1 when the Ray "
+                                           "cluster has GPUs or its autoscaler can add them, else 0 (CPU, fp32).")
+    cpus_per_worker: float = option(1.0, identity=EXECUTION,
+                                    help="CPUs per worker (= torch threads on CPU; default 1).")
+    checkpoint_every: int = option(5000, identity=EXECUTION, help="Checkpoint every N steps (default 5000).")
+    seed: int = option(42, help="Seed of the LoRA init and the noise (default 42).")
+    # None: "ktn", or the mean of its pieces if it is not one token
+    initializer_token: str | None = option(None, help="Word every class token starts from; must be one token "
+                                           "(default 'ktn', averaged over its pieces if the tokenizer splits it).")
+    prompt_template: str = option(DEFAULT_PROMPT_TEMPLATE, help="Training prompt with {token} and {super_class} "
+                                  "(default 'a photo of a {token} {super_class}').")
     # p ∝ 1/n_c sampling, every class seen equally often in expectation; None: on for long-tailed
     # datasets (the paper's), off otherwise (run.resolve_inputs decides, prints and records it)
-    class_balanced: bool | None = None
-    precision: str = "auto"  # GPU: bf16 where supported, else fp16; CPU: fp32
-    # execution
-    workers: int = 1
-    gpus_per_worker: float | None = None  # None: 1 when the Ray cluster has (or can add) GPUs, else 0
-    cpus_per_worker: float = 1.0
-    checkpoint_every: int = 5000
-    checkpoints_to_keep: int = 2
-    log_every: int = 50  # also how often the loss is read back from the device (a host sync)
-    max_failures: int = 3
+    class_balanced: bool | None = option(None, flags=("--class-balanced/--no-class-balanced",),
+                                         help="Draw images with p ∝ 1/n_c, every class equally often in expectation "
+                                              "(default: on for long-tailed datasets, the paper's; off otherwise).")
+    # joint: the schedule before the option existed, so those runs (joint) keep their identity and resume
+    token_schedule: str = option("joint", identity=UNLESS_DEFAULT, help="joint (default: one AdamW over every token "
+                                 "each step, the Diff-Mix reference) | per-class (--mode ti: each step one class, "
+                                 "only its token updated: DA-Fusion's separate runs).")
     # Speed/memory trade-offs that leave the trained weights as they are (up to float rounding), so a
     # resume may change them. Both off by default: see docs/finetune.md for what they cost and give.
-    gradient_checkpointing: bool = False  # UNet activations recomputed in backward: less memory, slower steps
-    compile: bool = False  # torch.compile the UNet (in place): slow first steps, then faster ones
+    gradient_checkpointing: bool = option(
+        False, identity=EXECUTION, flags=("--gradient-checkpointing/--no-gradient-checkpointing",),
+        help="Recompute the UNet's activations in backward: less GPU memory, slower steps (default off).")
+    compile: bool = option(False, identity=EXECUTION, flags=("--compile/--no-compile",),
+                           help="torch.compile the UNet: compiles during the first steps, then runs faster ones "
+                                "(default off).")
+    # YAML and Python only
+    lora_alpha: float | None = option(None, cli=False, help="LoRA alpha (default: the rank, i.e. LoRA scale 1 as in "
+                                      "the reference).")
+    weight_decay: float = option(1e-2, cli=False, help="AdamW weight decay.")
+    max_grad_norm: float = option(1.0, cli=False, help="Gradient clipping norm.")
+    warmup_steps: int = option(0, cli=False, help="Linear warm-up steps.")
+    precision: str = option("auto", cli=False, help="auto (GPU: bf16 where supported, else fp16; CPU: fp32) | fp32 "
+                            "| fp16 | bf16.")
+    checkpoints_to_keep: int = option(2, identity=EXECUTION, cli=False, help="Checkpoints kept under train/.")
+    # also how often the loss is read back from the device (a host sync)
+    log_every: int = option(50, identity=EXECUTION, cli=False, help="Steps between loss logs.")
+    max_failures: int = option(3, identity=EXECUTION, cli=False, help="Worker failures Ray Train survives.")
     _fail_at_step: int | None = None  # test hook: rank 1 dies once, just before this step
 
     @property
@@ -79,6 +95,8 @@ class FinetuneConfig:
         return (self.gpus_per_worker or 0) > 0
 
     def validate(self) -> None:
+        from ..models.concepts import BANK_MODES  # models imports diffusers: not when the CLI only parses
+
         if self.mode not in BANK_MODES:
             raise DiffmixError(f"--mode {self.mode!r} is unknown; choose one of {', '.join(BANK_MODES)} "
                                "(ti+lora: class tokens and UNet LoRA, the Diff-Mix default)")
@@ -136,7 +154,4 @@ class FinetuneConfig:
 
     def identity(self) -> dict:
         """The options that decide the trained weights: a resume must match them exactly."""
-        ident = {k: v for k, v in dataclasses.asdict(self).items() if k not in EXECUTION_KNOBS}
-        if ident["token_schedule"] == "joint":  # the schedule before the option existed: those runs resume
-            del ident["token_schedule"]
-        return ident
+        return config.identity(self)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
+from ..config import EXECUTION, option
 from ..errors import DiffmixError
 from ..runtime.pool_config import ActorPoolConfig
 
@@ -25,36 +27,66 @@ TARGET_SAMPLING = ("uniform", "inverse-frequency")
 DEFAULT_MULTIPLIER = 5.0  # pairs = 5 x train images, the Diff-Mix default
 
 
+def floats(text: str, flag: str) -> tuple[float, ...]:
+    """A comma-separated list of numbers from the command line."""
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise DiffmixError(f"{flag} {text!r} must be comma-separated numbers, e.g. 0.3,0.5,0.7") from None
+    if not values:  # an empty list would silently mean "not given"
+        raise DiffmixError(f"{flag} {text!r} lists no number; give comma-separated numbers, e.g. 0.3,0.5,0.7")
+    return values
+
+
 @dataclass(frozen=True)
 class GenerateConfig(ActorPoolConfig):
-    dataset: str
-    model: str = "tiny"
-    out: str = ""
-    concepts: str | None = None
-    mode: str = "diff-mix"
+    OPTION_HELP: ClassVar[dict[str, str]] = {
+        "actors": "Translation", "memory": "Host memory reserved per actor, so Ray does not over-pack nodes.",
+        "gpus": "GPUs per actor (fractions pack several per GPU). Default: 1 when the Ray cluster has GPUs or its "
+                "autoscaler can add them, else 0 (CPU, fp32).",
+        "cpus": "CPUs per actor; on CPU the actor runs one single-threaded stream of device batches per CPU "
+                "(default 1)."}
+    dataset: str = option(help="Canonical dataset URI (from `prepare`).")
+    model: str = option("tiny", help="Base model: tiny | bench | sd15 | a diffusers folder | s3://... (default tiny).")
+    concepts: str | None = option(None, help="Concept bank URI (from `finetune`); needed by diff-* and da-fusion "
+                                  "modes.")
+    out: str = option("", identity=EXECUTION, help="Output URI for plan/, shards/, manifest.json, _SUCCESS.")
+    mode: str = option("diff-mix", help="diff-mix (default) | diff-aug | diff-gen | real-mix | real-aug | real-gen "
+                       "| da-fusion.")
     # volume: pairs = multiplier x train images, or per_image pairs for every train image
-    multiplier: float | None = None  # default 5 (the paper's) when per_image is not given either
-    per_image: int | None = None
+    # None: 5 (the paper's) when per_image is not given either
+    multiplier: float | None = option(None, help="Pairs = multiplier x train images (default 5).")
+    per_image: int | None = option(None, help="Instead: M pairs for every train image.")
     # None: per-image on long-tailed datasets (sources follow the long-tailed image distribution, as the
     # reference's long-tail generation), class-uniform otherwise (its default); run.resolve_inputs decides
-    source_sampling: str | None = None
-    target_sampling: str = "uniform"
+    source_sampling: str | None = option(None, help="class-uniform (the reference's) | per-image (evenly over "
+                                         "images: the long-tailed image distribution). Default: per-image on "
+                                         "long-tailed datasets, class-uniform otherwise.")
+    target_sampling: str = option("uniform", help="uniform | inverse-frequency (weights 1/(n_c+1), for long-tail).")
     # strength: fixed value, a set sampled uniformly, or Beta(a, b) clipped to [0.1, 0.9]
-    strength: float = 0.7
-    strength_set: tuple[float, ...] | None = None
-    strength_beta: tuple[float, float] | None = None
-    seed: int = 0
+    strength: float = option(0.7, help="Fixed translation strength in (0, 1] (default 0.7).")
+    strength_set: tuple[float, ...] | None = option(None, cli_type=str, parse=floats, help="Comma-separated "
+                                                    "strengths sampled uniformly, e.g. 0.3,0.5,0.7,0.9.")
+    strength_beta: tuple[float, float] | None = option(None, cli_type=str, parse=floats,
+                                                       help="a,b: strength ~ Beta(a, b) clipped to [0.1, 0.9].")
+    seed: int = option(0, help="Run seed: fixes the plan and every pair's noise (default 0).")
     # sampler (Diff-Mix defaults: DPM-Solver++ 25 steps, CFG 7.5)
-    steps: int = 25
-    guidance: float = 7.5
-    prompt_template: str | None = None  # default: the concept bank's, else "a photo of a {name} {super_class}"
+    steps: int = option(25, help="DPM-Solver++ steps (default 25; img2img runs int(steps x strength)).")
+    guidance: float = option(7.5, help="Classifier-free guidance scale (default 7.5).")
+    # None: the concept bank's, else "a photo of a {name} {super_class}"
+    prompt_template: str | None = option(None, help="Override the prompt, with {token} and {super_class}.")
     # execution (and the actor pool's options, ActorPoolConfig)
-    batch_size: int = field(default=8, kw_only=True)  # pairs per device batch
-    rows_per_shard: int = 1000
-    jpeg_quality: int = 95
-    limit: int | None = None  # generate only the first N pairs of the plan (smoke runs)
-    compile: bool = False  # torch.compile the UNet (batches padded to batch_size)
-    compile_cache: str | None = None  # URI shared by actors: the first compiles, the rest load
+    batch_size: int = option(8, identity=EXECUTION, kw_only=True, help="Pairs per translation call (default 8).")
+    rows_per_shard: int = option(1000, identity=EXECUTION, help="Images per Parquet shard (default 1000).")
+    jpeg_quality: int = option(95, help="JPEG quality of generated images (default 95).")
+    limit: int | None = option(None, help="Only the first N pairs of the plan (smoke runs).")
+    compile: bool = option(False, identity=EXECUTION, flags=("--compile/--no-compile",),
+                           help="torch.compile the UNet: minutes per actor at start, faster batches after (batches "
+                                "are padded to --batch-size). Default off.")
+    # shared by the actors: the first compiles, the rest load
+    compile_cache: str | None = option(None, identity=EXECUTION, help="URI (folder or s3://) where the first actor "
+                                       "stores its compiled kernels and the others load them, so they start warm. "
+                                       "Needs --compile.")
 
     def __post_init__(self) -> None:
         if self.multiplier is None and self.per_image is None:
@@ -117,11 +149,3 @@ class GenerateConfig(ActorPoolConfig):
             raise DiffmixError(f"--jpeg-quality {self.jpeg_quality} must be in 1..100")
         if self.limit is not None and self.limit < 1:
             raise DiffmixError(f"--limit {self.limit} must be >= 1")
-
-    def output_identity(self) -> dict:
-        """The options that decide which images exist (the output's identity). Execution knobs
-        (actors, batch size, ...) may change between a run and its resume."""
-        keys = ("dataset", "model", "concepts", "mode", "multiplier", "per_image", "source_sampling",
-                "target_sampling", "strength", "strength_set", "strength_beta", "seed", "steps", "guidance",
-                "prompt_template", "jpeg_quality", "limit")
-        return {k: getattr(self, k) for k in keys}

@@ -16,7 +16,7 @@ from collections import Counter
 
 import pyarrow as pa
 
-from .. import canonical, exactly_once, storage
+from .. import canonical, config, exactly_once, storage
 from ..console import console, logger
 from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH, COL_TARGET_LABEL,
                          PLAN_DIR, SHARD_SCHEMA, SHARDS_DIR)
@@ -113,7 +113,7 @@ def resolve_inputs(cfg: GenerateConfig) -> Inputs:
                                f"dataset has {dataset.info.num_classes}: some target classes have no token")
         if cfg.mode == "da-fusion" and bank.mode != "ti":
             raise DiffmixError(f"--mode da-fusion uses a TI-only bank; {cfg.concepts} is a {bank.mode} bank")
-    identity = _normalized(cfg.output_identity()) | {
+    identity = _normalized(config.identity(cfg)) | {
         "dataset": dataset.uri, "dataset_fingerprint": dataset.info.fingerprint,
         "model_fingerprint": model.fingerprint, "concepts_fingerprint": bank.fingerprint if bank else None}
     return Inputs(cfg, out, dataset, model.fingerprint, bank, identity, model.resolution, resolved, model.location)

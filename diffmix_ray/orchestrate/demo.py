@@ -69,7 +69,7 @@ def run_demo(out: str, overwrite: bool = False) -> dict[str, str]:
                                 out=paths["classifier"], img_size=48, epochs=4, batch_size=16, lr=0.01,
                                 optimizer="adamw", weight_decay=0.0, warmup_epochs=0.0, synthetic_p=0.3,
                                 synthetic_filter=DEMO_FILTER),
-                 overwrite=overwrite, resume=os.path.exists(os.path.join(paths["classifier"], "_run.json")))
+                 overwrite=overwrite)  # an unfinished run of this config continues from its last epoch
 
     console.rule(f"6/{len(STEPS)} report: contact sheet, score plots, accuracy plot, comparison table")
     from .report import run_report

@@ -24,7 +24,7 @@ from typing import Callable
 
 from .. import canonical, lease, storage
 from ..console import console
-from ..contracts import CONCEPTS_JSON, DATASET_JSON, DEFAULT_SCORES_NAME, RUN_JSON, SCORES_DIR, SUCCESS
+from ..contracts import CONCEPTS_JSON, DATASET_JSON, DEFAULT_SCORES_NAME, SCORES_DIR, SUCCESS
 from ..errors import DiffmixError
 from . import table
 from .recipes import BUILTIN_SAMPLE, Recipe
@@ -234,8 +234,7 @@ class Runner:
         m = self.recipe.methods[method]
         out = self.layout.classifier(method, seed)
         cfg = m.config(self.dataset, out, tuple(self.layout.synthetic(g) for g in m.synthetic), seed, self.pretrained)
-        # An unfinished run of this config continues from its last epoch; train-cls insists on being told.
-        run_classify(cfg, resume=storage.exists(storage.join(out, RUN_JSON)))
+        run_classify(cfg)  # an unfinished run of this config continues from its last epoch
 
     def _report(self) -> dict:
         return table.write_report(self.recipe, self.layout, self.seeds, self.timings.completed() if self.timings else [])

@@ -85,7 +85,7 @@ def _call(url: str, fn, *args):
 
 
 # ---------------------------------------------------------------------------------------------
-# Commands (logic; cli wiring in register_job_commands)
+# Commands (logic; cli.py wires status/logs/stop to them)
 # ---------------------------------------------------------------------------------------------
 def _when(ms: Optional[int]) -> str:
     return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
@@ -218,50 +218,3 @@ def announce(stage: str, run_id: str) -> None:
     where = f"{url}/#/jobs/{sid}" if url else "the Ray dashboard's Jobs page"
     console.print(f"{stage} run {run_id} in Ray job {sid}: watch {where}; "
                   f"`diffmix-ray status {sid}`, `diffmix-ray logs {sid} --follow`")
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI wiring
-# ---------------------------------------------------------------------------------------------
-def register_job_commands(app, friendly) -> None:
-    import typer
-
-    address_opt = typer.Option(None, help="Dashboard URL (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, "
-                                          f"{DEFAULT_ADDRESS}). Token auth: export RAY_AUTH_TOKEN.")
-
-    @app.command("status")
-    @friendly
-    def status_cmd(submission_id: Optional[str] = typer.Argument(None, help="A job's submission id; "
-                                                                 "omit for a table of recent jobs."),
-                   address: Optional[str] = address_opt,
-                   json_: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
-                   wait: bool = typer.Option(False, help="Block until the job ends; exit 0 only if it "
-                                                         "SUCCEEDED.")):
-        """Status of one Ray job (or the recent ones) on the cluster."""
-        if wait:
-            if not submission_id:
-                raise DiffmixError("--wait needs a SUBMISSION_ID")
-            final = wait_for(submission_id, address)
-            console.print(f"{submission_id}: {final}")
-            if final != "SUCCEEDED":
-                raise typer.Exit(1)
-            return
-        show_status(submission_id, address, json_)
-
-    @app.command("logs")
-    @friendly
-    def logs_cmd(submission_id: str = typer.Argument(..., help="The job's submission id."),
-                 address: Optional[str] = address_opt,
-                 follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends.")):
-        """Print a Ray job's driver logs (stdout+stderr)."""
-        print_logs(submission_id, address, follow)
-
-    @app.command("stop")
-    @friendly
-    def stop_cmd(submission_id: str = typer.Argument(..., help="The job's submission id."),
-                 address: Optional[str] = address_opt):
-        """Ask a running Ray job to stop (its output stays resumable: rerun the same command)."""
-        if stop(submission_id, address):
-            console.print(f"stop requested for {submission_id}")
-        else:
-            console.print(f"{submission_id} was not running; nothing to stop")

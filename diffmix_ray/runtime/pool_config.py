@@ -5,20 +5,32 @@ so none enters an output's identity, and a run may resume with other values."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
+from ..config import EXECUTION, option
 from ..errors import DiffmixError
 
 
+
 # kw_only: a stage's config declares its own required options (dataset, synthetic...) first, as
-# before; these come after them whatever their place in the class hierarchy.
+# before; these come after them whatever their place in the class hierarchy. In --help they follow
+# the stage's --batch-size.
 @dataclass(frozen=True, kw_only=True)
 class ActorPoolConfig:
-    batch_size: int  # rows per actor call; each stage sets its own default
-    min_actors: int = 1
-    max_actors: int = 1
-    gpus_per_actor: float | None = None  # None: 1 when the Ray cluster has (or can add) GPUs, else 0
-    cpus_per_actor: float = 1.0
-    memory_per_actor_gb: float | None = None
+    # The words of the help below that each stage says its own way ({actors}: "Translation"...).
+    OPTION_HELP: ClassVar[dict[str, str]] = {
+        "actors": "Pool", "gpus": "GPUs per actor. Default: 1 when the Ray cluster has GPUs or its autoscaler can "
+        "add them, else 0 (CPU, fp32).", "cpus": "CPUs per actor (default 1).",
+        "memory": "Host memory reserved per actor."}
+    batch_size: int  # rows per actor call; each stage sets its own default (and help)
+    min_actors: int = option(1, identity=EXECUTION, after="batch_size",
+                             help="{actors} actors, autoscaling minimum (default 1).")
+    max_actors: int = option(1, identity=EXECUTION, after="batch_size",
+                             help="{actors} actors, autoscaling maximum (default 1).")
+    # None: 1 when the Ray cluster has (or can add) GPUs, else 0
+    gpus_per_actor: float | None = option(None, identity=EXECUTION, after="batch_size", help="{gpus}")
+    cpus_per_actor: float = option(1.0, identity=EXECUTION, after="batch_size", help="{cpus}")
+    memory_per_actor_gb: float | None = option(None, identity=EXECUTION, after="batch_size", help="{memory}")
 
     def check_pool(self, rows_flag: str, rows_per_file: int) -> None:
         """The pool's options (and the stage's rows per output file, named by its flag)."""

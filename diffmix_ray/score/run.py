@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from .. import canonical, storage
+from .. import canonical, config, storage
 from ..console import logger
 from ..contracts import (CLASS_PROMPT, COL_PAIR_ID, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_TARGET_LABEL,
                          RUN_JSON, SCORE_COLUMNS, SCORES_DIR, SCORES_SCHEMA, SCORES_VERSION, object_prompts)
@@ -51,9 +51,10 @@ def resolve_inputs(cfg: ScoreConfig) -> Inputs:
     clip = resolve_clip(cfg.clip)
     info = dataset.info
     classifier = open_classifier(cfg.classifier, info.fingerprint, info.num_classes) if cfg.classifier else None
-    identity = {"scores_version": SCORES_VERSION, "synthetic_fingerprint": synthetic.fingerprint,
-                "dataset_fingerprint": info.fingerprint, "clip_fingerprint": clip.fingerprint,
-                "classifier_fingerprint": classifier.fingerprint if classifier else None}
+    identity = config.identity(cfg) | {
+        "scores_version": SCORES_VERSION, "synthetic_fingerprint": synthetic.fingerprint,
+        "dataset_fingerprint": info.fingerprint, "clip_fingerprint": clip.fingerprint,
+        "classifier_fingerprint": classifier.fingerprint if classifier else None}
     out = storage.join(synthetic.uri, SCORES_DIR, cfg.name)
     return Inputs(cfg, out, synthetic, dataset, clip, classifier, identity)
 
