@@ -253,6 +253,8 @@ IMPORTS = [
     ("diffmix_ray.data.sample", None), ("diffmix_ray.finetune.run", None), ("diffmix_ray.finetune.loop", None),
     ("diffmix_ray.finetune.data", None), ("diffmix_ray.classify.model", None), ("diffmix_ray.classify.step", None),
     ("diffmix_ray.classify.gpu_decode", None), ("diffmix_ray.classify.transforms", None),
+    ("diffmix_ray.classify.mixing", None), ("diffmix_ray.classify.convert", None),
+    ("diffmix_ray.finetune.token_optim", None),
     ("diffmix_ray.score.scorer", None), ("diffmix_ray.score.cpu_stages", None), ("diffmix_ray.models.clip", None),
     ("_harness", None), ("_inputs", None), ("_score_parts", None), ("gpu_smoke", None), ("bench_generate_gpu", None),
     ("bench_finetune_step", None), ("bench_score", None), ("bench_classify_step", None),
