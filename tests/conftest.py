@@ -17,6 +17,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"  # no 1-2 s instance-metadata probes for credentials
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the session's Ray (`ray_local`, directly or through a fixture) is marked
+    `ray`; the tests that start Ray another way (a CLI process, a head, a cluster) say so themselves.
+    `slow`, `e2e` and `cluster` are written on the tests (docs/developing.md)."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """Endpoint URL of one moto S3 server for the whole session, bound to loopback only."""

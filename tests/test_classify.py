@@ -195,6 +195,7 @@ def test_pretrained_local_weights_load(shapes, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # End to end on Ray Train
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_label_bookkeeping_end_to_end(ray_local, shapes, shapes_fit, tmp_path):
     """Synthetic-only training (p = 1) on low-strength shards (images = sources, soft labels from
     the shards) matches the real baseline (`shapes_fit`: the same config on the real images); with the
@@ -218,6 +219,7 @@ def test_label_bookkeeping_end_to_end(ray_local, shapes, shapes_fit, tmp_path):
     assert rot <= 0.25, rot  # 4 classes: chance is 0.25; a model that used the images' own labels scores ~1
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_epoch_checkpoint(ray_local, shapes, tmp_path):
     out = tmp_path / "ft"
     metrics = run_classify(cfg(shapes, out, epochs=3, workers=2, cpus_per_worker=0.5, _fail_at_epoch=1,
@@ -235,6 +237,7 @@ def test_killed_worker_resumes_from_epoch_checkpoint(ray_local, shapes, tmp_path
         run_classify(cfg(shapes, out, epochs=4))
 
 
+@pytest.mark.slow
 def test_evaluate_and_report(shapes_fit, shapes, tmp_path):
     """`evaluate` and `report` on a finished run (the shared fit; train-cls through the CLI is
     test_reference_recipe_on_a_dataset_without_test's, test scored at the selected epoch only
@@ -559,6 +562,7 @@ def shapes_no_test(tmp_path_factory):
     return str(root / "ds")
 
 
+@pytest.mark.slow
 def test_reference_recipe_on_a_dataset_without_test(ray_local, shapes_no_test, tmp_path):
     """--augment reference, --schedule step, --loss balanced-softmax and --select last on a dataset
     without a test split: the run says what it ignores, scores nothing on test (null, never 0),
@@ -828,6 +832,7 @@ def test_gpu_decode_is_refused_on_a_cluster_without_gpus(ray_local, shapes, tmp_
     assert not out.exists() or not any(p.name != "_run.json" for p in out.iterdir())  # nothing was trained
 
 
+@pytest.mark.slow
 def test_long_tail_baselines_on_ray_keep_incomplete_batches(ray_local, shapes, tmp_path):
     """Diff-Mix + CMO + LDAM-DRW, synthetic targets x 0.9, incomplete last batches kept: the minority
     stream rides beside the main one through Ray Data, both cut at epoch ends (72 train images, batch 10:

@@ -34,7 +34,7 @@ from diffmix_ray.runtime.shared_paths import TEST_ROOT_ENV
 from .cluster_helpers import REPO, VENV_BIN, client_env, one_line, record, wait_for
 from .fixtures import SHAPES_FIT
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
 
 WORKER_CPUS = 2
 GEN_DEFAULT_GPUS = ["--model", "tiny", "--mode", "real-mix", "--multiplier", "3", "--steps", "4", "--batch-size", "4",
