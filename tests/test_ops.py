@@ -309,6 +309,7 @@ def head(s3_server):
     env.update({
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # jobs find `diffmix-ray` and `ray`
         "RAY_AUTH_MODE": "disabled",  # a throwaway loopback head; real clusters run token auth
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # as in conftest: Ray Train sees each fit's end sooner
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps `ray start` from swapping 127.0.0.1 for the LAN IP
         "RAY_USAGE_STATS_ENABLED": "0",
         "COLUMNS": "200",  # rich tables in `diffmix-ray status` stay one row per job
