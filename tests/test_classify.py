@@ -889,6 +889,7 @@ def test_selected_weights_follow_val_and_survive_checkpoints():
     assert last.epoch == 3 and Selected.restore(old, "last", 4).epoch == 3
 
 
+@pytest.mark.slow
 def test_ray_data_ships_uint8_pixels_or_encoded_bytes(ray_local):
     """The data workers' side of both paths, on Ray Data (no Ray Train): uint8 NHWC pixels in row
     order with the labels for the device, or (--gpu-decode) the encoded bytes with their (file, row)."""
