@@ -245,7 +245,8 @@ def test_finetune_restores_after_a_node_death_and_ends_bit_exact(nodes, ray_loca
                                          dataset=sample_dataset, out=out), log)
     ref_done: dict = {}
     ref = threading.Thread(target=lambda: ref_done.update(bank=run_finetune(FinetuneConfig(
-        **FINETUNE_KW, dataset=sample_dataset, out=reference, _fail_at_step=FT_CKPT + 1)), seconds=time.monotonic() - started))
+        **FINETUNE_KW, dataset=sample_dataset, out=reference, _fail_at_step=FT_CKPT + 1)),
+        seconds=time.monotonic() - started))
     ref.start()
     registered = wait_for(lambda: proc.poll() is not None or _registered_checkpoint(out), timeout=240,
                           what="a finetune checkpoint Ray Train has registered")
