@@ -17,6 +17,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"  # no 1-2 s instance-metadata probes for credentials
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the session's Ray (`ray_local`, directly or through a fixture) is marked
+    `ray`; the tests that start Ray another way (a CLI process, a head, a cluster) say so themselves.
+    `slow`, `e2e` and `cluster` are written on the tests (docs/developing.md)."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """Endpoint URL of one moto S3 server for the whole session, bound to loopback only."""
@@ -66,6 +75,9 @@ def s3_env(s3_server, monkeypatch):
 # each Ray start costs seconds, each translation actor ~4 s, so tests share them.
 # ---------------------------------------------------------------------------------------------
 os.environ["RAY_AUTH_MODE"] = "disabled"  # local test cluster; real clusters use token auth
+# Ray Train's controller polls its workers every 2 s by default: each fit's end, each checkpoint's
+# registration and each worker death is seen up to one poll late. The tests run dozens of tiny fits.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")
@@ -104,6 +116,37 @@ def tiny_bank(tmp_path_factory, sample_dataset):
     from .fixtures import make_random_bank
 
     return make_random_bank(str(tmp_path_factory.mktemp("bank") / "bank"), "tiny", sample_dataset)
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """Clearly separable classes (a colour and a shape each), 30 images per class, val and test 20 % each."""
+    from diffmix_ray.data.prepare import PrepareConfig, prepare
+    from diffmix_ray.data.sample import write_sample_imagefolder
+
+    root = tmp_path_factory.mktemp("shapes")
+    raw = write_sample_imagefolder(str(root / "raw"), num_classes=4, per_class=30, seed=7, size=48)
+    prepare(PrepareConfig("imagefolder", raw, super_class="shape", val_fraction=0.2, test_fraction=0.2),
+            str(root / "ds"), show_progress=False)
+    return str(root / "ds")
+
+
+@pytest.fixture(scope="session")
+def shapes_fit(ray_local, shapes, tmp_path_factory):
+    """One uninterrupted classifier fit on `shapes` (SHAPES_FIT, test scored every epoch), read-only for
+    its users: the real baseline of the label-bookkeeping test, the run `evaluate` and `report` read, and
+    the uninterrupted run the node-death test compares with. Returns (out, metrics.json)."""
+    import json
+
+    from diffmix_ray.classify.config import ClassifyConfig
+    from diffmix_ray.classify.run import run_classify
+
+    from .fixtures import SHAPES_FIT
+
+    out = str(tmp_path_factory.mktemp("shapes-fit") / "run")
+    run_classify(ClassifyConfig(dataset=shapes, out=out, test_every_epoch=True, **SHAPES_FIT))
+    with open(os.path.join(out, "metrics.json")) as f:
+        return out, json.load(f)
 
 
 @pytest.fixture

@@ -12,6 +12,11 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 
+# The classifier fit the train-cls tests share (conftest.py `shapes_fit`) and vary from.
+SHAPES_FIT = dict(arch="test_resnet", img_size=32, epochs=5, batch_size=8, lr=0.01, optimizer="adamw", weight_decay=0.0,
+                  warmup_epochs=0.0, cpus_per_worker=1.0, seed=0)
+
+
 def image_bytes(color=(200, 30, 30), size=(24, 20), fmt="JPEG", mode="RGB") -> bytes:
     img = Image.new("RGB", size, color)
     if mode != "RGB":

@@ -104,23 +104,8 @@ def test_long_tail_shot_groups():
 # ---------------------------------------------------------------------------------------------
 # Bad input: each refused before any worker starts
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    """Clearly separable classes (a colour and a shape each), 30 images per class."""
-    from diffmix_ray.data.prepare import PrepareConfig, prepare
-    from diffmix_ray.data.sample import write_sample_imagefolder
-
-    root = tmp_path_factory.mktemp("shapes")
-    raw = write_sample_imagefolder(str(root / "raw"), num_classes=4, per_class=30, seed=7, size=48)
-    prepare(PrepareConfig("imagefolder", raw, super_class="shape", val_fraction=0.2, test_fraction=0.2),
-            str(root / "ds"), show_progress=False)
-    return str(root / "ds")
-
-
 def cfg(shapes, out, **kw):
-    base = dict(dataset=shapes, arch="test_resnet", out=str(out), img_size=32, epochs=5, batch_size=8, lr=0.01,
-                optimizer="adamw", weight_decay=0.0, warmup_epochs=0.0, cpus_per_worker=1.0, seed=0)
-    return ClassifyConfig(**(base | kw))
+    return ClassifyConfig(**(dict(dataset=shapes, out=str(out), **fx.SHAPES_FIT) | kw))
 
 
 @pytest.mark.parametrize("kw, msg", [
@@ -210,11 +195,12 @@ def test_pretrained_local_weights_load(shapes, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # End to end on Ray Train
 # ---------------------------------------------------------------------------------------------
-def test_label_bookkeeping_end_to_end(ray_local, shapes, tmp_path):
+@pytest.mark.slow
+def test_label_bookkeeping_end_to_end(ray_local, shapes, shapes_fit, tmp_path):
     """Synthetic-only training (p = 1) on low-strength shards (images = sources, soft labels from
-    the shards) matches the real baseline; with the shards' labels rotated by two classes it learns
-    the rotation, so its test top-1 falls below chance."""
-    real_run = run_classify(cfg(shapes, tmp_path / "real", test_every_epoch=True))
+    the shards) matches the real baseline (`shapes_fit`: the same config on the real images); with the
+    shards' labels rotated by two classes it learns the rotation, so its test top-1 falls below chance."""
+    _, real_run = shapes_fit
     real = real_run["summary"]["test_top1"]
     assert all(e["test"] is not None for e in real_run["epochs"])  # --test-every-epoch: curves, as before
     good = fx.fake_synthetic(str(tmp_path / "good"), shapes, 0.04)
@@ -233,6 +219,7 @@ def test_label_bookkeeping_end_to_end(ray_local, shapes, tmp_path):
     assert rot <= 0.25, rot  # 4 classes: chance is 0.25; a model that used the images' own labels scores ~1
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_epoch_checkpoint(ray_local, shapes, tmp_path):
     out = tmp_path / "ft"
     metrics = run_classify(cfg(shapes, out, epochs=3, workers=2, cpus_per_worker=0.5, _fail_at_epoch=1,
@@ -250,6 +237,7 @@ def test_killed_worker_resumes_from_epoch_checkpoint(ray_local, shapes, tmp_path
         run_classify(cfg(shapes, out, epochs=4))
 
 
+@pytest.mark.slow
 def test_an_unfinished_run_of_the_same_config_resumes_without_a_flag(ray_local, shapes, tmp_path, capsys):
     """Resume means what it means for every stage: the same identity continues (here from its epoch
     checkpoint); --resume only insists that there is a run to continue."""
@@ -265,25 +253,23 @@ def test_an_unfinished_run_of_the_same_config_resumes_without_a_flag(ray_local, 
     assert [e["epoch"] for e in metrics["epochs"]] == [0, 1] and (out / "_SUCCESS").exists()
 
 
-def test_evaluate_and_report(ray_local, shapes, tmp_path):
+@pytest.mark.slow
+def test_evaluate_and_report(shapes_fit, shapes, tmp_path):
+    """`evaluate` and `report` on a finished run (the shared fit; train-cls through the CLI is
+    test_reference_recipe_on_a_dataset_without_test's, test scored at the selected epoch only
+    test_killed_worker_resumes_from_epoch_checkpoint's)."""
     from typer.testing import CliRunner
 
     from diffmix_ray.cli import app
 
-    out = tmp_path / "run"
-    res = CliRunner().invoke(app, ["train-cls", "--dataset", shapes, "--arch", "test_resnet", "--out", str(out),
-                                   "--img-size", "32", "--epochs", "2", "--batch-size", "16", "--seed", "1"])
-    assert res.exit_code == 0, res.output
-    metrics = json.loads((out / "metrics.json").read_text())
-    res = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(out), "--dataset", shapes, "--split", "test"])
+    out, metrics = shapes_fit
+    res = CliRunner().invoke(app, ["evaluate", "--checkpoint", out, "--dataset", shapes, "--split", "test"])
     assert res.exit_code == 0, res.output
     scored = json.loads(res.stdout.strip().splitlines()[-1])
     assert scored["top1"] == pytest.approx(metrics["summary"]["test_top1"])  # same weights, same data
     assert scored["per_class"] == pytest.approx(metrics["summary"]["test_per_class"])
-    chosen = metrics["summary"]["selected_epoch"]  # test is scored at the reported epoch only
-    assert [e["epoch"] for e in metrics["epochs"] if "test" in e] == [chosen]
     syn = fx.fake_synthetic(str(tmp_path / "syn"), shapes, 0.5)
-    res = CliRunner().invoke(app, ["report", str(out), syn, "--out", str(tmp_path / "report")])
+    res = CliRunner().invoke(app, ["report", out, syn, "--out", str(tmp_path / "report")])
     assert res.exit_code == 0, res.output
     files = sorted(os.listdir(tmp_path / "report"))
     assert files == ["accuracy.png", "comparison.html", "comparison.md", "contact-syn.png"]
@@ -592,6 +578,7 @@ def shapes_no_test(tmp_path_factory):
     return str(root / "ds")
 
 
+@pytest.mark.slow
 def test_reference_recipe_on_a_dataset_without_test(ray_local, shapes_no_test, tmp_path):
     """--augment reference, --schedule step, --loss balanced-softmax and --select last on a dataset
     without a test split: the run says what it ignores, scores nothing on test (null, never 0),
@@ -861,6 +848,7 @@ def test_gpu_decode_is_refused_on_a_cluster_without_gpus(ray_local, shapes, tmp_
     assert not out.exists() or not any(p.name != "_run.json" for p in out.iterdir())  # nothing was trained
 
 
+@pytest.mark.slow
 def test_long_tail_baselines_on_ray_keep_incomplete_batches(ray_local, shapes, tmp_path):
     """Diff-Mix + CMO + LDAM-DRW, synthetic targets x 0.9, incomplete last batches kept: the minority
     stream rides beside the main one through Ray Data, both cut at epoch ends (72 train images, batch 10:
@@ -917,6 +905,7 @@ def test_selected_weights_follow_val_and_survive_checkpoints():
     assert last.epoch == 3 and Selected.restore(old, "last", 4).epoch == 3
 
 
+@pytest.mark.slow
 def test_ray_data_ships_uint8_pixels_or_encoded_bytes(ray_local):
     """The data workers' side of both paths, on Ray Data (no Ray Train): uint8 NHWC pixels in row
     order with the labels for the device, or (--gpu-decode) the encoded bytes with their (file, row)."""

@@ -25,7 +25,7 @@ from diffmix_ray.runtime.nodes import GPU_WITHOUT_CUDA_ENV
 from .cluster_helpers import (actor_nodes, cli, fake_autoscaling_head, global_state, gpu_nodes, one_line, record,
                               wait_for)
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
 
 GPU_TYPE = {"gpu": {"resources": {"CPU": 2, "GPU": 1, "object_store_memory": 200_000_000}, "node_config": {},
                     "min_workers": 0, "max_workers": 2}}

@@ -32,8 +32,9 @@ from diffmix_ray.contracts import LEARNED_EMBEDS, LORA_WEIGHTS, SCORES_DIR, SHAR
 from diffmix_ray.runtime.shared_paths import TEST_ROOT_ENV
 
 from .cluster_helpers import REPO, VENV_BIN, client_env, one_line, record, wait_for
+from .fixtures import SHAPES_FIT
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
 
 WORKER_CPUS = 2
 GEN_DEFAULT_GPUS = ["--model", "tiny", "--mode", "real-mix", "--multiplier", "3", "--steps", "4", "--batch-size", "4",
@@ -201,13 +202,15 @@ def _checkpoints(out: str, pattern: str) -> list[str]:
     return sorted(glob.glob(os.path.join(out, "train", "*", pattern)))
 
 
-# Two checkpoints, at steps 100 and 200: the death comes after the first is registered, so the run resumes
-# from step 100, which the reference run reaches by the test hook's worker death before step 101.
-FINETUNE_KW = dict(model="tiny", max_steps=200, batch_size=2, checkpoint_every=100, log_every=20, lr=1e-2, ti_lr=5e-2,
-                   seed=0, workers=1, cpus_per_worker=1.0, gpus_per_worker=0)
-TRAIN_CLS_KW = dict(arch="test_resnet", img_size=32, epochs=6, batch_size=8, lr=0.01, optimizer="adamw",
-                    weight_decay=0.0, warmup_epochs=0.0, seed=0, workers=1, cpus_per_worker=1.0, gpus_per_worker=0,
-                    checkpoint_every=1)
+# Two checkpoints, at steps 40 and 80: the death comes after the first is registered, so the run resumes
+# from step 40, which the reference run reaches by the test hook's worker death before step 41. The 40 steps
+# after it leave seconds for the kill to land before the run could end.
+FT_CKPT = 40
+FINETUNE_KW = dict(model="tiny", max_steps=2 * FT_CKPT, batch_size=2, checkpoint_every=FT_CKPT, log_every=20, lr=1e-2,
+                   ti_lr=5e-2, seed=0, workers=1, cpus_per_worker=1.0, gpus_per_worker=0)
+# The shared fit's config (its uninterrupted run is conftest's `shapes_fit`) with a checkpoint every epoch:
+# the death comes after the first registered one, with epochs left to restore into.
+TRAIN_CLS_KW = dict(**SHAPES_FIT, workers=1, gpus_per_worker=0, checkpoint_every=1)
 
 
 def _python_driver(stage: str, config_class: str, run: str, **kw) -> str:
@@ -242,12 +245,13 @@ def test_finetune_restores_after_a_node_death_and_ends_bit_exact(nodes, ray_loca
                                          dataset=sample_dataset, out=out), log)
     ref_done: dict = {}
     ref = threading.Thread(target=lambda: ref_done.update(bank=run_finetune(FinetuneConfig(
-        **FINETUNE_KW, dataset=sample_dataset, out=reference, _fail_at_step=101)), seconds=time.monotonic() - started))
+        **FINETUNE_KW, dataset=sample_dataset, out=reference, _fail_at_step=FT_CKPT + 1)),
+        seconds=time.monotonic() - started))
     ref.start()
     registered = wait_for(lambda: proc.poll() is not None or _registered_checkpoint(out), timeout=240,
                           what="a finetune checkpoint Ray Train has registered")
     assert proc.poll() is None, "finetune ended before a node could be killed"
-    assert registered.endswith("checkpoint_step=00000100"), registered
+    assert registered.endswith(f"checkpoint_step={FT_CKPT:08d}"), registered
     nodes.kill_node_of("RayTrainWorker")
     rc, text = _finish(proc, log)
     assert rc == 0, text[-4000:]
@@ -255,51 +259,30 @@ def test_finetune_restores_after_a_node_death_and_ends_bit_exact(nodes, ray_loca
     ref.join(timeout=300)
     assert "bank" in ref_done, "the reference run did not finish"
     for folder in (out, reference):
-        with open(os.path.join(_checkpoints(folder, "checkpoint_step=00000200")[0], "progress-rank0.json")) as f:
+        with open(os.path.join(_checkpoints(folder, f"checkpoint_step={2 * FT_CKPT:08d}")[0],
+                               "progress-rank0.json")) as f:
             progress = json.load(f)
-        assert progress["resumed_at"] == [100], (folder, progress, text[-3000:])  # from the checkpoint at 100
-        assert progress["step_ranges"] == [[1, 200]]  # every step once, in order
+        assert progress["resumed_at"] == [FT_CKPT], (folder, progress, text[-3000:])  # from the first checkpoint
+        assert progress["step_ranges"] == [[1, 2 * FT_CKPT]]  # every step once, in order
     for name in (LORA_WEIGHTS, LEARNED_EMBEDS):
         with open(os.path.join(out, name), "rb") as a, open(os.path.join(reference, name), "rb") as b:
             assert a.read() == b.read(), f"{name} differs from the reference run's"
-    record("node-death-finetune", {"resumed_at_step": 100, "seconds": killed_s,
+    record("node-death-finetune", {"resumed_at_step": FT_CKPT, "seconds": killed_s,
                                    "reference_seconds": round(ref_done["seconds"], 1)})
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    from diffmix_ray.data.prepare import PrepareConfig, prepare
-    from diffmix_ray.data.sample import write_sample_imagefolder
-
-    root = tmp_path_factory.mktemp("shapes")
-    raw = write_sample_imagefolder(str(root / "raw"), num_classes=4, per_class=30, seed=7, size=48)
-    prepare(PrepareConfig("imagefolder", raw, super_class="shape", val_fraction=0.2, test_fraction=0.2),
-            str(root / "ds"), show_progress=False)
-    return str(root / "ds")
-
-
-def test_train_cls_restores_after_a_node_death(nodes, ray_local, shapes, tmp_path):
-    import threading
-
+def test_train_cls_restores_after_a_node_death(nodes, shapes, shapes_fit, tmp_path):
+    """Restored from the last registered checkpoint on the nodes left, each epoch once, and the result of
+    the same config's uninterrupted run (`shapes_fit`, on the session's private Ray) within tolerance."""
     import torch
 
-    from diffmix_ray.classify.config import ClassifyConfig
     from diffmix_ray.classify.loop import CKPT_FILE
-    from diffmix_ray.classify.run import run_classify
 
-    out, reference = str(tmp_path / "cls"), str(tmp_path / "reference")
+    out = str(tmp_path / "cls")
     log = str(tmp_path / "train-cls.log")
     started = time.monotonic()
     proc = _driver(nodes, _python_driver("classify", "ClassifyConfig", "run_classify", **TRAIN_CLS_KW, dataset=shapes,
                                          out=out), log)
-    # The uninterrupted run, meanwhile, on the session's private Ray in this process (not the cluster: its
-    # nodes are about to die).
-    uninterrupted: dict = {}
-    ref_started = time.monotonic()
-    ref = threading.Thread(target=lambda: uninterrupted.update(
-        run_classify(ClassifyConfig(**TRAIN_CLS_KW, dataset=shapes, out=reference))["summary"],
-        seconds=round(time.monotonic() - ref_started, 1)))
-    ref.start()
     registered = wait_for(lambda: proc.poll() is not None or _registered_checkpoint(out), timeout=240,
                           what="a train-cls checkpoint Ray Train has registered")
     assert proc.poll() is None, "train-cls ended before a node could be killed"
@@ -311,21 +294,19 @@ def test_train_cls_restores_after_a_node_death(nodes, ray_local, shapes, tmp_pat
     assert rc == 0, text[-4000:]
     with open(os.path.join(out, "metrics.json")) as f:
         metrics = json.load(f)
-    assert [e["epoch"] for e in metrics["epochs"]] == list(range(6)), text[-3000:]  # each epoch once
+    assert [e["epoch"] for e in metrics["epochs"]] == list(range(TRAIN_CLS_KW["epochs"])), text[-3000:]  # each once
     # Restored, not retrained: the epochs before the death keep their records, measured times included (a
     # recomputation would not reproduce them to the last digit). `test` is added at the end to the selected epoch.
     final = [{k: v for k, v in e.items() if k != "test"} for e in metrics["epochs"][:len(saved)]]
     assert final == json.loads(json.dumps(saved)), "the epochs before the death were redone"
     killed_s = round(time.monotonic() - started, 1)
 
-    ref.join(timeout=300)
-    assert "test_top1" in uninterrupted, "the uninterrupted run did not finish"
+    uninterrupted = shapes_fit[1]["summary"]
     mine = metrics["summary"]
     assert uninterrupted["test_top1"] >= 0.75 and abs(mine["test_top1"] - uninterrupted["test_top1"]) <= 0.15, \
         (mine, uninterrupted)
     record("node-death-train-cls", {"epochs_restored": len(saved), "test_top1": mine["test_top1"],
-                                    "uninterrupted_test_top1": uninterrupted["test_top1"], "seconds": killed_s,
-                                    "uninterrupted_seconds": uninterrupted["seconds"]})
+                                    "uninterrupted_test_top1": uninterrupted["test_top1"], "seconds": killed_s})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +343,7 @@ def test_a_gpu_node_without_cuda_fails_the_run_in_one_line_naming_it(nodes, samp
         said = one_line(result)
         assert result.returncode == 2, said[-3000:]
         assert "generate: 1 GPU per actor (the Ray cluster: GPU nodes are up now" in said
-        error = said[said.index("error: "):]  # the CLI's last words
+        error = said[said.rindex("error: "):]  # the CLI's last words (Ray may log an "error: " line before them)
         assert error.startswith(f"error: node 127.0.0.1 (id {node.node_id}) advertises GPUs to Ray (Ray assigned "
                                 "GPU 0) but torch"), error
         assert "sees no CUDA device there" in error and "--gpus-per-actor 0" in error

@@ -336,6 +336,7 @@ def ddp_run(ray_local, sample_dataset, tmp_path_factory):
     return cfg, bank, out
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_last_checkpoint_without_repeating_steps(ddp_run):
     cfg, _, out = ddp_run
     assert os.path.exists(os.path.join(os.path.dirname(_checkpoint(out, MAX_STEPS)), "_fail_once"))  # it did die
@@ -346,6 +347,7 @@ def test_killed_worker_resumes_from_last_checkpoint_without_repeating_steps(ddp_
         assert progress["images_seen"] == MAX_STEPS * cfg.batch_size
 
 
+@pytest.mark.slow
 def test_the_resumed_fit_saw_exactly_the_images_of_an_uninterrupted_one(ddp_run):
     """Rank 1 died before step 5 and the run resumed from step 3: each rank's record of the images it
     trained on, in order, is the one the step sampler gives for steps 1..8 without interruption."""
@@ -363,6 +365,7 @@ def test_the_resumed_fit_saw_exactly_the_images_of_an_uninterrupted_one(ddp_run)
         assert _progress(out, MAX_STEPS, rank)["data_digest"] == digest
 
 
+@pytest.mark.slow
 def test_ddp_ranks_end_identical_while_seeing_different_data(ddp_run):
     _, _, out = ddp_run
     rank0, rank1 = _progress(out, MAX_STEPS, 0), _progress(out, MAX_STEPS, 1)
@@ -378,6 +381,7 @@ def _img2img(pipe, prompt: str) -> np.ndarray:
                 generator=torch.Generator().manual_seed(3), output_type="np").images[0]
 
 
+@pytest.mark.slow
 def test_bank_from_a_fit_loads_with_generate_and_plain_diffusers(ddp_run, tmp_path):
     from diffusers import StableDiffusionImg2ImgPipeline
     from safetensors.torch import load_file
@@ -405,6 +409,7 @@ def test_bank_from_a_fit_loads_with_generate_and_plain_diffusers(ddp_run, tmp_pa
     np.testing.assert_allclose(_img2img(plain, prompt1), _img2img(tuned, prompt1), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_is_a_noop_and_other_configs_are_refused(ddp_run, monkeypatch, no_fit):
     cfg, _, out = ddp_run
     before = os.path.getmtime(os.path.join(out, CONCEPTS_JSON))
@@ -415,6 +420,7 @@ def test_rerun_of_a_finished_run_is_a_noop_and_other_configs_are_refused(ddp_run
         ft_run.run_finetune(dataclasses.replace(cfg, lr=2e-2))
 
 
+@pytest.mark.slow
 def test_rerun_after_an_interrupted_driver_resumes_from_the_last_checkpoint(ddp_run):
     """The driver died after training, before the bank was written: the same command (here with
     --resume) restores the final checkpoint, takes no step again and writes the same bank."""

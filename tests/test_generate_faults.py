@@ -20,6 +20,8 @@ from diffmix_ray.generate.run import run_generate
 
 from .test_generate_ray import assert_exact, cli_args, cli_process, config, manifest, run_cli, shard_names
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
+
 # Long enough that a fault lands mid-run: 48 pairs in 6 shards, 10 sampler steps.
 LONGER = dict(multiplier=2, steps=10)
 PAIRS = 48

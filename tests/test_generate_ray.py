@@ -193,12 +193,14 @@ def copy_of(run: str, tmp_path) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_real_mix_output_is_complete(real_mix_run, sample_dataset):
     table = assert_complete(real_mix_run, sample_dataset, class_names(sample_dataset))
     assert table.num_rows == 24 and len(shard_names(real_mix_run)) == 3  # 24 train images x 1; 8 per shard
     assert manifest(real_mix_run)["timings"]["images_this_run"] == 24
 
 
+@pytest.mark.slow
 def test_rerun_does_nothing_other_config_is_refused_overwrite_replaces(real_mix_run, sample_dataset, tmp_path,
                                                                           capsys):
     out = copy_of(real_mix_run, tmp_path)
@@ -214,6 +216,7 @@ def test_rerun_does_nothing_other_config_is_refused_overwrite_replaces(real_mix_
     assert table.num_rows == 6 and all(i.startswith("s1-") for i in table.column("pair_id").to_pylist())
 
 
+@pytest.mark.slow
 def test_resume_regenerates_exactly_the_lost_pairs(real_mix_run, sample_dataset, tmp_path):
     """What an interrupted run leaves behind: a lost shard, a shard cut short (its footer never
     written) and a shard written twice (a retried write). The rerun regenerates exactly the pairs
@@ -245,6 +248,7 @@ def test_resume_regenerates_exactly_the_lost_pairs(real_mix_run, sample_dataset,
             assert abs(pixels(row["image"]) - pixels(original[row["pair_id"]])).mean() < 1.0
 
 
+@pytest.mark.slow
 def test_diff_mix_with_concept_bank(ray_local, sample_dataset, tiny_bank, tmp_path):
     from diffmix_ray.models.concepts import load_bank
 
@@ -275,6 +279,7 @@ def derive_dataset(src: str, dst: str, edit) -> str:
     return dst
 
 
+@pytest.mark.slow
 def test_source_that_fails_to_decode_is_counted_and_the_rest_is_written(ray_local, sample_dataset, tmp_path):
     """One train image is garbage: its pair fails, is listed in the manifest, the run writes the
     others and ends without _SUCCESS, saying how many are missing. Another train image is 80x48:
@@ -304,6 +309,9 @@ def test_source_that_fails_to_decode_is_counted_and_the_rest_is_written(ray_loca
     assert bad["id"] not in rows and (rows[odd["id"]]["width"], rows[odd["id"]]["height"]) == (80, 48)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_diff_gen_to_s3_through_the_cli(sample_dataset, tiny_bank, s3_env, tmp_path):
     """Text-to-image with the bank, written to S3 by the CLI in its own process. That process
     starts its own Ray, whose workers inherit the AWS_* variables from it: the variables must be
@@ -328,6 +336,7 @@ def test_plan_calibrate_prints_throughput(sample_dataset):
     assert "images/s per actor (calibrated here" in result.output
 
 
+@pytest.mark.slow
 def test_rerun_of_a_complete_output_repairs_a_truncated_shard(real_mix_run, sample_dataset, tmp_path, capsys):
     """A shard cut short after _SUCCESS (a copy that stopped, a disk that lost it): the rerun checks
     the shards' sizes and footers against the manifest, says so, and generates that shard's pairs
@@ -350,6 +359,7 @@ def test_rerun_of_a_complete_output_repairs_a_truncated_shard(real_mix_run, samp
     open_synthetic(out, fingerprint)
 
 
+@pytest.mark.slow
 def test_shard_rows_that_disagree_with_the_plan_are_never_marked_complete(real_mix_run, sample_dataset, tmp_path):
     """Rows another writer put in (a strength of 0.5 where this plan says 0.7): refused before _SUCCESS."""
     out = copy_of(real_mix_run, tmp_path)

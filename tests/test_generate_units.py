@@ -473,6 +473,7 @@ def test_too_few_steps_for_the_strength_is_refused():
         GenerateConfig(dataset="d", mode="real-mix", compile_cache="/tmp/x").validate()
 
 
+@pytest.mark.slow
 def test_compiled_unet_pads_batches_and_shares_its_cache(translator, sample_dataset, tiny_bank, tmp_path):
     """--compile: the UNet compiled once at start for the padded batch shape; a short batch is
     padded (same images as eager); the second actor loads the first one's kernels."""

@@ -132,6 +132,7 @@ def test_imports_cover_what_test_without_ray_imports():
     assert set(MODULES) <= {m for m, _ in gpu_session.IMPORTS}
 
 
+@pytest.mark.slow
 def test_run_stops_with_exit_2_when_an_import_fails(tmp_path):
     broken = tmp_path / "site" / "diffusers"
     broken.mkdir(parents=True)
@@ -325,6 +326,7 @@ def test_decode_check_uses_444_jpegs_and_passes_on_cpu():
     assert ok, detail
 
 
+@pytest.mark.slow
 def test_invariance_check_translates_pairs_of_one_strength_in_one_batch(tmp_path, tiny_model):
     import gpu_smoke
 

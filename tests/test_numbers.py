@@ -111,6 +111,7 @@ def test_classifier_loss_check_names_the_epoch():
         check_finite_loss(float("nan"), epoch=3, first_step=30, steps=10)
 
 
+@pytest.mark.slow
 def test_a_diverging_classifier_run_stops_and_is_never_complete(ray_local, sample_dataset, tmp_path):
     """Through Ray Train: the loop stops every rank at the epoch whose loss is non-finite; the driver
     raises its message; no metrics.json, no best/, no _SUCCESS."""

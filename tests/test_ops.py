@@ -309,6 +309,7 @@ def head(s3_server):
     env.update({
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # jobs find `diffmix-ray` and `ray`
         "RAY_AUTH_MODE": "disabled",  # a throwaway loopback head; real clusters run token auth
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # as in conftest: Ray Train sees each fit's end sooner
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps `ray start` from swapping 127.0.0.1 for the LAN IP
         "RAY_USAGE_STATS_ENABLED": "0",
         "COLUMNS": "200",  # rich tables in `diffmix-ray status` stay one row per job
@@ -390,6 +391,9 @@ def classified(head, configs, generated):
 # ---------------------------------------------------------------------------------------------
 # End to end
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_generate_runs_as_a_ray_job(head, generated):
     assert generated["status"] == "SUCCEEDED", head.cli("logs", "diffmix-generate-e2e").stdout[-3000:]
     fs, out = head.s3(), f"{head.bucket[5:]}/synthetic"
@@ -403,6 +407,9 @@ def test_generate_runs_as_a_ray_job(head, generated):
     assert re.search(r"generate run [0-9a-f]{16} in Ray job", logs)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_train_cls_runs_as_a_ray_job(head, classified):
     assert classified["status"] == "SUCCEEDED", head.cli("logs", "diffmix-train-cls-e2e").stdout[-3000:]
     out = head.work / "classifier"
@@ -410,6 +417,9 @@ def test_train_cls_runs_as_a_ray_job(head, classified):
     assert "train-cls run" in head.cli("logs", "diffmix-train-cls-e2e").stdout
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_status_reports_both_jobs(head, generated, classified):
     table = head.cli("status")
     assert "diffmix-generate-e2e" in table.stderr and "diffmix-train-cls-e2e" in table.stderr
@@ -428,6 +438,9 @@ def _submit_script(head, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_recipe_runs_unchanged_as_a_ray_job_and_submit_resumes_it(head):
     """jobs/submit.sh submits `diffmix-ray run RECIPE ...` as one Ray job; rerun, it skips a SUCCEEDED
     job, and resubmits a FAILED one as -retry2, whose `run` finds every step complete."""
@@ -451,6 +464,9 @@ def test_a_recipe_runs_unchanged_as_a_ray_job_and_submit_resumes_it(head):
     assert unknown.returncode == 2 and "no recipe named 'no-such-recipe'" in unknown.stderr
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_custom_metrics_on_the_prometheus_endpoint(head, generated):
     wanted = {"ray_diffmix_images_generated_total", "ray_diffmix_batch_latency_seconds_bucket",
               "ray_diffmix_pairs_remaining", "ray_diffmix_pairs_planned"}
@@ -469,6 +485,9 @@ def test_custom_metrics_on_the_prometheus_endpoint(head, generated):
                                                 "ray_diffmix_batch_latency_seconds_count"}
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_stage_model_on_all_nodes(head):
     model = f"{head.bucket}/models/tiny"
     head.cli("model", "make-tiny", model)
@@ -484,6 +503,9 @@ def test_stage_model_on_all_nodes(head):
     assert local.returncode == 2 and "stages an s3:// model folder" in local.stderr
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_no_secret_in_logs_outputs_or_job_records(head, generated, classified):
     """The credentials reach the jobs only through the nodes' environment (as an instance profile
     would), generate wrote S3 and train-cls read it with them, and they appear nowhere a user or

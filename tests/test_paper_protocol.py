@@ -70,6 +70,7 @@ def test_resnet50_converted_gives_torchvisions_logits(tmp_path, two_threads):
     assert again.exit_code != 0 and "--overwrite" in _flat(again.output)
 
 
+@pytest.mark.slow
 def test_vit_b16_swag_at_384_converted_gives_torchvisions_logits(tmp_path, two_threads):
     """The reference's ViT: torchvision vit_b_16 at 384 px (IMAGENET1K_SWAG_E2E_V1's shape) onto timm
     vit_base_patch16_384: all 152 tensors mapped (strict load); logits equal on one image, on a ViT-B

@@ -11,11 +11,15 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from diffmix_ray import storage
 from diffmix_ray.contracts import CONCEPTS_JSON, DATASET_JSON, SUCCESS
 
 from .test_generate_faults import wait_for
 from .test_generate_ray import cli_process, run_cli
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
 
 METHODS = "da-fusion"
 

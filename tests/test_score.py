@@ -30,6 +30,8 @@ from diffmix_ray.score.run import run_score
 from .test_generate_faults import wait_for
 from .test_generate_ray import cli_process, config, read_shards
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
 PAIRS = 16
 FAST = dict(clip="tiny", batch_size=4, rows_per_file=8)
 
@@ -236,6 +238,7 @@ def test_scores_of_shards_that_were_incomplete_are_rechecked_once_generate_finis
     assert os.path.exists(os.path.join(scores_dir(syn), SUCCESS))
 
 
+@pytest.mark.e2e
 def test_kill_during_scoring_then_rerun_scores_each_pair_once(generated, tmp_path):
     """SIGKILL `diffmix-ray score` (and the local Ray it started) once a score file is complete,
     duplicate a finished file as a retried write would, then run the same config again: files cut
