@@ -8,7 +8,7 @@ loop, measured side by side in one process.
 Variants (--variants, comma-separated):
   bare         the floor: normalised float images already on the device (channels_last on CUDA), hard
                labels, F.cross_entropy, the same optimizer; no input preparation at all
-  float-host   the path before issue 12: normalised float32 NCHW images in host memory (what the data
+  float-host   the earlier path: normalised float32 NCHW images in host memory (what the data
                workers shipped), copied to the device each step; NCHW model
   uint8        uint8 NHWC pixels in pinned host memory, copied and normalised on the device (ToInput),
                soft labels made there; NCHW model

@@ -1,4 +1,4 @@
-"""The fine-tuning step as it was before issue 12 (finetune/loop.py at commit 689756f), kept as the
+"""The fine-tuning step as it was when the whole embedding matrix trained (finetune/loop.py at commit 689756f), kept as the
 reference the new step is compared with: the text encoder's whole embedding matrix, resized for
 the class tokens, is trainable; the gradients of the other rows are zeroed before clipping and the
 rows are copied back after every optimizer step; checkpoints cut the matrix's Adam moments to the

@@ -1,4 +1,4 @@
-"""The fine-tuning step after issue 12, in-process (no Ray): the class tokens in their own small
+"""The fine-tuning step with the class tokens as their own parameter, in-process (no Ray): the class tokens in their own small
 parameter train exactly as the old full-matrix path did (tests/finetune_reference.py), checkpoints
 written by the old code resume, no step waits for the device between reports, and gradient
 checkpointing and torch.compile leave the step's result as it was."""

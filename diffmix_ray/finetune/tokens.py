@@ -1,7 +1,7 @@
 """The class tokens' embeddings as their own small trainable parameter.
 
 Textual inversion learns one vector per class. diffusers' textual_inversion.py (and this project
-before issue 12) makes the text encoder's whole embedding matrix trainable and undoes the update
+before this module) makes the text encoder's whole embedding matrix trainable and undoes the update
 of every other row after each step; for SD 1.5 that is a 49,408 x 768 fp32 gradient (152 MB) to
 all-reduce under DDP and two Adam moments of the same size, to learn C x 768 numbers.
 
