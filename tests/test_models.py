@@ -28,6 +28,7 @@ from diffmix_ray.models import (
     write_preset,
 )
 from diffmix_ray.models import loader, preset_modules, preset_tokenizer
+from diffmix_ray.models import spec as model_spec
 from diffmix_ray.models.presets import PRESETS, PROMPT_WORDS
 
 PROMPTS = ["a photo of a bird", "a photo of a flower"]
@@ -342,8 +343,8 @@ def _upload(s3_env, tiny_dir):
 def test_s3_model_is_staged_once_and_matches_the_local_folder(tiny_dir, s3_env, model_cache, monkeypatch):
     uri, fs = _upload(s3_env, tiny_dir)
     downloads = []
-    real_download = loader._download_files
-    monkeypatch.setattr(loader, "_download_files", lambda *a: (downloads.append(a), real_download(*a)))
+    real_download = model_spec._download_files
+    monkeypatch.setattr(model_spec, "_download_files", lambda *a: (downloads.append(a), real_download(*a)))
 
     pipe, ref = load_pipeline(uri)
     assert (ref.kind, ref.spec) == ("s3", uri)
@@ -364,8 +365,8 @@ def test_s3_model_is_staged_once_and_matches_the_local_folder(tiny_dir, s3_env, 
 def test_concurrent_staging_downloads_once(tiny_dir, s3_env, model_cache, monkeypatch):
     uri, _ = _upload(s3_env, tiny_dir)
     downloads = []
-    real_download = loader._download_files
-    monkeypatch.setattr(loader, "_download_files", lambda *a: (downloads.append(a), real_download(*a)))
+    real_download = model_spec._download_files
+    monkeypatch.setattr(model_spec, "_download_files", lambda *a: (downloads.append(a), real_download(*a)))
 
     paths, errors = [], []
 
@@ -395,7 +396,7 @@ def test_write_model_to_s3_then_stage_it_back(tiny_dir, s3_env, model_cache):
 def test_incomplete_s3_model_is_refused_before_downloading(tiny_dir, s3_env, model_cache, monkeypatch):
     uri, fs = _upload(s3_env, tiny_dir)
     fs.rm(uri.removeprefix("s3://") + "/vae", recursive=True)
-    monkeypatch.setattr(loader, "_download_files", lambda *a: pytest.fail("downloaded an incomplete model"))
+    monkeypatch.setattr(model_spec, "_download_files", lambda *a: pytest.fail("downloaded an incomplete model"))
     with pytest.raises(DiffmixError, match="vae/"):
         load_pipeline(uri)
     with pytest.raises(DiffmixError, match="holds no files"):
