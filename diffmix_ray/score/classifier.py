@@ -70,8 +70,9 @@ def open_classifier(run: str, dataset_fingerprint: str, num_classes: int) -> Cla
 def load_classifier(run: str, fingerprint: str):
     """(timm model in eval mode on CPU, model.json) of `run`. Refuses weights that changed since the driver
     checked them (a run retrained in place mid-scoring would mix two classifiers' scores)."""
-    import timm
     import torch
+
+    from ..models.classifier import create_classifier
 
     best = storage.join(storage.normalize(run), CLASSIFIER_BEST_DIR)
     meta_text = storage.read_text(storage.join(best, CLASSIFIER_MODEL_JSON))
@@ -80,6 +81,6 @@ def load_classifier(run: str, fingerprint: str):
         raise DiffmixError(f"--classifier {run} changed while scoring (its weights no longer match the fingerprint "
                            "the run started with); rerun score with --overwrite")
     meta = storage.read_json(storage.join(best, CLASSIFIER_MODEL_JSON))
-    model = timm.create_model(meta["arch"], pretrained=False, num_classes=meta["num_classes"])
-    model.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
+    state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+    model = create_classifier(meta["arch"], meta["num_classes"], state)
     return model.eval(), meta
