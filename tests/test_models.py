@@ -256,6 +256,21 @@ def test_interrupted_preset_write_is_refused_as_incomplete(tmp_path, monkeypatch
         load_pipeline(str(tmp_path / "m"))
 
 
+def test_a_shipped_folder_resolves_by_name_like_the_folder_itself(tiny_dir, tmp_path):
+    """A kind may ship folders under preset-like names (spec.ModelKind.shipped): the name resolves to the
+    folder, checked like any folder, with the folder's fingerprint and the name as its kind."""
+    import dataclasses
+
+    sd = dataclasses.replace(loader.SD, shipped={"mine": lambda: tiny_dir})
+    ref = model_spec.resolve(sd, "mine")
+    assert (ref.kind, ref.local_path, ref.preset) == ("mine", tiny_dir, None)
+    assert ref.fingerprint == model_spec.resolve(sd, tiny_dir).fingerprint == dir_fingerprint(tiny_dir)
+    assert model_spec.resolve(sd, "tiny:2").fingerprint == loader.resolve_model("tiny:2").fingerprint
+    broken = dataclasses.replace(loader.SD, shipped={"mine": lambda: str(tmp_path)})
+    with pytest.raises(DiffmixError, match="missing model_index.json"):
+        model_spec.resolve(broken, "mine")
+
+
 @pytest.mark.parametrize("remove", ["vae", "model_index.json"])
 def test_incomplete_folder_is_refused_naming_the_missing_part(tiny_dir, tmp_path, remove):
     broken = tmp_path / "broken"
