@@ -94,14 +94,6 @@ def _missing_parts(files) -> list[str]:
     return missing
 
 
-def _layout_error(where: str, missing: list[str]) -> DiffmixError:
-    return DiffmixError(
-        f"{where} is not a CLIP model folder: missing {', '.join(missing)}. It needs transformers' CLIPModel "
-        f"layout: {CONFIG_JSON} (model_type \"clip\"), model.safetensors, tokenizer files and {PREPROCESSOR_JSON} "
-        "(what CLIPModel and CLIPProcessor save_pretrained write, or `huggingface-cli download "
-        "openai/clip-vit-base-patch32 --local-dir DIR`); for a test model: `diffmix-ray model make-clip OUT`")
-
-
 def _read_json(path: str, name: str) -> dict:
     try:
         with open(os.path.join(path, name), encoding="utf-8") as f:
@@ -161,7 +153,11 @@ CLIP = specs.ModelKind(
     preset_fingerprint=lambda name, seed: CLIP_PRESETS[name].fingerprint(seed),
     spec_words="--clip spec",
     missing_parts=_missing_parts,
-    layout_error=_layout_error,
+    folder_name="CLIP model folder",
+    layout_help=(f"It needs transformers' CLIPModel layout: {CONFIG_JSON} (model_type \"clip\"), model.safetensors, "
+                 f"tokenizer files and {PREPROCESSOR_JSON} (what CLIPModel and CLIPProcessor save_pretrained write, or "
+                 "`huggingface-cli download openai/clip-vit-base-patch32 --local-dir DIR`); for a test model: "
+                 "`diffmix-ray model make-clip OUT`"),
     validate=validate_clip_dir,
     hub_id=_HUB_REPO,
     hub_fetch=_hub_fetch,

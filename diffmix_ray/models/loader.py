@@ -90,14 +90,6 @@ def _missing_parts(files: Iterable[str]) -> list[str]:
     return missing
 
 
-def _layout_error(where: str, missing: list[str]) -> DiffmixError:
-    return DiffmixError(
-        f"{where} is not a complete diffusers Stable Diffusion folder: missing {', '.join(missing)}. "
-        f"It needs {MODEL_INDEX} plus the subfolders {', '.join(c + '/' for c in REQUIRED_COMPONENTS)} "
-        "(the layout `save_pretrained` and `huggingface-cli download <repo>` produce); copy the missing "
-        "parts again, or write a test model with `diffmix-ray model make --preset tiny OUT`")
-
-
 def validate_model_dir(path: str) -> None:
     """Raise DiffmixError naming every missing piece of the diffusers layout."""
     specs.check_folder(SD, path, f"model directory {path} does not exist",
@@ -117,7 +109,10 @@ SD = specs.ModelKind(
     preset_fingerprint=lambda name, seed: preset_config(name).fingerprint(seed),
     spec_words="model spec",
     missing_parts=_missing_parts,
-    layout_error=_layout_error,
+    folder_name="complete diffusers Stable Diffusion folder",
+    layout_help=(f"It needs {MODEL_INDEX} plus the subfolders {', '.join(c + '/' for c in REQUIRED_COMPONENTS)} "
+                 "(the layout `save_pretrained` and `huggingface-cli download <repo>` produce); copy the missing "
+                 "parts again, or write a test model with `diffmix-ray model make --preset tiny OUT`"),
     validate=validate_model_dir,
     hub_id=_HUB_ID,
     hub_fetch=_hub_fetch,
@@ -157,7 +152,7 @@ def _dir_resolution(path: str) -> int:
 def stage_model(uri: str) -> str:
     """Copy the diffusers folder at `uri` (s3://) into the node-local model cache once, and return
     the local path (see spec.stage_folder)."""
-    return specs.stage_folder(uri, _missing_parts, _layout_error)
+    return specs.stage_folder(uri, SD)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,9 +46,11 @@ class ModelKind:
     preset_fingerprint: Callable[[str, int], str]
     spec_words: str  # how a bad seed names the spec: "model spec" -> "bad model spec 'tiny:x': ..."
     # the layout a folder needs: missing_parts(relative file names) -> what is missing (checked on a
-    # bucket listing before any download, and on local folders); layout_error words the refusal
+    # bucket listing before any download, and on local folders); the refusal reads
+    # "<where> is not a <folder_name>: missing <parts>. <layout_help>"
     missing_parts: Callable[[Iterable[str]], list[str]]
-    layout_error: Callable[[str, list[str]], DiffmixError]
+    folder_name: str
+    layout_help: str
     validate: Callable[[str], None]  # the whole check of a local folder (layout and whatever else the kind needs)
     hub_id: re.Pattern  # the specs taken for hub ids; anything else that is not a path is refused
     hub_fetch: Callable[[str], str]  # repo id -> the snapshot folder (reached only online, on a named hub id)
@@ -58,6 +60,9 @@ class ModelKind:
     # folders shipped in the package under a preset-like name: name -> the path, checked (the ref's kind
     # is the name); a shipped folder resolves like any other folder otherwise
     shipped: Mapping[str, Callable[[], str]] = field(default_factory=dict)
+
+    def layout_error(self, where: str, missing: list[str]) -> DiffmixError:
+        return DiffmixError(f"{where} is not a {self.folder_name}: missing {', '.join(missing)}. {self.layout_help}")
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,7 @@ def resolve(kind: ModelKind, spec: str) -> Resolved:
     if spec in kind.shipped:
         ref_kind, path = spec, kind.shipped[spec]()
     elif storage.is_s3(spec):
-        ref_kind, path = "s3", stage_folder(spec, kind.missing_parts, kind.layout_error)
+        ref_kind, path = "s3", stage_folder(spec, kind)
     elif looks_like_path(spec):
         ref_kind, path = "dir", storage.normalize(spec)
     elif kind.hub_id.match(spec):
@@ -218,11 +223,9 @@ def _download_files(fs, remote: list[str], local: list[str]) -> None:
     fs.get(remote, local)
 
 
-def stage_folder(uri: str, missing_parts: Callable[[Iterable[str]], list[str]],
-                 layout_error: Callable[[str, list[str]], DiffmixError]) -> str:
+def stage_folder(uri: str, kind: ModelKind) -> str:
     """Copy the model folder at `uri` (s3://) into the node-local model cache once, and return the
-    local path. `missing_parts(relative file names)` says what the folder lacks for its kind of
-    model (checked on the listing, before any download) and `layout_error` words the refusal.
+    local path. The listing is checked against `kind`'s layout before any download.
 
     The cache key covers the URI and the remote listing (names, sizes, ETags), so a changed model
     is staged afresh; a file lock makes concurrent processes on a node download once; the copy
@@ -244,8 +247,8 @@ def stage_folder(uri: str, missing_parts: Callable[[Iterable[str]], list[str]],
     if not files:
         raise DiffmixError(f"{uri} holds no files; upload the model folder there "
                            f"(e.g. `aws s3 sync ./model-dir {uri}`) or fix the URI")
-    if missing := missing_parts(files):
-        raise layout_error(uri, missing)
+    if missing := kind.missing_parts(files):
+        raise kind.layout_error(uri, missing)
     if bad := [rel for rel in files if ".." in rel.split("/")]:
         raise DiffmixError(f"{uri} has object keys that would escape the cache folder: {bad[:3]}")
 
