@@ -66,19 +66,8 @@ class ModelKind:
 
 
 @dataclass(frozen=True)
-class Resolved:
-    """A spec resolved to where its weights are, before anything is loaded. Holds no secrets."""
-
-    spec: str  # as given, minus any credentials
-    kind: str  # "preset" | "dir" | "s3" | "hub" | a shipped folder's name
-    local_path: str | None  # the folder to load; None for a preset
-    fingerprint: str  # same fingerprint <=> same weights and configs
-    preset: tuple[str, int] | None  # (name, seed) of a preset
-
-
-@dataclass(frozen=True)
 class SpecRef:
-    """What a loaded model came from, for manifests and cache keys (the base of ModelRef and ClipRef)."""
+    """What a model came from, for manifests and cache keys (the base of ModelRef and ClipRef). Holds no secrets."""
 
     spec: str  # as given, minus any credentials
     kind: str  # "preset" | "dir" | "s3" | "hub" | a shipped folder's name
@@ -89,6 +78,13 @@ class SpecRef:
     def location(self) -> str | None:
         """Where the weights are read from (an output must never be there); None for a preset."""
         return self.spec if self.kind == "s3" else self.local_path
+
+
+@dataclass(frozen=True)
+class Resolved(SpecRef):
+    """A spec resolved to where its weights are, before anything is loaded."""
+
+    preset: tuple[str, int] | None  # (name, seed) of a preset
 
 
 # ---------------------------------------------------------------------------------------------
