@@ -416,3 +416,25 @@ def test_incomplete_s3_model_is_refused_before_downloading(tiny_dir, s3_env, mod
         load_pipeline(uri)
     with pytest.raises(DiffmixError, match="holds no files"):
         load_pipeline(uri + "-nothing-here")
+
+
+def test_the_classifier_factory_loads_a_trained_state_strictly_and_refuses_unknown_archs():
+    """models.classifier.create_classifier builds every timm classifier (train-cls, evaluate, score): a trained
+    run's state dict gives back the same function; a state for another class count, or a name timm does not
+    know, is refused."""
+    import timm
+    import torch
+
+    from diffmix_ray.models import create_classifier
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        trained = timm.create_model("test_resnet", num_classes=3).eval()
+    rebuilt = create_classifier("test_resnet", 3, trained.state_dict()).eval()
+    x = torch.randn(2, 3, 40, 40)
+    with torch.inference_mode():
+        assert torch.equal(trained(x), rebuilt(x))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        create_classifier("test_resnet", 4, trained.state_dict())
+    with pytest.raises(DiffmixError, match="--arch 'resnet_5O' is not a timm architecture; similar: .*resnet50"):
+        create_classifier("resnet_5O", 3)
