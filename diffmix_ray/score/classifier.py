@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from .. import storage
 from ..contracts import CLASSIFIER_BEST_DIR, CLASSIFIER_MODEL_JSON, CLASSIFIER_WEIGHTS, SUCCESS
 from ..errors import DiffmixError
-from ..models.classifier import create_classifier  # imports timm only when it builds
 from .cpu_stages import CLASSIFIER_PIPELINES
 
 META_KEYS = ("arch", "num_classes", "data_cfg", "dataset_fingerprint")
@@ -72,6 +71,8 @@ def load_classifier(run: str, fingerprint: str):
     """(timm model in eval mode on CPU, model.json) of `run`. Refuses weights that changed since the driver
     checked them (a run retrained in place mid-scoring would mix two classifiers' scores)."""
     import torch
+
+    from ..models.classifier import create_classifier  # in the actor: the driver side imports no torch
 
     best = storage.join(storage.normalize(run), CLASSIFIER_BEST_DIR)
     meta_text = storage.read_text(storage.join(best, CLASSIFIER_MODEL_JSON))
