@@ -28,6 +28,7 @@ from diffmix_ray.models import (
     write_preset,
 )
 from diffmix_ray.models import loader, preset_modules, preset_tokenizer
+from diffmix_ray.models import spec as model_spec
 from diffmix_ray.models.presets import PRESETS, PROMPT_WORDS
 
 PROMPTS = ["a photo of a bird", "a photo of a flower"]
@@ -255,6 +256,21 @@ def test_interrupted_preset_write_is_refused_as_incomplete(tmp_path, monkeypatch
         load_pipeline(str(tmp_path / "m"))
 
 
+def test_a_shipped_folder_resolves_by_name_like_the_folder_itself(tiny_dir, tmp_path):
+    """A kind may ship folders under preset-like names (spec.ModelKind.shipped): the name resolves to the
+    folder, checked like any folder, with the folder's fingerprint and the name as its kind."""
+    import dataclasses
+
+    sd = dataclasses.replace(loader.SD, shipped={"mine": lambda: tiny_dir})
+    ref = model_spec.resolve(sd, "mine")
+    assert (ref.kind, ref.local_path, ref.preset) == ("mine", tiny_dir, None)
+    assert ref.fingerprint == model_spec.resolve(sd, tiny_dir).fingerprint == dir_fingerprint(tiny_dir)
+    assert model_spec.resolve(sd, "tiny:2").fingerprint == loader.resolve_model("tiny:2").fingerprint
+    broken = dataclasses.replace(loader.SD, shipped={"mine": lambda: str(tmp_path)})
+    with pytest.raises(DiffmixError, match="missing model_index.json"):
+        model_spec.resolve(broken, "mine")
+
+
 @pytest.mark.parametrize("remove", ["vae", "model_index.json"])
 def test_incomplete_folder_is_refused_naming_the_missing_part(tiny_dir, tmp_path, remove):
     broken = tmp_path / "broken"
@@ -342,8 +358,8 @@ def _upload(s3_env, tiny_dir):
 def test_s3_model_is_staged_once_and_matches_the_local_folder(tiny_dir, s3_env, model_cache, monkeypatch):
     uri, fs = _upload(s3_env, tiny_dir)
     downloads = []
-    real_download = loader._download_files
-    monkeypatch.setattr(loader, "_download_files", lambda *a: (downloads.append(a), real_download(*a)))
+    real_download = model_spec._download_files
+    monkeypatch.setattr(model_spec, "_download_files", lambda *a: (downloads.append(a), real_download(*a)))
 
     pipe, ref = load_pipeline(uri)
     assert (ref.kind, ref.spec) == ("s3", uri)
@@ -364,8 +380,8 @@ def test_s3_model_is_staged_once_and_matches_the_local_folder(tiny_dir, s3_env, 
 def test_concurrent_staging_downloads_once(tiny_dir, s3_env, model_cache, monkeypatch):
     uri, _ = _upload(s3_env, tiny_dir)
     downloads = []
-    real_download = loader._download_files
-    monkeypatch.setattr(loader, "_download_files", lambda *a: (downloads.append(a), real_download(*a)))
+    real_download = model_spec._download_files
+    monkeypatch.setattr(model_spec, "_download_files", lambda *a: (downloads.append(a), real_download(*a)))
 
     paths, errors = [], []
 
@@ -395,8 +411,30 @@ def test_write_model_to_s3_then_stage_it_back(tiny_dir, s3_env, model_cache):
 def test_incomplete_s3_model_is_refused_before_downloading(tiny_dir, s3_env, model_cache, monkeypatch):
     uri, fs = _upload(s3_env, tiny_dir)
     fs.rm(uri.removeprefix("s3://") + "/vae", recursive=True)
-    monkeypatch.setattr(loader, "_download_files", lambda *a: pytest.fail("downloaded an incomplete model"))
+    monkeypatch.setattr(model_spec, "_download_files", lambda *a: pytest.fail("downloaded an incomplete model"))
     with pytest.raises(DiffmixError, match="vae/"):
         load_pipeline(uri)
     with pytest.raises(DiffmixError, match="holds no files"):
         load_pipeline(uri + "-nothing-here")
+
+
+def test_the_classifier_factory_loads_a_trained_state_strictly_and_refuses_unknown_archs():
+    """models.classifier.create_classifier builds every timm classifier (train-cls, evaluate, score): a trained
+    run's state dict gives back the same function; a state for another class count, or a name timm does not
+    know, is refused."""
+    import timm
+    import torch
+
+    from diffmix_ray.models import create_classifier
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        trained = timm.create_model("test_resnet", num_classes=3).eval()
+    rebuilt = create_classifier("test_resnet", 3, trained.state_dict()).eval()
+    x = torch.randn(2, 3, 40, 40)
+    with torch.inference_mode():
+        assert torch.equal(trained(x), rebuilt(x))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        create_classifier("test_resnet", 4, trained.state_dict())
+    with pytest.raises(DiffmixError, match="--arch 'resnet_5O' is not a timm architecture; similar: .*resnet50"):
+        create_classifier("resnet_5O", 3)

@@ -20,6 +20,7 @@ from diffmix_ray.contracts import COL_IMAGE, COL_LABEL, SCORE_COLUMNS, object_pr
 from diffmix_ray.errors import DiffmixError
 from diffmix_ray.models import clip as clip_mod
 from diffmix_ray.models import loader
+from diffmix_ray.models import spec as model_spec
 from diffmix_ray.models.clip import OPENAI_MEAN, OPENAI_STD, build_clip, load_clip, resolve_clip, write_clip
 from diffmix_ray.score.config import ScoreConfig
 from diffmix_ray.score.cpu_stages import COL_ERROR, classifier_pixels, clip_pixels, decode_pairs, finish_scores
@@ -131,8 +132,8 @@ def test_s3_clip_is_staged_once(clip_dir, s3_env, tmp_path, monkeypatch):
     monkeypatch.setenv(loader.CACHE_ENV, str(tmp_path / "cache"))
     uri = write_clip(clip_dir, s3_env.make_bucket("clip") + "/models/tiny")
     downloads = []
-    real = loader._download_files
-    monkeypatch.setattr(loader, "_download_files", lambda *a: (downloads.append(a), real(*a)))
+    real = model_spec._download_files
+    monkeypatch.setattr(model_spec, "_download_files", lambda *a: (downloads.append(a), real(*a)))
     first, again = resolve_clip(uri), resolve_clip(uri)
     assert first.kind == "s3" and first.local_path.startswith(str(tmp_path / "cache"))
     assert first == again and len(downloads) == 1

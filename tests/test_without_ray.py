@@ -13,9 +13,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # bench/bench_score.py --gpu.
 MODULES = [
     "diffmix_ray.generate.translate", "diffmix_ray.generate.cpu_stages", "diffmix_ray.generate.plan",
-    "diffmix_ray.generate.config", "diffmix_ray.models.concepts", "diffmix_ray.models.loader",
+    "diffmix_ray.generate.config", "diffmix_ray.models.concepts", "diffmix_ray.models.loader", "diffmix_ray.models.spec",
     "diffmix_ray.data.prepare", "diffmix_ray.data.sample", "diffmix_ray.finetune.run",
-    "diffmix_ray.finetune.loop", "diffmix_ray.finetune.data", "diffmix_ray.classify.model",
+    "diffmix_ray.finetune.loop", "diffmix_ray.finetune.data", "diffmix_ray.classify.model", "diffmix_ray.models.classifier",
     "diffmix_ray.score.scorer", "diffmix_ray.score.cpu_stages", "diffmix_ray.models.clip",
     "diffmix_ray.classify.step", "diffmix_ray.classify.mixing", "diffmix_ray.classify.convert",
     "diffmix_ray.finetune.token_optim",

@@ -24,6 +24,7 @@ import re
 import torch
 
 from ..errors import DiffmixError
+from ..models.classifier import create_classifier
 
 ARCHS = ("resnet50", "vit_base_patch16_384", "vit_base_patch16_224")
 _VIT_BLOCK = {"ln_1": "norm1", "self_attention.in_proj_weight": "attn.qkv.weight",
@@ -79,8 +80,6 @@ def convert_state(state: dict[str, torch.Tensor], arch: str, **model_kwargs) -> 
     """`state` (torchvision) renamed for timm `arch`, checked tensor by tensor against that architecture
     with the checkpoint's own class count: every tensor present, none left over, every shape equal.
     `model_kwargs` go to timm.create_model (tests check the mapping on a shallower ViT-B: depth=2)."""
-    import timm
-
     if arch not in ARCHS:
         raise DiffmixError(f"--arch {arch!r}: convert-classifier maps onto {', '.join(ARCHS)}")
     kind = source_kind(state)
@@ -89,7 +88,7 @@ def convert_state(state: dict[str, torch.Tensor], arch: str, **model_kwargs) -> 
                            f"--arch {'vit_base_patch16_384' if kind == 'torchvision-vit' else 'resnet50'}")
     state = vit_keys(state) if kind == "torchvision-vit" else dict(state)
     head = "head.weight" if arch.startswith("vit") else "fc.weight"
-    model = timm.create_model(arch, pretrained=False, num_classes=state[head].shape[0], **model_kwargs)
+    model = create_classifier(arch, state[head].shape[0], **model_kwargs)
     own = model.state_dict()
     if arch.startswith("vit") and state["pos_embed"].shape != own["pos_embed"].shape:
         tokens = state["pos_embed"].shape[1]

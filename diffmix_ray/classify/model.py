@@ -1,51 +1,13 @@
-"""timm classifiers by name, with local pretrained weights and a new head for C classes."""
+"""train-cls's view of its classifier: a timm architecture with optional local pretrained weights
+(built by models.classifier, the one classifier factory), and what a run records of those weights."""
 
 from __future__ import annotations
 
-import os
+from ..models.classifier import WEIGHT_FILES, check_arch, create_classifier, read_state, weights_file  # noqa: F401
 
-from ..errors import DiffmixError
-
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
 # --pretrained none: random initialisation on purpose (a recipe naming pretrained weights insists on
 # being told), recorded as such in metrics.json and the report
 FROM_SCRATCH = "none"
-
-
-def check_arch(arch: str) -> None:
-    import timm
-
-    if not timm.is_model(arch):
-        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
-        raise DiffmixError(f"--arch {arch!r} is not a timm architecture" +
-                           (f"; similar: {', '.join(close)}" if close else "") + " (see timm.list_models())")
-
-
-def weights_file(path: str, flag: str = "--pretrained") -> str:
-    """The weights file `path` names: the file itself, or the first of WEIGHT_FILES in a folder."""
-    if os.path.isdir(path):
-        for name in WEIGHT_FILES:
-            if os.path.exists(os.path.join(path, name)):
-                return os.path.join(path, name)
-        raise DiffmixError(f"{flag} {path} holds none of {WEIGHT_FILES}")
-    if not os.path.exists(path):
-        raise DiffmixError(f"{flag} {path} does not exist (weights are read from local files only)")
-    return path
-
-
-def read_state(file: str) -> dict:
-    import torch
-
-    if file.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(file)
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "module"):  # common wrappers of saved checkpoints
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def fingerprint(file: str) -> str:
@@ -70,32 +32,6 @@ def describe_weights(pretrained: str | None) -> dict:
 
 
 def build_model(arch: str, num_classes: int, pretrained: str | None = None):
-    """`arch` with `num_classes` outputs. `pretrained` weights (a local file or folder; None or "none":
-    random initialisation) must fit the architecture exactly, except the classifier head, which is
-    replaced when the class count differs: a file for another architecture is refused instead of
-    half-loaded."""
-    import timm
-
-    check_arch(arch)
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
-    if not pretrained or pretrained == FROM_SCRATCH:
-        return model
-    file = weights_file(pretrained)
-    try:
-        state = read_state(file)
-    except Exception as e:  # noqa: BLE001 - unreadable file in any format
-        raise DiffmixError(f"--pretrained {pretrained} is not a readable weights file: {e}") from e
-    head = model.pretrained_cfg.get("classifier", "")
-    own = model.state_dict()
-    state = {k: v for k, v in state.items()
-             if not (head and k.startswith(head + ".") and (k not in own or own[k].shape != v.shape))}
-    bad_shapes = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    result = model.load_state_dict({k: v for k, v in state.items() if k not in bad_shapes}, strict=False)
-    missing = [k for k in result.missing_keys if not (head and k.startswith(head + "."))]
-    problems = missing + list(result.unexpected_keys) + bad_shapes
-    if problems:
-        raise DiffmixError(f"--pretrained {pretrained} does not fit --arch {arch}: {len(missing)} missing, "
-                           f"{len(result.unexpected_keys)} unexpected and {len(bad_shapes)} mis-shaped tensors "
-                           f"(e.g. {problems[:3]}); pass weights saved from the same architecture")
-    return model
-
+    """`arch` with `num_classes` outputs; `pretrained`: a local weights file or folder (its head replaced
+    when the class count differs), or None / "none" for a random initialisation."""
+    return create_classifier(arch, num_classes, None if pretrained in (None, "", FROM_SCRATCH) else pretrained)

@@ -35,10 +35,11 @@ _TIMM_TENSOR_STEPS = ("MaybeToTensor", "MaybePILToTensor", "ToTensor", "PILToTen
 def data_config(arch: str, augment: str, img_size: int | None, res_mode: int | None) -> dict:
     """Everything the pipelines need, as plain JSON (it is stored with the weights in best/model.json)."""
     if augment == "timm":
-        import timm
         from timm.data import resolve_data_config
 
-        cfg = resolve_data_config({}, model=timm.create_model(arch, pretrained=False, num_classes=2))
+        from ..models.classifier import create_classifier
+
+        cfg = resolve_data_config({}, model=create_classifier(arch, num_classes=2))
         return {"augment": "timm", "img_size": int(img_size or cfg["input_size"][-1]), "mean": list(cfg["mean"]),
                 "std": list(cfg["std"]), "interpolation": cfg["interpolation"], "crop_pct": float(cfg["crop_pct"])}
     if augment not in AUGMENTS:

@@ -7,20 +7,20 @@ a laptop and a cluster. A spec is one of:
   * a local folder in transformers' CLIPModel layout: config.json (model_type "clip"), the weights,
     tokenizer files and preprocessor_config.json (what `save_pretrained` of CLIPModel and
     CLIPProcessor write, and what `huggingface-cli download openai/clip-vit-base-patch32` fetches);
-  * `s3://bucket/prefix` holding such a folder: staged once per node (loader.stage_folder);
+  * `s3://bucket/prefix` holding such a folder: staged once per node (spec.stage_folder);
   * `org/name`: a Hugging Face hub id, downloaded only because the user named it, and refused
     under HF_HUB_OFFLINE=1.
 
 Folders are always opened with local_files_only=True. The image preprocessing is returned as
 plain numbers (ImagePrep) so that the CPU stage before the scoring actor can apply it without
-importing torch or transformers."""
+importing torch or transformers. This module declares the CLIP kind of model folder (CLIP: its
+layout, presets and messages); spec.py resolves specs the same way for every kind."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -28,8 +28,9 @@ import torch
 
 from .. import storage
 from ..errors import DiffmixError
-from .loader import _hub_offline, _list_files, _looks_like_path, dir_fingerprint, redact, runtime_policy, stage_folder
+from . import spec as specs
 from .clip_presets import CLIP_PRESETS, ClipPreset, build_clip
+from .loader import runtime_policy
 
 CONFIG_JSON = "config.json"
 PREPROCESSOR_JSON = "preprocessor_config.json"
@@ -67,27 +68,13 @@ class ImagePrep:
 
 
 @dataclass(frozen=True)
-class ClipRef:
-    spec: str  # as given, minus any credentials
-    kind: str  # "preset" | "dir" | "s3" | "hub"
-    local_path: str | None  # None for presets
-    fingerprint: str
+class ClipRef(specs.SpecRef):
     prep: ImagePrep
-
-    @property
-    def location(self) -> str | None:
-        """Where the weights are read from (an output must never be there); None for a preset."""
-        return self.spec if self.kind == "s3" else self.local_path
 
 
 def parse_clip_preset(spec: str) -> tuple[str, int] | None:
-    name, sep, seed = spec.partition(":")
-    if name not in CLIP_PRESETS or (sep and not seed):
-        return None
-    try:
-        return name, int(seed) if sep else 0
-    except ValueError:
-        raise DiffmixError(f"bad --clip spec {spec!r}: the seed after ':' must be an integer, e.g. {name}:0") from None
+    """('tiny', 7) for 'tiny:7', ('tiny', 0) for 'tiny'; None when `spec` names no CLIP preset."""
+    return specs.parse_preset(CLIP, spec)
 
 
 def _preset_prep(p: ClipPreset) -> ImagePrep:
@@ -105,14 +92,6 @@ def _missing_parts(files) -> list[str]:
     if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= files:
         missing.append("tokenizer.json (or vocab.json + merges.txt)")
     return missing
-
-
-def _layout_error(where: str, missing: list[str]) -> DiffmixError:
-    return DiffmixError(
-        f"{where} is not a CLIP model folder: missing {', '.join(missing)}. It needs transformers' CLIPModel "
-        f"layout: {CONFIG_JSON} (model_type \"clip\"), model.safetensors, tokenizer files and {PREPROCESSOR_JSON} "
-        "(what CLIPModel and CLIPProcessor save_pretrained write, or `huggingface-cli download "
-        "openai/clip-vit-base-patch32 --local-dir DIR`); for a test model: `diffmix-ray model make-clip OUT`")
 
 
 def _read_json(path: str, name: str) -> dict:
@@ -151,53 +130,54 @@ def _folder_prep(path: str) -> ImagePrep:
 
 def validate_clip_dir(path: str) -> None:
     """Raise DiffmixError naming what keeps `path` from being a CLIP model folder."""
-    if not os.path.isdir(path):
-        raise DiffmixError(f"CLIP model folder {path} does not exist" if not os.path.exists(path) else
-                           f"{path} is a file, not a CLIP model folder")
-    files = _list_files(path)
-    if "model_index.json" in files:
+    if os.path.isfile(os.path.join(path, "model_index.json")):
         raise DiffmixError(f"{path} is a diffusers pipeline folder (model_index.json), not a CLIP model; pass a "
                            "CLIPModel folder to --clip (a Stable Diffusion checkpoint's text encoder has no image "
                            "tower)")
-    if missing := _missing_parts(files):
-        raise _layout_error(path, missing)
+    specs.check_folder(CLIP, path, f"CLIP model folder {path} does not exist",
+                       f"{path} is a file, not a CLIP model folder")
     model_type = _read_json(path, CONFIG_JSON).get("model_type")
     if model_type != "clip":
         raise DiffmixError(f"{path}/{CONFIG_JSON} has model_type {model_type!r}, not 'clip': --clip needs a CLIPModel "
                            "checkpoint (text and image towers), e.g. openai/clip-vit-base-patch32")
 
 
-def _hub_download(repo_id: str) -> str:
-    if _hub_offline():
-        raise DiffmixError(f"--clip {repo_id!r} is a hub id and HF_HUB_OFFLINE=1 forbids hub downloads: download it "
-                           f"once (huggingface-cli download {repo_id} --local-dir DIR) and pass the folder")
+def _hub_fetch(repo_id: str) -> str:
     import huggingface_hub
 
-    try:  # the hub is reached only here, and only because the user named a hub id
-        return huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
-    except Exception as e:  # noqa: BLE001 - every hub failure becomes one actionable message
-        raise DiffmixError(f"could not download CLIP {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
-                           "check the repo id, the network and HF_TOKEN, or pass a local folder") from e
+    return huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
+
+
+CLIP = specs.ModelKind(
+    presets=CLIP_PRESETS,
+    preset_fingerprint=lambda name, seed: CLIP_PRESETS[name].fingerprint(seed),
+    spec_words="--clip spec",
+    missing_parts=_missing_parts,
+    folder_name="CLIP model folder",
+    layout_help=(f"It needs transformers' CLIPModel layout: {CONFIG_JSON} (model_type \"clip\"), model.safetensors, "
+                 f"tokenizer files and {PREPROCESSOR_JSON} (what CLIPModel and CLIPProcessor save_pretrained write, or "
+                 "`huggingface-cli download openai/clip-vit-base-patch32 --local-dir DIR`); for a test model: "
+                 "`diffmix-ray model make-clip OUT`"),
+    validate=validate_clip_dir,
+    hub_id=_HUB_REPO,
+    hub_fetch=_hub_fetch,
+    offline_error=lambda repo_id: (
+        f"--clip {repo_id!r} is a hub id and HF_HUB_OFFLINE=1 forbids hub downloads: download it once "
+        f"(huggingface-cli download {repo_id} --local-dir DIR) and pass the folder"),
+    hub_error=lambda repo_id, e: (
+        f"could not download CLIP {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); check the "
+        "repo id, the network and HF_TOKEN, or pass a local folder"),
+    unknown_error=lambda clean: (
+        f"unknown --clip spec {clean!r}: use a preset ({', '.join(CLIP_PRESETS)}, optionally with :SEED), a "
+        "CLIPModel folder, an s3:// URI of one, or a hub id like openai/clip-vit-base-patch32"),
+)
 
 
 def resolve_clip(spec: str) -> ClipRef:
     """Find (staging or downloading as needed) the CLIP model `spec` names, without loading it."""
-    clean = redact(spec)
-    if preset := parse_clip_preset(spec):
-        p = CLIP_PRESETS[preset[0]]
-        return ClipRef(clean, "preset", None, p.fingerprint(preset[1]), _preset_prep(p))
-    if storage.is_s3(spec):
-        kind, path = "s3", stage_folder(spec, _missing_parts, _layout_error)
-    elif _looks_like_path(spec):
-        kind, path = "dir", storage.normalize(spec)
-    elif _HUB_REPO.match(spec):
-        kind, path = "hub", _hub_download(spec)
-    else:
-        raise DiffmixError(f"unknown --clip spec {clean!r}: use a preset ({', '.join(CLIP_PRESETS)}, optionally "
-                           "with :SEED), a CLIPModel folder, an s3:// URI of one, or a hub id like "
-                           "openai/clip-vit-base-patch32")
-    validate_clip_dir(path)
-    return ClipRef(clean, kind, path, dir_fingerprint(path), _folder_prep(path))
+    r = specs.resolve(CLIP, spec)
+    prep = _preset_prep(CLIP_PRESETS[r.preset[0]]) if r.preset else _folder_prep(r.local_path)
+    return ClipRef(r.spec, r.kind, r.local_path, r.fingerprint, prep)
 
 
 def _quiet() -> None:
@@ -232,10 +212,7 @@ def write_clip(spec: str, out: str, overwrite: bool = False) -> str:
     from transformers import CLIPImageProcessor
 
     _quiet()
-    out = storage.normalize(out)
-    if storage.list_dir(out) and not overwrite:
-        raise DiffmixError(f"refusing to write a CLIP model into {out}: it is not empty; choose another path "
-                           "or pass --overwrite")
+    out = specs.refuse_non_empty(out, "a CLIP model", overwrite, "pass --overwrite")
     ref = resolve_clip(spec)
     storage.check_out_of_inputs(out, {"the CLIP model": ref.location})  # --overwrite would delete the source
     with tempfile.TemporaryDirectory(prefix="diffmix-clip-") as tmp:
@@ -250,17 +227,4 @@ def write_clip(spec: str, out: str, overwrite: bool = False) -> str:
                                image_std=list(p.std)).save_pretrained(source)
         else:
             source = ref.local_path
-        rels = _list_files(source)
-        storage.remove_tree(out)
-        if storage.is_s3(out):
-            fs, root = storage.filesystem(out)
-            with storage.explained(out):
-                fs.put([os.path.join(source, r) for r in rels], [f"{root}/{r}" for r in rels])
-        else:
-            staging = f"{out}.tmp-{os.getpid()}"
-            shutil.rmtree(staging, ignore_errors=True)
-            for rel in rels:
-                os.makedirs(os.path.dirname(os.path.join(staging, rel)), exist_ok=True)
-                shutil.copy2(os.path.join(source, rel), os.path.join(staging, rel))
-            os.rename(staging, out)
-    return out
+        return specs.copy_folder(source, out)

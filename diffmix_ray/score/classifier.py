@@ -60,14 +60,15 @@ def open_classifier(run: str, dataset_fingerprint: str, num_classes: int) -> Cla
 def load_classifier(run: str, fingerprint: str):
     """(timm model in eval mode on CPU, model.json) of `run`. Refuses weights that changed since the driver
     checked them (a run retrained in place mid-scoring would mix two classifiers' scores)."""
-    import timm
     import torch
+
+    from ..models.classifier import create_classifier  # in the actor: the driver side imports no torch
 
     stored = classifier_run.read_best(classifier_run.best_dir(run))
     if stored.fingerprint != fingerprint:
         raise DiffmixError(f"--classifier {run} changed while scoring (its weights no longer match the fingerprint "
                            "the run started with); rerun score with --overwrite")
     meta = stored.card
-    model = timm.create_model(meta["arch"], pretrained=False, num_classes=meta["num_classes"])
-    model.load_state_dict(torch.load(io.BytesIO(stored.weights), map_location="cpu", weights_only=True))
+    state = torch.load(io.BytesIO(stored.weights), map_location="cpu", weights_only=True)
+    model = create_classifier(meta["arch"], meta["num_classes"], state)
     return model.eval(), meta
