@@ -13,7 +13,8 @@ from .errors import DiffmixError
 
 app = typer.Typer(help="Diff-Mix inter-class image translation as a distributed batch system on Ray.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-model_app = typer.Typer(help="Model utilities (tiny/bench/sd15 presets, CLIP presets, staging).", no_args_is_help=True)
+model_app = typer.Typer(help="Model utilities (tiny/bench/sd15 presets, CLIP presets, the trained sample models, "
+                        "staging).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 recipe_app = typer.Typer(help="The paper's settings as recipes for `run` (jobs/configs/paper/).", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
@@ -437,6 +438,30 @@ def make_clip(out: str = typer.Argument(..., help="Directory (or s3:// URI) to w
     if preset not in CLIP_PRESETS:
         raise DiffmixError(f"unknown CLIP preset {preset!r}; choose one of {', '.join(CLIP_PRESETS)}")
     console.print(f"wrote the '{preset}' CLIP model (seed {seed}) to {write_clip(f'{preset}:{seed}', out, overwrite)}")
+
+
+@model_app.command("train-sample")
+@friendly
+def train_sample(out: str = typer.Argument(..., help="Local folder to write sd/ (the `sample` model) and clip/ into."),
+                 seed: int = typer.Option(0, help="Seed of the drawn images and every weight: same seed, threads and "
+                                          "library versions give the same files."),
+                 vae_steps: Optional[int] = typer.Option(None, help="VAE steps (default: what the shipped model used)."),
+                 unet_steps: Optional[int] = typer.Option(None, help="UNet + text-encoder steps (default: as shipped)."),
+                 clip_steps: Optional[int] = typer.Option(None, help="CLIP steps (default: as shipped)."),
+                 images_per_class: Optional[int] = typer.Option(None, help="Training images drawn per class."),
+                 threads: Optional[int] = typer.Option(None, help="torch threads (part of what fixes the result)."),
+                 overwrite: bool = typer.Option(False, help="Replace a non-empty OUT.")):
+    """Train the `sample` model (SD-shaped: VAE, UNet, CLIP text encoder + tokenizer, SD 1.5's scheduler) and the
+    sample CLIP from scratch on the sample world, on this machine's CPU, and write them as an SD folder (OUT/sd) and
+    a CLIPModel folder (OUT/clip), each with its training record. Use them with --model OUT/sd --clip OUT/clip."""
+    import dataclasses
+
+    from .models.sample_train import TrainSampleConfig, train_sample as train
+
+    given = dict(vae_steps=vae_steps, unet_steps=unet_steps, clip_steps=clip_steps,
+                 images_per_class=images_per_class, threads=threads)
+    cfg = dataclasses.replace(TrainSampleConfig(seed=seed), **{k: v for k, v in given.items() if v is not None})
+    train(out, cfg, command=" ".join(["diffmix-ray", "model", "train-sample"] + sys.argv[3:]), overwrite=overwrite)
 
 
 @model_app.command("stage")

@@ -4,6 +4,8 @@ a laptop and a cluster. A spec is one of:
   * a preset, optionally with a weight seed (`tiny:7`), built in memory from config, offline
     (clip_presets.py): `tiny` for tests and the demo, `clip-b32` (CLIP ViT-B/32's architecture)
     for GPU benchmarks;
+  * `sample`: the small CLIP trained on the sample world, shipped in the package (a CLIPModel
+    folder checked against its training record; see sample.py);
   * a local folder in transformers' CLIPModel layout: config.json (model_type "clip"), the weights,
     tokenizer files and preprocessor_config.json (what `save_pretrained` of CLIPModel and
     CLIPProcessor write, and what `huggingface-cli download openai/clip-vit-base-patch32` fetches);
@@ -28,6 +30,7 @@ import torch
 
 from .. import storage
 from ..errors import DiffmixError
+from . import sample as sample_models
 from .loader import _hub_offline, _list_files, _looks_like_path, dir_fingerprint, redact, runtime_policy, stage_folder
 from .clip_presets import CLIP_PRESETS, ClipPreset, build_clip
 
@@ -69,7 +72,7 @@ class ImagePrep:
 @dataclass(frozen=True)
 class ClipRef:
     spec: str  # as given, minus any credentials
-    kind: str  # "preset" | "dir" | "s3" | "hub"
+    kind: str  # "preset" | "sample" | "dir" | "s3" | "hub"
     local_path: str | None  # None for presets
     fingerprint: str
     prep: ImagePrep
@@ -181,6 +184,10 @@ def resolve_clip(spec: str) -> ClipRef:
     if preset := parse_clip_preset(spec):
         p = CLIP_PRESETS[preset[0]]
         return ClipRef(clean, "preset", None, p.fingerprint(preset[1]), _preset_prep(p))
+    if spec == sample_models.SAMPLE_SPEC:  # the CLIP trained on the sample world, shipped in the package
+        path = sample_models.shipped("clip")
+        validate_clip_dir(path)
+        return ClipRef(clean, "sample", path, dir_fingerprint(path), _folder_prep(path))
     if storage.is_s3(spec):
         kind, path = "s3", stage_folder(spec, _missing_parts, _layout_error)
     elif _looks_like_path(spec):
@@ -189,9 +196,10 @@ def resolve_clip(spec: str) -> ClipRef:
         kind, path = "hub", _hub_download(spec)
     else:
         raise DiffmixError(f"unknown --clip spec {clean!r}: use a preset ({', '.join(CLIP_PRESETS)}, optionally "
-                           "with :SEED), a CLIPModel folder, an s3:// URI of one, or a hub id like "
+                           "with :SEED), `sample` (trained on the sample world), a CLIPModel folder, an s3:// URI of one, or a hub id like "
                            "openai/clip-vit-base-patch32")
     validate_clip_dir(path)
+    sample_models.verify(path)  # a folder `model train-sample` wrote: refused if a file changed since
     return ClipRef(clean, kind, path, dir_fingerprint(path), _folder_prep(path))
 
 

@@ -2,7 +2,9 @@
 
 A spec is one of:
   * a preset name, `tiny`, `bench` or `sd15`, optionally with a seed: `tiny:7` (built in memory,
-    no files; see presets.py);
+    no files, random weights; see presets.py);
+  * `sample`: the small SD-shaped model trained on the sample world, shipped in the package (a
+    diffusers folder checked against its training record; see sample.py);
   * a local diffusers folder (model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/);
     to use a folder named like a preset, write it as a path: `./tiny`;
   * `s3://bucket/prefix` holding such a folder: staged once per node into a local cache;
@@ -30,6 +32,7 @@ import torch
 
 from .. import storage
 from ..errors import DiffmixError
+from . import sample as sample_models
 from .presets import PRESETS, build_pipeline, preset_config, resolve_write_dtype, write_preset
 
 MODEL_INDEX = "model_index.json"
@@ -48,7 +51,7 @@ class ModelRef:
     """Where a pipeline came from, for manifests and cache keys. Holds no secrets."""
 
     spec: str  # as given, minus any credentials
-    kind: str  # "preset" | "dir" | "s3" | "hub"
+    kind: str  # "preset" | "sample" | "dir" | "s3" | "hub"
     local_path: str | None  # the folder actually loaded; None for presets
     fingerprint: str  # same fingerprint <=> same weights and configs
     resolution: int  # native image side in pixels: unet sample_size * VAE scale factor
@@ -320,6 +323,10 @@ def resolve_model(spec: str) -> ModelRef:
     if preset := parse_preset(spec):
         config = preset_config(preset[0])
         return ModelRef(clean, "preset", None, config.fingerprint(preset[1]), config.resolution)
+    if spec == sample_models.SAMPLE_SPEC:  # the trained sample model shipped in the package
+        path = sample_models.shipped("sd")
+        validate_model_dir(path)
+        return ModelRef(clean, "sample", path, dir_fingerprint(path), _dir_resolution(path))
     if storage.is_s3(spec):
         kind, path = "s3", stage_model(spec)
     elif _looks_like_path(spec):
@@ -327,9 +334,10 @@ def resolve_model(spec: str) -> ModelRef:
     elif _HUB_ID.match(spec):
         kind, path = "hub", _hub_download(spec)
     else:
-        raise DiffmixError(f"model {clean!r} is not a preset ({', '.join(sorted(PRESETS))}), an existing "
+        raise DiffmixError(f"model {clean!r} is not a preset ({', '.join(sorted(PRESETS))}), `sample`, an existing "
                            "local directory, an s3:// URI or a hub id like org/name; fix the spec")
     validate_model_dir(path)
+    sample_models.verify(path)  # a folder `model train-sample` wrote: refused if a file changed since
     return ModelRef(clean, kind, path, dir_fingerprint(path), _dir_resolution(path))
 
 
