@@ -152,7 +152,8 @@ def _generate_config(config: Optional[str] = None, **flags):
 # Options shared by `generate` and `plan` (plan = the same arguments, no generation).
 GENERATE_OPTIONS = dict(
     dataset=typer.Option(None, help="Canonical dataset URI (from `prepare`)."),
-    model=typer.Option(None, help="Base model: tiny | bench | sd15 | a diffusers folder | s3://... (default tiny)."),
+    model=typer.Option(None, help="Base model: sample (trained on the sample world) | tiny | bench | sd15 (random "
+                       "weights) | a diffusers folder | s3://... (default tiny)."),
     concepts=typer.Option(None, help="Concept bank URI (from `finetune`); needed by diff-* and da-fusion modes."),
     out=typer.Option(None, help="Output URI for plan/, shards/, manifest.json, _SUCCESS."),
     config=typer.Option(None, help="YAML file with any of these options (flags override it)."),
@@ -341,8 +342,9 @@ def train_cls(
 @friendly
 def score(
     synthetic: Optional[str] = typer.Option(None, help="A generate output (local path or s3://) whose shards to score."),
-    clip: Optional[str] = typer.Option(None, help="CLIP model: tiny | clip-b32 (random weights, for tests and benchmarks) "
-                                       "| a CLIPModel folder | s3://... | a hub id org/name (only when online)."),
+    clip: Optional[str] = typer.Option(None, help="CLIP model: sample (trained on the sample world) | tiny | clip-b32 "
+                                       "(random weights, for tests and benchmarks) | a CLIPModel folder | s3://... | "
+                                       "a hub id org/name (only when online)."),
     classifier: Optional[str] = typer.Option(None, help="A finished train-cls run: adds its softmax probability of the "
                                              "source and the target class."),
     name: Optional[str] = typer.Option(None, help="Scores go to <synthetic>/scores/NAME/ (default 'default')."),
@@ -406,8 +408,9 @@ def report(runs: list[str] = typer.Argument(..., help="generate outputs and/or t
 @model_app.command("make")
 @friendly
 def make_model(out: str = typer.Argument(..., help="Directory (or s3:// URI) to write the diffusers folder into."),
-               preset: str = typer.Option("tiny", help="tiny (tests, demo), bench (CPU benchmarks) or sd15 (SD 1.5's "
-                                          "exact architecture: GPU benchmarks; ~4 GB RAM to build)."),
+               preset: str = typer.Option("tiny", help="tiny (tests), bench (CPU benchmarks), sd15 (SD 1.5's "
+                                          "exact architecture: GPU benchmarks; ~4 GB RAM to build), or sample (the "
+                                          "shipped model trained on the sample world, copied)."),
                seed: int = typer.Option(0, help="Weight seed: same preset and seed, same weights."),
                dtype: Optional[str] = typer.Option(None, help="float32 | float16 weights on disk (default: float16 "
                                                    "for sd15: half the disk, and what a GPU runs; float32 for "
@@ -418,6 +421,9 @@ def make_model(out: str = typer.Argument(..., help="Directory (or s3:// URI) to 
     from .models.loader import write_model
     from .models.presets import preset_config, resolve_write_dtype
 
+    if preset == "sample":  # the trained sample model: its shipped folder, copied as it is
+        console.print(f"wrote the 'sample' model to {write_model('sample', out, overwrite=overwrite, dtype=dtype)}")
+        return
     preset_config(preset)  # an unknown name fails here, listing the presets, before any work
     dtype = resolve_write_dtype(preset, dtype)
     written = write_model(f"{preset}:{seed}", out, overwrite=overwrite, dtype=dtype)
@@ -427,14 +433,18 @@ def make_model(out: str = typer.Argument(..., help="Directory (or s3:// URI) to 
 @model_app.command("make-clip")
 @friendly
 def make_clip(out: str = typer.Argument(..., help="Directory (or s3:// URI) to write the CLIPModel folder into."),
-              preset: str = typer.Option("tiny", help="tiny (tests, demo) or clip-b32 (CLIP ViT-B/32's exact "
-                                         "architecture: GPU benchmarks)."),
+              preset: str = typer.Option("tiny", help="tiny (tests), clip-b32 (CLIP ViT-B/32's exact "
+                                         "architecture: GPU benchmarks) or sample (the shipped CLIP trained on the "
+                                         "sample world, copied)."),
               seed: int = typer.Option(0, help="Weight seed: same preset and seed, same weights."),
               overwrite: bool = typer.Option(False, help="Replace a non-empty OUT.")):
     """Write a built-in, randomly initialised CLIP model as a normal CLIPModel folder (config, weights, tokenizer,
     preprocessor config), loadable by `score --clip OUT` and by transformers. Its scores mean nothing."""
     from .models.clip import CLIP_PRESETS, write_clip
 
+    if preset == "sample":  # the trained sample CLIP: its shipped folder, copied as it is
+        console.print(f"wrote the 'sample' CLIP model to {write_clip('sample', out, overwrite)}")
+        return
     if preset not in CLIP_PRESETS:
         raise DiffmixError(f"unknown CLIP preset {preset!r}; choose one of {', '.join(CLIP_PRESETS)}")
     console.print(f"wrote the '{preset}' CLIP model (seed {seed}) to {write_clip(f'{preset}:{seed}', out, overwrite)}")
@@ -488,7 +498,7 @@ def stage(uri: str = typer.Argument(..., help="s3:// URI of a diffusers model fo
 @friendly
 def demo(out: str = typer.Option("demo-out", help="Local folder for every stage's output."),
          overwrite: bool = typer.Option(False, help="Start again even if --out holds a finished demo.")):
-    """Run the pipeline on built-in defaults: sample dataset, tiny model, local disk, CPU."""
+    """Run the pipeline on built-in defaults: the sample world, the sample model and CLIP, local disk, CPU."""
     from .orchestrate.demo import run_demo
 
     run_demo(out, overwrite=overwrite)
@@ -508,16 +518,16 @@ def _ints(text: Optional[str], flag: str) -> Optional[list[int]]:
 def run_cmd(recipe: str = typer.Argument(..., help="A recipe name (`diffmix-ray recipe list`) or a recipe YAML file."),
             out: str = typer.Option(..., help="Output URI: every stage's output, the report, timings.json."),
             data: Optional[str] = typer.Option(None, help="The raw dataset the recipe prepares (its layout: "
-                                               "`diffmix-ray recipe show NAME`); builtin:sample for the sample."),
+                                               "`diffmix-ray recipe show NAME`); builtin:sample[:CxN] for the sample world."),
             model: Optional[str] = typer.Option(None, help="Base diffusion model: a diffusers folder or s3:// URI "
-                                                "(SD 1.5 for the paper); presets tiny | bench | sd15 for smoke runs."),
+                                                "(SD 1.5 for the paper); sample (trained on the sample world) | tiny | bench | sd15."),
             seeds: Optional[str] = typer.Option(None, help="Classifier seeds, comma-separated (default: the recipe's)."),
             methods: Optional[str] = typer.Option(None, help="Methods to run, comma-separated (default: the table's "
                                                   "rows)."),
             pretrained: Optional[str] = typer.Option(None, help="Local weights for the classifier architecture."),
             clip: Optional[str] = typer.Option(None, help="CLIP model for the methods that filter synthetic images "
                                                "(Real-Filtering): a CLIPModel folder or s3:// URI (ViT-B/32 for the "
-                                               "paper); tiny for smoke runs (default: the recipe's)."),
+                                               "paper); sample | tiny for CPU runs (default: the recipe's)."),
             overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again.")):
     """A table column of the paper as one resumable command: prepare -> finetune -> generate -> score (filtering
     methods) -> train-cls for every method x seed -> report (mean ± std per method). Rerun to resume."""

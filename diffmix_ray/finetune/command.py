@@ -10,7 +10,7 @@ import typer
 
 def finetune(
     dataset: Optional[str] = typer.Option(None, help="Canonical dataset URI (from `prepare`); reads its train split."),
-    model: Optional[str] = typer.Option(None, help="Base model: tiny | bench | sd15 | a diffusers folder | s3://..."),
+    model: Optional[str] = typer.Option(None, help="Base model: sample | tiny | bench | sd15 | a diffusers folder | s3://..."),
     out: Optional[str] = typer.Option(None, help="Output URI: the concept bank at its root, checkpoints under train/."),
     config: Optional[str] = typer.Option(None, help="YAML file with any of these options (flags override it)."),
     mode: Optional[str] = typer.Option(None, help="ti+lora (default: class tokens + UNet LoRA) | ti | lora."),
