@@ -64,6 +64,10 @@ class TrainSampleConfig:
     vae_lr: float = 1e-3
     vae_kl: float = 1e-4  # weight of the KL term (per latent element) against L1 (per pixel)
     unet_steps: int = 7000
+    # Spread of the scaled latents: 1 is SD's choice for 64x64 latents. An 8x8 latent loses its content to the
+    # same noise at a lower step (there are 64x fewer values to average the noise away), so its signal is
+    # raised: img2img strength then means what it means on SD (0.2 keeps the source, 0.9 reaches the target).
+    latent_std: float = 1.0
     unet_batch: int = 64
     unet_lr: float = 1e-3  # UNet and text encoder
     min_snr: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023): min(SNR, 5)/SNR per sample, faster convergence
@@ -291,8 +295,9 @@ def train_unet(cfg: TrainSampleConfig, pool: Pool, vae, tokenizer, gen: torch.Ge
 
     shapes = pool.shapes
     mean, std = encode_pool(vae, pool, shapes)
-    # SD's way: the factor that gives the (sampled) latents unit variance
-    scaling = float(1.0 / mean.add(std * torch.randn(mean.shape, generator=gen)).std())
+    # SD's way, the factor that gives the (sampled) latents a set spread: SD 1.5's 0.18215 gives them unit
+    # variance; here latent_std (see the config)
+    scaling = float(cfg.latent_std / mean.add(std * torch.randn(mean.shape, generator=gen)).std())
     vae.register_to_config(scaling_factor=round(scaling, 5))
     labels = pool.labels[shapes]
     variants = [caption_variants(c) for c in range(len(world.CLASSES))]
