@@ -67,7 +67,7 @@ class TrainSampleConfig:
     # Spread of the scaled latents: 1 is SD's choice for 64x64 latents. An 8x8 latent loses its content to the
     # same noise at a lower step (there are 64x fewer values to average the noise away), so its signal is
     # raised: img2img strength then means what it means on SD (0.2 keeps the source, 0.9 reaches the target).
-    latent_std: float = 1.0
+    latent_std: float = 2.5
     unet_batch: int = 64
     unet_lr: float = 1e-3  # UNet and text encoder
     min_snr: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023): min(SNR, 5)/SNR per sample, faster convergence

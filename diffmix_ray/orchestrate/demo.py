@@ -56,7 +56,8 @@ def run_demo(out: str, overwrite: bool = False) -> dict[str, str]:
     console.rule(f"[bold]3/{len(STEPS)} generate: diff-mix translations with the concept bank (Ray Data)")
     run_generate(GenerateConfig(dataset=paths["dataset"], model=DEMO_MODEL, concepts=paths["concepts"],
                                 out=paths["synthetic"], mode="diff-mix", per_image=4, multiplier=None,
-                                strength_set=DEMO_STRENGTHS, batch_size=16, cpus_per_actor=1, rows_per_shard=512),
+                                strength_set=DEMO_STRENGTHS, steps=DEMO_STEPS, batch_size=16, cpus_per_actor=1,
+                                rows_per_shard=512),
                  overwrite=overwrite)
 
     console.rule(f"[bold]4/{len(STEPS)} score: the sample CLIP scores every synthetic image, beside the shards "
@@ -88,8 +89,10 @@ def run_demo(out: str, overwrite: bool = False) -> dict[str, str]:
 
 
 DEMO_MODEL = "sample"  # the sample model and the sample CLIP: trained on the world the demo draws
-# 12 tokens + LoRA in a few hundred images: enough for the tokens to find their classes (docs/generate.md)
-DEMO_FINETUNE = dict(rank=4, lr=1e-3, ti_lr=5e-3, max_steps=120, batch_size=8, checkpoint_every=120, log_every=40)
+# 12 tokens + LoRA: 300 steps of 8 images (~30 s of stepping on a CPU; Ray Train's start costs more) let
+# every token find its class (docs/sample-world.md)
+DEMO_FINETUNE = dict(rank=4, lr=1e-3, ti_lr=5e-3, max_steps=300, batch_size=8, checkpoint_every=300, log_every=100)
+DEMO_STEPS = 10  # DPM-Solver++ steps (Diff-Mix: 25): the demo's time; 10 judge about the same on the sample model
 
 
 def _init_local_ray(out: str) -> None:
