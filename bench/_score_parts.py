@@ -1,47 +1,31 @@
-"""Pieces shared by bench_score.py and bench_score_gpu.py: the benchmark's inputs, the hand-written
-CLIP loop both compare against, and a CPU-time sampler for a process tree."""
+"""The score benchmark's own pieces: its inputs (a generate output in the shard contract over CUB-like
+JPEGs) and the hand-written CLIP loop that the CPU and GPU measurements compare against."""
 
 from __future__ import annotations
 
 import io
 import os
-import time
 
 import numpy as np
 
+from _inputs import SOURCE_SIZE as SIZE  # generate writes translations back at the source's size
+from _inputs import cub_like_dataset, jpeg
+
 CLASSES = 4
-SIZE = (500, 375)  # CUB's typical JPEG; generate writes translations back at the source's size
 
 
 # ---------------------------------------------------------------------------------------------
 # Inputs: a canonical dataset and a generate output in the shard contract (no diffusion: each
 # "translation" is its source with the colour channels rolled, re-encoded)
 # ---------------------------------------------------------------------------------------------
-def jpeg(img, quality: int = 95) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def make_inputs(work: str, train_images: int, per_image: int, shard_rows: int) -> str:
     """A dataset of `train_images` 500x375 JPEGs and two generate outputs over it: `synthetic`
     (per_image pairs per source) and `synthetic-quarter` (its first quarter, whole shards)."""
     from PIL import Image
 
     from diffmix_ray import canonical
-    from diffmix_ray.data.prepare import PrepareConfig, prepare
-    from diffmix_ray.data.sample import SAMPLE_CLASSES, SAMPLE_SUPER_CLASS, draw_sample
 
-    rng = np.random.default_rng(0)
-    raw = os.path.join(work, "raw")
-    for i in range(train_images):
-        folder = os.path.join(raw, SAMPLE_CLASSES[i % CLASSES][0])
-        os.makedirs(folder, exist_ok=True)
-        draw_sample(i % CLASSES, rng, size=SIZE[0]).resize(SIZE).save(os.path.join(folder, f"{i:04d}.jpg"), quality=95)
-    dataset = os.path.join(work, "dataset")
-    prepare(PrepareConfig("imagefolder", raw, super_class=SAMPLE_SUPER_CLASS, val_fraction=0.0), dataset,
-            show_progress=False)
-    ds = canonical.open_dataset(dataset)
+    ds = canonical.open_dataset(cub_like_dataset(work, train_images))
     train = ds.read_split("train").to_pylist()
     rows = []
     for r in train:  # a source's pairs are neighbours, as in generate's shards
@@ -141,44 +125,3 @@ class HandWritten:
         t = torch.as_tensor([r["target_label"] for r in batch_rows], device=device)
         s = torch.as_tensor([r["source_label"] for r in batch_rows], device=device)
         return self.model_part(pixels, src, t, s)
-
-
-class TreeCPU:
-    """CPU seconds used by a process and all its descendants (the CLI, the Ray it starts, every
-    worker), sampled every `period` s; a process that exits keeps its last reading."""
-
-    def __init__(self, pid: int, period: float = 0.5):
-        import threading
-
-        import psutil
-
-        self.root, self.period, self.samples = psutil.Process(pid), period, []
-        self.last: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._stop.is_set():
-            try:
-                procs = [self.root] + self.root.children(recursive=True)
-            except psutil.Error:
-                return
-            for p in procs:
-                try:
-                    t = p.cpu_times()
-                    self.last[p.pid] = t.user + t.system
-                except psutil.Error:
-                    pass
-            self.samples.append((time.time(), sum(self.last.values())))
-            self._stop.wait(self.period)
-
-    def at(self, when: float) -> float:
-        """CPU seconds used up to `when` (the nearest sample)."""
-        return min(self.samples, key=lambda s: abs(s[0] - when))[1]
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()

@@ -7,23 +7,25 @@ pre-augmented), in one run.
     python bench/bench_classify.py --arch resnet50 --augment reference --res-mode 448 --batch-size 64 \\
         --per-class 200 --gpus 1                                               # a GPU node with Ray
 
-Prints figures; asserts nothing. Target: ingest/in-memory >= 0.9. Figures are medians over epochs:
-the ingest run's epochs after the first (which includes the pipeline's start), and as many epochs'
-worth of in-memory steps before and after the Ray run (which starts and leaves daemons); the
-spread of the in-memory rounds says how steady the machine was. On a shared machine a neighbour's
-load moves both, and not alike: a Ray run has more threads to claim a share of the cores with."""
+Prints figures and writes them to bench/results/ (--json); asserts nothing. Target: ingest/in-memory
+>= 0.9. Figures are medians over epochs: the ingest run's epochs after the first (which includes the
+pipeline's start), and as many epochs' worth of in-memory steps before and after the Ray run (which
+starts and leaves daemons); the spread of the in-memory rounds says how steady the machine was. On a
+shared machine a neighbour's load moves both, and not alike: a Ray run has more threads to claim a
+share of the cores with."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
-import threading
 import time
 
 import numpy as np
 import torch
+
+from _harness import Bench, Rounds, TreeSampler, timed  # beside this file
+from _inputs import sample_dataset
 
 
 def in_memory_rates(dataset: str, args, steps: int, rounds: int) -> tuple[list[float], list[float]]:
@@ -65,45 +67,14 @@ def in_memory_rates(dataset: str, args, steps: int, rounds: int) -> tuple[list[f
                    "strength": torch.zeros(args.batch_size, device=device)}
 
     it = batches()
-    step.mean_loss(step.train_epoch(model, it, 2, inputs, opt, scaler, loss_fn, lambda s: 0.01, 0, amp))  # warm-up
-    rates, cpu = [], []
-    for _ in range(rounds):  # one epoch's steps each, read once at the end as an epoch is
-        t0, c0 = time.perf_counter(), time.process_time()
+
+    def epoch(steps: int) -> None:  # the steps read once at the end, as an epoch is
         step.mean_loss(step.train_epoch(model, it, steps, inputs, opt, scaler, loss_fn, lambda s: 0.01, 0, amp))
-        rates.append(steps * args.batch_size / (time.perf_counter() - t0))
-        cpu.append(steps * args.batch_size / (time.process_time() - c0))
-    return rates, cpu
 
-
-class TreeCPU(threading.Thread):
-    """CPU seconds used by this process and everything it started (Ray's daemons, the Train worker,
-    the Ray Data workers), sampled every `period` s; a process that exits keeps its last reading."""
-
-    def __init__(self, period: float = 0.5):
-        super().__init__(daemon=True)
-        import psutil
-
-        self.root, self.period, self.stop = psutil.Process(), period, threading.Event()
-        self.last: dict[int, float] = {}
-        self.samples: list[tuple[float, float]] = []
-
-    def run(self) -> None:
-        import psutil
-
-        while not self.stop.is_set():
-            for p in [self.root] + self.root.children(recursive=True):
-                try:
-                    t = p.cpu_times()
-                    self.last[(p.pid, p.create_time())] = t.user + t.system
-                except psutil.Error:
-                    pass
-            # less this sampler's own CPU: it is the benchmark's, not the system's
-            self.samples.append((time.time(), sum(self.last.values()) - time.thread_time()))
-            self.stop.wait(self.period)
-
-    def between(self, t0: float, t1: float) -> float:
-        ts, cpu = zip(*self.samples)
-        return float(np.interp(t1, ts, cpu) - np.interp(t0, ts, cpu))
+    timed(lambda: epoch(2))  # warm-up
+    r = Rounds({"in_memory": epoch}, items_per_step=args.batch_size)
+    r.run(rounds, steps)  # one epoch's steps each
+    return r.wall["in_memory"], r.cpu["in_memory"]
 
 
 def ingest_rate(dataset: str, out: str, args) -> tuple[float, list, list]:
@@ -115,15 +86,13 @@ def ingest_rate(dataset: str, out: str, args) -> tuple[float, list, list]:
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    sampler = TreeCPU()
-    sampler.start()
+    sampler = TreeSampler()  # this process and all it starts: Ray's daemons, the Train worker, the Ray Data workers
     m = run_classify(ClassifyConfig(
         dataset=dataset, arch=args.arch, out=out, augment=args.augment,
         img_size=args.img_size if args.augment == "timm" else None,
         res_mode=args.res_mode if args.augment != "timm" else None, epochs=args.epochs, batch_size=args.batch_size,
         lr=0.01, cpus_per_worker=args.threads, warmup_epochs=0, gpus_per_worker=float(args.gpus)))
-    sampler.stop.set()
-    sampler.join()
+    sampler.stop()
     rates = [e["images_per_s"] for e in m["epochs"]]
     # CPU seconds everything spent while each epoch trained (evaluation excluded)
     cpu = [e["images_per_s"] * e["train_seconds"] / max(sampler.between(e["started_at"], e["started_at"] +
@@ -132,33 +101,30 @@ def ingest_rate(dataset: str, out: str, args) -> tuple[float, list, list]:
     return float(np.median(rates[1:])), rates, cpu  # epoch 0 includes the pipeline's start and warm-up
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", default="resnet18")
-    ap.add_argument("--augment", default="timm", help="timm | reference | reference-lt")
-    ap.add_argument("--img-size", type=int, default=64, help="--augment timm: input size")
-    ap.add_argument("--res-mode", type=int, default=224, help="reference pipelines: 224 | 384 | 448")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--per-class", type=int, default=80, help="images per class (4 classes; 10%% go to val)")
-    ap.add_argument("--source-size", type=int, default=96, help="side of the sample images")
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=2, help="CPUs per worker (torch threads on CPU)")
-    ap.add_argument("--gpus", type=int, default=0, help="1: train on a GPU (the in-memory floor too)")
-    ap.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the private Ray")
-    args = ap.parse_args()
+bench = Bench("classify", __doc__)
+ap = bench.parser
+ap.add_argument("--arch", default="resnet18")
+ap.add_argument("--augment", default="timm", help="timm | reference | reference-lt")
+ap.add_argument("--img-size", type=int, default=64, help="--augment timm: input size")
+ap.add_argument("--res-mode", type=int, default=224, help="reference pipelines: 224 | 384 | 448")
+ap.add_argument("--batch-size", type=int, default=32)
+ap.add_argument("--per-class", type=int, default=80, help="images per class (4 classes; 10%% go to val)")
+ap.add_argument("--source-size", type=int, default=96, help="side of the sample images")
+ap.add_argument("--epochs", type=int, default=4)
+ap.add_argument("--threads", type=int, default=2, help="CPUs per worker (torch threads on CPU)")
+ap.add_argument("--gpus", type=int, default=0, help="1: train on a GPU (the in-memory floor too)")
+ap.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the private Ray")
 
-    from diffmix_ray.data.prepare import PrepareConfig, prepare
-    from diffmix_ray.data.sample import write_sample_imagefolder
 
+def measure(args, results) -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        raw = write_sample_imagefolder(os.path.join(tmp, "raw"), num_classes=4, per_class=args.per_class,
-                                       size=args.source_size)
-        ds = os.path.join(tmp, "ds")
-        prepare(PrepareConfig("imagefolder", raw, super_class="shape", val_fraction=0.1), ds, show_progress=False)
+        ds = sample_dataset(tmp, 4, args.per_class, args.source_size, val_fraction=0.1)
         steps = max(2, int(args.per_class * 4 * 0.9) // args.batch_size)  # one epoch
         before, before_cpu = in_memory_rates(ds, args, steps, args.epochs - 1)
+        results.update(in_memory_before=[round(r, 2) for r in before])
         ingest, per_epoch, ingest_cpu = ingest_rate(ds, os.path.join(tmp, "run"), args)
+        results.update(ingest_per_epoch=[round(r, 2) for r in per_epoch])
         after, after_cpu = in_memory_rates(ds, args, steps, args.epochs - 1)
         memory = float(np.median(before + after))
         memory_cpu, ingest_cpu_med = float(np.median(before_cpu + after_cpu)), float(np.median(ingest_cpu[1:]))
@@ -173,8 +139,9 @@ def main() -> None:
               "cpu_ratio_ingest_over_memory": round(ingest_cpu_med / memory_cpu, 3),
               "ingest_per_cpu_s_per_epoch": [round(r, 2) for r in ingest_cpu],
               "wall_s": round(time.perf_counter() - started, 1)}
+    results.update(**result)
     print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    bench.main(measure, lambda args: "gpu" if args.gpus else "cpu")

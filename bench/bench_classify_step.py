@@ -26,7 +26,8 @@ and precision policy (CUDA: bf16 autocast where supported, else fp16 with a Grad
 The images are CUB-like: --images JPEGs of 500x375 with structure (gradients, shapes, noise), augmented
 by the run's pipeline (--augment, --res-mode). Rounds of --steps steps run in turn for every variant,
 each ending with one read of the losses (as an epoch does). Figures: median images/s over rounds, and
-ratios to `bare` and `float-host`; on CPU also per second of this process's CPU time. Prints figures;
+ratios to `bare` and `float-host`; on CPU also per second of this process's CPU time. A batch that runs
+out of device memory is halved until it fits. Prints figures and writes them to bench/results/ (--json);
 asserts nothing about timing. Imports nothing from Ray (checked at the end)."""
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import io
 import json
 import os
 import queue
-import statistics
 import sys
 import threading
 import time
@@ -45,6 +45,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from _harness import Bench, Rounds, describe_device, device_label, halving, ratios, ray_modules, timed
 
 VARIANTS = ("bare", "float-host", "uint8", "uint8-cl", "gpu-decode", "cpu-decode", "eval-fp32", "eval-amp")
 DEFAULTS = {"cuda": dict(arch="resnet50", res_mode=448, batch_size=64, images=512),
@@ -90,7 +92,7 @@ class HostFloatInputs:
                                             i.num_classes, i.smoothing)
 
 
-class Bench:
+class Shared:
     """The model, optimizer and host batches all variants share."""
 
     def __init__(self, args, device: torch.device):
@@ -139,7 +141,7 @@ def _to_device(batch: dict, device) -> dict:
 
 
 class Variant:
-    def __init__(self, name: str, b: Bench):
+    def __init__(self, name: str, b: Shared):
         from diffmix_ray.classify.losses import soft_ce
 
         s, dev = b.step, b.device
@@ -245,26 +247,49 @@ class Variant:
         s.mean_loss(losses)  # the round's one read, as an epoch's
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--arch", default=None, help="timm architecture (default: resnet50 on CUDA, resnet18 on CPU)")
-    ap.add_argument("--augment", default="reference", help="timm | reference | reference-lt (default reference)")
-    ap.add_argument("--res-mode", type=int, default=None, help="reference: 224|384|448 (default 448 CUDA, 224 CPU); "
-                                                              "timm: the input size")
-    ap.add_argument("--batch-size", type=int, default=None, help="per step (default 64 CUDA, 8 CPU)")
-    ap.add_argument("--classes", type=int, default=200, help="CUB-200: 200")
-    ap.add_argument("--images", type=int, default=None, help="distinct JPEGs to decode (default 512 CUDA, 64 CPU)")
-    ap.add_argument("--host-batches", type=int, default=2, help="distinct pre-augmented batches in memory")
-    ap.add_argument("--decode-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                    help="cpu-decode: host threads decoding (the CPU cores a GPU would have)")
-    ap.add_argument("--steps", type=int, default=None, help="steps per round (default 10 CUDA, 2 CPU)")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=None, help="steps per variant before timing (default 5 CUDA, 1 CPU)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
-    ap.add_argument("--variants", default=None, help=f"comma-separated, from {', '.join(VARIANTS)} (default: all; "
-                                                     "eval-amp on CUDA only)")
-    args = ap.parse_args()
+def figures(names, rounds: Rounds, variants, warmup_s, device) -> dict:
+    """Per variant: median images/s over the rounds so far, ratios to the references, and the rest."""
+    refs = ("bare", "float-host", "eval-fp32")
+
+    def same_kind(name, ref):  # training variants against training references, evaluation against evaluation
+        return name.startswith("eval") == ref.startswith("eval")
+
+    rates = rounds.median()
+    rows = {}
+    for name in names:
+        row = {"images_per_s": round(rates[name], 1), "rounds": [round(r, 1) for r in rounds.wall[name]],
+               "channels_last": variants[name].channels_last, "warmup_s": warmup_s[name]}
+        row |= ratios(rates, name, refs, applies=same_kind)
+        if device.type == "cpu":  # CPU time: what the step costs, whatever else the cores are doing
+            cpu = rounds.median(cpu=True)
+            row["images_per_cpu_s"] = round(cpu[name], 2)
+            row |= ratios(cpu, name, refs, prefix="cpu_vs_", applies=same_kind)
+        rows[name] = row
+    return rows
+
+
+bench = Bench("classify-step", __doc__)
+ap = bench.parser
+ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+ap.add_argument("--arch", default=None, help="timm architecture (default: resnet50 on CUDA, resnet18 on CPU)")
+ap.add_argument("--augment", default="reference", help="timm | reference | reference-lt (default reference)")
+ap.add_argument("--res-mode", type=int, default=None, help="reference: 224|384|448 (default 448 CUDA, 224 CPU); "
+                                                          "timm: the input size")
+ap.add_argument("--batch-size", type=int, default=None, help="per step (default 64 CUDA, 8 CPU)")
+ap.add_argument("--classes", type=int, default=200, help="CUB-200: 200")
+ap.add_argument("--images", type=int, default=None, help="distinct JPEGs to decode (default 512 CUDA, 64 CPU)")
+ap.add_argument("--host-batches", type=int, default=2, help="distinct pre-augmented batches in memory")
+ap.add_argument("--decode-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                help="cpu-decode: host threads decoding (the CPU cores a GPU would have)")
+ap.add_argument("--steps", type=int, default=None, help="steps per round (default 10 CUDA, 2 CPU)")
+ap.add_argument("--rounds", type=int, default=5)
+ap.add_argument("--warmup", type=int, default=None, help="steps per variant before timing (default 5 CUDA, 1 CPU)")
+ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+ap.add_argument("--variants", default=None, help=f"comma-separated, from {', '.join(VARIANTS)} (default: all; "
+                                                 "eval-amp on CUDA only)")
+
+
+def measure(args, results) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit(f"bench_classify_step: --device {args.device}: torch {torch.__version__} sees no CUDA device; "
@@ -276,65 +301,49 @@ def main() -> None:
     args.warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 1)
     args.images = max(args.images, args.batch_size * args.host_batches)
     default = [v for v in VARIANTS if device.type == "cuda" or v != "eval-amp"]
-    names = [v.strip() for v in (args.variants or ",".join(default)).split(",") if v.strip()]
-    if unknown := sorted(set(names) - set(VARIANTS)):
-        ap.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    names = bench.pick("--variants", args.variants, VARIANTS, default)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     else:
         torch.backends.cudnn.benchmark = True  # fixed input size: the run's loop does the same
 
     started = time.perf_counter()
-    b = Bench(args, device)
-    setup_s = time.perf_counter() - started
-    variants, warmup_s = {}, {}
-    for name in names:
-        v = variants[name] = Variant(name, b)
-        b.layout(v.channels_last)
-        v.start()
-        t0 = time.perf_counter()
-        v.run(args.warmup)  # cudnn's algorithm search for this layout, the decoders' first calls
-        warmup_s[name] = round(time.perf_counter() - t0, 2)
-    rounds = {n: [] for n in names}
-    cpu_rounds = {n: [] for n in names}
-    for _ in range(args.rounds):
-        for name in names:
-            b.layout(variants[name].channels_last)
-            t0, c0 = time.perf_counter(), time.process_time()
-            variants[name].run(args.steps)
-            rounds[name].append(args.steps * args.batch_size / (time.perf_counter() - t0))
-            cpu_rounds[name].append(args.steps * args.batch_size / max(time.process_time() - c0, 1e-9))
-    for v in variants.values():
-        v.stop()
-    rates = {n: statistics.median(r) for n, r in rounds.items()}
-    rows = {}
-    for name in names:
-        row = {"images_per_s": round(rates[name], 1), "rounds": [round(r, 1) for r in rounds[name]],
-               "channels_last": variants[name].channels_last, "warmup_s": warmup_s[name]}
-        for ref in ("bare", "float-host", "eval-fp32"):
-            if ref in rates and name != ref and name.startswith("eval") == ref.startswith("eval"):
-                row[f"vs_{ref}"] = round(rates[name] / rates[ref], 3)
-        if device.type == "cpu":  # CPU time: what the step costs, whatever else the cores are doing
-            cpu = {n: statistics.median(r) for n, r in cpu_rounds.items()}
-            row["images_per_cpu_s"] = round(cpu[name], 2)
-            for ref in ("bare", "float-host", "eval-fp32"):
-                if ref in cpu and name != ref and name.startswith("eval") == ref.startswith("eval"):
-                    row[f"cpu_vs_{ref}"] = round(cpu[name] / cpu[ref], 3)
-        rows[name] = row
-    ray_loaded = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))
-    print(json.dumps({
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-                                 f" ({torch.get_num_threads()} threads, {os.cpu_count()} cores, load "
-                                 f"{os.getloadavg()[0]:.1f})"),
-        "arch": args.arch, "augment": args.augment, "img_size": b.d["img_size"], "batch_size": args.batch_size,
-        "autocast": str(b.amp), "classes": args.classes, "decode_threads": args.decode_threads,
-        "steps_per_round": args.steps, "rounds": args.rounds, "torch": torch.__version__,
-        "variants": rows, "setup_s": round(setup_s, 1),
-        "peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
-        "ray_imported": bool(ray_loaded), "wall_s": round(time.perf_counter() - started, 1)}, indent=2))
+    results.update(device=describe_device(device), arch=args.arch, augment=args.augment, batch_size=args.batch_size,
+                   classes=args.classes, decode_threads=args.decode_threads, steps_per_round=args.steps,
+                   rounds=args.rounds, torch=torch.__version__)
+
+    def at_batch(batch_size: int) -> None:
+        a = argparse.Namespace(**vars(args) | {"batch_size": batch_size})
+        results.update(batch_size=batch_size)
+        b = Shared(a, device)
+        results.update(img_size=b.d["img_size"], autocast=str(b.amp), setup_s=round(time.perf_counter() - started, 1))
+        variants, warmup_s = {}, {}
+        try:
+            for name in names:
+                v = variants[name] = Variant(name, b)
+                b.layout(v.channels_last)
+                v.start()
+                # cudnn's algorithm search for this layout, the decoders' first calls
+                warmup_s[name] = round(timed(lambda: v.run(a.warmup)), 2)
+                print(f"{name}: warmed up ({warmup_s[name]:.1f} s)", flush=True)
+            rounds = Rounds({name: variants[name].run for name in names}, items_per_step=a.batch_size,
+                            before=lambda name: b.layout(variants[name].channels_last))
+            rounds.run(a.rounds, a.steps, after_round=lambda r: results.update(
+                variants=figures(names, rounds, variants, warmup_s, device), rounds_done=r + 1,
+                wall_s=round(time.perf_counter() - started, 1)))
+        finally:
+            for v in variants.values():
+                v.stop()
+
+    halving(at_batch, args.batch_size)
+    ray_loaded = ray_modules()
+    results.update(
+        peak_gpu_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        ray_imported=bool(ray_loaded), wall_s=round(time.perf_counter() - started, 1))
+    print(json.dumps({k: v for k, v in results.data.items() if k != "run"}, indent=2))
     if ray_loaded:
         sys.exit(f"bench_classify_step imported Ray ({ray_loaded[:3]}): it must run where Ray is not installed")
 
 
 if __name__ == "__main__":
-    main()
+    bench.main(measure, lambda args: device_label(args.device))

@@ -6,17 +6,20 @@ final metrics of rank 0.
 
     .venv/bin/python bench/bench_finetune.py [--steps 30] [--batch-size 2] [--threads 1]
 
-Prints figures; asserts nothing. Each worker gets --threads torch threads (default 1): on a busy
-2-core machine a 2-thread worker ran 18x slower per step than a 1-thread one (0.28 s vs 5.0 s,
-OpenMP threads fighting other processes), which would measure the machine, not the code."""
+Prints figures and writes them to bench/results/ (--json); asserts nothing. Each worker gets
+--threads torch threads (default 1): on a busy 2-core machine a 2-thread worker ran 18x slower per
+step than a 1-thread one (0.28 s vs 5.0 s, OpenMP threads fighting other processes), which would
+measure the machine, not the code."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
 import time
+
+from _harness import Bench  # beside this file
+from _inputs import sample_dataset
 
 
 def one_run(dataset: str, out: str, workers: int, steps: int, batch_size: int, threads: int) -> dict:
@@ -48,32 +51,31 @@ def one_run(dataset: str, out: str, workers: int, steps: int, batch_size: int, t
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--per-class", type=int, default=16)
-    args = ap.parse_args()
+bench = Bench("finetune", __doc__)
+bench.parser.add_argument("--steps", type=int, default=30)
+bench.parser.add_argument("--batch-size", type=int, default=2)
+bench.parser.add_argument("--threads", type=int, default=1)
+bench.parser.add_argument("--per-class", type=int, default=16)
 
+
+def measure(args, results) -> None:
     import ray
 
-    from diffmix_ray.data.prepare import PrepareConfig, prepare
-    from diffmix_ray.data.sample import write_sample_imagefolder
-
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    results.update(model="bench (128 px, ~24M-param UNet)", cores=os.cpu_count(), runs=[])
     with tempfile.TemporaryDirectory() as tmp:
         # Logical CPUs = 2 x cores: the training workers and Ray Data's decode tasks both get a share.
         ray.init(num_cpus=2 * (os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
                  _temp_dir=os.path.join("/tmp", f"bench-ft-ray-{os.getpid()}"))
-        raw = write_sample_imagefolder(os.path.join(tmp, "raw"), num_classes=4, per_class=args.per_class, size=160)
-        ds = os.path.join(tmp, "ds")
-        prepare(PrepareConfig("imagefolder", raw, super_class="shape", val_fraction=0.1), ds, show_progress=False)
-        results = [one_run(ds, os.path.join(tmp, f"ft-{w}"), w, args.steps, args.batch_size, args.threads)
-                   for w in (1, 2)]
-        ray.shutdown()
-    print(json.dumps({"model": "bench (128 px, ~24M-param UNet)", "cores": os.cpu_count(), "runs": results}, indent=2))
+        try:
+            ds = sample_dataset(tmp, 4, args.per_class, 160, val_fraction=0.1)
+            for w in (1, 2):
+                run = one_run(ds, os.path.join(tmp, f"ft-{w}"), w, args.steps, args.batch_size, args.threads)
+                results.update(runs=results.data["runs"] + [run])
+        finally:
+            ray.shutdown()
+    print(json.dumps({k: results.data[k] for k in ("model", "cores", "runs")}, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    bench.main(measure)

@@ -19,21 +19,23 @@ Variants (--variants, comma-separated; the first ones are the references):
 Rounds of --steps steps run in turn for every variant (so a neighbour's load hits them alike); each
 round ends by waiting for the device. Figures: median steps/s over the rounds, and ratios to
 `scripts` and `minimal` (target: project/scripts >= 0.95). On CPU also per second of this process's
-CPU time, which a busy neighbour disturbs much less than wall time. Prints figures; asserts nothing
-about timing. Imports nothing from Ray (checked at the end), so it runs where Ray is not installed."""
+CPU time, which a busy neighbour disturbs much less than wall time. A batch that runs out of device
+memory is halved until it fits. Prints figures and writes them to bench/results/ (--json); asserts
+nothing about timing. Imports nothing from Ray (checked at the end), so it runs where Ray is not
+installed."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 
 import torch
+
+from _harness import Bench, Rounds, describe_device, device_label, halving, ratios, ray_modules, sync, timed
 
 VARIANTS = ("scripts", "minimal", "project", "project-gc", "project-compile")
 PROMPT = "a photo of a {token} bird"
@@ -49,6 +51,7 @@ class Setup:
     classes: int
     rank: int
     seed: int
+    precision: str = "auto"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +85,6 @@ class BareLoop:
             with torch.no_grad():
                 weight[token_ids] = weight[init_id].clone()
             weight.requires_grad_(True)
-            self.orig_embeds = weight.detach().clone()
             self.index_no_updates = torch.ones(rows, dtype=torch.bool, device=s.device)
             self.index_no_updates[min(token_ids):max(token_ids) + 1] = False
             token_params = [weight]
@@ -104,6 +106,10 @@ class BareLoop:
         self.unet.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.rank, init_lora_weights="gaussian",
                                          target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
         cast_training_params([self.unet, self.text_encoder], dtype=torch.float32)
+        if full_matrix:
+            # The rows to restore, copied after the cast: the trained matrix is fp32 now (in a bf16/fp16
+            # run a copy taken before it would be the frozen dtype, and the restore would refuse it).
+            self.orig_embeds = self.text_encoder.get_input_embeddings().weight.detach().clone()
         self.unet.train()
         self.text_encoder.train()
         lora = [p for p in self.unet.parameters() if p.requires_grad]
@@ -133,11 +139,15 @@ class BareLoop:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.full_matrix:
-            with torch.no_grad():
-                weight = self.text_encoder.get_input_embeddings().weight
-                weight[self.index_no_updates] = self.orig_embeds[self.index_no_updates]
+            self.restore_frozen_rows()
             loss.detach().item()  # the example scripts log the loss every step
         return loss.detach()
+
+    def restore_frozen_rows(self) -> None:
+        """textual_inversion.py: every row but the new tokens' back to its value before training."""
+        with torch.no_grad():
+            weight = self.text_encoder.get_input_embeddings().weight
+            weight[self.index_no_updates] = self.orig_embeds[self.index_no_updates]
 
     def run(self, batches: list[dict], steps: int) -> None:
         losses = [self.step(batches[i % len(batches)]) for i in range(steps)]
@@ -155,7 +165,7 @@ class ProjectLoop:
         self.cfg = FinetuneConfig(dataset="(in-memory batches)", out="(none)", model=s.model_dir, lr=5e-5,
                                   ti_lr=5e-5, rank=s.rank, batch_size=s.batch_size, seed=s.seed,
                                   checkpoint_every=10**9, gradient_checkpointing=gradient_checkpointing,
-                                  compile=compile_unet)
+                                  compile=compile_unet, precision=s.precision)
         tokens = self.cfg.tokens(s.classes)
         self.tuner = Finetuner(self.cfg, [PROMPT.format(token=t) for t in tokens], tokens, [self._init_id(s)],
                                s.device)
@@ -179,20 +189,39 @@ class ProjectLoop:
 
 
 # ---------------------------------------------------------------------------------------------
-def make_setup(args, work: str) -> Setup:
+def make_setup(args, work: str) -> tuple[Setup, int]:
+    """(the setup, the model's resolution)."""
     from diffmix_ray.errors import DiffmixError
     from diffmix_ray.finetune.loop import precision_dtypes
+    from diffmix_ray.models.loader import resolve_model
     from diffmix_ray.models.presets import PRESETS, write_preset
 
-    if args.preset not in PRESETS:
+    if args.model is None and args.preset not in PRESETS:
         raise DiffmixError(f"--preset {args.preset!r} is not a model preset of this checkout (it has "
                            f"{', '.join(sorted(PRESETS))}); pick one of those, or use a checkout that has it")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DiffmixError(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; use --device cpu")
-    weight_dtype, autocast_dtype = precision_dtypes("auto", device)
-    model_dir = write_preset(args.preset, os.path.join(work, args.preset))  # every variant loads the same weights
-    return Setup(model_dir, device, weight_dtype, autocast_dtype, args.batch_size, args.classes, args.rank, seed=0)
+    weight_dtype, autocast_dtype = precision_dtypes(args.precision, device)
+    # every variant loads the same weights
+    model_dir = args.model or write_preset(args.preset, os.path.join(work, args.preset))
+    setup = Setup(model_dir, device, weight_dtype, autocast_dtype, args.batch_size, args.classes, args.rank, seed=0,
+                  precision=args.precision)
+    return setup, resolve_model(model_dir).resolution
+
+
+class MemoryMeter:
+    """The device memory one variant takes itself: its peak over what was allocated before it was
+    built. The variants' rounds interleave, so the earlier variants' models stay on the device, and
+    the device's plain peak would count them too. `stats`: torch.cuda by default."""
+
+    def __init__(self, device: torch.device, stats=None):
+        self.device, self.stats = device, stats or torch.cuda
+        self.before = self.stats.memory_allocated(device)
+        self.stats.reset_peak_memory_stats(device)
+
+    def own_peak_gib(self) -> float:
+        return round((self.stats.max_memory_allocated(self.device) - self.before) / 2**30, 2)
 
 
 def make_batches(s: Setup, resolution: int, n: int = 4) -> list[dict]:
@@ -223,95 +252,90 @@ def quiet() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def figures(variants, rounds: Rounds, warmup_s, memory, loops, s: Setup) -> dict:
+    """Per variant: median steps/s over the rounds so far, ratios to the bare loops, and the rest."""
+    rates, cpu_rates = rounds.median(), rounds.median(cpu=True)
+    rows = {}
+    for name in variants:
+        row = {"steps_per_s": round(rates[name], 3), "rounds_steps_per_s": [round(r, 3) for r in rounds.wall[name]]}
+        row |= ratios(rates, name, ("scripts", "minimal", "project"),
+                      applies=lambda name, ref: ref != "project" or name.startswith("project-"))
+        if s.device.type == "cpu":  # CPU time: what the step costs, whatever else the cores are doing
+            row["steps_per_cpu_s"] = round(cpu_rates[name], 3)
+            row |= ratios(cpu_rates, name, ("scripts", "minimal"), prefix="cpu_vs_")
+        row |= {"warmup_s": round(warmup_s[name], 1),
+                "token_param_mb": round(loops[name].token_params_bytes / 2**20, 3)}
+        if name in memory:
+            row["peak_gpu_gib"] = memory[name]  # its own: see MemoryMeter
+        rows[name] = row
+    return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--preset", default="bench", help="model preset (built from config, random weights)")
-    ap.add_argument("--batch-size", type=int, default=2, help="images per step (Diff-Mix: 2 per GPU)")
-    ap.add_argument("--classes", type=int, default=200, help="class tokens (CUB-200: 200)")
-    ap.add_argument("--rank", type=int, default=10, help="LoRA rank (Diff-Mix: 10)")
-    ap.add_argument("--steps", type=int, default=4, help="steps per round")
-    ap.add_argument("--rounds", type=int, default=7, help="short rounds, many: the median sheds a neighbour's bursts")
-    ap.add_argument("--warmup", type=int, default=2, help="steps per variant before timing")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (1: steadiest on a shared machine)")
-    ap.add_argument("--variants", default=None, help=f"comma-separated, from {', '.join(VARIANTS)} (default: all; "
-                                                     "on CPU all but project-compile)")
-    args = ap.parse_args()
+bench = Bench("finetune-step", __doc__)
+ap = bench.parser
+ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+ap.add_argument("--preset", default="bench", help="model preset (built from config, random weights)")
+ap.add_argument("--model", default=None, help="a model folder to use instead of writing the preset")
+ap.add_argument("--precision", default="auto", help="auto (CUDA: bf16 where supported, else fp16; CPU: fp32) | "
+                                                   "bf16 (also on a CPU: the GPU's dtype paths) | fp16 | fp32")
+ap.add_argument("--batch-size", type=int, default=2, help="images per step (Diff-Mix: 2 per GPU)")
+ap.add_argument("--classes", type=int, default=200, help="class tokens (CUB-200: 200)")
+ap.add_argument("--rank", type=int, default=10, help="LoRA rank (Diff-Mix: 10)")
+ap.add_argument("--steps", type=int, default=4, help="steps per round")
+ap.add_argument("--rounds", type=int, default=7, help="short rounds, many: the median sheds a neighbour's bursts")
+ap.add_argument("--warmup", type=int, default=2, help="steps per variant before timing")
+ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (1: steadiest on a shared machine)")
+ap.add_argument("--variants", default=None, help=f"comma-separated, from {', '.join(VARIANTS)} (default: all; "
+                                                 "on CPU all but project-compile)")
+
+
+def measure(args, results) -> None:
     default = VARIANTS if args.device.startswith("cuda") else VARIANTS[:-1]
-    variants = [v.strip() for v in (args.variants or ",".join(default)).split(",") if v.strip()]
-    if unknown := sorted(set(variants) - set(VARIANTS)):
-        ap.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    variants = bench.pick("--variants", args.variants, VARIANTS, default)
     if args.device.startswith("cpu"):
         torch.set_num_threads(args.threads)
 
     from diffmix_ray.errors import DiffmixError
-    from diffmix_ray.models.presets import preset_config
 
     quiet()
     started = time.perf_counter()
+    results.update(device=describe_device(args.device), model=args.model or args.preset, torch=torch.__version__,
+                   batch_size=args.batch_size, classes=args.classes, rank=args.rank, steps_per_round=args.steps,
+                   rounds=args.rounds, variants={})
     with tempfile.TemporaryDirectory(prefix="bench-ft-step-") as work:
         try:
-            s = make_setup(args, work)
+            s, resolution = make_setup(args, work)
         except DiffmixError as e:
             sys.exit(f"bench_finetune_step: {e}")
-        batches = make_batches(s, preset_config(args.preset).resolution)
-        loops, warmup_s, memory = {}, {}, {}
-        for name in variants:
-            if s.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(s.device)
-            loops[name] = build(name, s)
-            t0 = time.perf_counter()
-            loops[name].run(batches, args.warmup)  # includes compiling, for project-compile
-            sync(s.device)
-            warmup_s[name] = time.perf_counter() - t0
-            if s.device.type == "cuda":
-                memory[name] = round(torch.cuda.max_memory_allocated(s.device) / 2**30, 2)
-        rounds: dict[str, list[float]] = {name: [] for name in variants}
-        cpu_rounds: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(args.rounds):
+        results.update(dtype=str(s.weight_dtype), autocast=str(s.autocast_dtype))
+
+        def at_batch(batch_size: int) -> None:
+            setup = dataclasses.replace(s, batch_size=batch_size)
+            results.update(batch_size=batch_size, variants={})
+            batches = make_batches(setup, resolution)
+            loops, warmup_s, memory = {}, {}, {}
             for name in variants:
-                sync(s.device)
-                t0, c0 = time.perf_counter(), time.process_time()
-                loops[name].run(batches, args.steps)
-                sync(s.device)
-                rounds[name].append(args.steps / (time.perf_counter() - t0))
-                cpu_rounds[name].append(args.steps / max(time.process_time() - c0, 1e-9))
-    rates = {name: statistics.median(r) for name, r in rounds.items()}
-    cpu_rates = {name: statistics.median(r) for name, r in cpu_rounds.items()}
-    rows = {}
-    for name in variants:
-        row = {"steps_per_s": round(rates[name], 3), "rounds_steps_per_s": [round(r, 3) for r in rounds[name]]}
-        for ref in ("scripts", "minimal"):
-            if ref in rates and name != ref:
-                row[f"vs_{ref}"] = round(rates[name] / rates[ref], 3)
-        if s.device.type == "cpu":  # CPU time: what the step costs, whatever else the cores are doing
-            row["steps_per_cpu_s"] = round(cpu_rates[name], 3)
-            for ref in ("scripts", "minimal"):
-                if ref in cpu_rates and name != ref:
-                    row[f"cpu_vs_{ref}"] = round(cpu_rates[name] / cpu_rates[ref], 3)
-        row |= {"warmup_s": round(warmup_s[name], 1),
-                "token_param_mb": round(loops[name].token_params_bytes / 2**20, 3)}
-        if name in memory:
-            row["peak_gpu_gib"] = memory[name]
-        rows[name] = row
-    ray_loaded = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))
-    print(json.dumps({
-        "device": str(s.device) + (f" ({torch.cuda.get_device_name(s.device)})" if s.device.type == "cuda" else
-                                   f" ({torch.get_num_threads()} threads, {os.cpu_count()} cores, load "
-                                   f"{os.getloadavg()[0]:.1f})"),
-        "preset": args.preset, "dtype": str(s.weight_dtype), "autocast": str(s.autocast_dtype),
-        "batch_size": args.batch_size, "classes": args.classes, "rank": args.rank,
-        "steps_per_round": args.steps, "rounds": args.rounds, "torch": torch.__version__,
-        "variants": rows, "ray_imported": bool(ray_loaded), "wall_s": round(time.perf_counter() - started, 1),
-    }, indent=2))
+                meter = MemoryMeter(setup.device) if setup.device.type == "cuda" else None
+                loops[name] = build(name, setup)
+                # includes compiling, for project-compile
+                warmup_s[name] = timed(lambda: loops[name].run(batches, args.warmup), lambda: sync(setup.device))
+                if meter is not None:
+                    memory[name] = meter.own_peak_gib()
+                print(f"{name}: built and warmed up ({warmup_s[name]:.1f} s)", flush=True)
+                results.add("variants", name, {"warmup_s": round(warmup_s[name], 1), "peak_gpu_gib": memory.get(name)})
+            rounds = Rounds({name: lambda steps, loop=loops[name]: loop.run(batches, steps) for name in variants},
+                            sync=lambda: sync(setup.device))
+            rounds.run(args.rounds, args.steps, after_round=lambda r: results.update(
+                variants=figures(variants, rounds, warmup_s, memory, loops, setup), rounds_done=r + 1,
+                wall_s=round(time.perf_counter() - started, 1)))
+
+        halving(at_batch, args.batch_size)
+    ray_loaded = ray_modules()
+    results.update(ray_imported=bool(ray_loaded), wall_s=round(time.perf_counter() - started, 1))
+    print(json.dumps({k: v for k, v in results.data.items() if k != "run"}, indent=2))
     if ray_loaded:
         sys.exit(f"bench_finetune_step imported Ray ({ray_loaded[:3]}): it must run where Ray is not installed")
 
 
 if __name__ == "__main__":
-    main()
+    bench.main(measure, lambda args: device_label(args.device))

@@ -8,47 +8,33 @@ then (b) again with 10x the pairs, to compare peak memory (the pipeline must str
 
     .venv/bin/python bench/bench_generate.py [--pairs 96] [--steps 10] [--batch-size 4] [--threads 2]
 
-Prints figures; asserts nothing. Targets: b/a >= 0.85 (steady state), b/c >= 3, memory 10x/1x <= 1.2.
-See bench/README.md for what each figure means."""
+Prints figures and writes them to bench/results/ (--json); asserts nothing. Targets: b/a >= 0.85
+(steady state), b/c >= 3, memory 10x/1x <= 1.2. See bench/README.md for what each figure means."""
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 
-import psutil
+from _harness import Bench, compare, rates, rounded, run_cli, timeline, workdir, writes  # beside this file
+from _inputs import img2img_pipeline, sample_dataset
 
-CLI = os.path.join(os.path.dirname(sys.executable), "diffmix-ray")
 CLASSES = 4
 IMAGE_SIZE = 128  # the bench model's resolution: no resize anywhere, in any of the three loops
+
+bench = Bench("generate", __doc__)
+bench.parser.add_argument("--pairs", type=int, default=96, help="pairs of the base run (2 per train image)")
+bench.parser.add_argument("--scale", type=int, default=10, help="the memory run has scale x pairs (0: skip it)")
+bench.parser.add_argument("--steps", type=int, default=10)
+bench.parser.add_argument("--batch-size", type=int, default=4)
+bench.parser.add_argument("--threads", type=int, default=2, help="torch threads in (a)/(c); CPUs of the actor in (b)")
+bench.parser.add_argument("--work", default=None, help="working folder (default: a temp folder, deleted after)")
 
 
 # ---------------------------------------------------------------------------------------------
 # Inputs: one dataset, one model folder, one plan, shared by (a), (b) and (c)
 # ---------------------------------------------------------------------------------------------
-def make_inputs(work: str, train_images: int) -> tuple[str, str]:
-    from diffmix_ray.data.prepare import PrepareConfig, prepare
-    from diffmix_ray.data.sample import SAMPLE_SUPER_CLASS, write_sample_imagefolder
-    from diffmix_ray.models.loader import write_model
-
-    raw = write_sample_imagefolder(os.path.join(work, "raw"), num_classes=CLASSES,
-                                   per_class=train_images // CLASSES, size=IMAGE_SIZE)
-    dataset = os.path.join(work, "dataset")
-    prepare(PrepareConfig("imagefolder", raw, super_class=SAMPLE_SUPER_CLASS, val_fraction=0.0), dataset,
-            show_progress=False)
-    model = write_model("bench:0", os.path.join(work, "model"))
-    return dataset, model
-
-
 def gen_config(args, dataset: str, model: str, out: str, multiplier: float):
     from diffmix_ray.generate.config import GenerateConfig
 
@@ -77,25 +63,10 @@ def planned_pairs(cfg) -> list[dict]:
 
 def load_pipe(model: str, threads: int):
     import torch
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline
 
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # as the translation actor does on CPU (denormals are ~10x slower)
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def rates(seconds: list[float], images: list[int]) -> dict:
-    """images/s from consecutive intervals (seconds[i] produced images[i]): over all of them, in
-    steady state (all but the first, which warms up), and the median of the steady intervals'
-    rates, which a busy neighbour on a shared machine disturbs least."""
-    total = sum(images) / sum(seconds)
-    steady = sum(images[1:]) / sum(seconds[1:]) if len(seconds) > 1 else total
-    per = sorted(n / s for n, s in zip(images[1:], seconds[1:])) or [total]
-    return {"images": sum(images), "seconds": sum(seconds), "images_per_s": total,
-            "steady_images_per_s": steady, "median_images_per_s": per[len(per) // 2]}
+    return img2img_pipeline(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,170 +118,88 @@ def reference_loop(pipe, pairs: list[dict], args, out_dir: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # (b) the system, as a user runs it: the CLI in its own process with its own local Ray
 # ---------------------------------------------------------------------------------------------
-class TreeMemory:
-    """Peak memory of a process and all its descendants (the Ray it starts: GCS, raylet, workers).
-    RSS double-counts pages shared between processes (libraries, the object store), so the
-    proportional set size (PSS) is recorded too. Sampling must stay cheap on a 2-core machine
-    (reading PSS of every process 4x a second cost a quarter of a core; RSS every 0.5 s still took
-    3% of a core from the run it measured): RSS every second; the process list and PSS every 4 s.
-    A streaming run's memory plateaus for tens of seconds, so the peak is not missed."""
-
-    def __init__(self, pid: int, period: float = 1.0, slow_every: int = 4):
-        self.root, self.period, self.slow_every = psutil.Process(pid), period, slow_every
-        self.peak_rss = self.peak_pss = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        procs: list[psutil.Process] = []
-        tick = 0
-        while not self._stop.is_set():
-            slow = tick % self.slow_every == 0
-            if slow:
-                try:
-                    procs = [self.root] + self.root.children(recursive=True)
-                except psutil.Error:
-                    return
-            rss = pss = 0
-            for p in procs:
-                try:
-                    if slow:
-                        info = p.memory_full_info()
-                        pss += getattr(info, "pss", info.rss)
-                    else:
-                        info = p.memory_info()
-                    rss += info.rss
-                except psutil.Error:
-                    pass
-            self.peak_rss = max(self.peak_rss, rss)
-            if slow:
-                self.peak_pss = max(self.peak_pss, pss)
-            tick += 1
-            self._stop.wait(self.period)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def system_run(cfg, work: str, name: str) -> dict:
-    """`diffmix-ray generate` for `cfg`; its timeline is read from the shard files' mtimes (a
-    shard holds 2 batches), its memory sampled over its whole process tree."""
-    out = os.path.join(work, name)
-    ray_tmp = tempfile.mkdtemp(prefix="dmrb-")  # short: Ray's socket paths must fit in 107 bytes
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_tmp, DIFFMIX_RAY_DASHBOARD="0")
-    env.pop("RAY_ADDRESS", None)
-    args = [CLI, "generate", "--dataset", cfg.dataset, "--model", cfg.model, "--out", out, "--mode", cfg.mode,
+def system_argv(cfg) -> list[str]:
+    argv = ["generate", "--dataset", cfg.dataset, "--model", cfg.model, "--out", cfg.out, "--mode", cfg.mode,
             "--multiplier", str(cfg.multiplier), "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size),
             "--max-actors", "1", "--cpus-per-actor", str(cfg.cpus_per_actor),
             "--rows-per-shard", str(cfg.rows_per_shard), "--strength", str(cfg.strength)]
     for flag, value in (("--concepts", cfg.concepts), ("--limit", cfg.limit), ("--gpus-per-actor", cfg.gpus_per_actor)):
         if value is not None:
-            args += [flag, str(value)]
-    log_path = os.path.join(work, f"{name}.log")
-    with open(log_path, "w") as log:
-        started = time.time()
-        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        memory = TreeMemory(proc.pid)
-        try:
-            rc = proc.wait()
-        finally:  # interrupted: take the command and the Ray it started down with us
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            wall = time.time() - started
-            memory.stop()
-            shutil.rmtree(ray_tmp, ignore_errors=True)
-    if rc != 0:
-        sys.exit(f"{name}: diffmix-ray generate failed (exit {rc}); see {log_path}")
-    import pyarrow.parquet as pq
+            argv += [flag, str(value)]
+    return argv
 
-    shards_dir = os.path.join(out, "shards")
-    files = sorted((os.path.getmtime(os.path.join(shards_dir, n)), pq.read_metadata(os.path.join(shards_dir, n)).num_rows)
-                   for n in os.listdir(shards_dir) if n.endswith(".parquet"))
-    # One write task writes all files of one output block at once: group files 0.2 s apart.
-    writes: list[list[float]] = []
-    for t, rows in files:
-        if writes and t - writes[-1][0] < 0.2:
-            writes[-1][1] += rows
-        else:
-            writes.append([t, rows])
-    times = [t for t, _ in writes]
-    intervals = [writes[0][1]] + [rows for _, rows in writes[1:]]
-    r = rates([1.0] + [b - a for a, b in zip(times, times[1:])], intervals)  # the first is a placeholder
-    manifest = json.load(open(os.path.join(out, "manifest.json")))
-    return {"images": r["images"], "wall_s": wall, "writes": len(writes),
-            "steady_images_per_s": r["steady_images_per_s"], "median_images_per_s": r["median_images_per_s"],
-            "first_shard_s": times[0] - started,
-            # when the actor began translating: the first write minus the time its rows took
-            "startup_s": times[0] - started - writes[0][1] / r["steady_images_per_s"],
-            "after_last_shard_s": started + wall - times[-1],  # verify, manifest, _SUCCESS, Ray shutdown
-            "manifest_images_per_s": manifest["timings"]["images_per_s"],
-            "peak_rss_gib": memory.peak_rss / 2**30, "peak_pss_gib": memory.peak_pss / 2**30}
+
+def system_run(cfg, work: str, name: str) -> dict:
+    """`diffmix-ray generate` for `cfg` (whose out is work/name); its timeline is read from the shard
+    files' mtimes (a shard holds 2 batches), its memory sampled over its whole process tree."""
+    import json
+
+    started, wall, tree = run_cli(system_argv(cfg), os.path.join(work, f"{name}.log"), cpu=False, memory=True,
+                                  period=1.0)
+    with open(os.path.join(cfg.out, "manifest.json")) as f:
+        manifest = json.load(f)
+    return timeline(writes(os.path.join(cfg.out, "shards")), started, wall) | {
+        "manifest_images_per_s": manifest["timings"]["images_per_s"],
+        "peak_rss_gib": tree.peak_rss / 2**30, "peak_pss_gib": tree.peak_pss / 2**30}
 
 
 def fmt(r: dict) -> str:
     return f"{r['steady_images_per_s']:.2f} images/s steady (median {r['median_images_per_s']:.2f})"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pairs", type=int, default=96, help="pairs of the base run (2 per train image)")
-    parser.add_argument("--scale", type=int, default=10, help="the memory run has scale x pairs (0: skip it)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads in (a)/(c); CPUs of the actor in (b)")
-    parser.add_argument("--work", default=None, help="working folder (default: a temp folder, deleted after)")
-    args = parser.parse_args()
+def measure(args, results) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from diffmix_ray.models.loader import write_model
 
-    work = args.work or tempfile.mkdtemp(prefix="bench-gen-")
-    os.makedirs(work, exist_ok=True)
-    try:
-        dataset, model = make_inputs(work, train_images=max(CLASSES, args.pairs // 2))
+    with workdir(args.work, "bench-gen-") as work:
+        dataset = sample_dataset(work, CLASSES, max(CLASSES, args.pairs // 2) // CLASSES, IMAGE_SIZE)
+        model = write_model("bench:0", os.path.join(work, "model"))
         base = gen_config(args, dataset, model, os.path.join(work, "b"), multiplier=2.0)
         pairs = planned_pairs(base)
         print(f"{len(pairs)} pairs, bench model ({IMAGE_SIZE} px), {args.steps} steps, batch {args.batch_size}, "
               f"{args.threads} threads; machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
+        results.update(pairs=len(pairs), model=f"bench ({IMAGE_SIZE} px)")
 
         t = time.perf_counter()
         pipe = load_pipe(model, args.threads)
         load_s = time.perf_counter() - t
         a = floor_loop(pipe, pairs, args)
         print(f"(a) floor:     {fmt(a)}; all batches {a['images_per_s']:.2f}; model load {load_s:.1f} s", flush=True)
+        results.update(floor=rounded(a), model_load_s=round(load_s, 1))
         c = reference_loop(pipe, pairs, args, os.path.join(work, "c"))
         print(f"(c) reference: {fmt(c)}; all images {c['images_per_s']:.2f}", flush=True)
+        results.update(reference=rounded(c))
         del pipe
 
         b = system_run(base, work, "b")
+        results.update(system=rounded(b))
         # (a) again, after (b): a busy neighbour's load drifts; both figures show how much.
         pipe = load_pipe(model, args.threads)
         a2 = floor_loop(pipe, pairs, args)
         del pipe
         print(f"(a) again:     {fmt(a2)}", flush=True)
+        results.update(floor_again=rounded(a2))
         a = {k: (a[k] + a2[k]) / 2 for k in ("steady_images_per_s", "median_images_per_s")}
         print(f"(b) system:    {fmt(b)}; wall {b['wall_s']:.1f} s = start-up {b['startup_s']:.1f} s (first shard at "
-              f"{b['first_shard_s']:.1f} s) + translation + {b['after_last_shard_s']:.1f} s after the last shard; "
+              f"{b['first_write_s']:.1f} s) + translation + {b['after_last_write_s']:.1f} s after the last shard; "
               f"manifest {b['manifest_images_per_s']:.2f} images/s incl. actor start; "
               f"peak RSS {b['peak_rss_gib']:.2f} GiB, PSS {b['peak_pss_gib']:.2f} GiB", flush=True)
 
-        for name, ref, target in (("b/a", a, "0.85"), ("b/c", c, "3")):  # a: the mean of its two runs
-            print(f"{name} steady = {b['steady_images_per_s'] / ref['steady_images_per_s']:.2f}, median = "
-                  f"{b['median_images_per_s'] / ref['median_images_per_s']:.2f}   (target >= {target})")
-        print(f"c/b end to end (c's loop + model load vs b's wall incl. Ray and actor start) = "
-              f"{(c['seconds'] + load_s) / b['wall_s']:.2f}")
+        compare(results, "b/a", b, a, "   (target >= 0.85)")  # a: the mean of its two runs
+        compare(results, "b/c", b, c, "   (target >= 3)")
+        end_to_end = (c["seconds"] + load_s) / b["wall_s"]
+        print(f"c/b end to end (c's loop + model load vs b's wall incl. Ray and actor start) = {end_to_end:.2f}")
+        results.add("ratios", "c/b end to end", round(end_to_end, 3))
         if args.scale:
             big = system_run(gen_config(args, dataset, model, os.path.join(work, "b10"), 2.0 * args.scale),
                              work, "b10")
             print(f"(b) x{args.scale}:      {big['images']} images, {fmt(big)}, wall {big['wall_s']:.1f} s; "
                   f"peak RSS {big['peak_rss_gib']:.2f} GiB, PSS {big['peak_pss_gib']:.2f} GiB")
-            print(f"memory x{args.scale}/x1: RSS {big['peak_rss_gib'] / b['peak_rss_gib']:.2f}, "
-                  f"PSS {big['peak_pss_gib'] / b['peak_pss_gib']:.2f}   (target <= 1.2)")
-    finally:
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
+            rss, pss = big["peak_rss_gib"] / b["peak_rss_gib"], big["peak_pss_gib"] / b["peak_pss_gib"]
+            print(f"memory x{args.scale}/x1: RSS {rss:.2f}, PSS {pss:.2f}   (target <= 1.2)")
+            results.update(system_scaled=rounded(big), memory_ratio={"scale": args.scale, "rss": round(rss, 3),
+                                                                     "pss": round(pss, 3)})
 
 
 if __name__ == "__main__":
-    main()
+    bench.main(measure)

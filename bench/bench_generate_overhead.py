@@ -8,17 +8,17 @@
 
     .venv/bin/python bench/bench_generate_overhead.py [--pairs 640000] [--codec-pairs 64000]
 
-Prints seconds per phase and ms per pair. Asserts nothing about timing; exits 1 if the shards do
-not hold exactly the plan."""
+Prints seconds per phase and ms per pair and writes them to bench/results/ (--json). Asserts nothing
+about timing; exits 1 if the shards do not hold exactly the plan."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import shutil
-import tempfile
 import time
+
+from _harness import Bench, rounded, workdir  # beside this file
+from _inputs import sample_dataset
 
 RESOLUTION = 8  # pixels per side everywhere: decoding, "translating" and encoding cost ~nothing
 
@@ -70,7 +70,8 @@ class NoOpTranslator:
         return out
 
 
-def run_case(name: str, dataset: str, work: str, pairs: int, train_images: int, batch_size: int, noop_codecs: bool):
+def run_case(name: str, dataset: str, work: str, pairs: int, train_images: int, batch_size: int, noop_codecs: bool,
+             results):
     from diffmix_ray import exactly_once, storage
     from diffmix_ray.contracts import COL_PAIR_ID, SHARDS_DIR
     from diffmix_ray.generate import run
@@ -105,45 +106,39 @@ def run_case(name: str, dataset: str, work: str, pairs: int, train_images: int, 
         print(f"  {phase:<20} {seconds:7.1f} s   {1000 * seconds / n:.4f} ms/pair")
     per_pair = 1000 * sum(times.values()) / n
     print(f"  per pair {per_pair:.4f} ms; 6.4M pairs: {per_pair * 6.4e6 / 60_000:.1f} min", flush=True)
+    results.update(**{name: {"pairs": n, "blocks": -(-n // block), "block_rows": block, "chunk_rows": chunk,
+                             "shards": len(found), "exact": exact, "seconds": rounded(times, 2),
+                             "ms_per_pair": round(per_pair, 5)}})
     if not exact:
         raise SystemExit(f"FAIL: {name}: the shards do not hold exactly the plan")
     return per_pair
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pairs", type=int, default=640_000, help="pairs of the machinery run")
-    parser.add_argument("--codec-pairs", type=int, default=64_000, help="pairs of the run with codecs (0: skip)")
-    parser.add_argument("--train-images", type=int, default=6_400)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--work", default=None)
-    args = parser.parse_args()
+bench = Bench("generate-overhead", __doc__)
+bench.parser.add_argument("--pairs", type=int, default=640_000, help="pairs of the machinery run")
+bench.parser.add_argument("--codec-pairs", type=int, default=64_000, help="pairs of the run with codecs (0: skip)")
+bench.parser.add_argument("--train-images", type=int, default=6_400)
+bench.parser.add_argument("--batch-size", type=int, default=16)
+bench.parser.add_argument("--work", default=None)
+
+
+def measure(args, results) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("DIFFMIX_RAY_DASHBOARD", "0")
 
-    from diffmix_ray.data.prepare import PrepareConfig, prepare
-    from diffmix_ray.data.sample import SAMPLE_SUPER_CLASS, write_sample_imagefolder
     from diffmix_ray.runtime.local_ray import init_ray
 
-    work = args.work or tempfile.mkdtemp(prefix="bench-overhead-")
-    try:
-        raw = write_sample_imagefolder(os.path.join(work, "raw"), num_classes=4, per_class=args.train_images // 4,
-                                       size=RESOLUTION)
-        dataset = os.path.join(work, "dataset")
-        prepare(PrepareConfig("imagefolder", raw, super_class=SAMPLE_SUPER_CLASS, val_fraction=0.0), dataset,
-                show_progress=False)
+    with workdir(args.work, "bench-overhead-") as work:
+        dataset = sample_dataset(work, 4, args.train_images // 4, RESOLUTION)
         t = time.perf_counter()
         init_ray(min_cpus=1)
         print(f"Ray started in {time.perf_counter() - t:.1f} s (not counted)")
-        machinery = run_case("machinery", dataset, work, args.pairs, args.train_images, args.batch_size, True)
+        machinery = run_case("machinery", dataset, work, args.pairs, args.train_images, args.batch_size, True, results)
         print(f"machinery overhead per pair: {machinery:.4f} ms   (target <= 0.05)")
         if args.codec_pairs:
-            run_case("codecs", dataset, work, args.codec_pairs, args.train_images, args.batch_size, False)
-    finally:
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
+            run_case("codecs", dataset, work, args.codec_pairs, args.train_images, args.batch_size, False, results)
 
 
 if __name__ == "__main__":
-    main()
+    bench.main(measure)

@@ -3,19 +3,19 @@ S3 side being a moto server on 127.0.0.1 (protocol-real, not network-real).
 
     .venv/bin/python bench/bench_prepare.py [--images 2000] [--size 256]
 
-Prints figures; asserts nothing."""
+Prints figures and writes them to bench/results/ (--json); asserts nothing."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
 import tempfile
-import time
 
 import numpy as np
 from PIL import Image
+
+from _harness import Bench, timed  # beside this file
 
 
 def make_fixture(root: str, images: int, classes: int, size: int) -> int:
@@ -35,26 +35,20 @@ def make_fixture(root: str, images: int, classes: int, size: int) -> int:
     return total
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+bench = Bench("prepare", __doc__)
+bench.parser.add_argument("--images", type=int, default=2000)
+bench.parser.add_argument("--classes", type=int, default=20)
+bench.parser.add_argument("--size", type=int, default=256)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=2000)
-    ap.add_argument("--classes", type=int, default=20)
-    ap.add_argument("--size", type=int, default=256)
-    args = ap.parse_args()
+def measure(args, results) -> None:
+    import logging
 
     import boto3
     from moto.server import ThreadedMotoServer
 
     from diffmix_ray import storage
     from diffmix_ray.data.prepare import PrepareConfig, prepare
-
-    import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -70,7 +64,7 @@ def main() -> None:
             fs, _ = storage.filesystem("s3://bench")
             fs.put(raw, "bench/raw", recursive=True)
             cfg = PrepareConfig("imagefolder", raw, super_class="thing")
-            results = {"images": args.images, "fixture_mib": round(nbytes / 2**20, 1)}
+            results.update(images=args.images, fixture_mib=round(nbytes / 2**20, 1))
             for name, run in (
                 ("local_to_local", lambda: prepare(cfg, os.path.join(tmp, "out"), show_progress=False)),
                 ("local_to_s3", lambda: prepare(cfg, "s3://bench/out", show_progress=False)),
@@ -78,11 +72,12 @@ def main() -> None:
                                                 os.path.join(tmp, "out2"), show_progress=False)),
             ):
                 seconds = timed(run)
-                results[name] = {"seconds": round(seconds, 2), "images_per_s": round(args.images / seconds, 1)}
-        print(json.dumps(results, indent=2))
+                figures = {"seconds": round(seconds, 2), "images_per_s": round(args.images / seconds, 1)}
+                results.update(**{name: figures})
+        print(json.dumps({k: v for k, v in results.data.items() if k != "run"}, indent=2))
     finally:
         server.stop()
 
 
 if __name__ == "__main__":
-    main()
+    bench.main(measure)

@@ -7,6 +7,7 @@ import sys
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from .console import console, setup_logging
 from .errors import DiffmixError
@@ -29,7 +30,7 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except DiffmixError as e:
-            console.print(f"[bold red]error:[/bold red] {e}", markup=True, highlight=False)
+            console.print(f"[bold red]error:[/bold red] {escape(str(e))}", markup=True, highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -135,9 +136,12 @@ def _floats(text: Optional[str], flag: str) -> Optional[tuple[float, ...]]:
     if text is None:
         return None
     try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
+        values = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise DiffmixError(f"{flag} {text!r} must be comma-separated numbers, e.g. 0.3,0.5,0.7") from None
+    if not values:  # an empty list would silently mean "not given"
+        raise DiffmixError(f"{flag} {text!r} lists no number; give comma-separated numbers, e.g. 0.3,0.5,0.7")
+    return values
 
 
 def _generate_config(config: Optional[str] = None, **flags):
@@ -273,7 +277,7 @@ def train_cls(
                                                 "(default 80%,90% of --epochs: 160,180 of 200)."),
     lr_decay: Optional[float] = typer.Option(None, help="step: factor per milestone (default 0.01)."),
     loss: Optional[str] = typer.Option(None, help="ce (default) | drw (class re-weighting from --drw-epoch) | "
-                                       "balanced-softmax."),
+                                       "balanced-softmax | ldam | ldam-drw (LDAM margins, + drw)."),
     drw_epoch: Optional[int] = typer.Option(None, help="drw: first re-weighted epoch (default 80% of --epochs: 160 "
                                             "of 200)."),
     drw_beta: Optional[float] = typer.Option(None, help="drw: effective-number beta (default 0.9999)."),
@@ -297,8 +301,20 @@ def train_cls(
                                                "'default'); once for all --synthetic, or once each."),
     allow_incomplete: Optional[bool] = typer.Option(None, "--allow-incomplete", help="Accept shards (and scores) "
                                                     "without _SUCCESS."),
-    cutmix: Optional[bool] = typer.Option(None, "--cutmix", help="CutMix baseline (real data only)."),
-    mixup: Optional[bool] = typer.Option(None, "--mixup", help="Mixup baseline (real data only)."),
+    cutmix: Optional[bool] = typer.Option(None, "--cutmix", help="CutMix baseline (with --synthetic: needs "
+                                          "--mixing reference)."),
+    mixup: Optional[bool] = typer.Option(None, "--mixup", help="Mixup baseline (with --synthetic: needs "
+                                         "--mixing reference)."),
+    mixing: Optional[str] = typer.Option(None, help="timm (default; batch mode, real data only) | reference (the "
+                                         "Diff-Mix code's: CutMix per sample on the rows' own, soft, labels)."),
+    mix_prob: Optional[float] = typer.Option(None, help="Probability of --cutmix/--mixup (default 0.5; reference "
+                                             "CutMix: per sample)."),
+    cmo: Optional[bool] = typer.Option(None, "--cmo", help="CMO long-tail baseline: a box of a minority-sampled "
+                                       "image (1/n_c) pasted in, p 0.5 per batch."),
+    soft_scaler: Optional[float] = typer.Option(None, help="Synthetic targets x this (default 1.0; the reference's "
+                                                "dataset classes use 0.9)."),
+    drop_last: Optional[bool] = typer.Option(None, "--drop-last/--no-drop-last", help="Drop each epoch's "
+                                             "incomplete last batch (default) or train on it (the long-tail trainer)."),
     seed: Optional[int] = typer.Option(None, help="Seed (default 2020)."),
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds: one run each, then mean ± std."),
     workers: Optional[int] = typer.Option(None, help="Ray Train workers (DDP)."),
@@ -329,11 +345,12 @@ def train_cls(
         label_smoothing=label_smoothing, select=select, shot_thresholds=shot_thresholds, synthetic_p=synthetic_p,
         synthetic_sampling=synthetic_sampling, synthetic_pick=synthetic_pick, gamma=gamma,
         synthetic_filter=tuple(synthetic_filter) if synthetic_filter else None, scores=tuple(scores) if scores else None,
-        allow_incomplete=allow_incomplete, cutmix=cutmix, mixup=mixup, seed=seed, workers=workers,
+        allow_incomplete=allow_incomplete, cutmix=cutmix, mixup=mixup, mixing=mixing, mix_prob=mix_prob, cmo=cmo,
+        soft_scaler=soft_scaler, drop_last=drop_last, seed=seed, workers=workers,
         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, gpu_decode=gpu_decode,
         checkpoint_every=checkpoint_every, test_every_epoch=test_every_epoch))
-    if seeds:
-        run_seeds(cfg, [int(s) for s in seeds.split(",")], overwrite=overwrite, resume=resume)
+    if seeds is not None:
+        run_seeds(cfg, _ints(seeds, "--seeds"), overwrite=overwrite, resume=resume)
     else:
         run_classify(cfg, overwrite=overwrite, resume=resume)
 
@@ -396,8 +413,10 @@ def report(runs: list[str] = typer.Argument(..., help="generate outputs and/or t
            out: Optional[str] = typer.Option(None, help="Folder for the report (default: report/ next to the first run)."),
            gamma: float = typer.Option(0.5, help="Soft-label exponent used to label the contact sheet.")):
     """Contact sheets of synthetic images, accuracy plots and a comparison table (Markdown + HTML)."""
+    from .config import check_finite
     from .orchestrate.report import run_report
 
+    check_finite({"--gamma": gamma})
     written = run_report(runs, out, gamma=gamma)
     for kind, paths in written.items():
         for p in paths:
@@ -474,6 +493,25 @@ def train_sample(out: str = typer.Argument(..., help="Local folder to write sd/ 
     train(out, cfg, command=" ".join(["diffmix-ray", "model", "train-sample"] + sys.argv[3:]), overwrite=overwrite)
 
 
+@model_app.command("convert-classifier")
+@friendly
+def convert_classifier(src: str = typer.Argument(..., help="A torchvision state dict (.pth), e.g. "
+                                                 "resnet50-0676ba61.pth or vit_b_16_swag-9ac1b537.pth from "
+                                                 "~/.cache/torch/hub/checkpoints."),
+                       out: str = typer.Argument(..., help="OUT.safetensors, or a folder that receives "
+                                                 "model.safetensors: what --pretrained then reads."),
+                       arch: str = typer.Option(..., help="timm architecture to map onto: resnet50 | "
+                                                "vit_base_patch16_384 | vit_base_patch16_224."),
+                       overwrite: bool = typer.Option(False, help="Replace an existing OUT file.")):
+    """Rename torchvision classifier weights (the Diff-Mix reference's ResNet-50 IMAGENET1K_V1 and ViT-B/16
+    IMAGENET1K_SWAG_E2E_V1) onto a timm architecture, every tensor checked, for `--pretrained`."""
+    from .classify.convert import convert_file
+    from .classify.model import fingerprint
+
+    file = convert_file(src, out, arch, overwrite)
+    console.print(f"wrote {file} ({arch}; sha256 {fingerprint(file)[:12]}): pass it as --pretrained", highlight=False)
+
+
 @model_app.command("stage")
 @friendly
 def stage(uri: str = typer.Argument(..., help="s3:// URI of a diffusers model folder."),
@@ -508,9 +546,13 @@ def _ints(text: Optional[str], flag: str) -> Optional[list[int]]:
     if text is None:
         return None
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",")]
     except ValueError:
         raise DiffmixError(f"{flag} {text!r} must be whole numbers separated by commas, e.g. 2020,2021,2022") from None
+    if repeated := sorted({v for v in values if values.count(v) > 1}):
+        raise DiffmixError(f"{flag} {text!r} lists {repeated[0]} twice: each run would be trained once and counted "
+                           "twice in the mean ± std; list each value once")
+    return values
 
 
 @app.command("run")
@@ -524,7 +566,8 @@ def run_cmd(recipe: str = typer.Argument(..., help="A recipe name (`diffmix-ray 
             seeds: Optional[str] = typer.Option(None, help="Classifier seeds, comma-separated (default: the recipe's)."),
             methods: Optional[str] = typer.Option(None, help="Methods to run, comma-separated (default: the table's "
                                                   "rows)."),
-            pretrained: Optional[str] = typer.Option(None, help="Local weights for the classifier architecture."),
+            pretrained: Optional[str] = typer.Option(None, help="Local weights for the classifier architecture "
+                                                     "(`recipe show` says which; `none`: from scratch, on purpose)."),
             clip: Optional[str] = typer.Option(None, help="CLIP model for the methods that filter synthetic images "
                                                "(Real-Filtering): a CLIPModel folder or s3:// URI (ViT-B/32 for the "
                                                "paper); sample | tiny for CPU runs (default: the recipe's)."),
@@ -571,6 +614,8 @@ def recipe_show(name: str = typer.Argument(..., help="A recipe name or file.")):
         console.print(f"# {line}", highlight=False, markup=False)
     if r.description:
         console.print("# " + " ".join(r.description.split()), highlight=False, markup=False)
+    for line in r.summary():
+        console.print(f"# {line}", highlight=False, markup=False)
     print(yaml.safe_dump(r.content, sort_keys=False, allow_unicode=True, width=110), end="")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, TypeVar
 
 import yaml
@@ -37,4 +38,25 @@ def build(cls: type[T], config_file: str | None, flags: dict[str, Any]) -> T:
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         raise DiffmixError("missing required option(s): " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    check_finite({k: v for k, v in merged.items() if k in names})
     return cls(**{k: v for k, v in merged.items() if k in names})
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, float):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _numbers(v)]
+    return []
+
+
+def check_finite(options: dict[str, Any]) -> None:
+    """The one numeric check every command's options pass (flags and YAML alike): NaN and infinity
+    are never valid. Python compares NaN false with everything, so range checks let it through, and
+    a NaN would travel into plans, weights and JSON as if it were a number."""
+    for name, value in options.items():
+        if not all(math.isfinite(x) for x in _numbers(value)):
+            shown = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+            flag = name if name.startswith("-") else "--" + name.replace("_", "-")
+            raise DiffmixError(f"{flag} {shown} is not a finite number; give a finite value (nan and inf are "
+                               "never valid options)")

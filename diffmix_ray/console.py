@@ -12,7 +12,10 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True, highlight=False)
+# markup=False: paths, class names and error messages hold user text, and rich would read "[red]" or
+# "[/2024]" in them as markup (dropping it, or raising MarkupError and losing the real message). A call
+# that wants colour passes style=, or markup=True around text escaped with rich.markup.escape.
+console = Console(stderr=True, highlight=False, markup=False)
 logger = logging.getLogger("diffmix_ray")
 
 

@@ -139,7 +139,11 @@ class DatasetInfo:
 # rerun can tell "same config, resume" from "a different run lives here, refuse".
 # ---------------------------------------------------------------------------------------------
 RUN_JSON = "_run.json"
+LEASE_JSON = "_lease.json"  # the one writer of an output (lease.py); gone when it is done
 SUCCESS = "_SUCCESS"
+# Written by a training run's rank 0 when its loss or weights turned non-finite: the run stops and the
+# driver raises this file's message (Ray Train's result carries only checkpointed metrics).
+DIVERGED = "_diverged.txt"
 
 # ---------------------------------------------------------------------------------------------
 # Concept bank (finetune -> generate)

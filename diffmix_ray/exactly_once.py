@@ -27,7 +27,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import storage
+from rich.markup import escape
+
+from . import lease, storage
 from .console import console, logger
 from .contracts import COL_PAIR_ID, MANIFEST_JSON, SUCCESS
 from .errors import DiffmixError
@@ -127,6 +129,33 @@ def settle(folder: str, planned: set[str], what: str, key: str = COL_PAIR_ID,
     return scan, planned - scan.done
 
 
+def disagreeing_rows(folder: str, names, plan: pa.Table, key: str = COL_PAIR_ID) -> tuple[int, str]:
+    """(rows of the files `names` under `folder` whose plan columns differ from the plan's row of the
+    same id, an example): rows another writer put there with another config."""
+    columns = [c for c in plan.column_names if c != key]
+    tables = [storage.read_parquet(storage.join(folder, n), [key] + columns) for n in sorted(names)]
+    if not tables:
+        return 0, ""
+    rows = pa.concat_tables([t.select([key] + columns) for t in tables], promote_options="permissive")
+    joined = rows.join(plan.select([key] + columns), keys=key, right_suffix="__plan")
+    differ = {}
+    for c in columns:
+        a, b = joined.column(c), joined.column(c + "__plan")
+        same = pc.fill_null(pc.or_kleene(pc.equal(a, b), pc.and_(pc.is_null(a), pc.is_null(b))), False)
+        differ[c] = pc.invert(same)
+    bad = differ[columns[0]]
+    for c in columns[1:]:
+        bad = pc.or_(bad, differ[c])
+    count = pc.sum(bad.cast(pa.int64())).as_py() or 0
+    if not count:
+        return 0, ""
+    c = next(c for c in columns if pc.any(differ[c]).as_py())
+    i = pc.index(differ[c], True).as_py()
+    show = lambda v: f"{v:.6g}" if isinstance(v, float) else repr(v) if isinstance(v, str) else str(v)  # noqa: E731
+    return count, (f"pair {joined.column(key)[i].as_py()}: {c} {show(joined.column(c)[i].as_py())} in the shards, "
+                   f"{show(joined.column(c + '__plan')[i].as_py())} in the plan")
+
+
 def write_failures(failed_uri: str, records: list[dict]) -> None:
     """Per-batch code: record failed rows ({key: id, "error": why}) as one JSON file."""
     if records:
@@ -161,12 +190,13 @@ def finish(out: str, manifest: dict, missing: int, planned: int, failed: int, su
     IncompleteOutput (the CLI, and a Ray job around it, exits non-zero: the output is unusable)."""
     storage.write_json_atomic(storage.join(out, MANIFEST_JSON), manifest)
     if missing:
-        console.print(f"[yellow]{summary}[/yellow]")
+        console.print(summary, style="yellow")
         raise IncompleteOutput(f"{missing} of {planned} {what} ({failed} failed, listed in "
                                f"{storage.join(out, MANIFEST_JSON)}): no {SUCCESS} was written. "
                                "Rerun the same command to retry them.", manifest)
+    lease.check_held(out)
     storage.write_text_atomic(storage.join(out, SUCCESS), "")
-    console.print(f"[green]{summary}[/green] -> {out}")
+    console.print(f"[green]{escape(summary)}[/green] -> {escape(out)}", markup=True)
     return manifest
 
 

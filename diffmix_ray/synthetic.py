@@ -41,6 +41,47 @@ class SyntheticSet:
         return pa.concat_tables(tables) if tables else pa.schema([SHARD_SCHEMA.field(c) for c in columns]).empty_table()
 
 
+PARQUET_MAGIC = b"PAR1"
+
+
+def shard_records(shards: str, found: dict[str, list[str]]) -> dict[str, dict]:
+    """What the manifest records of each shard file (its rows and bytes), so that a later reader
+    can tell a shard cut short or replaced from the one generate wrote."""
+    sizes = storage.file_sizes(shards)
+    return {name: {"rows": len(ids), "bytes": sizes[name]} for name, ids in sorted(found.items())}
+
+
+def damaged_shards(uri: str, manifest: dict) -> dict[str, str]:
+    """Shard file -> what is wrong with it, for a generate output said to be complete: missing, not
+    the size the manifest records, not in the manifest, or without a Parquet footer. One listing and
+    one small ranged read per file (the footer's magic); outputs from before the manifest recorded
+    files get the footer check only."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shards = storage.join(uri, SHARDS_DIR)
+    sizes = {n: s for n, s in storage.file_sizes(shards).items() if n.endswith(".parquet")}
+    recorded = manifest.get("shard_files")
+    problems: dict[str, str] = {}
+    if recorded is not None:
+        for name, rec in recorded.items():
+            if name not in sizes:
+                problems[name] = "missing"
+            elif sizes[name] != rec.get("bytes"):
+                problems[name] = f"size {sizes[name]} bytes, {rec.get('bytes')} in the manifest"
+        problems.update({n: "not in the manifest" for n in sizes if n not in recorded})
+    names = sorted(n for n in sizes if n not in problems)
+    with ThreadPoolExecutor(16) as pool:
+        tails = list(pool.map(lambda n: storage.read_tail(storage.join(shards, n), sizes[n], 4), names))
+    problems.update({n: "no Parquet footer (cut short)" for n, tail in zip(names, tails) if tail != PARQUET_MAGIC})
+    return dict(sorted(problems.items()))
+
+
+def describe_damage(problems: dict[str, str]) -> str:
+    first = next(iter(problems))
+    more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+    return f"{first} ({problems[first]}){more}"
+
+
 def open_synthetic(uri: str, dataset_fingerprint: str, allow_incomplete: bool = False,
                    use: str = "train on") -> SyntheticSet:
     """Open a generate output for reading; refuse one made from another dataset, and an incomplete
@@ -71,6 +112,10 @@ def open_synthetic(uri: str, dataset_fingerprint: str, allow_incomplete: bool = 
         from .console import logger
 
         logger.warning("using incomplete synthetic shards %s: %s", uri, what)
+    if complete and (damaged := damaged_shards(uri, manifest)):
+        raise DiffmixError(f"synthetic shards {uri} are damaged: {describe_damage(damaged)}; rerun the generate "
+                           f"command that made them (it checks its shards and redoes the damaged ones), then {use} "
+                           "them")
     if files:
         fs, path = storage.arrow_filesystem(files[0])
         check_columns(pq.read_schema(path, filesystem=fs), SHARD_SCHEMA, files[0])

@@ -188,3 +188,125 @@ def test_super_class_required_for_generic_formats(tmp_path, folder):
 def test_missing_source(tmp_path):
     with pytest.raises(DiffmixError, match="is not a directory"):
         prepare(PrepareConfig("imagefolder", str(tmp_path / "nowhere"), super_class="x"), str(tmp_path / "out"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Huge images, decode memory, odd columns, links, hidden folders, classes that differ by case
+# ---------------------------------------------------------------------------------------------
+def header_only_png(width: int, height: int, color_type: int = 6) -> bytes:
+    """A PNG whose header claims width x height (RGBA by default) but whose pixel data is a few
+    bytes: what a decompression bomb looks like, and tiny to make. Decoding it fails; reading its
+    header does not."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_a_bad_file(tmp_path, folder):
+    bad = fx.write(os.path.join(folder, "good", "huge.png"), header_only_png(20000, 20000))
+    _expect_bad(tmp_path, folder, bad, r"huge\.png: 400 MP, more than the 180 MP")
+
+
+def test_an_image_too_large_for_the_decode_budget_is_a_bad_file_never_decoded(tmp_path, folder, monkeypatch):
+    """13000 x 13000 RGBA is allowed by PIL (169 MP) but needs GBs to decode: over this machine's
+    decode budget (here set to 256 MB) it is refused from its header, before any pixel is decoded."""
+    from diffmix_ray import images
+
+    from PIL import ImageFile
+
+    monkeypatch.setenv("DIFFMIX_DECODE_MEMORY_GB", "0.25")
+    loaded = []
+    real = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loaded.append(self.size) or real(self))
+    bad = fx.write(os.path.join(folder, "fine", "wide.png"), header_only_png(13000, 13000))
+    _expect_bad(tmp_path, folder, bad, r"wide\.png: 13000x13000 RGBA needs ~3\.8 GB to decode, more than this "
+                                       r"machine's decode budget of 0\.2 GB")
+    assert loaded and (13000, 13000) not in loaded  # the others were decoded; the big one never was
+
+
+def test_the_decode_budget_bounds_decodes_in_flight():
+    import threading
+    import time
+
+    from diffmix_ray.images import DecodeBudget
+
+    budget, in_use, peak, lock = DecodeBudget(100), [0], [0], threading.Lock()
+
+    def work(cost):
+        with budget.reserve(cost):
+            with lock:
+                in_use[0] += cost
+                peak[0] = max(peak[0], in_use[0])
+            time.sleep(0.01)
+            with lock:
+                in_use[0] -= cost
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in [60, 50, 40, 30, 90, 10, 100] * 3]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 0 < peak[0] <= 100
+
+
+def test_machine_decode_budget_is_a_share_of_memory(monkeypatch):
+    from diffmix_ray.images import decode_budget_bytes, machine_memory_bytes
+
+    monkeypatch.delenv("DIFFMIX_DECODE_MEMORY_GB", raising=False)
+    assert 0 < decode_budget_bytes() <= machine_memory_bytes() // 2
+    monkeypatch.setenv("DIFFMIX_DECODE_MEMORY_GB", "1.5")
+    assert decode_budget_bytes() == int(1.5 * 2**30)
+    monkeypatch.setenv("DIFFMIX_DECODE_MEMORY_GB", "nan")
+    with pytest.raises(DiffmixError, match="DIFFMIX_DECODE_MEMORY_GB"):
+        decode_budget_bytes()
+
+
+def test_parquet_image_column_of_integers_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = str(tmp_path / "p.parquet")
+    pq.write_table(pa.table({"img": [1, 2], "target": [0, 1]}), path)
+    with pytest.raises(DiffmixError, match=r"--image-column 'img' of .*p\.parquet holds int64, not encoded image"):
+        prepare(PrepareConfig("parquet", path, super_class="x", image_column="img", label_column="target"),
+                str(tmp_path / "out"))
+
+
+def test_hidden_folders_are_not_classes(tmp_path, folder):
+    fx.write(os.path.join(folder, ".ipynb_checkpoints", "a-checkpoint.jpg"), fx.image_bytes())
+    info = prepare(PrepareConfig("imagefolder", folder, super_class="x"), str(tmp_path / "out"), show_progress=False)
+    assert info.classes == ["fine", "good"]
+    assert any(".ipynb_checkpoints" in i for i in info.skipped["ignored"])
+
+
+def test_classes_differing_only_by_case_are_refused(tmp_path):
+    src = fx.make_imagefolder(str(tmp_path / "raw"), {"Red Circle": 2, "red  circle": 2, "blue": 2})
+    with pytest.raises(DiffmixError, match=r"'Red Circle' and 'red  circle' in .* differ only by case or spacing"):
+        prepare(PrepareConfig("imagefolder", src, super_class="x"), str(tmp_path / "out"))
+
+
+def test_links_are_followed_inside_the_source_and_refused_outside(tmp_path, folder):
+    """One policy for files and folders alike: a link that stays inside --source is followed; one
+    that leads outside is never read (a bad file, listed; a class folder outside is an error)."""
+    outside = fx.make_imagefolder(str(tmp_path / "elsewhere"), {"far": 2})
+    os.symlink(os.path.join(folder, "good"), os.path.join(folder, "alias"))  # a class folder, inside
+    os.symlink(os.path.join(folder, "good", "000.jpg"), os.path.join(folder, "fine", "linked.jpg"))  # a file, inside
+    info = prepare(PrepareConfig("imagefolder", folder, super_class="x"), str(tmp_path / "o1"), show_progress=False)
+    assert info.classes == ["alias", "fine", "good"] and info.split_size("train") + info.split_size("val") == 13
+
+    os.remove(os.path.join(folder, "alias"))
+    os.remove(os.path.join(folder, "fine", "linked.jpg"))
+    escaping = os.path.join(folder, "fine", "secret.jpg")
+    os.symlink(os.path.join(outside, "far", "000.jpg"), escaping)
+    _expect_bad(tmp_path / "t2", folder, escaping, r"secret\.jpg: a symbolic link to .*elsewhere.*outside --source")
+
+    os.remove(escaping)
+    os.symlink(os.path.join(outside, "far"), os.path.join(folder, "far"))
+    with pytest.raises(DiffmixError, match=r"class folder 'far' .* symbolic link to .*elsewhere/far.*outside --source"):
+        prepare(PrepareConfig("imagefolder", folder, super_class="x"), str(tmp_path / "o3"), show_progress=False)

@@ -846,6 +846,20 @@ def test_gpu_decode_is_refused_on_a_cluster_without_gpus(ray_local, shapes, tmp_
     assert not out.exists() or not any(p.name != "_run.json" for p in out.iterdir())  # nothing was trained
 
 
+def test_long_tail_baselines_on_ray_keep_incomplete_batches(ray_local, shapes, tmp_path):
+    """Diff-Mix + CMO + LDAM-DRW, synthetic targets x 0.9, incomplete last batches kept: the minority
+    stream rides beside the main one through Ray Data, both cut at epoch ends (72 train images, batch 10:
+    3 full steps and one of 12 per epoch; CMO acts at epoch 4 of 8), and the run records what it did."""
+    syn = fx.fake_synthetic(str(tmp_path / "syn"), shapes, 0.5)
+    m = run_classify(cfg(shapes, tmp_path / "lt", synthetic=(syn,), synthetic_p=0.5, cmo=True, loss="ldam-drw",
+                         soft_scaler=0.9, drop_last=False, batch_size=20, epochs=8, label_smoothing=0.0))
+    assert m["resolved"]["batches"]["value"] == {"steps_per_epoch": 4, "last_batch": 12}
+    assert [e["steps"] for e in m["epochs"]] == [4 * (i + 1) for i in range(8)]
+    assert m["resolved"]["cmo"]["value"]["epochs"] == [4, 4] and m["resolved"]["drw_epoch"]["value"] == 6
+    assert m["resolved"]["soft_scaler"]["value"] == 0.9 and m["weights"]["init"] == "random (no --pretrained)"
+    assert all(np.isfinite(e["train_loss"]) for e in m["epochs"])
+
+
 def test_run_rows_are_the_epochs_in_whole_batches():
     from diffmix_ray.classify.data import Rows, epoch_rows, run_rows
 

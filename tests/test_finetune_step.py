@@ -209,3 +209,33 @@ def test_bf16_autocast_step_on_cpu(setup):
     moved = {k: float((v - start[k]).abs().max()) for k, v in tuner.trainable_tensors().items()}
     assert min(moved.values()) > 0  # tokens and LoRA both train
     assert torch.equal(vocab, tuner.class_tokens.base.weight)  # the vocabulary stays frozen
+
+
+def test_per_class_schedule_moves_only_the_batchs_class_token_and_resumes(setup, tmp_path):
+    """token_schedule per-class (DA-Fusion's separate runs): each step's batch is one class, and every
+    other class's token leaves the step bit for bit as it entered it, weight decay included; the
+    optimizer's per-row state survives a checkpoint, so a resumed run takes the same next step."""
+    inputs, _ = setup
+    kw = dict(mode="ti", token_schedule="per-class", max_steps=4)
+    tuner = _tuner(inputs, **kw)
+    batches = [b for _, b in zip(range(4), next(local_batches(inputs.dataset, 64, 2, False, seed=0, per_class=True)))]
+    seen = []
+    for step, batch in enumerate(batches[:3], 1):
+        (c,) = set(batch["label"].tolist())  # one class per step
+        before = tuner.class_tokens.vectors.detach().clone()
+        tuner.train_step(batch, step)
+        after = tuner.class_tokens.vectors.detach()
+        others = [k for k in range(len(inputs.tokens)) if k != c]
+        assert torch.equal(after[others], before[others]) and not torch.equal(after[c], before[c]), step
+        seen.append(c)
+    assert len(set(seen)) == 3  # a round visits different classes
+    counts = tuner.optimizer.state[tuner.class_tokens.vectors]["step"]
+    assert counts.tolist() == [float(seen.count(k)) for k in range(len(inputs.tokens))]
+    progress = Progress(step=3)
+    tuner.save(str(tmp_path), progress, rank=0)
+    resumed = _tuner(inputs, **kw)
+    resumed.load(str(tmp_path), rank=0)
+    for t in (tuner, resumed):
+        torch.manual_seed(7)
+        t.train_step(batches[3], 4)
+    torch.testing.assert_close(resumed.class_tokens.vectors, tuner.class_tokens.vectors, rtol=0, atol=0)

@@ -326,3 +326,58 @@ def test_plan_calibrate_prints_throughput(sample_dataset):
                                       "--batch-size", "4", "--calibrate", "8"])
     assert result.exit_code == 0, result.output
     assert "images/s per actor (calibrated here" in result.output
+
+
+def test_rerun_of_a_complete_output_repairs_a_truncated_shard(real_mix_run, sample_dataset, tmp_path, capsys):
+    """A shard cut short after _SUCCESS (a copy that stopped, a disk that lost it): the rerun checks
+    the shards' sizes and footers against the manifest, says so, and generates that shard's pairs
+    again; training refuses the damaged set, naming the file, until then."""
+    from diffmix_ray.synthetic import open_synthetic
+
+    out = copy_of(real_mix_run, tmp_path)
+    cut = os.path.join(out, SHARDS_DIR, shard_names(out)[1])
+    cut_ids = set(pq.read_table(cut).column("pair_id").to_pylist())
+    with open(cut, "r+b") as f:
+        f.truncate(os.path.getsize(cut) - 100)
+    fingerprint = canonical.open_dataset(sample_dataset).info.fingerprint
+    with pytest.raises(DiffmixError, match=rf"{shard_names(out)[1]} .*(size|footer).*rerun the generate command"):
+        open_synthetic(out, fingerprint)
+
+    run_generate(config(sample_dataset, out))
+    assert "damaged" in capsys.readouterr().err
+    assert_complete(out, sample_dataset, class_names(sample_dataset))
+    assert manifest(out)["timings"]["images_this_run"] == len(cut_ids)
+    open_synthetic(out, fingerprint)
+
+
+def test_shard_rows_that_disagree_with_the_plan_are_never_marked_complete(real_mix_run, sample_dataset, tmp_path):
+    """Rows another writer put in (a strength of 0.5 where this plan says 0.7): refused before _SUCCESS."""
+    out = copy_of(real_mix_run, tmp_path)
+    name = os.path.join(out, SHARDS_DIR, shard_names(out)[0])
+    table = pq.read_table(name)
+    strength = pa.array([0.5] * table.num_rows, pa.float32())
+    pq.write_table(table.set_column(table.schema.get_field_index("strength"), "strength", strength), name)
+    os.remove(os.path.join(out, SUCCESS))
+    with pytest.raises(DiffmixError, match=r"8 shard rows disagree with the plan \(e\.g\. pair .*: strength 0\.5 in "
+                                           r"the shards, 0\.7 in the plan\).*--overwrite"):
+        run_generate(config(sample_dataset, out))
+    assert not os.path.exists(os.path.join(out, SUCCESS))
+
+
+def test_storage_errors_of_ray_tasks_are_one_line():
+    """A full disk in a Ray Data write task reaches the driver as a RayTaskError around the OSError:
+    it is said in one line naming the output, not as Ray's traceback."""
+    import errno
+
+    from ray.exceptions import RayTaskError
+
+    from diffmix_ray.storage import explain_task_error
+
+    cause = OSError(errno.ENOSPC, "No space left on device")
+    wrapped = RayTaskError("write", "Traceback ...\nOSError: [Errno 28] No space left on device", cause)
+    err = explain_task_error(wrapped, "/data/out")
+    assert err is not None and "no space left writing to /data/out" in str(err) and "\n" not in str(err)
+    outer = RuntimeError("Ray Data failed")
+    outer.__cause__ = wrapped
+    assert "no space left" in str(explain_task_error(outer, "/data/out"))
+    assert explain_task_error(ValueError("a bug"), "/data/out") is None

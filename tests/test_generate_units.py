@@ -473,23 +473,6 @@ def test_blocks_are_whole_batches_about_a_shard_and_feed_every_actor(rows, batch
         assert rows / block <= rows / 900  # ~a shard per block: thousands of blocks, not hundreds of thousands
 
 
-def test_gpu_default_follows_the_cluster(monkeypatch, capsys):
-    from diffmix_ray.runtime import local_ray
-
-    for now, most, expected in ((0, 0, 0.0), (0, 16, 1.0), (4, 4, 1.0)):
-        monkeypatch.setattr(local_ray, "cluster_gpus", lambda now=now, most=most: (float(now), float(most)))
-        assert local_ray.resolve_gpus(None, "generate", "actor") == expected
-    said = capsys.readouterr()
-    assert "running on CPU in fp32" in " ".join((said.out + said.err).split())
-    assert local_ray.resolve_gpus(0.5, "generate", "actor") == 0.5  # what the user asks wins
-
-
-def test_gpu_default_on_the_test_cluster_is_cpu(ray_local):
-    from diffmix_ray.runtime.local_ray import cluster_gpus
-
-    assert cluster_gpus() == (0.0, 0.0)
-
-
 def test_too_few_steps_for_the_strength_is_refused():
     with pytest.raises(DiffmixError, match="less than one denoising step"):
         GenerateConfig(dataset="d", mode="real-mix", strength=0.05, steps=10).validate()

@@ -193,27 +193,27 @@ def test_interrupted_attempt_does_not_block_another_config(tmp_path):
 ])
 def test_claim_output_takes_over_a_claim_that_holds_no_result(tmp_path, entries, taken):
     out = tmp_path / "out"
-    storage.claim_output(str(out), "prepare", {"seed": 0})
+    storage.claim_output(str(out), "prepare", {"seed": 0}, inputs={})
     for rel in entries:
         fx.write(str(out / rel), b"x")
     if taken:
-        assert storage.claim_output(str(out), "prepare", {"seed": 1}, disposable=("images",)) is False
-        assert sorted(os.listdir(out)) == ["_run.json"]
+        assert storage.claim_output(str(out), "prepare", {"seed": 1}, disposable=("images",), inputs={}) is False
+        assert sorted(os.listdir(out)) == ["_lease.json", "_run.json"]  # this process still holds the lease
         assert json.loads((out / "_run.json").read_text())["config"] == {"seed": 1}
     else:
         with pytest.raises(DiffmixError, match="different config"):
-            storage.claim_output(str(out), "prepare", {"seed": 1}, disposable=("images",))
+            storage.claim_output(str(out), "prepare", {"seed": 1}, disposable=("images",), inputs={})
         assert (out / entries[0]).exists()
 
 
 def test_claim_output_disposable_entries_belong_to_the_claiming_stage(tmp_path):
     out = tmp_path / "out"
-    storage.claim_output(str(out), "generate", {"seed": 0})
-    assert storage.claim_output(str(out), "prepare", {"seed": 0}) is False  # a bare claim of another stage
-    storage.claim_output(str(out), "generate", {"seed": 0}, overwrite=True)
+    storage.claim_output(str(out), "generate", {"seed": 0}, inputs={})
+    assert storage.claim_output(str(out), "prepare", {"seed": 0}, inputs={}) is False  # a bare claim of another stage
+    storage.claim_output(str(out), "generate", {"seed": 0}, overwrite=True, inputs={})
     fx.write(str(out / "images" / "x.parquet"), b"x")  # not generate's to dispose of
     with pytest.raises(DiffmixError, match="holds the output of `generate`"):
-        storage.claim_output(str(out), "prepare", {"seed": 0}, disposable=("images",))
+        storage.claim_output(str(out), "prepare", {"seed": 0}, disposable=("images",), inputs={})
 
 
 def test_interrupted_output_is_not_a_dataset(tmp_path):

@@ -59,7 +59,7 @@ def test_paper_values_land_where_they_should():
     assert recipes.load("conventional-dogs-vit-b16-384").methods["real-only"].train_cls["lr"] == 1e-5
     assert recipes.load("conventional-flowers-resnet50-448").prepare["split"] == "reference"
     assert cub.rows == ("real-only", "cutmix", "mixup", "real-aug", "real-mix", "real-gen", "real-filtering", "da-fusion",
-                        "diff-aug", "diff-gen", "diff-mix")
+                        "diff-aug", "diff-gen", "diff-mix", "diff-mix+cutmix")
     # Real-Filtering: Real-Gen's images kept by the reference's object score, all but the lowest 10%
     rf = cub.methods["real-filtering"]
     assert (rf.synthetic, rf.train_cls["synthetic_filter"], rf.scores()) == \
@@ -132,7 +132,9 @@ GOOD = """
     ("rows: [real-only, dif-mix]\n", r"rows name undefined method\(s\) \['dif-mix'\]"),
     ("generations: {diff-mix: {bank: null}}\n", "generations.diff-mix: mode diff-mix translates with a fine-tuned "
                                                 "concept bank: name one with `bank:`"),
-    ("banks: {da-fusion: {mode: ti+lora}}\n", "mode da-fusion uses a TI-only bank; bank da-fusion trains ti\\+lora"),
+    ("banks: {da-fusion: {mode: ti+lora, token_schedule: joint}}\n",
+     "mode da-fusion uses a TI-only bank; bank da-fusion trains ti\\+lora"),
+    ("banks: {da-fusion: {mode: ti+lora}}\n", "token_schedule per-class .* use --mode ti, or token_schedule joint"),
     ("banks: {da-fusion: {max_steps: 10}}\n", "images_per_class sets max_steps from the class count; give one"),
     ("train_cls: {arch: test_resnet, select: best}\n", "methods.real-only: --select 'best': choose val or last"),
     ("seeds: []\n", "seeds lists the classifier seeds"),
@@ -220,12 +222,12 @@ def test_a_different_recipe_at_the_same_out_is_refused(tmp_path):
     out = str(tmp_path / "o")
     tiny = recipes.load("tiny")
     runner = Runner(tiny, "builtin:sample", "tiny", out, ["real-only"], [0], None)
-    storage.claim_output(out, "recipe", runner.identity())
+    storage.claim_output(out, "recipe", runner.identity(), inputs={})
     (tmp_path / "o" / "dataset").mkdir()
     (tmp_path / "o" / "dataset" / "dataset.json").write_text("{}")  # a result: the claim is owned
     other = Runner(tiny, "builtin:sample", "tiny:1", out, ["real-only"], [0], None)
     with pytest.raises(DiffmixError, match="holds a recipe run with a different config.*--overwrite"):
-        storage.claim_output(out, "recipe", other.identity())
+        storage.claim_output(out, "recipe", other.identity(), inputs={})
     # words, rows and seeds say what to run, not how: the same run; a setting is another run
     import dataclasses
 

@@ -52,7 +52,7 @@ def test_run_resumes_after_a_kill_mid_way_and_reports_the_table(tmp_path):
 
     table = (out / "report" / "table.md").read_text()
     assert "## tiny: sample shapes" in table
-    assert "| Method | Top-1 (%) | Δ vs Real only | Seeds |" in table
+    assert "| Method | Top-1 (%, last epoch) | Δ vs Real only | Seeds |" in table
     assert "| DA-Fusion |" in table and "| generate da-fusion |" in table
     assert "| DA-Fusion |" in log and "steps run: 3, skipped as complete: 2" in log  # printed at the end
     assert {"table.md", "table.html", "methods.png", "accuracy.png", "contact-da-fusion.png"} <= \

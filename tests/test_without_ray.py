@@ -17,6 +17,8 @@ MODULES = [
     "diffmix_ray.data.prepare", "diffmix_ray.data.sample", "diffmix_ray.finetune.run",
     "diffmix_ray.finetune.loop", "diffmix_ray.finetune.data", "diffmix_ray.classify.model",
     "diffmix_ray.score.scorer", "diffmix_ray.score.cpu_stages", "diffmix_ray.models.clip",
+    "diffmix_ray.classify.step", "diffmix_ray.classify.mixing", "diffmix_ray.classify.convert",
+    "diffmix_ray.finetune.token_optim",
 ]
 
 
@@ -24,7 +26,7 @@ def test_per_batch_code_and_gpu_scripts_import_without_ray():
     code = ("import sys; sys.modules['ray'] = None  # `import ray` now raises ImportError\n"
             f"import importlib; [importlib.import_module(m) for m in {MODULES!r}]\n"
             "sys.path.insert(0, 'bench'); import gpu_smoke, bench_generate_gpu, bench_finetune_step\n"
-            "import bench_score, bench_score_gpu\n")
+            "import bench_score, _harness, _inputs, _score_parts\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, PYTHONPATH=REPO))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from ..contracts import DEFAULT_SCORES_NAME, SCORES_NAME_PATTERN
 from ..errors import DiffmixError
 from . import filters
-from .losses import LOSSES
+from .losses import LOSSES, REWEIGHTED
+from .mixing import DEFAULT_PROB as DEFAULT_MIX_PROB
 from .schedule import SCHEDULES
 from .transforms import AUGMENTS, RES_MODES
 
@@ -18,6 +19,9 @@ SYNTHETIC_SAMPLING = ("uniform", "inverse-frequency")
 # translations does (DA-Fusion: "each real image replaced by one of its own augmentations")
 SYNTHETIC_PICK = ("pool", "own-source")
 SELECT = ("val", "last")
+# how --cutmix/--mixup mix: timm's batch-mode Mixup (real data only: it makes its own targets), or the
+# Diff-Mix reference's (mixing.py: CutMix per sample, on the rows' own targets, synthetic ones included)
+MIXING = ("timm", "reference")
 LR_SCALING = ("none", "linear")
 GPU_DECODE_ON_CPU = ("--gpu-decode decodes and augments the images on each worker's GPU (nvJPEG), but this run's "
                      "workers get no GPU ({why}): drop --gpu-decode (the data workers then decode on CPU), or "
@@ -63,9 +67,15 @@ class ClassifyConfig:
     # the scores a filter reads: <synthetic>/scores/<name>, one name for every --synthetic or one each
     scores: tuple[str, ...] = ()
     allow_incomplete: bool = False  # shards without _SUCCESS, and scores without it
-    # non-generative baselines (real data only)
+    # synthetic targets x this (the reference's soft_scaler; 1.0 = its paper-era trainer's -ss default)
+    soft_scaler: float = 1.0
+    # the mixing baselines; with --mixing reference also on top of synthetic data (Diff-Mix + CutMix)
     cutmix: bool = False
     mixup: bool = False
+    mixing: str = "timm"  # timm | reference (MIXING)
+    mix_prob: float | None = None  # timm: per batch; reference: CutMix per sample, Mixup per batch; default 0.5
+    cmo: bool = False  # CMO (long-tail): a box of a minority-sampled image pasted in (mixing.py)
+    drop_last: bool = True  # False: an epoch's incomplete last batch is trained on (the long-tail trainer)
     # many/medium/few as (MANY, FEW): many = more than MANY train images, few = fewer than FEW;
     # "20,5" or [20, 5] are accepted; None = the dataset's (dataset.json shot_thresholds)
     shot_thresholds: tuple[int, int] | None = None
@@ -119,8 +129,7 @@ class ClassifyConfig:
             raise DiffmixError(f"--gamma {self.gamma} must be > 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise DiffmixError(f"--label-smoothing {self.label_smoothing} must be in [0, 1)")
-        if (self.cutmix or self.mixup) and self.synthetic:
-            raise DiffmixError("--cutmix/--mixup are the real-data baselines; run them without --synthetic")
+        self._validate_mixing()
         self._validate_filter()
         self._validate_recipe()
         if self.workers < 1 or self.cpus_per_worker <= 0 or (self.gpus_per_worker or 0) < 0:
@@ -130,6 +139,30 @@ class ClassifyConfig:
                                "checkpoint is always written after the last epoch too)")
         if self.gpu_decode and self.gpus_per_worker is not None and self.gpus_per_worker <= 0:
             raise DiffmixError(GPU_DECODE_ON_CPU.format(why=f"--gpus-per-worker {self.gpus_per_worker:g}"))
+
+    def _validate_mixing(self) -> None:
+        if self.mixing not in MIXING:
+            raise DiffmixError(f"--mixing {self.mixing!r}: choose {' or '.join(MIXING)}")
+        if not 0.0 < self.soft_scaler <= 1.0:
+            raise DiffmixError(f"--soft-scaler {self.soft_scaler} scales the synthetic targets: it must be in (0, 1] "
+                               "(the reference uses 1.0, or 0.9 in its dataset classes' default)")
+        if self.mix_prob is not None:
+            if not (self.cutmix or self.mixup):
+                raise DiffmixError("--mix-prob is the probability of --cutmix/--mixup: give one of them, or drop it")
+            if not 0.0 <= self.mix_prob <= 1.0:
+                raise DiffmixError(f"--mix-prob {self.mix_prob} is a probability: it must be in [0, 1]")
+        if (self.cutmix or self.mixup) and self.synthetic and self.mixing == "timm":
+            raise DiffmixError("--cutmix/--mixup with --synthetic: timm's Mixup makes its own targets from class "
+                               "indices and would drop the synthetic soft labels; pass --mixing reference (the "
+                               "Diff-Mix code's CutMix/Mixup, which mixes the soft labels)")
+        if self.mixing == "reference" and self.cutmix and self.mixup:
+            raise DiffmixError("--mixing reference: give --cutmix or --mixup, not both (timm's switches between them)")
+        if self.cmo and (self.cutmix or self.mixup):
+            raise DiffmixError("--cmo pastes minority patches itself: run it without --cutmix/--mixup")
+
+    @property
+    def resolved_mix_prob(self) -> float:
+        return DEFAULT_MIX_PROB if self.mix_prob is None else self.mix_prob
 
     def _validate_recipe(self) -> None:
         choices = ((self.augment, "--augment", AUGMENTS), (self.schedule, "--schedule", SCHEDULES),
@@ -165,8 +198,9 @@ class ClassifyConfig:
         if not 0.0 < self.lr_decay <= 1.0:
             raise DiffmixError(f"--lr-decay {self.lr_decay} is the factor per milestone: it must be in (0, 1]")
         if self.drw_epoch is not None:
-            if self.loss != "drw":
-                raise DiffmixError(f"--drw-epoch belongs to --loss drw (this run uses --loss {self.loss})")
+            if self.loss not in REWEIGHTED:
+                raise DiffmixError(f"--drw-epoch belongs to --loss {' or '.join(REWEIGHTED)} (this run uses --loss "
+                                   f"{self.loss})")
             if not 0 <= self.drw_epoch < self.epochs:
                 raise DiffmixError(f"--drw-epoch {self.drw_epoch} must be in [0, --epochs {self.epochs}): "
                                    "a later one would never re-weight")

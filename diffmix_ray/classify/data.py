@@ -70,11 +70,13 @@ def rows_of(tables: list[pa.Table], file_offset: int, synthetic: bool) -> Rows:
 
 
 def epoch_rows(real: Rows, synthetic: Rows, p: float, syn_weights: np.ndarray | None, seed: int, epoch: int,
-               rank: int, world: int, own: tuple[np.ndarray, np.ndarray] | None = None) -> Rows:
+               rank: int, world: int, own: tuple[np.ndarray, np.ndarray] | None = None,
+               real_weights: np.ndarray | None = None) -> Rows:
     """This rank's samples for one epoch. Every rank gets the same count (a DDP step count that
     differs between ranks would hang the all-reduce), so up to world-1 samples are left out. `own`:
-    replace a real image only by its own translations (labels.own_index)."""
-    order, replace = lab.epoch_mix(len(real), len(synthetic), p, syn_weights, seed, epoch, own)
+    replace a real image only by its own translations (labels.own_index). `real_weights`: draw the
+    real rows by these weights (CMO's minority stream) instead of shuffling them."""
+    order, replace = lab.epoch_mix(len(real), len(synthetic), p, syn_weights, seed, epoch, own, real_weights)
     mixed = real.take(order)
     hit = replace >= 0
     if hit.any():
@@ -86,19 +88,64 @@ def epoch_rows(real: Rows, synthetic: Rows, p: float, syn_weights: np.ndarray | 
 
 
 def run_rows(real: Rows, synthetic: Rows, p: float, syn_weights: np.ndarray | None, seed: int, epochs: range,
-             rank: int, world: int, batch_size: int,
-             own: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Rows, int]:
+             rank: int, world: int, batch_size: int, own: tuple[np.ndarray, np.ndarray] | None = None,
+             drop_last: bool = True, real_weights: np.ndarray | None = None) -> tuple[Rows, int]:
     """This rank's samples for every epoch in `epochs`, one after another, and the steps of one epoch.
     Each epoch is cut to whole batches (the rows an incomplete last batch would hold are left out, as
     drop_last did), so that one dataset streams the whole run and batch k is the same whatever
-    surrounds it: no pipeline drains and refills at every epoch boundary."""
-    parts = [epoch_rows(real, synthetic, p, syn_weights, seed, e, rank, world, own) for e in epochs]
-    steps = (len(parts[0]) if parts else 0) // batch_size
-    keep = np.arange(steps * batch_size)
-    parts = [r.take(keep) for r in parts]
+    surrounds it: no pipeline drains and refills at every epoch boundary. Without `drop_last` every
+    row stays, the last step of an epoch is smaller, and `regroup` cuts the stream at epoch ends."""
+    parts = [epoch_rows(real, synthetic, p, syn_weights, seed, e, rank, world, own, real_weights) for e in epochs]
+    per_epoch = len(parts[0]) if parts else 0
+    steps = per_epoch // batch_size if drop_last else -(-per_epoch // batch_size)
+    if drop_last:
+        keep = np.arange(steps * batch_size)
+        parts = [r.take(keep) for r in parts]
     if not parts:
         return real.take(np.arange(0)), steps
     return Rows(*(np.concatenate([getattr(r, c) for r in parts]) for c in COLS)), steps
+
+
+def epoch_sizes(rows_per_epoch: int, batch_size: int, epochs: int) -> Iterator[int]:
+    """The batch sizes of `epochs` epochs of `rows_per_epoch` rows, the last batch of each smaller."""
+    for _ in range(epochs):
+        full, last = divmod(rows_per_epoch, batch_size)
+        yield from [batch_size] * full + ([last] if last else [])
+
+
+def _size(batch: dict) -> int:
+    return len(batch["label"])
+
+
+def _join(parts: list[dict]) -> dict:
+    import torch
+
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for key, first in parts[0].items():
+        values = [p[key] for p in parts]
+        out[key] = (torch.cat(values) if isinstance(first, torch.Tensor) else np.concatenate(values)
+                    if isinstance(first, np.ndarray) else [v for part in values for v in part])
+    return out
+
+
+def regroup(batches: Iterator[dict], sizes: Iterator[int]) -> Iterator[dict]:
+    """Batches of the given sizes cut from a stream of fixed-size ones (tensors, arrays or lists per
+    key): the stream of a whole run, batched across epoch ends, back into each epoch's steps."""
+    source = iter(batches)
+    current, pos = None, 0
+    for size in sizes:
+        parts, need = [], size
+        while need > 0:
+            if current is None or pos == _size(current):
+                current, pos = next(source, None), 0
+                if current is None:
+                    raise RuntimeError(f"the data ran out {need} rows before a batch of {size}")
+            take = min(need, _size(current) - pos)
+            parts.append({k: v[pos:pos + take] for k, v in current.items()})
+            pos, need = pos + take, need - take
+        yield _join(parts)
 
 
 def decode(data: bytes, where: str):
@@ -168,3 +215,22 @@ def batches(ds, batch_size: int, device, encoded: bool = False, drop_last: bool 
     for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, prefetch_batches=2):
         out = {k: torch.as_tensor(b[k]).to(device, non_blocking=True) for k in ("source", "label", "strength")}
         yield out | {"image": list(b["image"]), "file": b["file"], "row": b["row"]}
+
+
+def training_batches(rows: Rows, minority: Rows | None, epochs: int, cfg: dict, device) -> Iterator[dict] | None:
+    """The training steps of the run's remaining `epochs`, in order: one dataset streams all of them;
+    without drop_last the stream is cut back at epoch ends (regroup). With CMO, the minority stream
+    (`minority`: the same count of rows, drawn by 1/n_c) rides along under `cmo_*` keys, cut the same way."""
+    if not len(rows):
+        return None
+    size, encoded = cfg["batch_size"], cfg["gpu_decode"]
+
+    def stream(r: Rows) -> Iterator[dict]:
+        out = batches(dataset(r, cfg["refs"], cfg["uris"], True, cfg["data_cfg"], cfg["block_rows"], encoded),
+                      size, device, encoded)
+        return out if cfg["drop_last"] else regroup(out, epoch_sizes(len(r) // epochs, size, epochs))
+
+    main = stream(rows)
+    if minority is None:
+        return main
+    return (b | {f"cmo_{k}": v for k, v in m.items()} for b, m in zip(main, stream(minority)))

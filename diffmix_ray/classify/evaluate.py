@@ -3,7 +3,6 @@ through the same image pipeline the run evaluated with (its data config is store
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from .. import canonical, storage
 from ..contracts import COL_IMAGE, COL_IMAGE_ID, COL_LABEL
 from ..errors import DiffmixError
+from ..models.safe_load import load_plain
 from .data import decode
 from .loop import BEST_DIR
 from .model import build_model
@@ -25,7 +25,8 @@ def load_best(run: str):
         if storage.exists(storage.join(base, "model.json")):
             meta = json.loads(storage.read_text(storage.join(base, "model.json")))
             model = build_model(meta["arch"], meta["num_classes"])
-            state = torch.load(io.BytesIO(storage.read_bytes(storage.join(base, "model.pt"))), map_location="cpu")
+            weights = storage.join(base, "model.pt")
+            state = load_plain(storage.read_bytes(weights), weights)
             model.load_state_dict(state)
             return model.eval(), meta
     raise DiffmixError(f"{run} holds no {BEST_DIR}/model.json: pass a `train-cls` output directory")

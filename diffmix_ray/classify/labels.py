@@ -57,15 +57,30 @@ def own_index(real_ids: list[str], source_ids: list[str | None]) -> tuple[np.nda
     return start, rows
 
 
+def minority_weights(labels: np.ndarray, counts) -> np.ndarray:
+    """Per real row, the probability of drawing it ∝ 1/n_c of its class (CMO's minority sampler: the
+    reference's WeightedRandomSampler with class weights 1/n_c), normalised."""
+    w = 1.0 / np.asarray(counts, dtype=np.float64)[np.asarray(labels)]
+    return w / w.sum()
+
+
 def epoch_mix(num_real: int, num_synthetic: int, p: float, syn_weights: np.ndarray | None, seed: int,
-              epoch: int, own: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+              epoch: int, own: tuple[np.ndarray, np.ndarray] | None = None,
+              real_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For one epoch: a shuffled order of the real rows and, per position, the synthetic row that
     replaces it (-1 = keep the real one). Deterministic from (seed, epoch). The epoch length is the
     number of real images, as in the reference. Replacements come from the whole pool (Diff-Mix,
     drawn by `syn_weights`) or, with `own` (own_index), from the real image's own translations,
-    uniformly (DA-Fusion); an image without any stays real."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0xC1A5]))
-    order = rng.permutation(num_real)
+    uniformly (DA-Fusion); an image without any stays real. With `real_weights` the real rows are
+    drawn N times with replacement by those weights instead (CMO's minority stream, from a seeded
+    stream of its own), and replaced as the main stream's are (the reference's minority loader reads
+    the same real/synthetic-mixed training set)."""
+    if real_weights is None:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0xC1A5]))
+        order = rng.permutation(num_real)
+    else:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0xC30]))
+        order = rng.choice(num_real, size=num_real, replace=True, p=real_weights)
     replace = np.full(num_real, -1, dtype=np.int64)
     if num_synthetic and p > 0:
         hit = rng.random(num_real) < p

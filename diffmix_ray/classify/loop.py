@@ -12,6 +12,7 @@ Per-epoch fixed costs are cut to what resume and selection need (docs/train-cls.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -19,9 +20,10 @@ import time
 import numpy as np
 import torch
 
-from . import data, step
+from . import data, mixing, step
 from .losses import Criterion
 from .model import build_model
+from .recipe import CMO_PROB, cmo_active
 from .selected import Selected, cpu_copy
 
 CKPT_FILE = "state.pt"
@@ -82,6 +84,25 @@ def _accuracy(correct: np.ndarray, total: np.ndarray) -> dict:
             "per_class": [None if np.isnan(v) else float(v) for v in per_class]}
 
 
+def _diverged(loss: float | None, epoch: int, first_step: int, steps: int, device, world: int) -> str | None:
+    """The error when the epoch's loss is NaN or inf on any rank (every rank gets the same answer)."""
+    bad = loss is not None and not math.isfinite(loss)
+    if world > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(bad)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = bool(flag.item())
+    if not bad:
+        return None
+    try:
+        step.check_finite_loss(loss if loss is not None and not math.isfinite(loss) else float("nan"), epoch,
+                               first_step, steps)
+    except Exception as e:  # noqa: BLE001 - the DiffmixError it raises carries the message
+        return str(e)
+    return None
+
+
 def _fail_once(cfg: dict, epoch: int, rank: int, world: int) -> None:
     """Test hook: rank 1 (or 0 alone) dies once at epoch `_fail_at_epoch`."""
     if cfg.get("_fail_at_epoch") == epoch and rank == min(1, world - 1):
@@ -95,7 +116,6 @@ def train_func(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
     from ray.data import DataContext
-    from timm.data import Mixup
 
     from ..errors import DiffmixError
 
@@ -125,32 +145,31 @@ def train_func(cfg: dict) -> None:
                           cfg["hard_labels"]).to(device)
     amp = step.autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    mixup = None
-    if cfg["cutmix"] or cfg["mixup"]:
-        mixup = Mixup(mixup_alpha=1.0 if cfg["mixup"] else 0.0, cutmix_alpha=1.0 if cfg["cutmix"] else 0.0,
-                      prob=0.5, label_smoothing=cfg["label_smoothing"], num_classes=cfg["num_classes"])
+    mixup, mix = mixing.from_config(cfg)  # timm's, or the reference's CutMix/Mixup
     uris = cfg["uris"]
     inputs = step.Inputs(cfg["data_cfg"], device, cfg["num_classes"], cfg["gamma"], cfg["label_smoothing"],
                          channels_last, cfg["gpu_decode"], mixup,
-                         where=lambda b, i: data.where(uris, b["file"][i], b["row"][i]))
+                         where=lambda b, i: data.where(uris, b["file"][i], b["row"][i]),
+                         soft_scaler=cfg.get("soft_scaler", 1.0), mix=mix, cmo_prob=CMO_PROB if cfg.get("cmo") else 0.0)
 
     start_epoch, history, n_steps, selected = 0, [], 0, Selected()
     if ckpt := ray.train.get_checkpoint():
         with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=False)
+            state = load_state(os.path.join(d, CKPT_FILE))
         module.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, history, n_steps = state["epoch"] + 1, state["history"], state["step"]
         selected = Selected.restore(state, cfg["select"], cfg["epochs"])
 
     epochs = cfg["epochs"]
-    rows, steps_per_epoch = data.run_rows(cfg["real_rows"], cfg["syn_rows"], cfg["p"], cfg["syn_weights"],
-                                          cfg["seed"], range(start_epoch, epochs), rank, world, cfg["batch_size"],
-                                          cfg.get("own"))
-    train_batches = None
-    if len(rows):
-        ds = data.dataset(rows, cfg["refs"], uris, True, cfg["data_cfg"], cfg["block_rows"], cfg["gpu_decode"])
-        train_batches = data.batches(ds, cfg["batch_size"], device, cfg["gpu_decode"])
+    def rows_of(real_weights=None):  # the main stream, or (weights 1/n_c) CMO's minority stream
+        return data.run_rows(cfg["real_rows"], cfg["syn_rows"], cfg["p"], cfg["syn_weights"], cfg["seed"],
+                             range(start_epoch, epochs), rank, world, cfg["batch_size"], cfg.get("own"),
+                             cfg.get("drop_last", True), real_weights)
+
+    rows, steps_per_epoch = rows_of()
+    minority = rows_of(cfg["cmo_weights"])[0] if cfg.get("cmo") else None
+    train_batches = data.training_batches(rows, minority, epochs - start_epoch, cfg, device)
     val = _Split("val", cfg, rank, world, keep=True)
     test = _Split("test", cfg, rank, world, keep=cfg["test_every_epoch"])
     every = max(1, int(cfg["checkpoint_every"]))
@@ -158,10 +177,20 @@ def train_func(cfg: dict) -> None:
     for epoch in range(start_epoch, epochs):
         _fail_once(cfg, epoch, rank, world)
         started_at, t0 = time.time(), time.perf_counter()
+        inputs.cmo_active = cmo_active(epoch, epochs)
         losses = step.train_epoch(model, train_batches, steps_per_epoch, inputs, opt, scaler,
                                   criterion.for_epoch(epoch), schedule.lr, n_steps, amp)
         n_steps += steps_per_epoch
         train_loss = step.mean_loss(losses)  # the epoch's one read of the training loss
+        if diverged := _diverged(train_loss, epoch, n_steps - steps_per_epoch, steps_per_epoch, device, world):
+            # every rank: end the run without a checkpoint (a restart would diverge again); the driver raises it
+            if rank == 0:
+                from .. import storage
+                from ..contracts import DIVERGED
+
+                storage.write_text_atomic(storage.join(cfg["out"], DIVERGED), diverged)
+            ray.train.report({"epoch": epoch, "train_loss": train_loss})
+            return
         train_seconds = time.perf_counter() - t0
         if world > 1:  # BN running stats drift per rank after DDP's last broadcast: score rank 0's model
             import torch.distributed as dist
@@ -183,14 +212,26 @@ def train_func(cfg: dict) -> None:
         state = None
         if last or (epoch + 1) % every == 0:
             # a copy: _finish loads the selected weights into the module before the last one is saved
-            state = {"model": cpu_copy(module.state_dict()), "optimizer": opt.state_dict(), "epoch": epoch,
-                     "step": n_steps}
-            state |= selected.checkpoint_fields(epoch)
+            state = checkpoint_state(module, opt, epoch, n_steps, selected)
         if last:  # before the final checkpoint, which must hold the test score it adds
             history = _finish(module, selected, history, test, inputs, cfg, device, amp, rank, world)
         _report(record, state, history, rank)
     if start_epoch >= epochs and history:  # resumed after the final checkpoint: end on it again
         _report(history[-1], None, history, rank)
+
+
+def checkpoint_state(module, opt, epoch: int, n_steps: int, selected: Selected) -> dict:
+    """What a checkpoint holds (plus the history, added when it is written): tensors and plain
+    containers only, so that it loads with weights_only=True."""
+    return {"model": cpu_copy(module.state_dict()), "optimizer": opt.state_dict(), "epoch": epoch,
+            "step": n_steps} | selected.checkpoint_fields(epoch)
+
+
+def load_state(path: str) -> dict:
+    """A checkpoint's state, refused (named) when it needs more than tensors and plain data to load."""
+    from ..models.safe_load import load_plain
+
+    return load_plain(path, path)
 
 
 def _finish(module, selected: Selected, history: list[dict], test: _Split, inputs, cfg: dict, device, amp,

@@ -12,6 +12,11 @@ target, then label smoothing, mixup or cutmix), and the long-tail baselines Diff
   sum_i w_{y_i} l_i / sum_i w_{y_i}; with soft targets sum_i sum_c w_c y_ic (-log p_ic) / N. On one-hot
   targets the two differ by the batch factor sum_i w_{y_i} / N, so metrics.json records which one a run
   used (`hard_labels`).
+- `ldam` (Cao et al. 2019, the reference's `LDAMLoss(max_m=0.5, s=30)` on its plain linear head):
+  the target's logit lowered by the margin m_c ∝ n_c^(-1/4) (the largest 0.5), then cross-entropy on
+  30 x the logits. On soft targets each logit is lowered by m_c y_c (the reference's one-hot case
+  exactly; it has no soft-target form: its LDAM runs crash on synthetic labels). `ldam-drw`: the same,
+  re-weighted as `drw` from `drw_epoch` (the reference's --loss_type LDAM --train_rule DRW).
 
 Class counts of zero are refused by `check_counts`: both baselines divide by (a function of) n_c."""
 
@@ -23,7 +28,9 @@ import torch.nn.functional as F
 
 from ..errors import DiffmixError
 
-LOSSES = ("ce", "drw", "balanced-softmax")
+LOSSES = ("ce", "drw", "balanced-softmax", "ldam", "ldam-drw")
+REWEIGHTED = ("drw", "ldam-drw")  # losses that re-weight classes from drw_epoch on
+LDAM_MAX_MARGIN, LDAM_SCALE = 0.5, 30.0
 DRW_BETA = 0.9999
 DEFAULT_DRW_FRACTION = 0.8  # epoch 160 of the reference's 200
 
@@ -52,6 +59,24 @@ def balanced_softmax(logits: torch.Tensor, target: torch.Tensor, log_prior: torc
     return soft_ce(logits.float() + log_prior.to(logits.device), target)
 
 
+def ldam_margins(counts) -> np.ndarray:
+    """m_c = n_c^(-1/4), scaled so the largest (the rarest class's) is LDAM_MAX_MARGIN."""
+    m = 1.0 / np.sqrt(np.sqrt(np.asarray(counts, dtype=np.float64)))
+    return m * (LDAM_MAX_MARGIN / m.max())
+
+
+def ldam(logits: torch.Tensor, target: torch.Tensor, margins: torch.Tensor, weight: torch.Tensor | None = None,
+         labels: torch.Tensor | None = None) -> torch.Tensor:
+    """LDAM: with class indices `labels` the reference's loss exactly; else on the soft `target`."""
+    shifted = logits.float() - margins.to(logits.device) * target
+    if labels is not None:
+        return F.cross_entropy(LDAM_SCALE * shifted, labels,
+                               weight=None if weight is None else weight.to(logits.device, torch.float32))
+    if weight is None:
+        return soft_ce(LDAM_SCALE * shifted, target)
+    return weighted_ce(LDAM_SCALE * shifted, target, weight)
+
+
 def check_counts(loss: str, counts) -> None:
     empty = [c for c, n in enumerate(counts) if n <= 0]
     if loss != "ce" and empty:
@@ -69,17 +94,25 @@ class Criterion:
         counts = np.asarray(counts, dtype=np.float64)
         self.log_prior = torch.tensor(np.log(counts / counts.sum()), dtype=torch.float32)[None]
         self.weights = torch.tensor(drw_weights(counts, beta), dtype=torch.float32)
+        self.margins = torch.tensor(ldam_margins(counts), dtype=torch.float32)[None] if loss.startswith("ldam") \
+            else None
 
     def to(self, device) -> "Criterion":
         """Keep the class statistics on the training device: copying them there at every step would
         make each step wait for the copy."""
         self.log_prior, self.weights = self.log_prior.to(device), self.weights.to(device)
+        if self.margins is not None:
+            self.margins = self.margins.to(device)
         return self
 
     def for_epoch(self, epoch: int):
+        hard = (lambda labels: labels) if self.hard_labels else (lambda labels: None)
+        reweight = self.loss in REWEIGHTED and epoch >= self.drw_epoch
         if self.loss == "balanced-softmax":
             return lambda logits, target, labels: balanced_softmax(logits, target, self.log_prior)
-        if self.loss == "drw" and epoch >= self.drw_epoch:
-            return lambda logits, target, labels: weighted_ce(logits, target, self.weights,
-                                                              labels if self.hard_labels else None)
+        if self.loss.startswith("ldam"):
+            weight = self.weights if reweight else None
+            return lambda logits, target, labels: ldam(logits, target, self.margins, weight, hard(labels))
+        if reweight:
+            return lambda logits, target, labels: weighted_ce(logits, target, self.weights, hard(labels))
         return lambda logits, target, labels: soft_ce(logits, target)

@@ -11,8 +11,15 @@ from ..contracts import DatasetInfo
 from ..errors import DiffmixError
 from . import schedule as sch
 from .config import ClassifyConfig
-from .losses import DEFAULT_DRW_FRACTION, check_counts
+from .losses import DEFAULT_DRW_FRACTION, REWEIGHTED, check_counts
 from .transforms import data_config, describe
+
+CMO_PROB = 0.5  # the reference's --mixup_prob
+CMO_EDGE_EPOCHS = 3  # its --start_data_aug / --end_data_aug: CMO while 3 < epoch < epochs - 3
+
+
+def cmo_active(epoch: int, epochs: int) -> bool:
+    return CMO_EDGE_EPOCHS < epoch < epochs - CMO_EDGE_EPOCHS
 
 
 @dataclass
@@ -64,10 +71,12 @@ def resolve(cfg: ClassifyConfig, info: DatasetInfo, num_real: int, num_synthetic
 
     global_batch = cfg.batch_size * cfg.workers
     peak = sch.scaled_lr(cfg.lr, cfg.lr_scaling, global_batch, cfg.lr_base_batch)
-    steps_per_epoch = (num_real // cfg.workers) // cfg.batch_size
+    per_worker = num_real // cfg.workers
+    steps_per_epoch = per_worker // cfg.batch_size if cfg.drop_last else -(-per_worker // cfg.batch_size)
     if steps_per_epoch == 0:
         raise DiffmixError(f"{num_real} train images over {cfg.workers} worker(s) fill no batch of --batch-size "
-                           f"{cfg.batch_size} (incomplete batches are dropped): lower --batch-size or --workers")
+                           f"{cfg.batch_size} (incomplete batches are dropped): lower --batch-size or --workers, "
+                           "or keep the incomplete batch (--no-drop-last)")
     warm, warm_from = sch.warmup_epochs(cfg.schedule, cfg.epochs, cfg.warmup_epochs, cfg.warmup_fraction)
     milestones = ()
     if cfg.schedule == "step":
@@ -75,10 +84,10 @@ def resolve(cfg: ClassifyConfig, info: DatasetInfo, num_real: int, num_synthetic
     schedule = sch.Schedule(cfg.schedule, peak, steps_per_epoch, cfg.epochs, warm, tuple(milestones), cfg.lr_decay)
 
     drw_epoch = None
-    if cfg.loss == "drw":
+    if cfg.loss in REWEIGHTED:
         drw_epoch = cfg.drw_epoch if cfg.drw_epoch is not None else int(round(DEFAULT_DRW_FRACTION * cfg.epochs))
     # the reference's loss sees class indices only for real-only, unsmoothed, unmixed training
-    hard = not num_synthetic and not (cfg.cutmix or cfg.mixup) and cfg.label_smoothing == 0
+    hard = not num_synthetic and not (cfg.cutmix or cfg.mixup or cfg.cmo) and cfg.label_smoothing == 0
 
     thresholds, th_from = cfg.shot_thresholds, "--shot-thresholds"
     if thresholds is None:
@@ -102,7 +111,27 @@ def resolve(cfg: ClassifyConfig, info: DatasetInfo, num_real: int, num_synthetic
     if drw_epoch is not None:
         r.set("drw_epoch", drw_epoch, "--drw-epoch" if cfg.drw_epoch is not None
               else "default: 80% of --epochs (160 of the reference's 200)")
-    r.set("hard_labels", hard, "real data only, no label smoothing, no mixup/cutmix" if hard
+    last = per_worker % cfg.batch_size
+    r.set("batches", {"steps_per_epoch": steps_per_epoch, "last_batch": last if not cfg.drop_last and last else None},
+          "--no-drop-last: each epoch's incomplete last batch is trained on (the reference's long-tail trainer)"
+          if not cfg.drop_last else f"whole batches only: {last} image(s) per worker left out of each epoch "
+          "(the reference's conventional trainer skips its incomplete batch)")
+    if cfg.cutmix or cfg.mixup:
+        kind = "+".join(k for k in ("cutmix", "mixup") if getattr(cfg, k))
+        how = {"timm": "timm's Mixup in batch mode: one coin per batch",
+               "reference": "the Diff-Mix code's: CutMix with one coin per sample, the partner another sample of "
+                            "the batch" if cfg.cutmix else "the Diff-Mix code's Mixup: one coin per batch"}
+        r.set("mixing", {"kind": kind, "style": cfg.mixing, "prob": cfg.resolved_mix_prob},
+              f"--mixing {cfg.mixing} ({how[cfg.mixing]}), probability " +
+              ("--mix-prob" if cfg.mix_prob is not None else "default 0.5"))
+    if cfg.cmo:
+        r.set("cmo", {"prob": CMO_PROB, "epochs": [CMO_EDGE_EPOCHS + 1, cfg.epochs - CMO_EDGE_EPOCHS - 1]},
+              "the reference's CMO: probability 0.5 per batch, from epoch 4 to epochs - 4 (its start/end_data_aug 3), "
+              "minority images drawn with class weights 1/n_c")
+    if cfg.soft_scaler != 1.0:
+        r.set("soft_scaler", cfg.soft_scaler,
+              "--soft-scaler: synthetic targets scaled (the reference's dataset classes)")
+    r.set("hard_labels", hard, "real data only, no label smoothing, no mixup/cutmix/cmo" if hard
           else "soft targets (synthetic data, label smoothing or mixing)")
     r.set("shot_thresholds", None if thresholds is None else {"many": thresholds[0], "few": thresholds[1]}, th_from)
     r.set("select", cfg.select, "--select" if cfg.select != "val" else "default")
@@ -122,7 +151,8 @@ def resolve(cfg: ClassifyConfig, info: DatasetInfo, num_real: int, num_synthetic
                        "images drawn by target class ∝ 1/(n_c + 1), the paper's default (--synthetic-sampling "
                        "uniform to change)")
     if counts and min(counts) == max(counts):
-        same = [f"--loss {cfg.loss} (on equal counts it is plain cross-entropy)"] if cfg.loss != "ce" else []
+        same = ([f"--loss {cfg.loss} (on equal counts it is plain cross-entropy)"]
+                if cfg.loss in ("drw", "balanced-softmax") else [])
         if cfg.synthetic_sampling == "inverse-frequency":
             same.append("--synthetic-sampling inverse-frequency (equal weights 1/(n_c + 1): uniform)")
         if same:

@@ -9,20 +9,22 @@ import dataclasses
 import os
 
 import numpy as np
-import torch
 
-from .. import canonical, storage
+from rich.markup import escape
+
+from .. import canonical, lease, storage
 from ..console import console, logger
 from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH, COL_TARGET_LABEL,
-                         SUCCESS)
+                         DIVERGED, SUCCESS)
 from ..errors import DiffmixError
 from ..runtime.jobs import announce
 from ..runtime.local_ray import init_ray, resolve_gpus
+from ..runtime.shared_paths import check_shared_paths
 from ..synthetic import open_synthetic
 from . import data, filters, labels
 from .config import GPU_DECODE_ON_CPU, ClassifyConfig
-from .loop import CKPT_FILE, train_func
-from .model import build_model, check_arch
+from .loop import CKPT_FILE, load_state, train_func
+from .model import FROM_SCRATCH, build_model, check_arch, describe_weights
 from .recipe import check_splits, resolve
 from .summary import mean_std, result_line, summarize
 
@@ -33,13 +35,17 @@ SUMMARY_JSON = "summary.json"
 EXECUTION_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "max_failures", "_fail_at_epoch", "out",
                   "gpu_decode", "checkpoint_every", "test_every_epoch")
 NEW_EXECUTION_KEYS = ("gpu_decode", "checkpoint_every", "test_every_epoch")
+# Options added after runs were written: at their defaults they stay out of the identity, so those runs resume.
+LATER_OPTIONS = {f.name: f.default for f in dataclasses.fields(ClassifyConfig)
+                 if f.name in ("soft_scaler", "mixing", "mix_prob", "cmo", "drop_last")}
 
 
 def _config(cfg: ClassifyConfig) -> dict:
     """The options as an output's identity sees them. The filter's keys only when there is a filter:
     runs written before filters existed keep their identity (and so resume)."""
     unfiltered = () if cfg.synthetic_filter else ("synthetic_filter", "scores")
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in unfiltered}
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in unfiltered and not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
 
 
 def _identity(cfg: ClassifyConfig, dataset_fp: str, synthetic_fps: list[str], selection) -> dict:
@@ -48,6 +54,12 @@ def _identity(cfg: ClassifyConfig, dataset_fp: str, synthetic_fps: list[str], se
     ident = {k: v for k, v in _config(cfg).items() if k not in EXECUTION_KEYS}
     ident |= {"dataset_fingerprint": dataset_fp, "synthetic_fingerprints": synthetic_fps}
     return ident | ({"scores_fingerprints": filters.scores_identity(selection.record)} if selection else {})
+
+
+def _input_uris(cfg: ClassifyConfig) -> storage.Inputs:
+    """Every input a run reads (its --out may be none of them, nor hold or sit inside one)."""
+    pretrained = None if cfg.pretrained == FROM_SCRATCH else cfg.pretrained  # "none" names no file
+    return {"--dataset": cfg.dataset, "--synthetic": cfg.synthetic, "--pretrained": pretrained}
 
 
 def _load_columns(uris: list[str]) -> list:
@@ -94,6 +106,7 @@ def _own_translations(cfg: ClassifyConfig, dataset: canonical.Dataset, syn_sets:
     return start, rows
 
 
+@lease.scoped  # the output has one writer while this runs, and none after
 def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = False) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -105,7 +118,8 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
     info = dataset.info
     ignored = check_splits(cfg, info, cfg.dataset)
     syn_sets = [open_synthetic(u, info.fingerprint, cfg.allow_incomplete) for u in cfg.synthetic]
-    if cfg.pretrained:
+    weights = describe_weights(cfg.pretrained)  # a missing file fails here, and its sha256 goes on record
+    if weights["file"]:
         build_model(cfg.arch, info.num_classes, cfg.pretrained)  # a wrong file fails here, not in N workers
     all_files, rows = _inputs(dataset, syn_sets)
     real, syn = rows["train"], rows["syn"]
@@ -120,6 +134,8 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
            if cfg.synthetic_pick == "own-source" else None)
     identity = _identity(cfg, info.fingerprint, [s.manifest.get("identity", {}).get("model_fingerprint", "")
                                                  + ":" + storage.normalize(s.uri) for s in syn_sets], selection)
+    if weights["sha256"]:  # other weights under the same path are another run
+        identity["pretrained_sha256"] = weights["sha256"]
     if cfg.lr_scaling == "linear":  # the rate then depends on the worker count, which otherwise may change
         identity["global_batch"] = cfg.batch_size * cfg.workers
     gpus = None
@@ -129,7 +145,7 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
         if gpus <= 0:
             raise DiffmixError(GPU_DECODE_ON_CPU.format(why="the Ray cluster has no GPUs, nor can its autoscaler "
                                                             "add any"))
-    resumed = storage.claim_output(out, "train-cls", identity, overwrite)
+    resumed = storage.claim_output(out, "train-cls", identity, overwrite, inputs=_input_uris(cfg))
     announce("train-cls", storage.config_hash(identity))  # inside a Ray job: where to watch it, which run it is
     if resumed and storage.exists(storage.join(out, SUCCESS)):
         console.print(f"{out} already holds this finished classifier run")
@@ -143,6 +159,8 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
     if gpus is None:
         init_ray(min_cpus=cfg.workers * cfg.cpus_per_worker)
         gpus = resolve_gpus(cfg.gpus_per_worker, "train-cls", "worker")
+    check_shared_paths("train-cls", [("--dataset", cfg.dataset), *(("--synthetic", s) for s in cfg.synthetic),
+                                     ("--pretrained", cfg.pretrained)], out)
     refs = _load_columns(all_files)
     train_counts = info.class_counts("train")
     syn_weights = (labels.synthetic_row_weights(syn.target, info.num_classes, recipe.synthetic_sampling,
@@ -151,6 +169,8 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
                   f"{len(syn_sets)} run(s), p={recipe.p}, gamma={cfg.gamma}, {cfg.workers} worker(s), "
                   f"{cfg.epochs} epochs")
     said = [ignored] if ignored else []
+    said.append(f"backbone weights: {weights['file']} (sha256 {weights['sha256'][:12]})" if weights["file"]
+                else f"backbone weights: {weights['init']}")
     for line in recipe.notes + said + ([filters.describe(selection.record)] if selection else []):
         console.print(line, highlight=False)
     loop_cfg = dataclasses.asdict(cfg) | {
@@ -158,7 +178,7 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
         "val_rows": rows["val"], "test_rows": rows["test"], "p": recipe.p, "syn_weights": syn_weights,
         "data_cfg": recipe.data_cfg, "lr_schedule": recipe.schedule, "train_counts": train_counts,
         "drw_epoch": recipe.drw_epoch, "hard_labels": recipe.hard_labels, "block_rows": max(cfg.batch_size, 32),
-        "own": own,
+        "own": own, "cmo_weights": labels.minority_weights(real.target, train_counts) if cfg.cmo else None,
         "out": out, "fail_marker_dir": out, "dataset_fingerprint": info.fingerprint}
     fs, path = storage.arrow_filesystem(storage.join(out, "train"))
     trainer = TorchTrainer(
@@ -169,12 +189,15 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
                              storage_filesystem=fs if storage.is_s3(out) else None,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    storage.remove_tree(storage.join(out, DIVERGED))  # an earlier attempt's: this one decides again
     result = trainer.fit()
     if result.error:
         raise DiffmixError(f"training failed: {result.error}")
+    if storage.exists(diverged := storage.join(out, DIVERGED)):  # stopped by the loop: never marked complete
+        raise DiffmixError(storage.read_text(diverged))
     with result.checkpoint.as_directory() as d:
-        history = torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=False)["history"]
-    metrics = {"arch": cfg.arch, "dataset": dataset.uri, "dataset_fingerprint": info.fingerprint,
+        history = load_state(os.path.join(d, CKPT_FILE))["history"]
+    metrics = {"arch": cfg.arch, "weights": weights, "dataset": dataset.uri, "dataset_fingerprint": info.fingerprint,
                "synthetic": [s.uri for s in syn_sets], "synthetic_filter": selection.record if selection else None,
                "p": recipe.p, "gamma": cfg.gamma, "seed": cfg.seed,
                "select": cfg.select, "loss": cfg.loss, "synthetic_sampling": recipe.synthetic_sampling,
@@ -184,16 +207,23 @@ def run_classify(cfg: ClassifyConfig, overwrite: bool = False, resume: bool = Fa
                "resolved": recipe.resolved, "config": dataclasses.asdict(cfg)}
     storage.write_json_atomic(storage.join(out, METRICS_JSON), metrics)
     storage.write_text_atomic(storage.join(out, SUCCESS), "")
-    console.print(f"[green]{result_line(metrics['summary'])}[/green] -> {out}", highlight=False)
+    console.print(f"[green]{escape(result_line(metrics['summary']))}[/green] -> {escape(out)}", markup=True,
+                  highlight=False)
     return metrics
 
 
+@lease.scoped  # the output has one writer while this runs, and none after
 def run_seeds(cfg: ClassifyConfig, seeds: list[int], overwrite: bool = False, resume: bool = False) -> dict:
     """One run per seed under <out>/seed-<s>/, then mean ± std of the selected test top-1."""
+    if repeated := sorted({s for s in seeds if seeds.count(s) > 1}):
+        raise DiffmixError(f"--seeds lists seed {repeated[0]} twice: it would be trained once and counted twice in "
+                           "the mean ± std; list each seed once")
+    if not seeds:
+        raise DiffmixError("--seeds lists no seed; give comma-separated seeds, e.g. 2020,2021,2022")
     out = storage.normalize(cfg.out)
     # without the options added by issue 12, so multi-seed runs started before them still resume
     ident = {k: v for k, v in _config(cfg).items() if k not in NEW_EXECUTION_KEYS}
-    storage.claim_output(out, "train-cls-seeds", ident | {"seeds": seeds}, overwrite)
+    storage.claim_output(out, "train-cls-seeds", ident | {"seeds": seeds}, overwrite, inputs=_input_uris(cfg))
     runs = []
     for seed in seeds:
         sub = dataclasses.replace(cfg, seed=seed, out=storage.join(out, f"seed-{seed}"))

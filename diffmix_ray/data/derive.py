@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import canonical, storage
+from .. import canonical, lease, storage
 from ..console import logger
 from ..contracts import COL_IMAGE_ID, COL_LABEL, DatasetInfo
 from ..errors import DiffmixError
@@ -69,6 +69,7 @@ def _warn_about_parent(info: DatasetInfo, construction: str) -> None:
                        "with --val-fraction 0", info.name, carved_val)
 
 
+@lease.scoped  # the output has one writer while this runs, and none after
 def derive(cfg: DeriveConfig, out: str, overwrite: bool = False) -> DatasetInfo:
     """Few-shot (K per class) or long-tail (imbalance ratio R) subset of a canonical dataset's train
     split; val and test are copied unchanged."""
@@ -82,7 +83,7 @@ def derive(cfg: DeriveConfig, out: str, overwrite: bool = False) -> DatasetInfo:
     # Resolved values go into the config, so spelling out a default is the same config as omitting it.
     config = dataclasses.asdict(dataclasses.replace(cfg, long_tail=construction, shot_thresholds=thresholds)) | {
         "parent": parent.uri, "parent_fingerprint": parent.info.fingerprint}
-    if found := output.claim(out, config, overwrite):
+    if found := output.claim(out, config, overwrite, {"--from": cfg.parent}):
         return found
     train = parent.read_split("train")
     rows = list(zip(train.column(COL_IMAGE_ID).to_pylist(), train.column(COL_LABEL).to_pylist()))

@@ -13,11 +13,11 @@ from ..console import logger
 from ..contracts import COL_IMAGE, COL_IMAGE_ID, COL_LABEL, DATASET_JSON, IMAGES_DIR, SPLITS, DatasetInfo
 
 
-def claim(out: str, config: dict[str, Any], overwrite: bool) -> DatasetInfo | None:
+def claim(out: str, config: dict[str, Any], overwrite: bool, inputs: storage.Inputs) -> DatasetInfo | None:
     """Claim `out` for this prepare config; returns the dataset already there when the same config
     completed it before (a rerun is a no-op), else None. Shards of an unfinished attempt are
     disposable: every attempt rewrites images/ before dataset.json, so they are never resumed."""
-    resumed = storage.claim_output(out, "prepare", config, overwrite, disposable=(IMAGES_DIR,))
+    resumed = storage.claim_output(out, "prepare", config, overwrite, disposable=(IMAGES_DIR,), inputs=inputs)
     meta = storage.join(out, DATASET_JSON)
     if resumed and storage.exists(meta):
         logger.info("%s already holds this dataset (same config); nothing to do", out)

@@ -16,11 +16,11 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .. import canonical, storage
+from .. import canonical, lease, storage
 from ..console import logger, progress
 from ..contracts import SPLITS, DatasetInfo
 from ..errors import DiffmixError
-from ..images import BadImage, canonicalize
+from ..images import BadImage, DecodeBudget, canonicalize, decode_budget_bytes
 from . import output, protocol, readers, splits
 from .derive import DeriveConfig, derive
 
@@ -89,22 +89,41 @@ def _list_source(cfg: PrepareConfig) -> readers.RawListing:
             raise DiffmixError(f"--class-names has {len(cfg.class_names)} names but {cfg.source} has "
                                f"{len(listing.classes)} classes")
         listing.classes = list(cfg.class_names)
+    _check_distinct(listing.classes, cfg.source)
     return listing
+
+
+def _check_distinct(classes: list[str], source: str) -> None:
+    """Class names go into prompts, and CLIP's tokenizer lower-cases and splits on spaces: names that
+    differ only by case or spacing would get the very same prompt."""
+    seen: dict[str, str] = {}
+    for name in classes:
+        key = " ".join(name.lower().split())
+        if key in seen:
+            raise DiffmixError(f"classes {seen[key]!r} and {name!r} in {source} differ only by case or spacing: "
+                               "their prompts would be identical; rename or merge one of them")
+        seen[key] = name
 
 
 def _fetch_all(cfg: PrepareConfig, items: list[readers.RawItem], show_progress: bool
                ) -> tuple[list[bytes | None], list[tuple[str, str]]]:
     """Fetch and canonicalize every item in parallel; returns bytes (None where bad) and the bad list."""
     fs, _ = storage.filesystem(cfg.source)
+    budget = DecodeBudget(decode_budget_bytes())  # decodes in flight share it, whatever the thread count
+
+    local_root = None if storage.is_s3(cfg.source) else storage.normalize(cfg.source)
 
     def work(item: readers.RawItem) -> tuple[bytes | None, str | None]:
         try:
             raw = item.data
             if raw is None:
                 path = item.where.split("://", 1)[1] if storage.is_s3(item.where) else item.where
+                if local_root is not None and not readers.inside(path, local_root):
+                    raise BadImage(f"a symbolic link to {os.path.realpath(path)}, outside --source: links are "
+                                   "followed only inside the source; copy the file in, or remove the link")
                 with storage.explained(item.where):
                     raw = fs.cat_file(path)
-            return canonicalize(raw)[0], None
+            return canonicalize(raw, budget)[0], None
         except BadImage as e:
             return None, str(e)
 
@@ -141,6 +160,7 @@ def _assign_splits(rows: list[tuple[str, int, str | None]], cfg: PrepareConfig
     return split_of, fractions
 
 
+@lease.scoped  # the output has one writer while this runs, and none after
 def prepare(cfg: PrepareConfig, out: str, overwrite: bool = False, show_progress: bool = True) -> DatasetInfo:
     cfg.validate()
     out = storage.normalize(out)
@@ -155,7 +175,7 @@ def prepare(cfg: PrepareConfig, out: str, overwrite: bool = False, show_progress
     # Resolved values go into the config, so spelling out a default is the same config as omitting it.
     config = dataclasses.asdict(dataclasses.replace(cfg, shot_thresholds=thresholds)) | {
         "super_class": super_class, "source": storage.normalize(cfg.source)}
-    if found := output.claim(out, config, overwrite):
+    if found := output.claim(out, config, overwrite, {"--source": cfg.source}):
         return found
     logger.info("listed %d images in %d classes from %s", len(listing.items), len(listing.classes), cfg.source)
 

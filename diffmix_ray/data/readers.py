@@ -5,6 +5,7 @@ source defines one. Bytes are fetched later, in parallel, by `prepare`."""
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 from dataclasses import dataclass, field
 
@@ -42,8 +43,35 @@ def _rel(path: str, root: str) -> str:
     return posixpath.relpath(path, root) if path != root else ""
 
 
-def _ls_dirs(fs, path: str) -> list[str]:
-    return sorted(e["name"].rstrip("/") for e in fs.ls(path, detail=True) if e["type"] == "directory")
+def _is_dir(entry: dict) -> bool:
+    """A folder, or (local sources) a symbolic link to one: fsspec lists those as "other"."""
+    return entry["type"] == "directory" or bool(entry.get("islink") and os.path.isdir(entry["name"]))
+
+
+def inside(path: str, root: str) -> bool:
+    """Whether the local `path`, every link resolved, lies within `root` (resolved too)."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def _ls_dirs(fs, path: str, source: str, listing: "RawListing") -> list[str]:
+    """The sub-folders of `path` that can hold classes. Hidden ones (.ipynb_checkpoints, .git) are
+    ignored and listed; a link to a folder is followed when it stays inside the source, and refused
+    when it leads outside (an input must never be read from elsewhere unasked)."""
+    found = []
+    for entry in fs.ls(path, detail=True):
+        name = entry["name"].rstrip("/")
+        if not _is_dir(entry):
+            continue
+        if posixpath.basename(name).startswith("."):
+            listing.ignored.append(_display(source, name))
+            continue
+        if entry.get("islink") and not inside(name, storage.normalize(source)):
+            raise DiffmixError(f"class folder {posixpath.basename(name)!r} in {source} is a symbolic link to "
+                               f"{os.path.realpath(name)}, outside --source: links are followed only inside the "
+                               "source; copy the folder in, or point --source at a folder that holds both")
+        found.append(name)
+    return sorted(found)
 
 
 def _display(source: str, fs_path: str) -> str:
@@ -57,7 +85,8 @@ def read_imagefolder(source: str) -> RawListing:
         if not fs.isdir(root):
             raise DiffmixError(f"--source {source} is not a directory; an imagefolder source is "
                                "root/<class>/<image> or root/{train,val,test}/<class>/<image>")
-        top = _ls_dirs(fs, root)
+        listing = RawListing(classes=[], items=[])
+        top = _ls_dirs(fs, root, source, listing)
         top_names = [posixpath.basename(d) for d in top]
         split_dirs = {n: SPLIT_DIR_NAMES[n.lower()] for n in top_names if n.lower() in SPLIT_DIR_NAMES}
         if split_dirs and len(split_dirs) == len(top_names):
@@ -72,16 +101,16 @@ def read_imagefolder(source: str) -> RawListing:
             groups = [(None, root)]
         class_dirs: dict[str, list[tuple[str | None, str]]] = {}
         for split, base in groups:
-            for d in _ls_dirs(fs, base):
+            for d in _ls_dirs(fs, base, source, listing):
                 class_dirs.setdefault(posixpath.basename(d), []).append((split, d))
         if not class_dirs:
             raise DiffmixError(f"{source} has no class folders; expected root/<class>/<image files>")
         classes = sorted(class_dirs)
-        listing = RawListing(classes=classes, items=[])
+        listing.classes = classes
         for label, name in enumerate(classes):
             n_images = 0
             for split, d in class_dirs[name]:
-                for path in sorted(fs.find(d)):
+                for path in _files_under(fs, d, source):
                     base = posixpath.basename(path)
                     rel = _rel(path, root)
                     if base.startswith(".") or "/." in "/" + rel:
@@ -96,9 +125,25 @@ def read_imagefolder(source: str) -> RawListing:
                 raise DiffmixError(f"class folder {name!r} in {source} holds no images "
                                    "(.jpg/.jpeg/.png/.webp/.bmp); add images or remove the folder")
         for path in fs.ls(root, detail=True):
-            if path["type"] != "directory":
+            if not _is_dir(path):
                 listing.ignored.append(_display(source, path["name"]))
     return listing
+
+
+def _files_under(fs, folder: str, source: str) -> list[str]:
+    """Every file below a class folder, sorted; locally through links to folders too (each folder
+    once: a link cycle ends there). Whether a file's link stays inside the source is prepare's check."""
+    if storage.is_s3(source):
+        return sorted(fs.find(folder))
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [posixpath.join(top, f) for f in files]
+    return sorted(found)
 
 
 def _read_table_lines(fs, path: str, source: str, what: str) -> list[list[str]]:
@@ -222,6 +267,22 @@ def _hf_class_names(schema: pa.Schema, label_column: str) -> list[str] | None:
     return list(names) if names else None
 
 
+def _check_image_column(kind: pa.DataType, column: str, where: str) -> None:
+    """Encoded image bytes: binary, or the {bytes, path} struct Hugging Face `datasets` writes."""
+    binary = (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+              or (hasattr(pa.types, "is_binary_view") and pa.types.is_binary_view(kind)))
+    if binary or (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
+                  and _check_binary(kind.field("bytes").type)):
+        return
+    raise DiffmixError(f"--image-column {column!r} of {where} holds {kind}, not encoded image bytes (binary, or a "
+                       "{bytes, path} struct as Hugging Face datasets write it); point --image-column at the "
+                       "column of JPEG/PNG bytes")
+
+
+def _check_binary(kind: pa.DataType) -> bool:
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+
+
 def read_parquet_table(source: str, image_column: str, label_column: str, split_column: str | None,
                        id_column: str | None, class_names: list[str] | None) -> RawListing:
     """A Parquet file or folder of files with an image column (bytes, or a {bytes, path} struct as
@@ -242,6 +303,7 @@ def read_parquet_table(source: str, image_column: str, label_column: str, split_
                 if col is not None and col not in cols:
                     raise DiffmixError(f"{flag} {col!r} is not a column of {_display(source, file)} "
                                        f"(columns: {cols})")
+            _check_image_column(pf.schema_arrow.field(image_column).type, image_column, _display(source, file))
             names = names or _hf_class_names(pf.schema_arrow, label_column)
             wanted = [c for c in (image_column, label_column, split_column, id_column) if c]
             with storage.explained(_display(source, file)):

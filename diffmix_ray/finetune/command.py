@@ -33,6 +33,9 @@ def finetune(
                                                   help="Draw images with p ∝ 1/n_c, every class equally often in "
                                                        "expectation (default: on for long-tailed datasets, the "
                                                        "paper's; off otherwise)."),
+    token_schedule: Optional[str] = typer.Option(None, help="joint (default: one AdamW over every token each step, "
+                                                 "the Diff-Mix reference) | per-class (--mode ti: each step one "
+                                                 "class, only its token updated: DA-Fusion's separate runs)."),
     gradient_checkpointing: Optional[bool] = typer.Option(
         None, "--gradient-checkpointing/--no-gradient-checkpointing",
         help="Recompute the UNet's activations in backward: less GPU memory, slower steps (default off)."),
@@ -51,6 +54,6 @@ def finetune(
         dataset=dataset, model=model, out=out, mode=mode, rank=rank, lr=lr, ti_lr=ti_lr, max_steps=max_steps,
         batch_size=batch_size, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
         checkpoint_every=checkpoint_every, seed=seed, initializer_token=initializer_token,
-        prompt_template=prompt_template, class_balanced=class_balanced,
+        prompt_template=prompt_template, class_balanced=class_balanced, token_schedule=token_schedule,
         gradient_checkpointing=gradient_checkpointing, compile=compile_unet))
     run_finetune(cfg, overwrite=overwrite, resume=resume)

@@ -13,6 +13,9 @@ from ..models.concepts import BANK_MODES
 # rare, so the new tokens start close to "no meaning" instead of some common word's.
 DEFAULT_INITIALIZER = "ktn"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+# joint: one AdamW over every class token at every step (the Diff-Mix reference's one run); per-class:
+# every step one class, only its token updated (DA-Fusion's separate runs; token_optim.py, sampling.py)
+TOKEN_SCHEDULES = ("joint", "per-class")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every UNet attention q/k/v/out, as the reference
 
 # Options that do not change the trained weights: they may differ between a run and its resume.
@@ -40,6 +43,7 @@ class FinetuneConfig:
     max_steps: int = 35000
     batch_size: int = 2  # per worker
     seed: int = 42
+    token_schedule: str = "joint"  # joint | per-class (TOKEN_SCHEDULES)
     # p ∝ 1/n_c sampling, every class seen equally often in expectation; None: on for long-tailed
     # datasets (the paper's), off otherwise (run.resolve_inputs decides, prints and records it)
     class_balanced: bool | None = None
@@ -99,6 +103,15 @@ class FinetuneConfig:
         if self.gpus_per_worker is not None and not self.use_gpu and self.precision in ("fp16", "bf16"):
             raise DiffmixError(f"precision {self.precision} needs GPUs (--gpus-per-worker > 0); CPU training "
                                "runs in fp32: use precision auto or fp32")
+        if self.token_schedule not in TOKEN_SCHEDULES:
+            raise DiffmixError(f"token_schedule {self.token_schedule!r}: choose {' or '.join(TOKEN_SCHEDULES)}")
+        if self.token_schedule == "per-class" and self.mode != "ti":
+            raise DiffmixError(f"token_schedule per-class trains each class's token on its own steps (DA-Fusion's "
+                               f"separate runs); --mode {self.mode} also trains a LoRA shared by every class: use "
+                               "--mode ti, or token_schedule joint")
+        if self.token_schedule == "per-class" and self.class_balanced:
+            raise DiffmixError("token_schedule per-class gives every class the same steps already; drop "
+                               "--class-balanced")
         if self.initializer_token is not None and len(self.initializer_token.split()) != 1:
             raise DiffmixError(f"--initializer-token {self.initializer_token!r} must be one word without spaces")
         self._check_template()
@@ -123,4 +136,7 @@ class FinetuneConfig:
 
     def identity(self) -> dict:
         """The options that decide the trained weights: a resume must match them exactly."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in EXECUTION_KNOBS}
+        ident = {k: v for k, v in dataclasses.asdict(self).items() if k not in EXECUTION_KNOBS}
+        if ident["token_schedule"] == "joint":  # the schedule before the option existed: those runs resume
+            del ident["token_schedule"]
+        return ident

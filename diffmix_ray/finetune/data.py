@@ -25,7 +25,7 @@ from .. import canonical
 from ..contracts import COL_IMAGE, COL_IMAGE_ID, COL_LABEL, COL_SPLIT
 from ..errors import DiffmixError
 from ..images import decode_rgb
-from .sampling import StepSampler
+from .sampling import StepSampler, sampler_for
 
 COL_PIXELS = "pixels"  # uint8 (N, 3, R, R)
 COL_KEY = "key"  # int64 digest of image_id: lets a worker record which images it saw
@@ -134,9 +134,9 @@ def step_epochs(table: pa.Table, sampler: StepSampler, resolution: int, rank: in
 
 
 def local_batches(dataset: canonical.Dataset, resolution: int, batch_size: int, class_balanced: bool,
-                  seed: int) -> Iterator[Iterator[dict]]:
+                  seed: int, per_class: bool = False) -> Iterator[Iterator[dict]]:
     """The same batches for in-process training on one rank (tests, benchmarks, debugging)."""
     table = read_train(dataset)
-    sampler = StepSampler(table.column(COL_LABEL).to_numpy(), dataset.info.num_classes, class_balanced, seed,
-                          batch_size)
+    sampler = sampler_for(table.column(COL_LABEL).to_numpy(), dataset.info.num_classes,
+                          "per-class" if per_class else "joint", class_balanced, seed, batch_size)
     return step_epochs(table, sampler, resolution, rank=0, prefetch=0)

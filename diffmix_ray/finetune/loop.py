@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,8 +28,10 @@ import torch.nn.functional as F
 
 from ..errors import DiffmixError
 from ..models.loader import load_pipeline
+from ..models.safe_load import load_plain
 from .config import LORA_TARGETS, FinetuneConfig
 from .data import COL_KEY, COL_PIXELS
+from .token_optim import RowAdamW
 from .tokens import ClassTokenEmbedding, install_class_tokens
 
 CKPT_WEIGHTS = "trainable.safetensors"  # "lora.<peft key>" and "embed.<token>" tensors, rank 0
@@ -150,14 +153,17 @@ class Finetuner:
         if cfg.has_lora:
             groups.append({"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": cfg.lr})
         self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+        self.per_class = cfg.token_schedule == "per-class"  # mode ti: the token group only (config.validate)
+        optimizer = RowAdamW if self.per_class else torch.optim.AdamW
+        self.optimizer = optimizer(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
         for g in self.optimizer.param_groups:
             g["base_lr"] = g["lr"]
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
 
     def loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         """The denoising loss on `batch` (uint8 pixels + labels): epsilon- or v-prediction MSE at
-        random timesteps. A seeded `generator` fixes latents, noise and timesteps (evaluation)."""
+        random timesteps. A seeded `generator` (on this device) fixes latents, noise and timesteps:
+        training passes one per step (step_generator), evaluation a fixed one."""
         device = self.device
         pixels = batch[COL_PIXELS].to(device, non_blocking=True).float() / 127.5 - 1.0
         with torch.no_grad():
@@ -181,14 +187,17 @@ class Finetuner:
             pred = self.denoiser(noisy, timesteps, input_ids)
         return F.mse_loss(pred.float(), target.float())
 
-    def train_step(self, batch: dict, step: int) -> torch.Tensor:
+    def train_step(self, batch: dict, step: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """One optimizer step on `batch`; `step` counts from 1 (it sets the warmup factor). Returns the
-        loss as a detached tensor on the device: reading it (float()) waits for the step to finish."""
+        loss as a detached tensor on the device: reading it (float()) waits for the step to finish.
+        `generator` draws the step's latents, noise and timesteps (None: the global RNG)."""
         cfg = self.cfg
         warm = min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else 1.0
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * warm
-        loss = self.loss(batch)
+        loss = self.loss(batch, generator)
+        if self.per_class:  # only the batch's class token moves (every rank has the same class)
+            self.optimizer.set_rows(batch["label"].to(self.device, non_blocking=True))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -207,6 +216,10 @@ class Finetuner:
         if self.class_tokens is not None:
             out.update({f"embed.{token}": row for token, row in zip(self.tokens, self.class_tokens.vectors)})
         return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+
+    def weights_finite(self) -> bool:
+        """Whether every trainable weight is finite (one read back from the device)."""
+        return bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all())
 
     def param_digest(self) -> str:
         h = hashlib.sha256()
@@ -232,7 +245,7 @@ class Finetuner:
         lora, embeds, step = read_trained(folder)
         if self.cfg.has_lora and (unexpected := set_peft_model_state_dict(self.unet, lora).unexpected_keys):
             raise DiffmixError(f"the checkpoint in {folder} does not fit this LoRA (unexpected {unexpected[:3]})")
-        saved = torch.load(os.path.join(folder, CKPT_OPTIMIZER), map_location="cpu", weights_only=True)
+        saved = load_plain(os.path.join(folder, CKPT_OPTIMIZER), os.path.join(folder, CKPT_OPTIMIZER))
         if self.class_tokens is not None:
             vectors = self.class_tokens.vectors
             if missing := [t for t in self.tokens if t not in embeds]:
@@ -259,7 +272,7 @@ def read_trained(folder: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.
     from safetensors.torch import load_file
 
     tensors = load_file(os.path.join(folder, CKPT_WEIGHTS))
-    step = torch.load(os.path.join(folder, CKPT_OPTIMIZER), map_location="cpu", weights_only=True)["step"]
+    step = load_plain(os.path.join(folder, CKPT_OPTIMIZER), os.path.join(folder, CKPT_OPTIMIZER))["step"]
     lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
     embeds = {k[len("embed."):]: v for k, v in tensors.items() if k.startswith("embed.")}
     return lora, embeds, int(step)
@@ -284,13 +297,43 @@ def mean_loss(losses: list[torch.Tensor]) -> float:
     return float(torch.stack(losses).cpu().double().mean())
 
 
+class Diverged(DiffmixError):
+    """The loss or the weights turned non-finite; every rank raises it at the same report."""
+
+
+def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator of one step's latents, noise and timesteps: a function of (seed, rank, step)
+    only, so a resumed run draws exactly what an uninterrupted one drew at that step."""
+    return torch.Generator(device=device).manual_seed(_noise_seed(seed, rank, step))
+
+
+def _check_finite(tuner: Finetuner, loss: float, first: int, step: int, world_size: int) -> None:
+    """Stop, on every rank together, when the window's loss or the weights are NaN or inf: a report
+    or checkpoint of them would pass a broken run off as progress."""
+    bad = not math.isfinite(loss) or not tuner.weights_finite()
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # one rank diverging first stops them all
+            flag = torch.tensor([float(bad)], device=tuner.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = bool(flag.item())
+    if bad:
+        cfg = tuner.cfg
+        what = f"the loss became {loss}" if not math.isfinite(loss) else "the weights became NaN or inf"
+        raise Diverged(f"step {step}: {what} (non-finite, within steps {first}-{step}): training diverged and is "
+                       f"stopped; nothing from these steps is saved. Lower --lr ({cfg.lr:g}) / --ti-lr "
+                       f"({cfg.ti_lr:g}) or raise warmup, then start again with --overwrite")
+
+
 def train(tuner: Finetuner, epochs: Iterator[Iterable[dict]], progress: Progress,
           report: Callable[[dict, bool], None], world_size: int = 1,
-          before_step: Callable[[int], None] | None = None) -> Progress:
+          before_step: Callable[[int], None] | None = None, rank: int = 0) -> Progress:
     """Run steps progress.step+1 .. max_steps. `epochs` yields one iterable of full batches per
     epoch; `report(metrics, checkpoint)` runs every log_every and checkpoint_every steps and at
-    the last step (the same steps on every rank: Ray's report is a barrier). Between reports
-    nothing here waits for the device."""
+    the last step (the same steps on every rank: Ray's report is a barrier), after checking that
+    the loss and weights are finite (Diverged otherwise). Between reports nothing here waits for the
+    device. Each step draws from step_generator(seed, rank, step)."""
     cfg = tuner.cfg
     times = PhaseTimes()
     losses: list[torch.Tensor] = []
@@ -306,7 +349,7 @@ def train(tuner: Finetuner, epochs: Iterator[Iterable[dict]], progress: Progress
             step = progress.step + 1
             if before_step is not None:
                 before_step(step)
-            losses.append(tuner.train_step(batch, step))
+            losses.append(tuner.train_step(batch, step, step_generator(cfg.seed, rank, step, tuner.device)))
             progress.add_step(step, batch[COL_KEY])
             took_any, window_steps = True, window_steps + 1
             t2 = time.perf_counter()
@@ -316,6 +359,7 @@ def train(tuner: Finetuner, epochs: Iterator[Iterable[dict]], progress: Progress
             checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
             if checkpoint or step % cfg.log_every == 0:
                 loss = mean_loss(losses)  # waits for the window's queued steps: the window's only sync
+                _check_finite(tuner, loss, step - window_steps + 1, step, world_size)
                 progress.flush()
                 t3 = time.perf_counter()
                 times.step_s += t3 - t2
@@ -335,9 +379,9 @@ def train(tuner: Finetuner, epochs: Iterator[Iterable[dict]], progress: Progress
     return progress
 
 
-def _noise_seed(seed: int, rank: int, start_step: int) -> int:
-    """Different noise per rank and per resumed attempt, reproducible from the config."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{rank}:{start_step}".encode()).digest()[:8], "little") >> 1
+def _noise_seed(seed: int, rank: int, step: int) -> int:
+    """Different noise per rank and per step, reproducible from the config."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{rank}:{step}".encode()).digest()[:8], "little") >> 1
 
 
 def train_func(config: dict) -> None:
@@ -352,7 +396,7 @@ def train_func(config: dict) -> None:
     from .. import canonical, storage
     from ..contracts import COL_LABEL
     from .data import read_train, step_epochs
-    from .sampling import StepSampler
+    from .sampling import sampler_for
 
     cfg: FinetuneConfig = config["cfg"]
     ctx = ray.train.get_context()
@@ -366,12 +410,13 @@ def train_func(config: dict) -> None:
     if checkpoint := ray.train.get_checkpoint():
         with checkpoint.as_directory() as folder:
             progress = tuner.load(folder, rank)
+    # The steps draw from their own generators (step_generator); this seeds anything else that draws.
     torch.manual_seed(_noise_seed(cfg.seed, rank, progress.step))
     # Every rank reads the train split itself and takes its slice of each step's global batch from the
     # step sampler: a resume after step k continues with the images of step k+1, on every rank.
     table = read_train(canonical.open_dataset(config["dataset"]))
-    sampler = StepSampler(table.column(COL_LABEL).to_numpy(), config["num_classes"], cfg.class_balanced, cfg.seed,
-                          cfg.batch_size, world)
+    sampler = sampler_for(table.column(COL_LABEL).to_numpy(), config["num_classes"], cfg.token_schedule,
+                          cfg.class_balanced, cfg.seed, cfg.batch_size, world)
     epochs = step_epochs(table, sampler, config["resolution"], rank, first_step=progress.step + 1)
 
     def report(metrics: dict, with_checkpoint: bool) -> None:
@@ -397,4 +442,9 @@ def train_func(config: dict) -> None:
             time.sleep(FAIL_DELAY_S)
             os._exit(1)
 
-    train(tuner, epochs, progress, report, world_size=world, before_step=fail_once)
+    try:
+        train(tuner, epochs, progress, report, world_size=world, before_step=fail_once, rank=rank)
+    except Diverged as e:  # every rank: end the run (no restart would help); the driver raises it
+        if rank == 0:
+            storage.write_text_atomic(config["diverged_marker"], str(e))
+        ray.train.report({"step": progress.step})

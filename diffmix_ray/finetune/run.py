@@ -13,14 +13,17 @@ import os
 import time
 from dataclasses import dataclass
 
-from .. import canonical, storage
+from rich.markup import escape
+
+from .. import canonical, lease, storage
 from ..console import console, logger
-from ..contracts import CONCEPTS_JSON, RUN_JSON
+from ..contracts import CONCEPTS_JSON, DIVERGED, RUN_JSON
 from ..errors import DiffmixError
 from ..models import concepts as bank_io
 from ..models.loader import ModelRef, resolve_model
 from ..runtime.jobs import announce
 from ..runtime.local_ray import init_ray, resolve_gpus
+from ..runtime.shared_paths import check_shared_paths
 from .config import DEFAULT_INITIALIZER, FinetuneConfig
 from .data import epoch_rows
 
@@ -91,6 +94,8 @@ def _check_dataset(cfg: FinetuneConfig, dataset: canonical.Dataset) -> None:
 def resolve_class_balanced(cfg: FinetuneConfig, info) -> tuple[bool, str]:
     """(class-balanced sampling or not, why): the user's choice, else the paper's for the dataset."""
     counts = info.class_counts("train")
+    if cfg.token_schedule == "per-class":
+        return False, "token_schedule per-class: every step trains one class, every class the same steps"
     if cfg.class_balanced is not None:
         if cfg.class_balanced and counts and min(counts) == max(counts):
             logger.warning("--class-balanced on %s, whose classes all have %d train images: the weights 1/n_c are "
@@ -142,7 +147,8 @@ def _claim(inputs: Inputs, overwrite: bool, resume: bool) -> bool:
             why = "holds no finetune run" if have is None else "holds a run with a different config"
             raise DiffmixError(f"--resume: {inputs.out} {why}; rerun the original command unchanged, or drop "
                                "--resume to start a new run")
-    return storage.claim_output(inputs.out, "finetune", inputs.identity, overwrite)
+    return storage.claim_output(inputs.out, "finetune", inputs.identity, overwrite,
+                                inputs={"--dataset": inputs.dataset.uri, "--model": inputs.model.location})
 
 
 def _fit(inputs: Inputs):
@@ -154,6 +160,7 @@ def _fit(inputs: Inputs):
     init_ray(min_cpus=inputs.cfg.workers * inputs.cfg.cpus_per_worker)
     cfg = dataclasses.replace(inputs.cfg, gpus_per_worker=resolve_gpus(inputs.cfg.gpus_per_worker, "finetune", "worker"))
     cfg.validate()  # again, now that the GPU count is known (fp16/bf16 need GPUs)
+    check_shared_paths("finetune", [("--dataset", inputs.dataset.uri), ("--model", cfg.model)], inputs.out)
     train_uri = storage.join(inputs.out, TRAIN_DIR)
     storage.makedirs(train_uri)
     filesystem, path = storage.arrow_filesystem(train_uri) if storage.is_s3(train_uri) else (None, train_uri)
@@ -163,12 +170,14 @@ def _fit(inputs: Inputs):
         train_loop_config={"cfg": cfg, "prompts": inputs.prompts, "tokens": inputs.tokens, "init_ids": inputs.init_ids,
                            "dataset": inputs.dataset.uri, "num_classes": inputs.dataset.info.num_classes,
                            "resolution": inputs.model.resolution,
-                           "fail_marker": storage.join(train_uri, inputs.run_name, FAIL_MARKER)},
+                           "fail_marker": storage.join(train_uri, inputs.run_name, FAIL_MARKER),
+                           "diverged_marker": storage.join(inputs.out, DIVERGED)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=inputs.run_name, storage_path=path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep)),
     )
+    storage.remove_tree(storage.join(inputs.out, DIVERGED))  # an earlier attempt's: this one decides again
     try:
         return trainer.fit()
     except TrainingFailedError as e:
@@ -211,13 +220,15 @@ def write_bank(inputs: Inputs, checkpoint_dir: str, extra: dict | None = None) -
 
 
 def _sampler(inputs: Inputs):
-    from .sampling import StepSampler
+    from .sampling import sampler_for
 
     info, cfg = inputs.dataset.info, inputs.cfg
     labels = [c for c, n in enumerate(info.class_counts("train")) for _ in range(n)]
-    return StepSampler(labels, info.num_classes, cfg.class_balanced, cfg.seed, cfg.batch_size, cfg.workers)
+    return sampler_for(labels, info.num_classes, cfg.token_schedule, cfg.class_balanced, cfg.seed, cfg.batch_size,
+                       cfg.workers)
 
 
+@lease.scoped  # the output has one writer while this runs, and none after
 def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = False) -> bank_io.ConceptBank:
     """Fine-tune (or resume, or find already finished) and return the concept bank at cfg.out."""
     started = time.perf_counter()
@@ -234,11 +245,13 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = Fa
     console.print(f"sampling: {_sampler(inputs).describe()} ({inputs.resolved['class_balanced']['from']})",
                   highlight=False)
     result = _fit(inputs)
+    if storage.exists(diverged := storage.join(inputs.out, DIVERGED)):  # stopped by the loop, no bank
+        raise DiffmixError(storage.read_text(diverged))
     if result.checkpoint is None:
         raise DiffmixError(f"training at {inputs.out} ended without a checkpoint; rerun the same command")
     metrics = dict(result.metrics or {})
     with result.checkpoint.as_directory() as folder:
         bank = write_bank(inputs, folder, {"final_metrics": metrics, "checkpoint": result.checkpoint.path})
-    console.print(f"[green]concept bank written to {inputs.out}[/green] ({cfg.max_steps} steps, "
-                  f"{time.perf_counter() - started:.1f} s this run)")
+    console.print(f"[green]concept bank written to {escape(inputs.out)}[/green] ({cfg.max_steps} steps, "
+                  f"{time.perf_counter() - started:.1f} s this run)", markup=True)
     return bank

@@ -9,7 +9,10 @@ dropped, and rank r takes its slice of each. Within an epoch the order is:
   * class-balanced: N draws with replacement, an image of class c with probability ∝ 1/n_c, so
     every class is drawn N/C times in expectation (the reference's WeightedRandomSampler,
     `get_weighted_sampler`), instead of integer repeats that gave 19-36 images per class per
-    epoch on CUB-LT100."""
+    epoch on CUB-LT100.
+
+`PerClassSampler` (token_schedule per-class, DA-Fusion's banks) gives every step one class instead:
+the whole global batch is that class's images, as in DA-Fusion's separate per-class runs."""
 
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import numpy as np
 
 _ORDER_TAG = 0xF17E  # separates these streams from other seeded streams of the same seed
 _AUGMENT_TAG = 0xA06
+_CLASS_ORDER_TAG = 0xC1A55
+_CLASS_IMAGES_TAG = 0x1A6E5
 
 
 def balanced_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -69,3 +74,60 @@ class StepSampler:
                     f"(n_c {counts.min()}..{counts.max()}): every class {len(self.labels) / len(counts):.1f} "
                     "images per epoch in expectation")
         return f"uniform: each of the {len(self.labels)} train images once per epoch, seeded order"
+
+
+class PerClassSampler(StepSampler):
+    """Every step trains one class: its global batch (batch_size x world) holds only that class's
+    images. A round of C steps gives every class one step, in a seeded order per round; a class's
+    images come in seeded permutations of its own, one after another (a class with fewer images than
+    a batch repeats them, as DA-Fusion's repeated dataset does). Over R rounds each class gets R steps
+    on R x batch_size x world images: the separate per-class runs of DA-Fusion, interleaved."""
+
+    def __init__(self, labels, num_classes: int, seed: int, batch_size: int, world: int = 1):
+        super().__init__(labels, num_classes, False, seed, batch_size, world)
+        self.by_class = [np.flatnonzero(self.labels == c) for c in range(num_classes)]
+        self.classes = np.array([c for c in range(num_classes) if len(self.by_class[c])], dtype=np.int64)
+        self.steps_per_epoch = len(self.classes)  # one round
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}
+
+    def class_of(self, step: int) -> int:
+        epoch, slot = self.position(step)
+        return int(self.epoch_order(epoch)[slot])
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The classes of a round's steps, in order."""
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, _CLASS_ORDER_TAG]))
+        self._cached = (epoch, rng.permutation(self.classes))
+        return self._cached[1]
+
+    def _class_stream(self, c: int, positions: np.ndarray) -> np.ndarray:
+        images = self.by_class[c]
+        out = np.empty(len(positions), dtype=np.int64)
+        for i, pos in enumerate(positions):
+            k, j = divmod(int(pos), len(images))
+            if self._perms.get(c, (None,))[0] != k:  # one permutation per class kept: positions only grow
+                rng = np.random.default_rng(np.random.SeedSequence([self.seed, c, k, _CLASS_IMAGES_TAG]))
+                self._perms[c] = (k, rng.permutation(images))
+            out[i] = self._perms[c][1][j]
+        return out
+
+    def indices(self, step: int, rank: int) -> np.ndarray:
+        epoch, _ = self.position(step)
+        c = self.class_of(step)
+        start = epoch * self.batch_size * self.world + rank * self.batch_size  # class c's step `epoch`
+        return self._class_stream(c, np.arange(start, start + self.batch_size))
+
+    def describe(self) -> str:
+        return (f"per-class: every step one class, its global batch of {self.batch_size} x {self.world} all that "
+                f"class's images; a round of {len(self.classes)} steps trains each class once (DA-Fusion's separate "
+                "per-class runs, interleaved)")
+
+
+def sampler_for(labels, num_classes: int, token_schedule: str, class_balanced: bool, seed: int, batch_size: int,
+                world: int = 1) -> StepSampler:
+    """The sampler a run's options ask for (the workers, the driver's description and tests alike)."""
+    if token_schedule == "per-class":
+        return PerClassSampler(labels, num_classes, seed, batch_size, world)
+    return StepSampler(labels, num_classes, class_balanced, seed, batch_size, world)

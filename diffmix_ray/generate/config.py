@@ -96,6 +96,9 @@ class GenerateConfig:
         for s in (self.strength,) + tuple(self.strength_set or ()):
             if not 0.0 < s <= 1.0:
                 raise DiffmixError(f"strength {s} is outside (0, 1]: 0 would copy the source, >1 is undefined")
+        if self.strength_set is not None and not self.strength_set:
+            raise DiffmixError("--strength-set lists no number; give the strengths to sample, e.g. 0.3,0.5,0.7,0.9, "
+                               "or drop it for the fixed --strength")
         if self.strength_set is not None and self.strength_beta is not None:
             raise DiffmixError("give at most one of --strength-set and --strength-beta")
         if self.strength_beta is not None and (len(self.strength_beta) != 2 or min(self.strength_beta) <= 0):

@@ -17,14 +17,17 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import canonical, exactly_once, storage
+from .. import canonical, exactly_once, lease, storage
 from ..console import console, logger
 from ..contracts import (COL_IMAGE_ID, COL_LABEL, COL_PAIR_ID, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_STRENGTH,
                          COL_TARGET_LABEL, MANIFEST_JSON, PLAN_DIR, SHARDS_DIR, SUCCESS)
 from ..errors import DiffmixError
 from ..exactly_once import FAILED_DIR
 from ..runtime.jobs import announce
+from ..synthetic import damaged_shards, describe_damage, shard_records
 from ..runtime.local_ray import init_ray, resolve_gpus
+from ..runtime.nodes import remote_errors_as_one_line
+from ..runtime.shared_paths import check_shared_paths
 from ..models import concepts as bank_io
 from ..models.loader import resolve_model
 from .config import GenerateConfig
@@ -56,6 +59,7 @@ class Inputs:
     identity: dict
     resolution: int  # the model's image side in pixels
     resolved: dict = dataclasses.field(default_factory=dict)  # option -> {"value", "from"}, for the manifest
+    model_location: str | None = None  # where the model's weights are read (None: a preset)
 
     def print_resolved(self) -> None:
         for name, r in self.resolved.items():
@@ -126,7 +130,7 @@ def resolve_inputs(cfg: GenerateConfig) -> Inputs:
     identity = _normalized(cfg.output_identity()) | {
         "dataset": dataset.uri, "dataset_fingerprint": dataset.info.fingerprint,
         "model_fingerprint": model.fingerprint, "concepts_fingerprint": bank.fingerprint if bank else None}
-    return Inputs(cfg, out, dataset, model.fingerprint, bank, identity, model.resolution, resolved)
+    return Inputs(cfg, out, dataset, model.fingerprint, bank, identity, model.resolution, resolved, model.location)
 
 
 def build_plan(inputs: Inputs) -> pa.Table:
@@ -223,6 +227,7 @@ def _pair_counts(plan: pa.Table) -> dict[str, int]:
     return {f"{s}->{t}": n for (s, t), n in sorted(Counter(pairs).items())}
 
 
+@lease.scoped  # the output has one writer while this runs, and none after
 def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
     """Generate every missing pair of the plan; returns the summary written into the manifest."""
     started = time.perf_counter()
@@ -230,16 +235,22 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
         raise DiffmixError("--out is required: where the plan, shards and manifest go")
     inputs = resolve_inputs(cfg)
     cfg, out = inputs.cfg, inputs.out
-    resumed = storage.claim_output(out, "generate", inputs.identity, overwrite)
+    resumed = storage.claim_output(out, "generate", inputs.identity, overwrite, inputs={
+        "--dataset": inputs.dataset.uri, "--model": inputs.model_location, "--concepts": cfg.concepts})
     announce("generate", storage.config_hash(inputs.identity))  # inside a Ray job: where to watch it, which run it is
+    shards = storage.join(out, SHARDS_DIR)
     if resumed and storage.exists(storage.join(out, SUCCESS)):
         manifest = storage.read_json(storage.join(out, MANIFEST_JSON))
-        console.print(f"{out} is complete ({manifest['counts']['generated']} images); nothing to do")
-        return manifest
+        if not (damaged := damaged_shards(out, manifest)):
+            console.print(f"{out} is complete ({manifest['counts']['generated']} images); nothing to do")
+            return manifest
+        console.print(f"{out} was complete, but {len(damaged)} shard(s) are damaged: {describe_damage(damaged)}; "
+                      "deleting them and generating their pairs again", style="yellow")
+        for name in damaged:
+            storage.remove_tree(storage.join(shards, name))
     storage.remove_tree(storage.join(out, SUCCESS))
     plan = build_plan(inputs)
     write_plan(out, plan)
-    shards = storage.join(out, SHARDS_DIR)
     before = exactly_once.scan_and_compact(shards)
     done = before.done
     exactly_once.clear_failures(out)
@@ -251,14 +262,23 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
     if todo.num_rows:
         init_ray(min_cpus=cfg.max_actors * cfg.cpus_per_actor)
         gpus = resolve_gpus(cfg.gpus_per_actor, "generate", "actor")
+        check_shared_paths("generate", [("--dataset", cfg.dataset), ("--model", cfg.model),
+                                        ("--concepts", cfg.concepts)], out)
+        inputs.resolved["gpus_per_actor"] = {"value": gpus, "from": "--gpus-per-actor" if cfg.gpus_per_actor
+                                             is not None else "default: what the Ray cluster has or can add"}
         from ..runtime.metrics import PlanMetrics
 
         gauges = PlanMetrics(run=storage.config_hash(inputs.identity))
         gauges.set(plan.num_rows, todo.num_rows)
-        _ray_pipeline(inputs, todo, files, gpus)
+        with remote_errors_as_one_line(out):  # a GPU node without CUDA, a full disk: one line, named
+            _ray_pipeline(inputs, todo, files, gpus)
     gen_seconds = time.perf_counter() - gen_started
     planned = set(plan.column(COL_PAIR_ID).to_pylist())
     after, missing = exactly_once.settle(shards, planned, "pairs")
+    disagree, example = exactly_once.disagreeing_rows(shards, after.found, plan)
+    if disagree:  # another writer's rows (another strength, seed...): never marked complete
+        raise DiffmixError(f"{disagree} shard rows disagree with the plan (e.g. {example}): another run wrote into "
+                           f"{out}; rerun with --overwrite to generate it again from scratch")
     done_after = after.done
     failures = exactly_once.read_failures(out, missing)
     if todo.num_rows:
@@ -267,7 +287,8 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
         if ray.is_initialized():
             PlanMetrics(run=storage.config_hash(inputs.identity)).set(plan.num_rows, len(missing))
     made_now = len(done_after) - len(done)
-    shard_bytes = exactly_once.files_bytes(shards, after.found)
+    shard_files = shard_records(shards, after.found)
+    shard_bytes = sum(r["bytes"] for r in shard_files.values())
     manifest = {
         "config": dataclasses.asdict(cfg) | {"out": out},
         "identity": inputs.identity,
@@ -280,6 +301,7 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict:
                    "pairs": _pair_counts(plan), "duplicates_removed": before.duplicates + after.duplicates,
                    "unreadable_shards_removed": len(before.removed) + len(after.removed)},
         "failed": failures[:1000],
+        "shard_files": shard_files,  # rows and bytes per file: a rerun and every reader check the shards by it
         "timings": {"total_s": round(time.perf_counter() - started, 3), "generate_s": round(gen_seconds, 3),
                     "images_this_run": made_now,
                     "images_per_s": round(made_now / gen_seconds, 3) if gen_seconds > 0 and made_now else 0.0},

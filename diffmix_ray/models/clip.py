@@ -77,6 +77,11 @@ class ClipRef:
     fingerprint: str
     prep: ImagePrep
 
+    @property
+    def location(self) -> str | None:
+        """Where the weights are read from (an output must never be there); None for a preset."""
+        return self.spec if self.kind == "s3" else self.local_path
+
 
 def parse_clip_preset(spec: str) -> tuple[str, int] | None:
     name, sep, seed = spec.partition(":")
@@ -240,6 +245,7 @@ def write_clip(spec: str, out: str, overwrite: bool = False) -> str:
         raise DiffmixError(f"refusing to write a CLIP model into {out}: it is not empty; choose another path "
                            "or pass --overwrite")
     ref = resolve_clip(spec)
+    storage.check_out_of_inputs(out, {"the CLIP model": ref.location})  # --overwrite would delete the source
     with tempfile.TemporaryDirectory(prefix="diffmix-clip-") as tmp:
         if ref.kind == "preset":
             model, tokenizer = build_clip(*parse_clip_preset(spec))

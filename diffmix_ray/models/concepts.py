@@ -54,12 +54,24 @@ def _meta(bank: ConceptBank) -> dict[str, Any]:
     return meta
 
 
+def check_finite(tensors: dict, what: str) -> None:
+    """Refuse weights holding NaN or infinity (a diverged fine-tune): a bank of them generates nothing."""
+    import torch
+
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise DiffmixError(f"{what}: tensor {name!r} holds non-finite values (NaN or inf): the fine-tune "
+                               "diverged; fine-tune again with a lower --lr / --ti-lr")
+
+
 def save_bank(out: str, bank: ConceptBank, lora_state: dict | None, embeds: dict | None) -> None:
     """Write the bank; concepts.json goes last, so its presence means the bank is complete."""
     from safetensors.torch import save_file
 
     if bank.mode not in BANK_MODES:
         raise DiffmixError(f"concept bank mode {bank.mode!r} must be one of {BANK_MODES}")
+    for part in (lora_state, embeds):
+        check_finite(part or {}, f"the concept bank for {out}")
     with tempfile.TemporaryDirectory() as tmp:
         if bank.has_lora:
             from diffusers import StableDiffusionPipeline
@@ -98,6 +110,14 @@ def load_bank(uri: str) -> tuple[ConceptBank, str]:
         if not storage.exists(src):
             raise DiffmixError(f"concept bank {uri} (mode {bank.mode}) is missing {name}")
         data = storage.read_bytes(src)
+        from safetensors.torch import load as load_tensors
+
+        try:
+            tensors = load_tensors(data)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types on damaged files
+            raise DiffmixError(f"concept bank {uri}: {name} is not a readable safetensors file ({e}); "
+                               "fine-tune again or restore the file") from e
+        check_finite(tensors, f"concept bank {uri}: {name}")
         h.update(hashlib.sha256(data).digest())
         if storage.is_s3(uri):
             with open(os.path.join(local, name), "wb") as f:

@@ -56,6 +56,11 @@ class ModelRef:
     fingerprint: str  # same fingerprint <=> same weights and configs
     resolution: int  # native image side in pixels: unet sample_size * VAE scale factor
 
+    @property
+    def location(self) -> str | None:
+        """Where the weights are read from (an output must never be there); None for a preset."""
+        return self.spec if self.kind == "s3" else self.local_path
+
 
 # ---------------------------------------------------------------------------------------------
 # Device and precision
@@ -74,8 +79,13 @@ def runtime_policy(device: str | None = None, dtype: torch.dtype | str | None = 
     except RuntimeError as e:
         raise DiffmixError(f"invalid device {device!r} ({e}); use 'cpu', 'cuda' or 'cuda:N'") from None
     if device_type == "cuda" and not cuda:
-        raise DiffmixError(f"device {device!r} was requested but CUDA is not available to torch "
-                           f"{torch.__version__}; use device 'cpu', or install a CUDA build of torch")
+        from ..runtime.nodes import cpu_fallback_warning, cpu_instead_of_missing_cuda, no_cuda_message
+
+        if not cpu_instead_of_missing_cuda():  # e.g. a GPU node whose image lacks the driver: name it
+            raise DiffmixError(no_cuda_message())
+        cpu_fallback_warning()
+        device, device_type = "cpu", "cpu"
+        dtype = None if dtype in (torch.float16, "float16", "fp16", "half") else dtype
     if isinstance(dtype, str):
         if dtype.lower() not in _DTYPE_NAMES:
             raise DiffmixError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPE_NAMES)}")
@@ -425,8 +435,7 @@ def write_model(spec: str, out: str, overwrite: bool = False, dtype: str | None 
         raise DiffmixError(f"dtype {dtype!r} applies only to built-in presets ({', '.join(sorted(PRESETS))}); "
                            f"{redact(spec)} is copied as it is: drop the dtype, or convert the folder yourself")
     ref = resolve_model(spec)
-    if ref.local_path == out:
-        raise DiffmixError(f"{out} is the model's own folder; choose a different output path")
+    storage.check_out_of_inputs(out, {"the model": ref.location})  # --overwrite would delete the source
     if preset and not storage.is_s3(out):
         # Straight into `out`: no temporary copy of a multi-GB model. write_preset saves
         # model_index.json last, so an interrupted write is refused as incomplete on load.

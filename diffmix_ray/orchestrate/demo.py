@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import time
 
+from rich.markup import escape
+
 from .. import storage
 from ..console import console
 from ..errors import DiffmixError
@@ -41,30 +43,30 @@ def run_demo(out: str, overwrite: bool = False) -> dict[str, str]:
              "scores": os.path.join(out, "synthetic", "scores", "default"), "classifier": os.path.join(out, "classifier"),
              "report": os.path.join(out, "report")}
 
-    console.rule(f"[bold]1/{len(STEPS)} prepare: the sample world's {len(SAMPLE_CLASSES)} classes -> canonical dataset")
+    console.rule(f"1/{len(STEPS)} prepare: the sample world's {len(SAMPLE_CLASSES)} classes -> canonical dataset")
     if overwrite or not os.path.isdir(paths["raw"]):
         write_sample_imagefolder(paths["raw"], num_classes=len(SAMPLE_CLASSES), per_class=DEMO_PER_CLASS)
     prepare(PrepareConfig(format="imagefolder", source=paths["raw"], super_class=SAMPLE_SUPER_CLASS, name="sample",
                           val_fraction=0.2, test_fraction=0.2), paths["dataset"], overwrite=overwrite,
             show_progress=False)
 
-    console.rule(f"[bold]2/{len(STEPS)} finetune: one token per class + UNet LoRA on the sample model (Ray Train)")
+    console.rule(f"2/{len(STEPS)} finetune: one token per class + UNet LoRA on the sample model (Ray Train)")
     _init_local_ray(out)
     run_finetune(FinetuneConfig(dataset=paths["dataset"], out=paths["concepts"], model=DEMO_MODEL, **DEMO_FINETUNE),
                  overwrite=overwrite)
 
-    console.rule(f"[bold]3/{len(STEPS)} generate: diff-mix translations with the concept bank (Ray Data)")
+    console.rule(f"3/{len(STEPS)} generate: diff-mix translations with the concept bank (Ray Data)")
     run_generate(GenerateConfig(dataset=paths["dataset"], model=DEMO_MODEL, concepts=paths["concepts"],
                                 out=paths["synthetic"], mode="diff-mix", per_image=4, multiplier=None,
                                 strength_set=DEMO_STRENGTHS, steps=DEMO_STEPS, batch_size=16, cpus_per_actor=1,
                                 rows_per_shard=512),
                  overwrite=overwrite)
 
-    console.rule(f"[bold]4/{len(STEPS)} score: the sample CLIP scores every synthetic image, beside the shards "
+    console.rule(f"4/{len(STEPS)} score: the sample CLIP scores every synthetic image, beside the shards "
                  "(Ray Data)")
     run_score(ScoreConfig(synthetic=paths["synthetic"], clip=DEMO_MODEL, batch_size=64), overwrite=overwrite)
 
-    console.rule(f"[bold]5/{len(STEPS)} train-cls: a timm classifier on real + the synthetic images a score filter "
+    console.rule(f"5/{len(STEPS)} train-cls: a timm classifier on real + the synthetic images a score filter "
                  "keeps (Ray Train)")
     run_classify(ClassifyConfig(dataset=paths["dataset"], synthetic=(paths["synthetic"],), arch="test_resnet",
                                 out=paths["classifier"], img_size=32, epochs=4, batch_size=16, lr=0.01,
@@ -72,7 +74,7 @@ def run_demo(out: str, overwrite: bool = False) -> dict[str, str]:
                                 synthetic_filter=DEMO_FILTER),
                  overwrite=overwrite, resume=os.path.exists(os.path.join(paths["classifier"], "_run.json")))
 
-    console.rule(f"[bold]6/{len(STEPS)} report: contact sheet, score plots, accuracy plot, comparison table")
+    console.rule(f"6/{len(STEPS)} report: contact sheet, score plots, accuracy plot, comparison table")
     from .report import run_report
 
     run_report([paths["synthetic"], paths["classifier"]], paths["report"])
@@ -84,7 +86,7 @@ def run_demo(out: str, overwrite: bool = False) -> dict[str, str]:
     console.print(judged, markup=False, highlight=False)
 
     console.print(f"[green]demo finished in {time.perf_counter() - t0:.1f} s[/green]: "
-                  + ", ".join(f"{k} at {v}" for k, v in paths.items()))
+                  + escape(", ".join(f"{k} at {v}" for k, v in paths.items())), markup=True)
     return paths
 
 

@@ -6,6 +6,9 @@ recipe is checked by the very classes the stages validate with.
 
 Top-level keys (docs/recipes.md has the long form):
   description, table    what the recipe reproduces (shown by `recipe list` / `recipe show`, the report's title)
+  follows               which setting of the authors' code (script, commit) the recipe's values come from
+  weights               the pretrained backbone it needs (name, file, how to get it): `run` refuses to start
+                        without --pretrained (or --pretrained none, from scratch on purpose)
   data, data_layout     the default --data (e.g. builtin:sample), and what --data must hold
   model, clip           the default --model, and --clip (the CLIP model a method's synthetic filter scores with)
   prepare, derive       PrepareConfig options (format required) and, for a subset, DeriveConfig options
@@ -28,6 +31,7 @@ from typing import Any
 
 from ..classify.config import ClassifyConfig
 from ..classify.filters import parse as parse_filter
+from ..config import check_finite
 from ..contracts import DEFAULT_SCORES_NAME
 from ..data.prepare import DeriveConfig, PrepareConfig
 from ..errors import DiffmixError
@@ -36,8 +40,9 @@ from ..generate.config import MODES, GenerateConfig
 from ..score.config import ScoreConfig
 from . import recipe_files
 
-TOP_KEYS = ("description", "table", "data", "data_layout", "model", "clip", "prepare", "derive", "finetune", "banks",
-            "generate", "generations", "score", "train_cls", "methods", "rows", "seeds")
+TOP_KEYS = ("description", "table", "follows", "weights", "data", "data_layout", "model", "clip", "prepare", "derive",
+            "finetune", "banks", "generate", "generations", "score", "train_cls", "methods", "rows", "seeds")
+WEIGHTS_KEYS = ("name", "file", "how")  # the pretrained backbone a recipe trains from, and how to get it
 # Options `run` sets itself (paths between stages, the seed of each classifier run): never in a recipe.
 RUN_OWNED = {PrepareConfig: ("source",), DeriveConfig: ("parent",), FinetuneConfig: ("dataset", "out", "model"),
              GenerateConfig: ("dataset", "model", "concepts", "out"),
@@ -107,6 +112,10 @@ def check_options(cls, options: Any, where: str, extras: tuple[str, ...] = ()) -
             hint = " (YAML reads 5e-5 as text: write 5.0e-5)"
         raise DiffmixError(f"{where}.{key}: {value!r} is a {type(value).__name__}, expected "
                            f"{' or '.join(t.__name__ for t in types_ok if t is not type(None))}{hint}")
+    try:
+        check_finite({k: v for k, v in options.items() if k not in extras})
+    except DiffmixError as e:
+        raise DiffmixError(f"{where}: {e}") from None
     return {k: v for k, v in options.items() if k not in extras}
 
 
@@ -185,6 +194,8 @@ class Recipe:
     content: dict  # the merged mapping: what `recipe show` prints and what a run's identity hashes
     description: str
     table: str
+    follows: str
+    weights: dict | None  # {name, file, how}: the pretrained backbone `run` insists on
     data: str | None
     data_layout: str
     model: str | None
@@ -221,6 +232,33 @@ class Recipe:
     def banks_for(self, methods: list[str]) -> list[str]:
         return list(dict.fromkeys(b for g in self.generations_for(methods) if (b := self.generations[g].bank)))
 
+    def summary(self) -> list[str]:
+        """What `recipe show` states first: the backbone's weights, the classifier protocol (batch,
+        resolution, lr, epochs, reported epoch) shared by the rows, what single rows change, and which
+        setting of the authors' code it follows."""
+        cls = self.methods[self.rows[0]].train_cls
+        lines = [f"weights: {self.weights['name']}: --pretrained {self.weights.get('file') or 'FILE'} "
+                 f"(how: {' '.join(self.weights['how'].split())}); --pretrained none trains from scratch"
+                 if self.weights else "weights: none needed (the architecture is trained from random initialisation)"]
+        res = (f"res mode {cls.get('res_mode') or 224}" if cls.get("augment", "timm") != "timm"
+               else f"{cls.get('img_size') or 'the architecture'}'s input size")
+        lines.append(f"classifier: {cls.get('arch')}, {cls.get('augment', 'timm')} pipeline at {res}, batch "
+                     f"{cls.get('batch_size', 32)} x {cls.get('workers', 1)} worker(s), lr {cls.get('lr', 0.05):g} "
+                     f"({cls.get('optimizer', 'sgd')}, weight decay {cls.get('weight_decay', 5e-4):g}, "
+                     f"{cls.get('schedule', 'cosine')} schedule), {cls.get('epochs', 30)} epochs, reported: "
+                     + ("the final epoch (no val split)" if cls.get("select") == "last" else "the best val epoch"))
+        keys = ("batch_size", "lr", "weight_decay", "epochs", "res_mode", "cutmix", "mixup", "mixing", "mix_prob",
+                "cmo", "loss", "soft_scaler", "drop_last", "synthetic_p")
+        for name in self.rows:
+            own = self.methods[name].train_cls
+            changed = {k: own[k] for k in keys if own.get(k) != cls.get(k)}
+            if changed:
+                lines.append(f"  row {name}: " + ", ".join(
+                    (k if v else f"no {k}") if isinstance(v, bool) else f"{k} {v}" for k, v in changed.items()))
+        if self.follows:
+            lines.append("follows: " + " ".join(self.follows.split()))
+        return lines
+
 
 def parse(name: str, raw: dict, file: str) -> Recipe:
     """Type and validate one recipe mapping; every error names the recipe, the key and the fix."""
@@ -248,14 +286,26 @@ def parse(name: str, raw: dict, file: str) -> Recipe:
     seeds = tuple(_list(raw.get("seeds"), f"{where}: seeds", int))
     if not seeds:
         raise DiffmixError(f"{where}: seeds lists the classifier seeds (e.g. [2020, 2021, 2022]); it is empty")
-    for key in ("description", "table", "data", "data_layout", "model", "clip"):
+    for key in ("description", "table", "follows", "data", "data_layout", "model", "clip"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise DiffmixError(f"{where}: {key} must be text, not {raw[key]!r}")
+    weights = _weights(raw.get("weights"), where)
     return Recipe(name=name, file=file, content=raw, description=raw.get("description") or "",
-                  table=raw.get("table") or name, data=raw.get("data"),
+                  table=raw.get("table") or name, follows=raw.get("follows") or "", weights=weights,
+                  data=raw.get("data"),
                   data_layout=raw.get("data_layout") or f"a {prepare['format']} dataset", model=raw.get("model"),
                   clip=raw.get("clip"), score=score, prepare=prepare, derive=derive, banks=banks, generations=generations, methods=methods, rows=rows,
                   seeds=seeds)
+
+
+def _weights(value, where: str) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - set(WEIGHTS_KEYS) or not all(
+            isinstance(value.get(k), str) and value.get(k) for k in ("name", "how")):
+        raise DiffmixError(f"{where}: weights names the pretrained backbone as a mapping with name and how (text), "
+                           f"optionally file; got {value!r}")
+    return dict(value)
 
 
 def _list(value, where: str, kind: type) -> list:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
-from .. import canonical, storage
+from .. import canonical, lease, storage
 from ..console import console
 from ..contracts import CONCEPTS_JSON, DATASET_JSON, DEFAULT_SCORES_NAME, RUN_JSON, SCORES_DIR, SUCCESS
 from ..errors import DiffmixError
@@ -33,7 +33,8 @@ TIMINGS_JSON = "timings.json"
 # --clip is not pinned either (nor the recipe's clip): it is needed only once a filtering method is
 # chosen, which --methods may do on a later rerun; scores of another CLIP under the same name are
 # refused by `score` itself.
-IDENTITY_EXCLUDED = ("description", "table", "data_layout", "data", "model", "clip", "rows", "seeds")
+IDENTITY_EXCLUDED = ("description", "table", "follows", "weights", "data_layout", "data", "model", "clip", "rows",
+                     "seeds")
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,22 @@ def check_data(recipe: Recipe, data: str) -> None:
         raise DiffmixError(f"recipe {recipe.name} reads --data as {recipe.format} ({recipe.data_layout}), but "
                            f"{data} {looks}. Pass such a folder, or pick a recipe for this format "
                            "(`diffmix-ray recipe list`)")
+
+
+def check_weights(recipe: Recipe, methods: list[str], pretrained: str | None) -> None:
+    """A recipe that trains from pretrained weights refuses to start without them (a random backbone
+    would be compared with published numbers without a word); --pretrained none is that choice made on
+    purpose. Given weights are checked against every architecture the methods train, before any work."""
+    from ..classify.model import FROM_SCRATCH, build_model
+
+    if pretrained is None and recipe.weights:
+        w = recipe.weights
+        raise DiffmixError(f"recipe {recipe.name} trains its classifier from {w['name']}: pass --pretrained "
+                           f"{w.get('file') or 'FILE'} (how to get it: {' '.join(w['how'].split())}), or "
+                           "--pretrained none to train from random weights on purpose")
+    if pretrained and pretrained != FROM_SCRATCH:
+        for arch in dict.fromkeys(recipe.methods[m].train_cls["arch"] for m in methods):
+            build_model(arch, 2, pretrained)  # names the file and what does not fit; the head is replaced anyway
 
 
 class Runner:
@@ -253,10 +270,10 @@ class Runner:
         result = {}
         for i, step in enumerate(steps, 1):
             if step.marker is not None and storage.exists(step.marker):
-                console.print(f"[dim]{i}/{len(steps)} {step.name}: complete, skipped[/dim]")
+                console.print(f"{i}/{len(steps)} {step.name}: complete, skipped", style="dim")
                 timings.add(step.name, "skipped", 0.0)
                 continue
-            console.rule(f"[bold]{i}/{len(steps)} {step.name}")
+            console.rule(f"{i}/{len(steps)} {step.name}")
             if step.ray:
                 self._start_ray()
             t0 = time.perf_counter()
@@ -265,6 +282,7 @@ class Runner:
         return result or {}
 
 
+@lease.scoped  # the output has one writer while this runs, and none after
 def run_recipe(recipe: Recipe, out: str, data: str | None = None, model: str | None = None,
                seeds: list[int] | None = None, methods: list[str] | None = None, pretrained: str | None = None,
                overwrite: bool = False, clip: str | None = None) -> dict:
@@ -288,8 +306,11 @@ def run_recipe(recipe: Recipe, out: str, data: str | None = None, model: str | N
     if seeds is not None and not seeds:
         raise DiffmixError("--seeds lists at least one seed, e.g. 2020,2021,2022")
     check_data(recipe, data)
+    check_weights(recipe, chosen, pretrained)
     runner = Runner(recipe, data, model, storage.normalize(out), chosen, list(seeds or recipe.seeds), pretrained, clip)
-    storage.claim_output(runner.layout.out, "recipe", runner.identity(), overwrite)
+    storage.claim_output(runner.layout.out, "recipe", runner.identity(), overwrite, inputs={
+        "--data": None if data == BUILTIN_SAMPLE else data, "--model": storage.path_like(model),
+        "--clip": storage.path_like(clip), "--pretrained": pretrained})
     timings = Timings(runner.layout.path(TIMINGS_JSON),
                       {"recipe": recipe.name, "methods": chosen, "seeds": runner.seeds})
     written = runner.run(timings)

@@ -69,9 +69,21 @@ def _pct(mean: float | None, std: float | None = None) -> str:
     return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
 
 
+PROTOCOL = {"last": "last epoch", "val": "val-selected epoch"}
+
+
+def protocol(rows: list[Row]) -> str:
+    """Which epoch the table reports: the final one (no val split: the recipes' protocol) or the one
+    val selected; said in the column header, so a number is never read under the other protocol."""
+    kinds = {k for r in rows for m in r.metrics if (k := m["summary"].get("select", m.get("select")))}
+    return " / ".join(PROTOCOL.get(k, str(k)) for k in sorted(kinds))
+
+
 def table_rows(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     grouped = any(m["summary"].get("test_shot_groups") for r in rows for m in r.metrics)
-    header = ["Method", "Top-1 (%)", "Δ vs Real only", "Seeds"] + ([g.capitalize() for g in GROUPS] if grouped else [])
+    said = protocol(rows)
+    header = ["Method", f"Top-1 (%, {said})" if said else "Top-1 (%)", "Δ vs Real only", "Seeds"] + \
+        ([g.capitalize() for g in GROUPS] if grouped else [])
     base = next((r.top1()[0] for r in rows if r.method == BASELINE), None)
     body = []
     for r in rows:
@@ -95,6 +107,7 @@ def _context(recipe: Recipe, layout, rows: list[Row], seeds: list[int]) -> list[
         s = rows[0].metrics[0]
         lines.append(f"Classifier {s['arch']}, {s['config'].get('augment')} pipeline, {s['config']['epochs']} epochs; "
                      f"reported epoch: {s['summary'].get('selection', s['select'])}")
+        lines += _weights_lines(rows)
     lines.append("Top-1: test accuracy at the reported epoch, mean ± std (population) over the seeds listed; "
                  "Δ: difference of means to Real only")
     for r in rows:
@@ -102,6 +115,21 @@ def _context(recipe: Recipe, layout, rows: list[Row], seeds: list[int]) -> list[
             lines.append(f"{r.label}: seed(s) {', '.join(map(str, missing))} not finished yet")
     if any(m["summary"]["test_top1"] is None for r in rows for m in r.metrics):
         lines.append(f"{NO_SPLIT}: the dataset has no test split (no score, not 0)")
+    return lines
+
+
+def _weights_lines(rows: list[Row]) -> list[str]:
+    """The backbone weights every run started from (file and sha256, or a random initialisation)."""
+    seen = {}
+    for r in rows:
+        for m in r.metrics:
+            w = m.get("weights") or {"init": "not recorded (a run from before weights were recorded)"}
+            key = w.get("sha256") or w.get("init")
+            seen.setdefault(key, (w, []))[1].append(r.label)
+    lines = []
+    for w, labels in seen.values():
+        what = (f"{w['file']} (sha256 {w['sha256'][:16]})" if w.get("sha256") else w.get("init", "?"))
+        lines.append(f"Backbone weights: {what}" + ("" if len(seen) == 1 else f" ({', '.join(dict.fromkeys(labels))})"))
     return lines
 
 

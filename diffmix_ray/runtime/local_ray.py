@@ -34,33 +34,49 @@ def init_ray(min_cpus: float = 1.0) -> None:
              log_to_driver=True)
 
 
-def cluster_gpus() -> tuple[float, float]:
-    """(GPUs in the Ray cluster now, the most it can have: what its autoscaler's node types add up
-    to, 0 when it has no autoscaler). Needs Ray initialised."""
-    import ray
+def started_here() -> bool:
+    """True when this process started the Ray it is connected to (a private `ray.init`): no
+    autoscaler can add nodes to it."""
+    try:
+        import ray
 
-    now = float(ray.cluster_resources().get("GPU", 0))
-    try:  # what Ray Data itself reads to plan for autoscaling; private, so guarded
-        from ray._private.state import state
-
-        most = float((state.get_max_resources_from_cluster_config() or {}).get("GPU", 0) or 0)
-    except Exception:  # noqa: BLE001 - no autoscaler config (a local or fixed cluster), or the API moved
-        most = 0.0
-    return now, max(now, most)
+        node = ray._private.worker._global_node  # private; guarded: if it moved, ask the cluster instead
+        return node is not None and bool(node.head)
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def resolve_gpus(requested: float | None, stage: str, unit: str) -> float:
-    """GPUs per actor/worker: `requested` when the user gave it, else 1 when the cluster has GPUs
-    or can add them (an idle autoscaling GPU pool starts at 0 nodes), else 0. Says which in one
-    line, so nobody burns hours in fp32 on CPU beside idle GPU nodes without having asked for it."""
+    """GPUs per actor/worker. The user's number when given, after checking that the cluster can
+    ever run it (an unsatisfiable request is an error in bounded time, not Ray's endless
+    "infeasible" warning). Otherwise 1 when the cluster has GPUs or its autoscaler adds a GPU node
+    for a GPU request (autoscaling pools start at zero nodes: runtime/autoscaler.py asks), else 0.
+    Says which in one line, so nobody burns hours in fp32 on CPU beside idle GPU nodes without
+    having asked for it."""
     from ..console import console
+    from ..errors import DiffmixError
+    from .autoscaler import CAN, gpu_answer
+    from .nodes import cpu_fallback_warning, cpu_instead_of_missing_cuda
 
-    if requested is not None:
-        return float(requested)
-    now, most = cluster_gpus()
-    if most > 0:
-        console.print(f"{stage}: 1 GPU per {unit} (the Ray cluster has {now:g} GPUs now, up to {most:g} with "
-                      f"autoscaling); pass --gpus-per-{unit} 0 to run on CPU")
-        return 1.0
-    console.print(f"{stage}: no GPUs in this Ray cluster (nor any its autoscaler can add): running on CPU in fp32")
-    return 0.0
+    flag = f"--gpus-per-{unit}"
+    if requested is not None and float(requested) <= 0:
+        return 0.0
+    gpus = float(requested) if requested is not None else 1.0
+    answer = gpu_answer(gpus, private=started_here(), check_cuda=unit == "worker")  # workers: Ray Train
+    if answer.facts and not answer.facts.get("cuda"):  # the probe ran on a GPU node that cannot run CUDA
+        if not cpu_instead_of_missing_cuda():
+            raise DiffmixError(f"{stage}: {answer.facts['message']}")
+        cpu_fallback_warning(answer.facts["node"])
+    if answer.verdict in CAN:
+        if requested is None:
+            console.print(f"{stage}: 1 GPU per {unit} (the Ray cluster: {answer.why}); pass {flag} 0 to run on CPU",
+                          highlight=False)
+        return gpus
+    if requested is None and answer.verdict == "none":
+        console.print(f"{stage}: no GPUs in this Ray cluster ({answer.why}): running on CPU in fp32", highlight=False)
+        return 0.0
+    if requested is None:
+        raise DiffmixError(f"{stage}: no GPU for the default of 1 GPU per {unit}: {answer.why}. Pass {flag} 0 to run "
+                           "on CPU, or give the cluster a GPU node type (or room under max_workers)")
+    raise DiffmixError(f"{flag} {gpus:g}: this cluster has no node type with {gpus:g} GPU(s) it can start "
+                       f"({answer.why}): pass {flag} 0 to run on CPU, or add such a node type")

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import canonical, exactly_once, storage
+from .. import canonical, exactly_once, lease, storage
 from ..console import console, logger
 from ..contracts import (CLASS_PROMPT, COL_IMAGE_ID, COL_PAIR_ID, COL_SOURCE_ID, COL_SOURCE_LABEL, COL_TARGET_LABEL,
                          MANIFEST_JSON, RUN_JSON, SCORE_COLUMNS, SCORES_DIR, SCORES_VERSION, SUCCESS,
@@ -26,6 +26,8 @@ from ..errors import DiffmixError
 from ..models.clip import ClipRef, resolve_clip
 from ..runtime.jobs import announce
 from ..runtime.local_ray import init_ray, resolve_gpus
+from ..runtime.nodes import remote_errors_as_one_line
+from ..runtime.shared_paths import check_shared_paths
 from ..synthetic import SyntheticSet, open_synthetic
 from .classifier import ClassifierRun, open_classifier
 from .config import ScoreConfig
@@ -213,6 +215,7 @@ def _check_name_free(inputs: Inputs, overwrite: bool) -> None:
                            f"--name NEW to keep both, or --overwrite to replace them")
 
 
+@lease.scoped  # the output has one writer while this runs, and none after
 def run_score(cfg: ScoreConfig, overwrite: bool = False) -> dict:
     """Score every pair of the shards that has no score yet; returns the manifest."""
     started = time.perf_counter()
@@ -220,7 +223,8 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False) -> dict:
     out = inputs.out
     run_id = storage.config_hash(inputs.identity)
     _check_name_free(inputs, overwrite)
-    resumed = storage.claim_output(out, "score", inputs.identity, overwrite)
+    resumed = storage.claim_output(out, "score", inputs.identity, overwrite, inputs={
+        "--dataset": inputs.dataset.uri, "--clip": inputs.clip.location, "--classifier": cfg.classifier})
     announce("score", run_id)  # inside a Ray job: where to watch it, which run it is
     plan = build_plan(inputs)
     if resumed and (manifest := _already_done(inputs, plan)):
@@ -239,10 +243,13 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False) -> dict:
         todo, src_files = locate_sources(inputs, todo)
         init_ray(min_cpus=cfg.max_actors * cfg.cpus_per_actor)
         gpus = resolve_gpus(cfg.gpus_per_actor, "score", "actor")
+        check_shared_paths("score", [("--synthetic", cfg.synthetic), ("--dataset", inputs.dataset.uri),
+                                     ("--clip", cfg.clip), ("--classifier", cfg.classifier)], out)
         from ..runtime.metrics import PlanMetrics
 
         PlanMetrics(run=run_id, stage="score").set(plan.num_rows, todo.num_rows)
-        _ray_pipeline(inputs, todo, src_files, gpus)
+        with remote_errors_as_one_line(out):  # a GPU node without CUDA, a full disk: one line, named
+            _ray_pipeline(inputs, todo, src_files, gpus)
     score_seconds = time.perf_counter() - score_started
     planned = set(plan.column(COL_PAIR_ID).to_pylist())
     after, missing = exactly_once.settle(out, planned, "scored pairs", refuse_extra=inputs.synthetic.complete)
