@@ -26,7 +26,8 @@ FLAGS_OVERRIDE = "YAML file with any of these options (flags override it)."
 
 app = typer.Typer(help="Diff-Mix inter-class image translation as a distributed batch system on Ray.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-model_app = typer.Typer(help="Model utilities (tiny/bench/sd15 presets, CLIP presets, staging).", no_args_is_help=True)
+model_app = typer.Typer(help="Model utilities (tiny/bench/sd15 presets, CLIP presets, the trained sample models, "
+                        "staging).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 recipe_app = typer.Typer(help="The paper's settings as recipes for `run` (jobs/configs/paper/).", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
@@ -195,8 +196,9 @@ def report(runs: list[str] = typer.Argument(..., help="generate outputs and/or t
 @model_app.command("make")
 @friendly
 def make_model(out: str = typer.Argument(..., help="Directory (or s3:// URI) to write the diffusers folder into."),
-               preset: str = typer.Option("tiny", help="tiny (tests, demo), bench (CPU benchmarks) or sd15 (SD 1.5's "
-                                          "exact architecture: GPU benchmarks; ~4 GB RAM to build)."),
+               preset: str = typer.Option("tiny", help="tiny (tests), bench (CPU benchmarks), sd15 (SD 1.5's "
+                                          "exact architecture: GPU benchmarks; ~4 GB RAM to build), or sample (the "
+                                          "shipped model trained on the sample world, copied)."),
                seed: int = typer.Option(0, help="Weight seed: same preset and seed, same weights."),
                dtype: Optional[str] = typer.Option(None, help="float32 | float16 weights on disk (default: float16 "
                                                    "for sd15: half the disk, and what a GPU runs; float32 for "
@@ -207,6 +209,9 @@ def make_model(out: str = typer.Argument(..., help="Directory (or s3:// URI) to 
     from .models.loader import write_model
     from .models.presets import preset_config, resolve_write_dtype
 
+    if preset == "sample":  # the trained sample model: its shipped folder, copied as it is
+        console.print(f"wrote the 'sample' model to {write_model('sample', out, overwrite=overwrite, dtype=dtype)}")
+        return
     preset_config(preset)  # an unknown name fails here, listing the presets, before any work
     dtype = resolve_write_dtype(preset, dtype)
     written = write_model(f"{preset}:{seed}", out, overwrite=overwrite, dtype=dtype)
@@ -216,17 +221,45 @@ def make_model(out: str = typer.Argument(..., help="Directory (or s3:// URI) to 
 @model_app.command("make-clip")
 @friendly
 def make_clip(out: str = typer.Argument(..., help="Directory (or s3:// URI) to write the CLIPModel folder into."),
-              preset: str = typer.Option("tiny", help="tiny (tests, demo) or clip-b32 (CLIP ViT-B/32's exact "
-                                         "architecture: GPU benchmarks)."),
+              preset: str = typer.Option("tiny", help="tiny (tests), clip-b32 (CLIP ViT-B/32's exact "
+                                         "architecture: GPU benchmarks) or sample (the shipped CLIP trained on the "
+                                         "sample world, copied)."),
               seed: int = typer.Option(0, help="Weight seed: same preset and seed, same weights."),
               overwrite: bool = typer.Option(False, help="Replace a non-empty OUT.")):
     """Write a built-in, randomly initialised CLIP model as a normal CLIPModel folder (config, weights, tokenizer,
     preprocessor config), loadable by `score --clip OUT` and by transformers. Its scores mean nothing."""
     from .models.clip import CLIP_PRESETS, write_clip
 
+    if preset == "sample":  # the trained sample CLIP: its shipped folder, copied as it is
+        console.print(f"wrote the 'sample' CLIP model to {write_clip('sample', out, overwrite)}")
+        return
     if preset not in CLIP_PRESETS:
         raise DiffmixError(f"unknown CLIP preset {preset!r}; choose one of {', '.join(CLIP_PRESETS)}")
     console.print(f"wrote the '{preset}' CLIP model (seed {seed}) to {write_clip(f'{preset}:{seed}', out, overwrite)}")
+
+
+@model_app.command("train-sample")
+@friendly
+def train_sample(out: str = typer.Argument(..., help="Local folder to write sd/ (the `sample` model) and clip/ into."),
+                 seed: int = typer.Option(0, help="Seed of the drawn images and every weight: same seed, threads and "
+                                          "library versions give the same files."),
+                 vae_steps: Optional[int] = typer.Option(None, help="VAE steps (default: what the shipped model used)."),
+                 unet_steps: Optional[int] = typer.Option(None, help="UNet + text-encoder steps (default: as shipped)."),
+                 clip_steps: Optional[int] = typer.Option(None, help="CLIP steps (default: as shipped)."),
+                 images_per_class: Optional[int] = typer.Option(None, help="Training images drawn per class."),
+                 threads: Optional[int] = typer.Option(None, help="torch threads (part of what fixes the result)."),
+                 overwrite: bool = typer.Option(False, help="Replace a non-empty OUT.")):
+    """Train the `sample` model (SD-shaped: VAE, UNet, CLIP text encoder + tokenizer, SD 1.5's scheduler) and the
+    sample CLIP from scratch on the sample world, on this machine's CPU, and write them as an SD folder (OUT/sd) and
+    a CLIPModel folder (OUT/clip), each with its training record. Use them with --model OUT/sd --clip OUT/clip."""
+    import dataclasses
+
+    from .models.sample_train import TrainSampleConfig, train_sample as train
+
+    given = dict(vae_steps=vae_steps, unet_steps=unet_steps, clip_steps=clip_steps,
+                 images_per_class=images_per_class, threads=threads)
+    cfg = dataclasses.replace(TrainSampleConfig(seed=seed), **{k: v for k, v in given.items() if v is not None})
+    train(out, cfg, command=" ".join(["diffmix-ray", "model", "train-sample"] + sys.argv[3:]), overwrite=overwrite)
 
 
 @model_app.command("convert-classifier")
@@ -272,7 +305,7 @@ def stage(uri: str = typer.Argument(..., help="s3:// URI of a diffusers model fo
 @friendly
 def demo(out: str = typer.Option("demo-out", help="Local folder for every stage's output."),
          overwrite: bool = typer.Option(False, help="Start again even if --out holds a finished demo.")):
-    """Run the pipeline on built-in defaults: sample dataset, tiny model, local disk, CPU."""
+    """Run the pipeline on built-in defaults: the sample world, the sample model and CLIP, local disk, CPU."""
     from .orchestrate.demo import run_demo
 
     run_demo(out, overwrite=overwrite)
@@ -296,9 +329,9 @@ def _ints(text: Optional[str], flag: str) -> Optional[list[int]]:
 def run_cmd(recipe: str = typer.Argument(..., help="A recipe name (`diffmix-ray recipe list`) or a recipe YAML file."),
             out: str = typer.Option(..., help="Output URI: every stage's output, the report, timings.json."),
             data: Optional[str] = typer.Option(None, help="The raw dataset the recipe prepares (its layout: "
-                                               "`diffmix-ray recipe show NAME`); builtin:sample for the sample."),
+                                               "`diffmix-ray recipe show NAME`); builtin:sample[:CxN] for the sample world."),
             model: Optional[str] = typer.Option(None, help="Base diffusion model: a diffusers folder or s3:// URI "
-                                                "(SD 1.5 for the paper); presets tiny | bench | sd15 for smoke runs."),
+                                                "(SD 1.5 for the paper); sample (trained on the sample world) | tiny | bench | sd15."),
             seeds: Optional[str] = typer.Option(None, help="Classifier seeds, comma-separated (default: the recipe's)."),
             methods: Optional[str] = typer.Option(None, help="Methods to run, comma-separated (default: the table's "
                                                   "rows)."),
@@ -306,7 +339,7 @@ def run_cmd(recipe: str = typer.Argument(..., help="A recipe name (`diffmix-ray 
                                                      "(`recipe show` says which; `none`: from scratch, on purpose)."),
             clip: Optional[str] = typer.Option(None, help="CLIP model for the methods that filter synthetic images "
                                                "(Real-Filtering): a CLIPModel folder or s3:// URI (ViT-B/32 for the "
-                                               "paper); tiny for smoke runs (default: the recipe's)."),
+                                               "paper); sample | tiny for CPU runs (default: the recipe's)."),
             overwrite: bool = typer.Option(False, help="Delete a different run found at --out and start again.")):
     """A table column of the paper as one resumable command: prepare -> finetune -> generate -> score (filtering
     methods) -> train-cls for every method x seed -> report (mean ± std per method). Rerun to resume."""

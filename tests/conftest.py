@@ -149,6 +149,35 @@ def shapes_fit(ray_local, shapes, tmp_path_factory):
         return out, json.load(f)
 
 
+@pytest.fixture(scope="session")
+def sample_models():
+    """The trained `sample` model and CLIP, each loaded once for the session: a Translator per
+    (kind, concept bank, class order) and one Scorer per class order, as the semantic tests ask."""
+    from diffmix_ray import sample_world as world
+    from diffmix_ray.generate.translate import Translator
+    from diffmix_ray.score.scorer import Scorer
+
+    cache: dict = {}
+
+    class SampleModels:
+        def translator(self, kind: str, concepts: str | None = None, names=world.CLASS_NAMES) -> Translator:
+            # the Diff-Mix sampler: DPM-Solver++, 25 steps, guidance 7.5; two single-threaded streams
+            key = ("translator", kind, concepts, tuple(names))
+            if key not in cache:
+                cache[key] = Translator("sample", kind, list(names), world.SUPER_CLASS, concepts=concepts, steps=25,
+                                        guidance=7.5, threads=2)
+            return cache[key]
+
+        def scorer(self, names=world.CLASS_NAMES) -> Scorer:
+            key = ("scorer", tuple(names))
+            if key not in cache:
+                cache[key] = Scorer("sample", list(names), world.SUPER_CLASS, threads=1)
+            return cache[key]
+
+    yield SampleModels()
+    cache.clear()
+
+
 @pytest.fixture
 def warnings_seen():
     """Messages logged at WARNING by diffmix_ray (its logger does not propagate once the CLI set it up)."""

@@ -158,6 +158,8 @@ def test_runtime_env_has_no_secrets_and_excludes_heavy_paths(tmp_path):
     names = zipfile.ZipFile(zip_path).namelist()
     assert not [n for n in names if n.startswith((".git/", ".venv/"))]
     assert "jobs/configs/generate.yaml" in names and "diffmix_ray/cli.py" in names
+    # the shipped sample models travel with the code that checks them (--model sample on a cluster)
+    assert "diffmix_ray/models/sample_weights/sd/unet/diffusion_pytorch_model.safetensors" in names
     assert zip_path.stat().st_size < 20 * 2**20, f"working_dir upload is {zip_path.stat().st_size} bytes"
 
 

@@ -39,6 +39,17 @@ def test_every_paper_setting_has_a_recipe_that_validates():
             check_arch(method.train_cls["arch"])
 
 
+def test_the_sample_study_recipe_runs_the_sample_world_on_the_sample_models():
+    r = recipes.load("sample")
+    assert (r.model, r.clip, r.data, r.derive["shots"]) == ("sample", "sample", "builtin:sample:12x60", 5)
+    assert r.rows == ("real-only", "cutmix", "real-filtering", "da-fusion", "diff-mix") and len(r.seeds) >= 3
+    assert recipes.builtin_sample(r.data) == (12, 60) and recipes.builtin_sample("builtin:sample") == (4, 24)
+    assert recipes.builtin_sample("/data/cub") is None
+    for bad in ("builtin:sample:13x5", "builtin:sample:12", "builtin:sample:axb", "builtin:sample:3x0"):
+        with pytest.raises(DiffmixError, match="write builtin:sample:CLASSESxIMAGES, e.g. builtin:sample:12x60"):
+            recipes.builtin_sample(bad)
+
+
 def test_paper_values_land_where_they_should():
     cub = recipes.load("conventional-cub-resnet50-448")
     assert cub.format == "cub" and cub.prepare["val_fraction"] == 0

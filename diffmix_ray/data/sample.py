@@ -1,6 +1,7 @@
-"""A built-in sample dataset, drawn procedurally (nothing to download): each class is a shape of
-its own colour on a textured background, so a small classifier can separate the classes and the
-whole pipeline can be exercised end to end on a CPU."""
+"""The built-in sample dataset, drawn procedurally (nothing to download): the sample world's coloured
+shapes (sample_world.py: 12 classes, some of them fine-grained pairs) as an ImageFolder, so the whole
+pipeline can run end to end on a CPU, and, with the `sample` model and CLIP that were trained on the
+same world, show the method at work."""
 
 from __future__ import annotations
 
@@ -8,46 +9,25 @@ import io
 import os
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-SAMPLE_CLASSES = (
-    ("red circle", (220, 40, 40), "ellipse"),
-    ("green square", (40, 180, 60), "rectangle"),
-    ("blue triangle", (40, 70, 220), "triangle"),
-    ("yellow diamond", (230, 200, 40), "diamond"),
-    ("purple ring", (150, 60, 190), "ring"),
-    ("orange bar", (240, 140, 30), "bar"),
-)
-SAMPLE_SUPER_CLASS = "shape"
+from .. import sample_world
+
+# (name, colour word, shape) per class, in label order
+SAMPLE_CLASSES = tuple((name, colour, shape) for name, (colour, shape) in
+                       zip(sample_world.CLASS_NAMES, sample_world.CLASSES))
+SAMPLE_SUPER_CLASS = sample_world.SUPER_CLASS
+SAMPLE_SIZE = 32  # pixels: the sample model's resolution
 
 
-def draw_sample(class_index: int, rng: np.random.Generator, size: int = 64) -> Image.Image:
-    _, colour, shape = SAMPLE_CLASSES[class_index]
-    noise = rng.integers(90, 170, size=(size, size, 3), dtype=np.uint8)
-    img = Image.fromarray(noise, "RGB")
-    draw = ImageDraw.Draw(img)
-    r = int(size * rng.uniform(0.22, 0.34))
-    cx, cy = (int(v) for v in rng.integers(r, size - r, size=2))
-    jitter = tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in colour)
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if shape == "ellipse":
-        draw.ellipse(box, fill=jitter)
-    elif shape == "rectangle":
-        draw.rectangle(box, fill=jitter)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=jitter)
-    elif shape == "diamond":
-        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=jitter)
-    elif shape == "ring":
-        draw.ellipse(box, outline=jitter, width=max(3, r // 3))
-    else:
-        draw.rectangle((cx - r, cy - r // 3, cx + r, cy + r // 3), fill=jitter)
-    return img
+def draw_sample(class_index: int, rng: np.random.Generator, size: int = SAMPLE_SIZE) -> Image.Image:
+    return sample_world.draw_class(class_index, rng, size)
 
 
 def write_sample_imagefolder(root: str, num_classes: int = 4, per_class: int = 24, seed: int = 0,
-                             size: int = 64) -> str:
-    """Write root/<class>/<nnn>.jpg and return root. Deterministic for (classes, per_class, seed)."""
+                             size: int = SAMPLE_SIZE) -> str:
+    """Write root/<class>/<nnn>.jpg for the first `num_classes` classes and return root.
+    Deterministic for (classes, per_class, seed, size)."""
     if not 1 <= num_classes <= len(SAMPLE_CLASSES):
         raise ValueError(f"num_classes must be in 1..{len(SAMPLE_CLASSES)}")
     rng = np.random.default_rng(seed)

@@ -23,7 +23,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every UNet attention q/k/
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
     dataset: str = option(help="Canonical dataset URI (from `prepare`); reads its train split.")
-    model: str = option("tiny", help="Base model: tiny | bench | sd15 | a diffusers folder | s3://...")
+    model: str = option("tiny", help="Base model: sample | tiny | bench | sd15 | a diffusers folder | s3://...")
     out: str = option(identity=EXECUTION, help="Output URI: the concept bank at its root, checkpoints under train/.")
     mode: str = option("ti+lora", help="ti+lora (default: class tokens + UNet LoRA) | ti | lora.")
     # what is trained

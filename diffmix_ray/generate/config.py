@@ -47,7 +47,8 @@ class GenerateConfig(ActorPoolConfig):
         "cpus": "CPUs per actor; on CPU the actor runs one single-threaded stream of device batches per CPU "
                 "(default 1)."}
     dataset: str = option(help="Canonical dataset URI (from `prepare`).")
-    model: str = option("tiny", help="Base model: tiny | bench | sd15 | a diffusers folder | s3://... (default tiny).")
+    model: str = option("tiny", help="Base model: sample (trained on the sample world) | tiny | bench | sd15 (random "
+                       "weights) | a diffusers folder | s3://... (default tiny).")
     concepts: str | None = option(None, help="Concept bank URI (from `finetune`); needed by diff-* and da-fusion "
                                   "modes.")
     out: str = option("", identity=EXECUTION, help="Output URI for plan/, shards/, manifest.json, _SUCCESS.")

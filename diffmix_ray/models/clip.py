@@ -4,6 +4,8 @@ a laptop and a cluster. A spec is one of:
   * a preset, optionally with a weight seed (`tiny:7`), built in memory from config, offline
     (clip_presets.py): `tiny` for tests and the demo, `clip-b32` (CLIP ViT-B/32's architecture)
     for GPU benchmarks;
+  * `sample`: the small CLIP trained on the sample world, shipped in the package (a CLIPModel
+    folder checked against its training record; see sample.py);
   * a local folder in transformers' CLIPModel layout: config.json (model_type "clip"), the weights,
     tokenizer files and preprocessor_config.json (what `save_pretrained` of CLIPModel and
     CLIPProcessor write, and what `huggingface-cli download openai/clip-vit-base-patch32` fetches);
@@ -28,6 +30,7 @@ import torch
 
 from .. import storage
 from ..errors import DiffmixError
+from . import sample as sample_models
 from . import spec as specs
 from .clip_presets import CLIP_PRESETS, ClipPreset, build_clip
 from .loader import runtime_policy
@@ -167,9 +170,10 @@ CLIP = specs.ModelKind(
     hub_error=lambda repo_id, e: (
         f"could not download CLIP {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); check the "
         "repo id, the network and HF_TOKEN, or pass a local folder"),
+    shipped={sample_models.SAMPLE_SPEC: lambda: sample_models.shipped("clip")},  # trained on the sample world
     unknown_error=lambda clean: (
-        f"unknown --clip spec {clean!r}: use a preset ({', '.join(CLIP_PRESETS)}, optionally with :SEED), a "
-        "CLIPModel folder, an s3:// URI of one, or a hub id like openai/clip-vit-base-patch32"),
+        f"unknown --clip spec {clean!r}: use a preset ({', '.join(CLIP_PRESETS)}, optionally with :SEED), "
+        "`sample` (trained on the sample world), a CLIPModel folder, an s3:// URI of one, or a hub id like openai/clip-vit-base-patch32"),
 )
 
 

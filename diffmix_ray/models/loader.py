@@ -2,7 +2,9 @@
 
 A spec is one of:
   * a preset name, `tiny`, `bench` or `sd15`, optionally with a seed: `tiny:7` (built in memory,
-    no files; see presets.py);
+    no files, random weights; see presets.py);
+  * `sample`: the small SD-shaped model trained on the sample world, shipped in the package (a
+    diffusers folder checked against its training record; see sample.py);
   * a local diffusers folder (model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/);
     to use a folder named like a preset, write it as a path: `./tiny`;
   * `s3://bucket/prefix` holding such a folder: staged once per node into a local cache;
@@ -25,6 +27,7 @@ import torch
 
 from .. import storage
 from ..errors import DiffmixError
+from . import sample as sample_models
 from . import spec as specs
 from .presets import PRESETS, build_pipeline, preset_config, resolve_write_dtype, write_preset
 from .spec import CACHE_ENV, STAGED_MARKER, SpecRef, dir_fingerprint, model_cache_dir, redact  # noqa: F401 - API
@@ -123,8 +126,9 @@ SD = specs.ModelKind(
     hub_error=lambda repo_id, e: (
         f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); check the "
         "repo id, the network, and HF_TOKEN for gated models, or pass a local diffusers directory"),
+    shipped={sample_models.SAMPLE_SPEC: lambda: sample_models.shipped("sd")},  # trained on the sample world
     unknown_error=lambda clean: (
-        f"model {clean!r} is not a preset ({', '.join(sorted(PRESETS))}), an existing local directory, "
+        f"model {clean!r} is not a preset ({', '.join(sorted(PRESETS))}), `sample`, an existing local directory, "
         "an s3:// URI or a hub id like org/name; fix the spec"),
 )
 

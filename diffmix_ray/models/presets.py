@@ -172,9 +172,10 @@ def preset_config(name: str) -> PresetConfig:
         raise DiffmixError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
-def build_tokenizer(vocab_size: int | None = None) -> CLIPTokenizer:
+def build_tokenizer(vocab_size: int | None = None, words: tuple[str, ...] = PROMPT_WORDS) -> CLIPTokenizer:
     """A CLIP BPE tokenizer built in memory: the 256 byte-level symbols (plain and end-of-word
-    forms) make any text encodable; merges give PROMPT_WORDS one token each.
+    forms) make any text encodable; merges give each of `words` one token (PROMPT_WORDS by default;
+    the sample model adds its world's words).
 
     `vocab_size` pads the vocabulary with filler entries up to that size. Textual inversion resizes
     the text encoder's embeddings to len(tokenizer) + new tokens, so a tokenizer smaller than the
@@ -187,7 +188,7 @@ def build_tokenizer(vocab_size: int | None = None) -> CLIPTokenizer:
     for symbol in alphabet:
         vocab.setdefault(symbol + "</w>", len(vocab))
     merges: list[tuple[str, str]] = []
-    for word in PROMPT_WORDS:
+    for word in dict.fromkeys(words):
         # CLIP's BPE marks the word's last symbol with </w>; merge left to right into one token.
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         merged = pieces[0]

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from .. import storage
 from ..errors import DiffmixError
+from . import sample as sample_models
 
 CACHE_ENV = "DIFFMIX_MODEL_CACHE"
 DEFAULT_CACHE = "~/.cache/diffmix-ray/models"
@@ -146,6 +147,8 @@ def resolve(kind: ModelKind, spec: str) -> Resolved:
     else:
         raise DiffmixError(kind.unknown_error(clean))
     kind.validate(path)
+    if ref_kind not in kind.shipped:  # a folder `model train-sample` wrote: refused if a file changed since
+        sample_models.verify(path)
     return Resolved(clean, ref_kind, path, dir_fingerprint(path), None)
 
 

@@ -53,6 +53,23 @@ BANK_EXTRAS = ("images_per_class", "scale_lr")
 GENERATION_EXTRAS = ("bank",)
 METHOD_KEYS = ("label", "synthetic", "train_cls")
 BUILTIN_SAMPLE = "builtin:sample"  # --data: the procedurally drawn sample dataset (data/sample.py)
+SAMPLE_DEFAULT_SIZE = (4, 24)  # builtin:sample alone: 4 classes x 24 images; builtin:sample:12x60 says it
+
+
+def builtin_sample(data: str | None) -> tuple[int, int] | None:
+    """(classes, images per class) when --data is builtin:sample or builtin:sample:CxN; else None."""
+    if data == BUILTIN_SAMPLE:
+        return SAMPLE_DEFAULT_SIZE
+    if not (data or "").startswith(BUILTIN_SAMPLE + ":"):
+        return None
+    from ..data.sample import SAMPLE_CLASSES
+
+    classes, _, per_class = data[len(BUILTIN_SAMPLE) + 1:].partition("x")
+    if not (classes.isdigit() and per_class.isdigit() and 1 <= int(classes) <= len(SAMPLE_CLASSES)
+            and int(per_class) >= 1):
+        raise DiffmixError(f"--data {data!r}: write {BUILTIN_SAMPLE}:CLASSESxIMAGES, e.g. {BUILTIN_SAMPLE}:12x60 "
+                           f"(1-{len(SAMPLE_CLASSES)} classes of the sample world, images per class >= 1)")
+    return int(classes), int(per_class)
 
 
 def stage_keys(cls) -> list[str]:

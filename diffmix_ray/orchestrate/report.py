@@ -52,15 +52,23 @@ def contact_sheet(run: str, out_png: str, rows: int = 6, per_row: int = 5, gamma
     by_source: dict[str, list[int]] = defaultdict(list)
     for i, sid in enumerate(table.column(COL_SOURCE_ID).to_pylist()):
         by_source[sid].append(i)
-    # The sources with the most translations first: they show one image going several ways.
-    chosen = sorted(by_source, key=lambda s: (-len(by_source[s]), str(s)))[:rows]
+    # The sources with the most translations first (they show one image going several ways), taking the
+    # source classes in turn so the sheet shows as many classes as it has rows.
+    labels = table.column(COL_SOURCE_LABEL).to_pylist()
+    ranked = sorted(by_source, key=lambda s: (-len(by_source[s]), str(s)))
+    per_class: dict[int, list[str]] = defaultdict(list)
+    for sid in ranked:
+        per_class[labels[by_source[sid][0]]].append(sid)
+    turns = [per_class[c][i] for i in range(len(ranked)) for c in sorted(per_class) if i < len(per_class[c])]
+    chosen = sorted(turns[:rows], key=lambda s: (labels[by_source[s][0]], str(s)))
+    strengths = table.column(COL_STRENGTH).to_pylist()
     train = dataset.read_split("train", columns=[COL_IMAGE_ID, COL_IMAGE])
     source_bytes = dict(zip(train.column(COL_IMAGE_ID).to_pylist(), train.column(COL_IMAGE).to_pylist()))
     names = dataset.info.classes
     fig, axes = plt.subplots(len(chosen), per_row + 1, figsize=(2.2 * (per_row + 1), 2.5 * len(chosen)),
                              squeeze=False)
     for r, sid in enumerate(chosen):
-        idx = by_source[sid][:per_row]
+        idx = sorted(by_source[sid][:per_row], key=lambda i: (strengths[i], i))  # left to right: weak to strong
         src_label = table.column(COL_SOURCE_LABEL)[idx[0]].as_py()
         cells = [(source_bytes.get(sid), f"source: {names[src_label]}")]
         for i in idx:

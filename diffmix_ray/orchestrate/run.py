@@ -27,7 +27,7 @@ from ..console import console
 from ..contracts import CONCEPTS_JSON, DATASET_JSON, DEFAULT_SCORES_NAME, SCORES_DIR, SUCCESS
 from ..errors import DiffmixError
 from . import table
-from .recipes import BUILTIN_SAMPLE, Recipe
+from .recipes import BUILTIN_SAMPLE, Recipe, builtin_sample
 
 TIMINGS_JSON = "timings.json"
 # --clip is not pinned either (nor the recipe's clip): it is needed only once a filtering method is
@@ -103,7 +103,7 @@ def check_data(recipe: Recipe, data: str) -> None:
     """--data must look like the recipe's format; said before any work, with what it looks like."""
     from ..data.readers import detect_format
 
-    if data == BUILTIN_SAMPLE:
+    if builtin_sample(data):
         if recipe.format != "imagefolder":
             raise DiffmixError(f"--data {BUILTIN_SAMPLE} is an imagefolder dataset; recipe {recipe.name} reads "
                                f"--data as {recipe.format}: {recipe.data_layout}")
@@ -177,7 +177,7 @@ class Runner:
     def _prepare(self) -> None:
         from ..data.prepare import PrepareConfig, prepare
 
-        source = self._sample() if self.data == BUILTIN_SAMPLE else self.data
+        source = self._sample() if builtin_sample(self.data) else self.data
         prepare(PrepareConfig(source=source, **self.recipe.prepare), self.full, show_progress=console.is_terminal)
 
     def _sample(self) -> str:
@@ -187,10 +187,11 @@ class Runner:
 
         from ..data.sample import write_sample_imagefolder
 
+        classes, per_class = builtin_sample(self.data)
         if not storage.is_s3(self.layout.out):
-            return write_sample_imagefolder(self.layout.raw)
+            return write_sample_imagefolder(self.layout.raw, num_classes=classes, per_class=per_class)
         with tempfile.TemporaryDirectory() as local:  # drawn here, then uploaded beside the other outputs
-            write_sample_imagefolder(local)
+            write_sample_imagefolder(local, num_classes=classes, per_class=per_class)
             for folder, _, files in os.walk(local):
                 for name in files:
                     rel = os.path.relpath(os.path.join(folder, name), local)
@@ -289,7 +290,7 @@ def run_recipe(recipe: Recipe, out: str, data: str | None = None, model: str | N
     data = data or recipe.data
     if not data:
         raise DiffmixError(f"recipe {recipe.name} needs --data: {recipe.data_layout}")
-    data = data if data == BUILTIN_SAMPLE else storage.normalize(data)
+    data = data if builtin_sample(data) else storage.normalize(data)
     chosen = recipe.select(methods)
     model = model or recipe.model
     if recipe.generations_for(chosen) and not model:

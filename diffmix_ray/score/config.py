@@ -23,8 +23,8 @@ class ScoreConfig(ActorPoolConfig):
         "gpus": ActorPoolConfig.OPTION_HELP["gpus"], "memory": "Host memory reserved per actor."}
     synthetic: str = option(identity=INPUT,
                             help="A generate output (local path or s3://) whose shards to score.")
-    clip: str = option(identity=INPUT, help="CLIP model: tiny | clip-b32 (random weights, for tests and "
-                       "benchmarks) | a CLIPModel folder | s3://... | a hub id org/name (only when online).")
+    clip: str = option(identity=INPUT, help="CLIP model: sample (trained on the sample world) | tiny | "
+                       "clip-b32 (random weights, for tests and benchmarks) | a CLIPModel folder | s3://... | a hub id org/name (only when online).")
     classifier: str | None = option(None, identity=INPUT, help="A finished train-cls run: adds its softmax "
                                     "probability of the source and the target class.")
     name: str = option(DEFAULT_SCORES_NAME, identity=EXECUTION,
