@@ -25,6 +25,8 @@ NAMES = list(world.CLASS_NAMES)
 STRENGTHS = (0.1, 0.3, 0.5, 0.9)
 SOURCES_PER_CLASS = 3
 
+pytestmark = pytest.mark.slow  # the trained models run for real: about a minute together
+
 
 def _translate(translator: Translator, targets, seeds, sources=None, strengths=None) -> np.ndarray:
     """uint8 (n, 32, 32, 3) images, through the actor's own batch call (grouping by steps, streams)."""
