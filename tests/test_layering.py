@@ -81,4 +81,4 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
     fake = PACKAGE / "runtime" / "pool_stage.py"
     names = _imports(fake)
     assert "diffmix_ray.runtime.local_ray" in names and "diffmix_ray.runtime.metrics" in names  # a lazy import
-    assert _imports(PACKAGE / "orchestrate" / "demo.py") >= {"diffmix_ray.finetune.run", "diffmix_ray.generate.run"}
+    assert _imports(PACKAGE / "orchestrate" / "demo.py") >= {"diffmix_ray.orchestrate.recipes", "diffmix_ray.orchestrate.run"}

@@ -50,6 +50,16 @@ def test_the_sample_study_recipe_runs_the_sample_world_on_the_sample_models():
             recipes.builtin_sample(bad)
 
 
+def test_the_demo_recipe_translates_at_four_strengths_and_filters_with_clip():
+    """`diffmix-ray demo` runs this recipe: the contact sheet needs weak and strong translations, the report a
+    score filter (so the CLIP steps run), and the sample models (random ones would show nothing)."""
+    r = recipes.load("demo")
+    assert (r.model, r.clip, r.data, r.rows) == ("sample", "sample", "builtin:sample:12x10", ("diff-mix-filtered",))
+    generation = r.generations["diff-mix"]
+    assert sorted(generation.generate["strength_set"]) == [0.3, 0.5, 0.7, 0.9] and len(r.seeds) == 1
+    assert r.methods["diff-mix-filtered"].train_cls["synthetic_filter"]
+
+
 def test_paper_values_land_where_they_should():
     cub = recipes.load("conventional-cub-resnet50-448")
     assert cub.format == "cub" and cub.prepare["val_fraction"] == 0

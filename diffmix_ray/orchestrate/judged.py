@@ -17,6 +17,13 @@ from ..errors import DiffmixError
 from ..synthetic import open_synthetic
 
 
+def of_the_sample_world(run: str) -> bool:
+    """Whether `run` was generated from a dataset of the sample world's classes (what the judge can read)."""
+    manifest = storage.read_json(storage.join(run, MANIFEST_JSON))
+    names = canonical.open_dataset(manifest["identity"]["dataset"]).info.classes
+    return all(n in sample_world.CLASS_NAMES for n in names)
+
+
 def judge_synthetic(run: str, gamma: float = 0.5) -> list[dict]:
     """One row per strength (ascending): pairs, judged target / source / other share, label target weight."""
     manifest = storage.read_json(storage.join(run, MANIFEST_JSON))

@@ -1,7 +1,7 @@
 """The report of `diffmix-ray run`: the recipe's table in the paper's shape (one row per method, the
 reported top-1 as mean ± std over seeds, and many/medium/few for long-tailed data) as Markdown and
 HTML, with the plots: top-1 per method (bars, one dot per seed), accuracy per epoch (mean over seeds),
-a contact sheet per generation, and for scored generations the score plots and the kept fraction of
+a contact sheet per generation (and, made from the sample world, what its judge sees in it), and for scored generations the score plots and the kept fraction of
 each method's synthetic filter (score_report.py). Every finished classifier run under <out>/classifiers counts,
 so the table grows as methods and seeds are added."""
 
@@ -23,6 +23,7 @@ from ..classify.summary import mean_std  # noqa: E402
 from ..console import console  # noqa: E402
 from ..contracts import DATASET_JSON, SUCCESS  # noqa: E402
 from . import score_report  # noqa: E402
+from .judged import judge_synthetic, judged_markdown, of_the_sample_world  # noqa: E402
 from .recipes import Recipe  # noqa: E402
 from .report import NO_SPLIT, _save_png, _series, contact_sheet, html_table  # noqa: E402
 
@@ -133,7 +134,8 @@ def _weights_lines(rows: list[Row]) -> list[str]:
     return lines
 
 
-def _markdown(title: str, header, body, context: list[str], timings: list[dict], kept=None) -> str:
+def _markdown(title: str, header, body, context: list[str], timings: list[dict], kept=None,
+              judged: list[str] = ()) -> str:
     out = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(r) + " |" for r in body]
     out += [""] + [f"- {c}" for c in context]
@@ -141,6 +143,8 @@ def _markdown(title: str, header, body, context: list[str], timings: list[dict],
         out += ["", "Synthetic filters (images kept of those generated):", "",
                 "| " + " | ".join(kept[0]) + " |", "|" + "---|" * len(kept[0])]
         out += ["| " + " | ".join(r) + " |" for r in kept[1]]
+    for j in judged:
+        out += ["", j.rstrip("\n")]
     if timings:
         out += ["", "Stage wall times (each from the invocation that completed it):", "",
                 "| step | seconds | completed by the run started |", "|---|---|---|"]
@@ -203,7 +207,7 @@ def write_report(recipe: Recipe, layout, seeds: list[int], timings: list[dict] |
     images = []
     if rows:
         images += [methods_plot(rows, storage.join(out, "methods.png")), curves_plot(rows, storage.join(out, "accuracy.png"))]
-    scored = []
+    scored, judged = [], []
     for name in recipe.generations:
         run = layout.synthetic(name)
         if storage.exists(storage.join(run, SUCCESS)):
@@ -212,12 +216,17 @@ def write_report(recipe: Recipe, layout, seeds: list[int], timings: list[dict] |
             images.append(contact_sheet(run, storage.join(out, f"contact-{name}.png"), gamma=gamma))
             ran = [r.label for r in rows if r.method in users]
             scored += score_report.open_scored(run, f"{name} ({', '.join(ran)})" if ran else name)
+            if of_the_sample_world(run):  # the sample world's judge says what the translations became
+                judged.append(judged_markdown(judge_synthetic(run, gamma), f"What the judge sees in {name} (colour "
+                                              "and shape measured, no model)"))
     filters = [(r.label, r.metrics[0]["synthetic_filter"]) for r in rows if r.metrics[0].get("synthetic_filter")]
     images += score_report.score_plots(scored, out, filters)
     kept = score_report.kept_rows(filters)
     kept = (["method"] + kept[0][1:], kept[1])  # one row per method: every seed reads the same scores and filter
-    markdown = _markdown(recipe.table, header, body, context, timings or [], kept)
+    markdown = _markdown(recipe.table, header, body, context, timings or [], kept, judged)
     storage.write_text_atomic(storage.join(out, "table.md"), markdown)
+    if judged:
+        storage.write_text_atomic(storage.join(out, "judged.md"), "\n".join(judged))
     storage.write_text_atomic(storage.join(out, "table.html"), _html(recipe.table, header, body, context, images, kept))
     return {"markdown": markdown, "table": [header] + body, "files": [storage.join(out, "table.md"),
                                                                        storage.join(out, "table.html")] + images}
