@@ -76,12 +76,17 @@ _CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_F
 
 def _s3_filesystem():
     """One s3fs instance per (endpoint, credential source). s3fs's own instance cache ignores the
-    environment, so a process whose AWS variables change would keep using stale credentials."""
+    environment, so a process whose AWS variables change would keep using stale credentials.
+
+    No listings cache: other processes write the folders this one lists (Ray write tasks add
+    shards while the driver waits; another driver, a lease holder), and s3fs would otherwise
+    answer a second `ls` (and `exists` under a listed folder) from its first listing for the
+    life of the process: a resumed run would settle on the files it found before writing."""
     import s3fs
 
     key = (s3_endpoint(),) + tuple(os.environ.get(v) for v in _CREDENTIAL_ENV)
     if key not in _S3_INSTANCES:
-        kwargs: dict[str, Any] = {"skip_instance_cache": True}
+        kwargs: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False}
         if key[0]:
             kwargs["client_kwargs"] = {"endpoint_url": key[0]}
         _S3_INSTANCES[key] = s3fs.S3FileSystem(**kwargs)

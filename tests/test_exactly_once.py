@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from diffmix_ray import exactly_once, lease
+from diffmix_ray import exactly_once, lease, storage
 from diffmix_ray.contracts import MANIFEST_JSON, SUCCESS
 from diffmix_ray.errors import DiffmixError
 
@@ -89,6 +89,29 @@ def test_settle_names_missing_ids_and_refuses_ids_outside_the_plan(tmp_path):
         exactly_once.settle(folder, {"p0", "p1", "p2"}, "pairs")
     scan, missing = exactly_once.settle(folder, {"p0", "p1", "p2"}, "pairs", refuse_extra=False)
     assert missing == {"p2"} and {"x8", "x9"} <= scan.done
+
+
+def _put_rows(s3_env, uri: str, ids: list[str]) -> None:
+    """Another process's write (a Ray write task): straight to the server, past this one's s3fs."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"pair_id": pa.array(ids, pa.string())}), sink)
+    bucket, key = uri.removeprefix("s3://").split("/", 1)
+    s3_env.client().put_object(Bucket=bucket, Key=key, Body=sink.getvalue().to_pybytes())
+
+
+def test_settle_on_s3_sees_the_files_written_since_the_scan(s3_env):
+    """A resumed run scans the files there, its write tasks (other processes) add the rest, and
+    settle must count them: a listing kept from the scan would call them missing."""
+    folder = f"{s3_env.make_bucket()}/out/shards"
+    _put_rows(s3_env, f"{folder}/a.parquet", ["p0", "p1"])
+    before = exactly_once.scan_and_compact(folder)
+    assert before.done == {"p0", "p1"}
+
+    _put_rows(s3_env, f"{folder}/b.parquet", ["p2", "p3"])
+    after, missing = exactly_once.settle(folder, {"p0", "p1", "p2", "p3"}, "pairs")
+    assert missing == set() and after.done == {"p0", "p1", "p2", "p3"}
+    assert sorted(storage.file_sizes(folder)) == ["a.parquet", "b.parquet"]  # the manifest's sizes
+    assert storage.exists(f"{folder}/b.parquet")
 
 
 def test_settle_of_a_folder_that_does_not_exist_misses_everything(tmp_path):
