@@ -202,10 +202,10 @@ def _checkpoints(out: str, pattern: str) -> list[str]:
     return sorted(glob.glob(os.path.join(out, "train", "*", pattern)))
 
 
-# Two checkpoints, at steps 40 and 80: the death comes after the first is registered, so the run resumes
-# from step 40, which the reference run reaches by the test hook's worker death before step 41. The 40 steps
-# after it leave seconds for the kill to land before the run could end.
-FT_CKPT = 40
+# Two checkpoints, at steps 25 and 50: the death comes after the first is registered, so the run resumes
+# from step 25, which the reference run reaches by the test hook's worker death before step 26. The 25 steps
+# after it (~0.5 s each here) leave seconds for the kill to land before the run could end.
+FT_CKPT = 25
 FINETUNE_KW = dict(model="tiny", max_steps=2 * FT_CKPT, batch_size=2, checkpoint_every=FT_CKPT, log_every=20, lr=1e-2,
                    ti_lr=5e-2, seed=0, workers=1, cpus_per_worker=1.0, gpus_per_worker=0)
 # The shared fit's config (its uninterrupted run is conftest's `shapes_fit`) with a checkpoint every epoch:
@@ -271,9 +271,13 @@ def test_finetune_restores_after_a_node_death_and_ends_bit_exact(nodes, ray_loca
                                    "reference_seconds": round(ref_done["seconds"], 1)})
 
 
-def test_train_cls_restores_after_a_node_death(nodes, shapes, shapes_fit, tmp_path):
+def test_train_cls_restores_after_a_node_death(nodes, shapes, request, tmp_path):
     """Restored from the last registered checkpoint on the nodes left, each epoch once, and the result of
-    the same config's uninterrupted run (`shapes_fit`, on the session's private Ray) within tolerance."""
+    the same config's uninterrupted run (`shapes_fit`, on the session's private Ray) within tolerance.
+    When no earlier test has made `shapes_fit`, it is made here while the cluster run goes on (each
+    uses one of the machine's cores), and a helper thread does the kill."""
+    import threading
+
     import torch
 
     from diffmix_ray.classify.loop import CKPT_FILE
@@ -283,13 +287,29 @@ def test_train_cls_restores_after_a_node_death(nodes, shapes, shapes_fit, tmp_pa
     started = time.monotonic()
     proc = _driver(nodes, _python_driver("classify", "ClassifyConfig", "run_classify", **TRAIN_CLS_KW, dataset=shapes,
                                          out=out), log)
-    registered = wait_for(lambda: proc.poll() is not None or _registered_checkpoint(out), timeout=240,
-                          what="a train-cls checkpoint Ray Train has registered")
-    assert proc.poll() is None, "train-cls ended before a node could be killed"
-    # What the restore must at least bring back: Ray Train restores its latest registered checkpoint (one
-    # written a moment before the death may not be registered yet, and is then not used).
-    saved = torch.load(os.path.join(registered, CKPT_FILE), map_location="cpu", weights_only=False)["history"]
-    nodes.kill_node_of("RayTrainWorker")
+    killer: dict = {}
+
+    def kill_after_a_registered_checkpoint():
+        try:
+            registered = wait_for(lambda: proc.poll() is not None or _registered_checkpoint(out), timeout=240,
+                                  what="a train-cls checkpoint Ray Train has registered")
+            assert proc.poll() is None, "train-cls ended before a node could be killed"
+            # What the restore must at least bring back: Ray Train restores its latest registered checkpoint (one
+            # written a moment before the death may not be registered yet, and is then not used).
+            killer["saved"] = torch.load(os.path.join(registered, CKPT_FILE), map_location="cpu",
+                                         weights_only=False)["history"]
+            nodes.kill_node_of("RayTrainWorker")
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            killer["error"] = e
+
+    thread = threading.Thread(target=kill_after_a_registered_checkpoint, daemon=True)
+    thread.start()
+    uninterrupted = request.getfixturevalue("shapes_fit")[1]["summary"]  # meanwhile, or made earlier
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "the kill never came"
+    if "error" in killer:
+        raise killer["error"]
+    saved = killer["saved"]
     rc, text = _finish(proc, log)
     assert rc == 0, text[-4000:]
     with open(os.path.join(out, "metrics.json")) as f:
@@ -301,7 +321,6 @@ def test_train_cls_restores_after_a_node_death(nodes, shapes, shapes_fit, tmp_pa
     assert final == json.loads(json.dumps(saved)), "the epochs before the death were redone"
     killed_s = round(time.monotonic() - started, 1)
 
-    uninterrupted = shapes_fit[1]["summary"]
     mine = metrics["summary"]
     assert uninterrupted["test_top1"] >= 0.75 and abs(mine["test_top1"] - uninterrupted["test_top1"]) <= 0.15, \
         (mine, uninterrupted)
