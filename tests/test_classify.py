@@ -620,7 +620,7 @@ def test_reference_recipe_on_a_dataset_without_test(ray_local, shapes_no_test, t
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue 12: uint8 ingest, labels and normalisation on the device, the step without host reads,
+# The fast path: uint8 ingest, labels and normalisation on the device, the step without host reads,
 # --gpu-decode's tensor path, run plans of whole batches, the selected weights (no Ray Train)
 # ---------------------------------------------------------------------------------------------
 AUGMENTS = ("timm", "reference", "reference-lt")
@@ -895,7 +895,7 @@ def test_selected_weights_follow_val_and_survive_checkpoints():
     saved = {"model": model.state_dict(), "epoch": 3, "history": history} | sel.checkpoint_fields(3)
     again = Selected.restore(saved, "val", 4)
     assert again.epoch == 1 and float(again.weights["weight"][0, 0]) == 1.0
-    # a checkpoint from before issue 12: the selection is replayed over its history
+    # an older checkpoint, without the recorded selection: the selection is replayed over its history
     old = {"model": model.state_dict(), "epoch": 3, "history": history}
     assert (Selected.restore(old, "val", 4).epoch, Selected.restore(old, "val", 4).weights) == (1, None)
     assert Selected.restore(old | {"epoch": 1, "history": history[:2]}, "val", 4).weights is not None

@@ -21,7 +21,7 @@ from diffmix_ray.finetune.loop import CKPT_OPTIMIZER, CKPT_WEIGHTS, Finetuner, P
 from .finetune_reference import FullMatrixFinetuner
 from .host_syncs import HostCopies, HostSyncs
 
-# Written by the pre-issue-12 code (commit 689756f): 3 steps of `_cfg()` below on the sample dataset.
+# Written by the older checkpoint format's code (commit 689756f): 3 steps of `_cfg()` below on the sample dataset.
 OLD_CHECKPOINT = os.path.join(os.path.dirname(__file__), "data", "finetune_checkpoint_v1")
 CLOSE = dict(rtol=1e-5, atol=1e-7)
 

@@ -248,7 +248,7 @@ def _finish(module, selected: Selected, history: list[dict], test: _Split, input
         module.load_state_dict(selected.weights)  # the final checkpoint's state was taken before this
     if test.exists and rec.get("test") is None:
         rec["test"] = _score(module, test, inputs, cfg, device, amp, world)
-    if rank == 0 and selected.weights is not None:  # else: a checkpoint from before issue 12 left best/ as is
+    if rank == 0 and selected.weights is not None:  # else: an older checkpoint (no selection recorded) left best/ as is
         save_best(cfg.out, selected.weights, model_card(cfg, selected.epoch, rec["val"]["top1"] if rec["val"] else None))
     return history
 

@@ -216,7 +216,8 @@ def run_seeds(cfg: ClassifyConfig, seeds: list[int], overwrite: bool = False, re
     if not seeds:
         raise DiffmixError("--seeds lists no seed; give comma-separated seeds, e.g. 2020,2021,2022")
     out = storage.normalize(cfg.out)
-    # without the options added by issue 12, so multi-seed runs started before them still resume
+    # without the execution options added later (NEW_EXECUTION_KEYS), so multi-seed runs started by an
+    # older version still resume
     ident = {k: v for k, v in _config(cfg).items() if k not in NEW_EXECUTION_KEYS}
     storage.claim_output(out, "train-cls-seeds", ident | {"seeds": seeds}, overwrite, inputs=_input_uris(cfg))
     runs = []

@@ -3,7 +3,7 @@ once, at the end, on exactly those weights (`--select val`: the best val top-1 s
 ties; `--select last`: the final epoch). Plain torch, no Ray.
 
 Checkpoints carry the selected epoch and, when it is not the checkpoint's own epoch, its weights, so
-a resumed run still knows them. Checkpoints written before issue 12 hold neither; their history has
+a resumed run still knows them. Checkpoints of older versions (before the selection was recorded) hold neither; their history has
 test scored at every epoch (the code then did), and best/ on disk already holds the selected weights,
 so nothing is lost: the selected epoch is recomputed from the history and its weights stay unknown
 unless it is the checkpoint's own epoch."""
@@ -53,11 +53,11 @@ class Selected:
     @classmethod
     def restore(cls, saved: dict, select: str, epochs: int) -> "Selected":
         """From a loaded checkpoint (`model`, `epoch`, `history`, and the fields above when written
-        since issue 12)."""
+        by a version that records the selection)."""
         if KEY_EPOCH in saved:
             epoch = saved[KEY_EPOCH]
             weights = saved[KEY_WEIGHTS]
-        else:  # before issue 12: replay the selection over the history
+        else:  # an older checkpoint without the selection: replay the selection over the history
             epoch = None
             for i in range(len(saved["history"])):
                 if selects(saved["history"][:i + 1], select, epochs):
