@@ -235,7 +235,7 @@ def install_image(list_path: str = IMAGE_LIST) -> None:
 # ---------------------------------------------------------------------------------------------
 # run: imports, toolchain, model, parts
 # ---------------------------------------------------------------------------------------------
-# (module, attribute or None): what the parts import, lazily included. tests/test_gpu_session.py keeps
+# (module, attribute or None): what the parts import, lazily included. tests/bench/test_gpu_session.py keeps
 # this a superset of tests/test_without_ray.py's list.
 IMPORTS = [
     ("torch", None), ("torchvision.io", "decode_jpeg"), ("torchvision.transforms.v2", None), ("numpy", None),

@@ -113,7 +113,7 @@ def sample_dataset(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bank(tmp_path_factory, sample_dataset):
     """A concept bank for the tiny model and the sample dataset: random LoRA + random tokens."""
-    from .fixtures import make_random_bank
+    from tests.fixtures import make_random_bank
 
     return make_random_bank(str(tmp_path_factory.mktemp("bank") / "bank"), "tiny", sample_dataset)
 
@@ -141,7 +141,7 @@ def shapes_fit(ray_local, shapes, tmp_path_factory):
     from diffmix_ray.classify.config import ClassifyConfig
     from diffmix_ray.classify.run import run_classify
 
-    from .fixtures import SHAPES_FIT
+    from tests.fixtures import SHAPES_FIT
 
     out = str(tmp_path_factory.mktemp("shapes-fit") / "run")
     run_classify(ClassifyConfig(dataset=shapes, out=out, test_every_epoch=True, **SHAPES_FIT))

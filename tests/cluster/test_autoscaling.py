@@ -1,0 +1,114 @@
+"""Autoscaling from zero GPU nodes, on Ray's fake multi-node provider (one machine; its "GPU" nodes
+are raylets that advertise a GPU): autoscaler v1 and v2, the shape of cluster/aws.yaml (a head that
+runs no GPU work, a GPU worker type with min_workers 0).
+
+  * `generate` without --gpus-per-actor chooses 1 GPU per actor, the autoscaler adds a GPU node, the
+    run starts and finishes there, and the idle nodes go afterwards (v1 and v2); with v1 the actor
+    pool (--min-actors 1 --max-actors 4) also grows onto a second GPU node as it arrives (how the pool
+    grows is Ray Data's, the same on either autoscaler, so v2 runs one actor on a third of the pairs);
+  * an unsatisfiable GPU request is an error naming the flag, in bounded time.
+
+The fake GPU nodes have no CUDA: the cluster runs with DIFFMIX_GPU_WITHOUT_CUDA=cpu, which lets
+them run the work on their CPU (the error it replaces is tested in test_cluster_nodes.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from diffmix_ray.contracts import MANIFEST_JSON, SUCCESS
+from diffmix_ray.runtime.nodes import GPU_WITHOUT_CUDA_ENV
+
+from tests.cluster.helpers import (actor_nodes, cli, fake_autoscaling_head, global_state, gpu_nodes, one_line, record,
+                              wait_for)
+
+pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
+
+GPU_TYPE = {"gpu": {"resources": {"CPU": 2, "GPU": 1, "object_store_memory": 200_000_000}, "node_config": {},
+                    "min_workers": 0, "max_workers": 2}}
+TRANSLATOR = "MapBatches(Translator)"
+
+
+@pytest.fixture(scope="module", params=["v1", "v2"])
+def fake(request):
+    with fake_autoscaling_head(request.param, GPU_TYPE, node_env={GPU_WITHOUT_CUDA_ENV: "cpu"}) as cluster:
+        yield cluster
+
+
+# autoscaler -> (--multiplier, --max-actors): the pool's growth onto a second GPU node is tested on v1.
+POOL_RUN = {"v1": (3, 4), "v2": (1, 1)}
+
+
+def _generate(fake, dataset: str, out: str, *extra: str, multiplier: int = 3):
+    return cli(fake.env, "generate", "--dataset", dataset, "--out", out, "--model", "tiny", "--mode", "real-mix",
+               "--multiplier", str(multiplier), "--steps", "4", "--batch-size", "4", "--rows-per-shard", "8", *extra)
+
+
+def test_gpu_default_scales_from_zero_gpu_nodes_and_back(fake, sample_dataset, tmp_path):
+    state = global_state(fake.gcs)
+    assert not gpu_nodes(state), "the cluster must start with no GPU node"
+    seen: dict = {"max_gpu_nodes": 0}
+    stop = threading.Event()
+
+    def watch():  # when GPU nodes come, how many at most
+        while not stop.is_set():
+            n = len(gpu_nodes(state))
+            if n and "first_gpu_node_s" not in seen:
+                seen["first_gpu_node_s"] = round(time.monotonic() - started, 1)
+            seen["max_gpu_nodes"] = max(seen["max_gpu_nodes"], n)
+            stop.wait(0.2)
+
+    out = str(tmp_path / "out")
+    multiplier, max_actors = POOL_RUN[fake.version]
+    started = time.monotonic()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = _generate(fake, sample_dataset, out, "--min-actors", "1", "--max-actors", str(max_actors),
+                           multiplier=multiplier)
+    finally:
+        stop.set()
+        watcher.join()
+    run_s = time.monotonic() - started
+    said = one_line(result)
+    assert result.returncode == 0, said[-3000:]
+    print("\n".join(l for l in (result.stdout + result.stderr).splitlines() if "autoscaler +" not in l)[:6000])
+    assert f"generate: 1 GPU per actor (the Ray cluster: its autoscaler ({fake.version}) is adding a GPU node" in said
+    assert os.path.exists(os.path.join(out, SUCCESS))
+    with open(os.path.join(out, MANIFEST_JSON)) as f:
+        manifest = json.load(f)
+    assert manifest["resolved"]["gpus_per_actor"]["value"] == 1.0
+    assert manifest["counts"]["missing"] == 0
+
+    # The pool grew onto the GPU nodes the autoscaler added (its decisions are in its log), one actor
+    # per node up to --max-actors or the type's max_workers; no translation actor ran anywhere else (the head has no GPU).
+    ran_on = actor_nodes(state, TRANSLATOR)
+    gpu_node_ids = {n["NodeID"] for n in state.node_table() if n.get("Resources", {}).get("GPU", 0) > 0}
+    assert ran_on and ran_on <= gpu_node_ids
+    grown_to = min(max_actors, GPU_TYPE["gpu"]["max_workers"])
+    assert seen["max_gpu_nodes"] >= grown_to and len(ran_on) == grown_to, (seen, ran_on)
+    assert "Adding 1 node(s) of type gpu" in fake.monitor_log or "Adding 2 node(s) of type gpu" in fake.monitor_log
+
+    # Idle GPU nodes go once the run is over (idle_timeout_minutes: 0.1 here, 10 in cluster/aws.yaml).
+    ended = time.monotonic()
+    wait_for(lambda: not gpu_nodes(state), timeout=120, what="the idle GPU nodes to be removed")
+    record(f"autoscale-{fake.version}", {"first_gpu_node_s": seen.get("first_gpu_node_s"),
+                                         "gpu_nodes": seen["max_gpu_nodes"], "run_s": round(run_s, 1),
+                                         "idle_nodes_gone_s": round(time.monotonic() - ended, 1)})
+
+
+def test_an_unsatisfiable_gpu_request_is_an_error_in_bounded_time(fake, sample_dataset, tmp_path):
+    """No node type has 2 GPUs: v2 calls the request infeasible, v1 starts nothing for it."""
+    started = time.monotonic()
+    result = _generate(fake, sample_dataset, str(tmp_path / "out"), "--gpus-per-actor", "2")
+    said = one_line(result)
+    assert result.returncode == 2, said[-3000:]
+    assert "--gpus-per-actor 2: this cluster has no node type with 2 GPU(s) it can start" in said
+    assert "pass --gpus-per-actor 0 to run on CPU" in said and "Traceback" not in said
+    assert ("calls the GPU request infeasible" if fake.version == "v2"
+            else "started no GPU node: it has no GPU node type, or it is at max_workers") in said
+    record(f"unsatisfiable-{fake.version}", {"error_after_s": round(time.monotonic() - started, 1)})

@@ -1,0 +1,370 @@
+"""Node deaths, node-local storage and GPU nodes without CUDA, on several raylets on one machine
+(`ray.cluster_utils.Cluster`, as Ray's own chaos tests do): a head that runs no work (CPU 0, as
+cluster/aws.yaml's) and two worker nodes. Each stage runs as its own driver process joined to it.
+
+  * a worker node killed in the middle of `generate` and of `score`: the run completes (a rerun is
+    allowed when Ray Data gives up) with every pair exactly once;
+  * in the middle of `finetune` and `train-cls`: Ray Train restores from the last checkpoint
+    (FailureConfig), and the result is the one the same restore gives when only the worker process
+    dies (finetune: bit-exact), or matches an uninterrupted run within tolerance (train-cls);
+  * a local path that is not the same folder on every node refuses the run;
+  * a node that advertises a GPU without CUDA fails the run with one line naming it.
+
+After each kill a fresh node joins, as an autoscaler would replace a preempted one."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from diffmix_ray import storage
+from diffmix_ray.contracts import LEARNED_EMBEDS, LORA_WEIGHTS, SCORES_DIR, SHARDS_DIR, SUCCESS
+from diffmix_ray.runtime.shared_paths import TEST_ROOT_ENV
+
+from tests.cluster.helpers import REPO, VENV_BIN, client_env, one_line, record, wait_for
+from tests.fixtures import SHAPES_FIT
+
+pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
+
+WORKER_CPUS = 2
+GEN_DEFAULT_GPUS = ["--model", "tiny", "--mode", "real-mix", "--multiplier", "3", "--steps", "4", "--batch-size", "4",
+                    "--rows-per-shard", "8", "--max-actors", "2"]
+GEN = [*GEN_DEFAULT_GPUS, "--gpus-per-actor", "0"]
+
+
+@dataclass
+class Nodes:
+    cluster: object  # ray.cluster_utils.Cluster
+    env: dict  # for driver processes: RAY_ADDRESS = the head
+    temp_dir: str
+
+    @property
+    def state(self):
+        return self.cluster.global_state
+
+    def node_of_actor(self, class_part: str):
+        """A worker node (Node object) where an alive actor of that class runs."""
+        for actor in self.state.actor_table(None).values():
+            if class_part in actor.get("ActorClassName", "") and actor.get("State") == "ALIVE":
+                for node in self.cluster.worker_nodes:
+                    if node.node_id == actor["Address"]["NodeID"]:
+                        return node
+        return None
+
+    def add_worker(self, **extra):
+        return self.cluster.add_node(num_cpus=WORKER_CPUS, node_ip_address="127.0.0.1", **extra)
+
+    def kill_node_of(self, class_part: str) -> str:
+        """Kill (no grace) the node running an actor of this class, then add a fresh one."""
+        node = wait_for(lambda: self.node_of_actor(class_part), timeout=60, what=f"an alive {class_part} actor")
+        self.cluster.remove_node(node, allow_graceful=False)
+        self.add_worker()
+        return node.node_id
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    from ray.cluster_utils import Cluster
+
+    temp_dir = tempfile.mkdtemp(prefix="dmx19n-", dir="/tmp")  # short: Ray's socket paths stay < 108 chars
+    saved = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp_dir  # Cluster writes its address file under it, not into /tmp/ray
+    os.makedirs(os.path.join(temp_dir, "ray"))
+    try:
+        cluster = Cluster(initialize_head=True, connect=False, head_node_args=dict(
+            num_cpus=0, node_ip_address="127.0.0.1", temp_dir=temp_dir, include_dashboard=False,
+            object_store_memory=150 * 2**20,
+            # A killed node is declared dead after ~3 s of missed health checks, not Ray's ~15-30 s: what the
+            # tests wait for is the stages' recovery, not the detector.
+            _system_config={"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
+                            "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}))
+        n = Nodes(cluster, client_env({"RAY_ADDRESS": cluster.address, "RAY_TMPDIR": temp_dir}), temp_dir)
+        for _ in range(2):
+            n.add_worker()
+        yield n
+        cluster.shutdown()
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _start(nodes: Nodes, args: list[str], log: str) -> subprocess.Popen:
+    with open(log, "w") as f:
+        return subprocess.Popen([str(VENV_BIN / "diffmix-ray"), *args], cwd=REPO, env=nodes.env, stdout=f,
+                                stderr=subprocess.STDOUT)
+
+
+def _finish(proc: subprocess.Popen, log: str, timeout: float = 300) -> tuple[int, str]:
+    rc = proc.wait(timeout=timeout)
+    with open(log) as f:
+        return rc, f.read()
+
+
+def _files(folder: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(folder, "*.parquet")))
+
+
+def _rerun_until_done(nodes: Nodes, args: list[str], rc: int, text: str, log: str) -> int:
+    """Ray Data may give up on a run whose node died (the docs allow a rerun): the same command
+    resumes it. Returns the reruns needed (at most one)."""
+    if rc == 0:
+        return 0
+    rc, again = _finish(_start(nodes, args, log), log)
+    assert rc == 0, f"the rerun failed too:\n{text[-3000:]}\n---\n{again[-3000:]}"
+    return 1
+
+
+def _assert_each_once(folder: str, key: str, expected: set[str]) -> None:
+    import pyarrow.parquet as pq
+
+    ids = [i for f in _files(folder) for i in pq.read_table(f, columns=[key]).column(key).to_pylist()]
+    assert len(ids) == len(set(ids)), "a pair is there twice"
+    assert set(ids) == expected
+
+
+def _plan_ids(out: str) -> set[str]:
+    import pyarrow.parquet as pq
+
+    return {i for f in _files(os.path.join(out, "plan")) for i in pq.read_table(f).column("pair_id").to_pylist()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data stages
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def generated(nodes, sample_dataset, tmp_path_factory):
+    """generate, with the node of one of its two translation actors killed after the first shard."""
+    out = str(tmp_path_factory.mktemp("gen") / "out")
+    args = ["generate", "--dataset", sample_dataset, "--out", out, *GEN]
+    log = str(tmp_path_factory.getbasetemp() / "generate.log")
+    started = time.monotonic()
+    proc = _start(nodes, args, log)
+    wait_for(lambda: proc.poll() is not None or len(_files(os.path.join(out, SHARDS_DIR))) >= 1, timeout=240,
+             what="the first shard")
+    assert proc.poll() is None, "generate ended before a node could be killed"
+    rows_before = len(_files(os.path.join(out, SHARDS_DIR)))
+    killed = nodes.kill_node_of("MapBatches(Translator)")
+    rc, text = _finish(proc, log)
+    reruns = _rerun_until_done(nodes, args, rc, text, log)
+    record("node-death-generate", {"shards_before_kill": rows_before, "reruns": reruns,
+                                   "seconds": round(time.monotonic() - started, 1)})
+    return out, killed, reruns
+
+
+def test_generate_survives_a_node_death_with_every_pair_once(generated):
+    out, _, _ = generated
+    assert os.path.exists(os.path.join(out, SUCCESS))
+    _assert_each_once(os.path.join(out, SHARDS_DIR), "pair_id", _plan_ids(out))
+
+
+def test_score_survives_a_node_death_with_every_pair_once(nodes, generated, tmp_path):
+    out, _, _ = generated
+    scores = os.path.join(out, SCORES_DIR, "default")
+    args = ["score", "--synthetic", out, "--clip", "tiny", "--batch-size", "4", "--rows-per-file", "8",
+            "--gpus-per-actor", "0", "--max-actors", "2"]
+    log = str(tmp_path / "score.log")
+    started = time.monotonic()
+    proc = _start(nodes, args, log)
+    wait_for(lambda: proc.poll() is not None or len(_files(scores)) >= 1, timeout=240, what="the first score file")
+    assert proc.poll() is None, "score ended before a node could be killed"
+    nodes.kill_node_of("MapBatches(Scorer)")
+    rc, text = _finish(proc, log)
+    reruns = _rerun_until_done(nodes, args, rc, text, log)
+    record("node-death-score", {"reruns": reruns, "seconds": round(time.monotonic() - started, 1)})
+    assert os.path.exists(os.path.join(scores, SUCCESS))
+    _assert_each_once(scores, "pair_id", _plan_ids(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Train stages: FailureConfig restores from the last checkpoint on the nodes left
+# ---------------------------------------------------------------------------------------------
+def _driver(nodes: Nodes, code: str, log: str) -> subprocess.Popen:
+    """A driver process running `code` (Python) joined to the cluster."""
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=nodes.env, stdout=f,
+                                stderr=subprocess.STDOUT)
+
+
+def _checkpoints(out: str, pattern: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(out, "train", "*", pattern)))
+
+
+# Two checkpoints, at steps 25 and 50: the death comes after the first is registered, so the run resumes
+# from step 25, which the reference run reaches by the test hook's worker death before step 26. The 25 steps
+# after it (~0.5 s each here) leave seconds for the kill to land before the run could end.
+FT_CKPT = 25
+FINETUNE_KW = dict(model="tiny", max_steps=2 * FT_CKPT, batch_size=2, checkpoint_every=FT_CKPT, log_every=20, lr=1e-2,
+                   ti_lr=5e-2, seed=0, workers=1, cpus_per_worker=1.0, gpus_per_worker=0)
+# The shared fit's config (its uninterrupted run is conftest's `shapes_fit`) with a checkpoint every epoch:
+# the death comes after the first registered one, with epochs left to restore into.
+TRAIN_CLS_KW = dict(**SHAPES_FIT, workers=1, gpus_per_worker=0, checkpoint_every=1)
+
+
+def _python_driver(stage: str, config_class: str, run: str, **kw) -> str:
+    return (f"from diffmix_ray.{stage}.config import {config_class}\nfrom diffmix_ray.{stage}.run import {run}\n"
+            f"{run}({config_class}(**{kw!r}))\n")
+
+
+def _registered_checkpoint(out: str) -> str | None:
+    """The folder of the latest checkpoint in Ray Train's checkpoint manager snapshot, if any."""
+    for snapshot in glob.glob(os.path.join(out, "train", "*", "checkpoint_manager_snapshot.json")):
+        with contextlib.suppress(OSError, ValueError):
+            with open(snapshot) as f:
+                latest = json.load(f).get("latest_checkpoint_result")
+            if latest:
+                return os.path.join(os.path.dirname(snapshot), latest["checkpoint_dir_name"])
+    return None
+
+
+def test_finetune_restores_after_a_node_death_and_ends_bit_exact(nodes, ray_local, sample_dataset, tmp_path):
+    """The bank equals the one of a run restored from the same checkpoint after its worker process died
+    (the test hook; run meanwhile on the session's private Ray in this process). Where the noise is
+    drawn per step rather than per attempt, that is also an uninterrupted run's bank."""
+    import threading
+
+    from diffmix_ray.finetune.config import FinetuneConfig
+    from diffmix_ray.finetune.run import run_finetune
+
+    out, reference = str(tmp_path / "bank"), str(tmp_path / "reference")
+    log = str(tmp_path / "finetune.log")
+    started = time.monotonic()
+    proc = _driver(nodes, _python_driver("finetune", "FinetuneConfig", "run_finetune", **FINETUNE_KW,
+                                         dataset=sample_dataset, out=out), log)
+    ref_done: dict = {}
+    ref = threading.Thread(target=lambda: ref_done.update(bank=run_finetune(FinetuneConfig(
+        **FINETUNE_KW, dataset=sample_dataset, out=reference, _fail_at_step=FT_CKPT + 1)),
+        seconds=time.monotonic() - started))
+    ref.start()
+    registered = wait_for(lambda: proc.poll() is not None or _registered_checkpoint(out), timeout=240,
+                          what="a finetune checkpoint Ray Train has registered")
+    assert proc.poll() is None, "finetune ended before a node could be killed"
+    assert registered.endswith(f"checkpoint_step={FT_CKPT:08d}"), registered
+    nodes.kill_node_of("RayTrainWorker")
+    rc, text = _finish(proc, log)
+    assert rc == 0, text[-4000:]
+    killed_s = round(time.monotonic() - started, 1)
+    ref.join(timeout=300)
+    assert "bank" in ref_done, "the reference run did not finish"
+    for folder in (out, reference):
+        with open(os.path.join(_checkpoints(folder, f"checkpoint_step={2 * FT_CKPT:08d}")[0],
+                               "progress-rank0.json")) as f:
+            progress = json.load(f)
+        assert progress["resumed_at"] == [FT_CKPT], (folder, progress, text[-3000:])  # from the first checkpoint
+        assert progress["step_ranges"] == [[1, 2 * FT_CKPT]]  # every step once, in order
+    for name in (LORA_WEIGHTS, LEARNED_EMBEDS):
+        with open(os.path.join(out, name), "rb") as a, open(os.path.join(reference, name), "rb") as b:
+            assert a.read() == b.read(), f"{name} differs from the reference run's"
+    record("node-death-finetune", {"resumed_at_step": FT_CKPT, "seconds": killed_s,
+                                   "reference_seconds": round(ref_done["seconds"], 1)})
+
+
+def test_train_cls_restores_after_a_node_death(nodes, shapes, request, tmp_path):
+    """Restored from the last registered checkpoint on the nodes left, each epoch once, and the result of
+    the same config's uninterrupted run (`shapes_fit`, on the session's private Ray) within tolerance.
+    When no earlier test has made `shapes_fit`, it is made here while the cluster run goes on (each
+    uses one of the machine's cores), and a helper thread does the kill."""
+    import threading
+
+    import torch
+
+    from diffmix_ray.classify.loop import CKPT_FILE
+
+    out = str(tmp_path / "cls")
+    log = str(tmp_path / "train-cls.log")
+    started = time.monotonic()
+    proc = _driver(nodes, _python_driver("classify", "ClassifyConfig", "run_classify", **TRAIN_CLS_KW, dataset=shapes,
+                                         out=out), log)
+    killer: dict = {}
+
+    def kill_after_a_registered_checkpoint():
+        try:
+            registered = wait_for(lambda: proc.poll() is not None or _registered_checkpoint(out), timeout=240,
+                                  what="a train-cls checkpoint Ray Train has registered")
+            assert proc.poll() is None, "train-cls ended before a node could be killed"
+            # What the restore must at least bring back: Ray Train restores its latest registered checkpoint (one
+            # written a moment before the death may not be registered yet, and is then not used).
+            killer["saved"] = torch.load(os.path.join(registered, CKPT_FILE), map_location="cpu",
+                                         weights_only=False)["history"]
+            nodes.kill_node_of("RayTrainWorker")
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            killer["error"] = e
+
+    thread = threading.Thread(target=kill_after_a_registered_checkpoint, daemon=True)
+    thread.start()
+    uninterrupted = request.getfixturevalue("shapes_fit")[1]["summary"]  # meanwhile, or made earlier
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "the kill never came"
+    if "error" in killer:
+        raise killer["error"]
+    saved = killer["saved"]
+    rc, text = _finish(proc, log)
+    assert rc == 0, text[-4000:]
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert [e["epoch"] for e in metrics["epochs"]] == list(range(TRAIN_CLS_KW["epochs"])), text[-3000:]  # each once
+    # Restored, not retrained: the epochs before the death keep their records, measured times included (a
+    # recomputation would not reproduce them to the last digit). `test` is added at the end to the selected epoch.
+    final = [{k: v for k, v in e.items() if k != "test"} for e in metrics["epochs"][:len(saved)]]
+    assert final == json.loads(json.dumps(saved)), "the epochs before the death were redone"
+    killed_s = round(time.monotonic() - started, 1)
+
+    mine = metrics["summary"]
+    assert uninterrupted["test_top1"] >= 0.75 and abs(mine["test_top1"] - uninterrupted["test_top1"]) <= 0.15, \
+        (mine, uninterrupted)
+    record("node-death-train-cls", {"epochs_restored": len(saved), "test_top1": mine["test_top1"],
+                                    "uninterrupted_test_top1": uninterrupted["test_top1"], "seconds": killed_s})
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage every node can see; GPU nodes without CUDA
+# ---------------------------------------------------------------------------------------------
+def test_a_local_path_a_node_does_not_see_refuses_the_run(nodes, sample_dataset, tmp_path):
+    """A third node whose disk is its own (tests: DIFFMIX_TEST_NODE_ROOT) sees neither the dataset nor
+    the marker the driver writes into --out: refused before any work, naming the node and the fix."""
+    own_disk = str(tmp_path / "other-disk")
+    os.makedirs(own_disk)
+    node = nodes.add_worker(env_vars={TEST_ROOT_ENV: own_disk})
+    try:
+        out = str(tmp_path / "out")
+        result = subprocess.run([str(VENV_BIN / "diffmix-ray"), "generate", "--dataset", sample_dataset, "--out", out,
+                                 *GEN], cwd=REPO, env=nodes.env, capture_output=True, text=True, timeout=240)
+        said = one_line(result)
+        assert result.returncode == 2, said[-3000:]
+        assert (f"generate: this Ray cluster has 3 nodes and every local path of a run must be the same folder on "
+                f"each, but node 127.0.0.1 (id {node.node_id}) sees nothing at --dataset {sample_dataset}") in said
+        assert "(and 1 more)" in said  # the --out marker it cannot see either
+        assert "Use s3:// paths, or a shared mount" in said
+        assert not _files(os.path.join(out, SHARDS_DIR))  # nothing was generated
+        assert not glob.glob(os.path.join(out, ".diffmix-visible-*"))  # the marker is cleaned up
+    finally:
+        nodes.cluster.remove_node(node)
+
+
+def test_a_gpu_node_without_cuda_fails_the_run_in_one_line_naming_it(nodes, sample_dataset, tmp_path):
+    node = nodes.cluster.add_node(num_cpus=WORKER_CPUS, num_gpus=1, node_ip_address="127.0.0.1")
+    try:
+        args = ["generate", "--dataset", sample_dataset, "--out", str(tmp_path / "out"), *GEN_DEFAULT_GPUS]
+        result = subprocess.run([str(VENV_BIN / "diffmix-ray"), *args], cwd=REPO, env=nodes.env,
+                                capture_output=True, text=True, timeout=240)
+        said = one_line(result)
+        assert result.returncode == 2, said[-3000:]
+        assert "generate: 1 GPU per actor (the Ray cluster: GPU nodes are up now" in said
+        error = said[said.rindex("error: "):]  # the CLI's last words (Ray may log an "error: " line before them)
+        assert error.startswith(f"error: node 127.0.0.1 (id {node.node_id}) advertises GPUs to Ray (Ray assigned "
+                                "GPU 0) but torch"), error
+        assert "sees no CUDA device there" in error and "--gpus-per-actor 0" in error
+    finally:
+        nodes.cluster.remove_node(node)
