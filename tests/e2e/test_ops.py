@@ -1,7 +1,7 @@
 """Running it for real: cluster configs, KubeRay manifests, the image's build inputs, and the job
 path end to end on a real Ray head started with `ray start` on loopback: `ray job submit` of
-generate and train-cls, a recipe run by jobs/submit.sh as one job and resumed, `diffmix-ray status/logs`, the project's metrics
-on Ray's Prometheus endpoint, staging a model on every node, and no credential in any log,
+generate and train-cls, a recipe run by jobs/submit.sh as one job, stopped mid-way and resumed,
+`diffmix-ray status/logs/stop`, the project's metrics on Ray's Prometheus endpoint, staging a model on every node, and no credential in any log,
 output or job record.
 
 The head runs in its own processes with its own temp dir and ports; this test process never
@@ -444,25 +444,65 @@ def _submit_script(head, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_a_recipe_runs_unchanged_as_a_ray_job_and_submit_resumes_it(head):
-    """jobs/submit.sh submits `diffmix-ray run RECIPE ...` as one Ray job; rerun, it skips a SUCCEEDED
-    job, and resubmits a FAILED one as -retry2, whose `run` finds every step complete."""
+def test_a_recipe_runs_as_a_ray_job_stopped_mid_way_and_resumed_by_submitting_again(head):
+    """jobs/submit.sh submits `diffmix-ray run RECIPE ...` as one Ray job. `diffmix-ray stop` while it
+    generates (Ray kills the driver and its actors); the same command again submits it as -retry2, whose
+    `run` skips the finished steps on their stages' completion markers, resumes the cut one, runs the rest
+    and writes the report; once more, it skips the SUCCEEDED job. Lean on purpose: DA-Fusion alone (a TI
+    bank, per-image generation, own-source replacement: every kind of step), one seed; test_recipes.py
+    covers the rest without Ray."""
+    from diffmix_ray import storage
+    from diffmix_ray.contracts import CONCEPTS_JSON, DATASET_JSON, SUCCESS
+
+    from tests.generate.test_faults import wait_for
+
     out = head.work / "tiny-run"
-    args = ["tiny", "--out", str(out), "--methods", "real-only", "--seeds", "0"]
-    first = _submit_script(head, "e2e", *args)
-    assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-3000:]
-    assert "submitting diffmix-run-e2e" in first.stdout
-    assert "| Real only |" in (out / "report" / "table.md").read_text()
-    assert (out / "classifiers" / "real-only" / "seed-0" / "_SUCCESS").exists()
+    args = ["tiny", "--out", str(out), "--methods", "da-fusion", "--seeds", "0"]
+    plan = out / "synthetic" / "da-fusion" / "plan"
+    with open(head.work / "submit-1.log", "w") as log:
+        first = subprocess.Popen([str(REPO / "jobs" / "submit.sh"), "e2e", *args], cwd=REPO, env=head.env,
+                                 stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: first.poll() is not None or plan.is_dir(), timeout=420, what="generation to start")
+        assert first.poll() is None, (head.work / "submit-1.log").read_text()[-3000:]
+        stopped = head.cli("stop", "diffmix-run-e2e")
+        assert "stop requested for diffmix-run-e2e" in stopped.stdout + stopped.stderr
+        assert first.wait(timeout=120) == 1  # submit.sh: the job did not succeed
+    finally:
+        if first.poll() is None:
+            first.kill()
+    said = (head.work / "submit-1.log").read_text()
+    assert "submitting diffmix-run-e2e" in said and "did not succeed" in said, said[-3000:]
+    assert (out / "banks" / "da-fusion" / CONCEPTS_JSON).exists()
+    assert not (out / "synthetic" / "da-fusion" / SUCCESS).exists()
+
+    rerun = _submit_script(head, "E2E", *args)  # the name is lower-cased: the same run
+    assert rerun.returncode == 0, rerun.stdout[-6000:] + rerun.stderr[-3000:]
+    assert "submitting diffmix-run-e2e-retry2" in rerun.stdout
+    first_run, second_run = json.loads((out / "timings.json").read_text())["invocations"]
+    assert [s["step"] for s in first_run["steps"]] == ["prepare", "finetune da-fusion"]  # done before the stop
+    status = {s["step"]: s["status"] for s in second_run["steps"]}
+    assert status == {"prepare": "skipped", "finetune da-fusion": "skipped", "generate da-fusion": "ran",
+                      "train-cls da-fusion seed 0": "ran", "report": "ran"}
+    assert "steps run: 3, skipped as complete: 2" in rerun.stdout
+    for marker in (out / "dataset" / DATASET_JSON, out / "synthetic" / "da-fusion" / SUCCESS,
+                   out / "classifiers" / "da-fusion" / "seed-0" / SUCCESS):
+        assert marker.exists(), marker
+    bank = json.loads((out / "banks" / "da-fusion" / CONCEPTS_JSON).read_text())
+    assert bank["mode"] == "ti" and bank["train_config"]["initializer_token"] == "the"
+    manifest = storage.read_json(str(out / "synthetic" / "da-fusion" / "manifest.json"))
+    assert manifest["config"]["per_image"] == 1 and manifest["counts"]["generated"] == 72  # one per train image
+    metrics = json.loads((out / "classifiers" / "da-fusion" / "seed-0" / "metrics.json").read_text())
+    assert metrics["synthetic_sampling"] == "own-source" and metrics["p"] == 0.5
+    table = (out / "report" / "table.md").read_text()
+    assert "## tiny: sample shapes" in table
+    assert "| Method | Top-1 (%, last epoch) | Δ vs Real only | Seeds |" in table
+    assert "| DA-Fusion |" in table and "| generate da-fusion |" in table
+    assert {"table.md", "table.html", "methods.png", "accuracy.png", "contact-da-fusion.png"} <= \
+        set(os.listdir(out / "report"))
 
     again = _submit_script(head, "e2e", *args)
-    assert again.returncode == 0 and "diffmix-run-e2e already SUCCEEDED: skipping" in again.stdout
-
-    assert head.submit("diffmix-run-rerun", "exit 3")["status"] == "FAILED"
-    rerun = _submit_script(head, "ReRun", *args)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert "submitting diffmix-run-rerun-retry2" in rerun.stdout
-    assert "steps run: 1, skipped as complete: 2" in rerun.stdout  # prepare, train-cls skipped; the report redone
+    assert again.returncode == 0 and "diffmix-run-e2e-retry2 already SUCCEEDED: skipping" in again.stdout
     unknown = _submit_script(head, "x", "no-such-recipe", "--out", str(out))
     assert unknown.returncode == 2 and "no recipe named 'no-such-recipe'" in unknown.stderr
 
