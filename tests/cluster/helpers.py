@@ -13,36 +13,19 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from tests.paths import REPO
+from tests.waiting import free_ports
 
 VENV_BIN = Path(sys.executable).parent
 FAKE_HEAD_NODE_ID = "f" * 51 + "00000"  # ray.autoscaler._private.fake_multi_node.node_provider
-WORKER_PORTS = range(10002, 20000)  # Ray's default worker port range: stay out of it
-
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    while len(ports) < n:
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        if s.getsockname()[1] not in WORKER_PORTS:
-            ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
 def processes_of(temp_dir: str, gcs: str):
     """Every process of a cluster: those whose command line names its temp dir or GCS address (head
     daemons, the monitor, fake nodes' raylets) and all their descendants (workers, agents)."""
@@ -107,15 +90,6 @@ def actor_nodes(state, class_part: str) -> set[str]:
     """Node ids of every actor (alive or dead) whose class name contains `class_part`."""
     return {a["Address"]["NodeID"] for a in state.actor_table(None).values()
             if class_part in a.get("ActorClassName", "") and a.get("Address", {}).get("NodeID")}
-
-
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def cli(env: dict, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:

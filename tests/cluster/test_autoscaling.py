@@ -23,8 +23,8 @@ import pytest
 from diffmix_ray.contracts import MANIFEST_JSON, SUCCESS
 from diffmix_ray.runtime.nodes import GPU_WITHOUT_CUDA_ENV
 
-from tests.cluster.helpers import (actor_nodes, cli, fake_autoscaling_head, global_state, gpu_nodes, one_line, record,
-                              wait_for)
+from tests.cluster.helpers import actor_nodes, cli, fake_autoscaling_head, global_state, gpu_nodes, one_line, record
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
 

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from diffmix_ray import storage
 from diffmix_ray.contracts import LEARNED_EMBEDS, LORA_WEIGHTS, SHARDS_DIR, SUCCESS
 from diffmix_ray.runtime.shared_paths import TEST_ROOT_ENV
 
-from tests.cluster.helpers import REPO, VENV_BIN, client_env, one_line, record, wait_for
+from tests.cluster.helpers import REPO, VENV_BIN, client_env, one_line, record
+from tests.waiting import wait_for
 from tests.fixtures import SHAPES_FIT
 
 pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import pytest
 import yaml
 
 from tests.paths import REPO
+from tests.waiting import free_ports, wait_for
 
 VENV_BIN = Path(sys.executable).parent
 CLUSTER = REPO / "cluster"
@@ -193,22 +193,6 @@ def test_submit_script_parses_and_monitoring_files_are_valid():
 # ---------------------------------------------------------------------------------------------
 # A real Ray head on loopback, shared by the end-to-end tests of this module
 # ---------------------------------------------------------------------------------------------
-WORKER_PORTS = range(10002, 20000)  # Ray's default worker port range: stay out of it
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    while len(ports) < n:
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        if s.getsockname()[1] not in WORKER_PORTS:
-            ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
 @dataclass
 class Head:
     address: str  # dashboard / job API
@@ -306,7 +290,7 @@ def _watch_metrics(head: Head, stop: threading.Event) -> None:
 def head(s3_server):
     ray_bin = VENV_BIN / "ray"
     temp_dir = tempfile.mkdtemp(prefix="dmx-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    gcs_port, dash_port, metrics_port, *more = _free_ports(9)
+    gcs_port, dash_port, metrics_port, *more = free_ports(9)
     gcs = f"127.0.0.1:{gcs_port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
     env.update({
@@ -453,8 +437,6 @@ def test_a_recipe_runs_as_a_ray_job_stopped_mid_way_and_resumed_by_submitting_ag
     covers the rest without Ray."""
     from diffmix_ray import storage
     from diffmix_ray.contracts import CONCEPTS_JSON, DATASET_JSON, SUCCESS
-
-    from tests.generate.test_faults import wait_for
 
     out = head.work / "tiny-run"
     args = ["tiny", "--out", str(out), "--methods", "da-fusion", "--seeds", "0"]

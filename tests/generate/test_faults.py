@@ -19,6 +19,7 @@ from diffmix_ray.contracts import SHARDS_DIR, SUCCESS
 from diffmix_ray.generate.run import run_generate
 
 from tests.generate.test_ray import assert_exact, cli_args, cli_process, config, manifest, run_cli, shard_names
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
 
@@ -26,15 +27,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
 LONGER = dict(multiplier=2, steps=10)
 PAIRS = 48
 TRANSLATOR_TITLE = "ray::MapWorker(MapBatches(Translator))"  # the actor's process title
-
-
-def wait_for(predicate, timeout: float = 180, what: str = "condition", poll: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def readable_shard_rows(out: str) -> int:

@@ -27,7 +27,7 @@ from diffmix_ray.generate.run import run_generate
 from diffmix_ray.score.config import ScoreConfig
 from diffmix_ray.score.run import run_score
 
-from tests.generate.test_faults import wait_for
+from tests.waiting import wait_for
 from tests.generate.test_ray import cli_process, config, read_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
