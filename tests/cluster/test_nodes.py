@@ -2,9 +2,8 @@
 (`ray.cluster_utils.Cluster`, as Ray's own chaos tests do): a head that runs no work (CPU 0, as
 cluster/aws.yaml's) and two worker nodes. Each stage runs as its own driver process joined to it.
 
-  * a worker node killed in the middle of `generate`: the run completes (a rerun is allowed when Ray
-    Data gives up) with every pair exactly once. `score` runs on the same actor-pool driver
-    (runtime/pool_stage.py) and Ray Data retries, so generate's death stands for both;
+  * a worker node killed in the middle of `generate` and of `score`: the run completes (a rerun is
+    allowed when Ray Data gives up) with every pair exactly once;
   * in the middle of `finetune` and `train-cls`: Ray Train restores from the last checkpoint
     (FailureConfig), and the result is the one the same restore gives when only the worker process
     dies (finetune: bit-exact), or matches an uninterrupted run within tolerance (train-cls);
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from diffmix_ray.contracts import LEARNED_EMBEDS, LORA_WEIGHTS, SHARDS_DIR, SUCCESS
+from diffmix_ray.contracts import LEARNED_EMBEDS, LORA_WEIGHTS, SCORES_DIR, SHARDS_DIR, SUCCESS
 from diffmix_ray.runtime.shared_paths import TEST_ROOT_ENV
 
 from tests.cluster.helpers import REPO, VENV_BIN, client_env, one_line, record
@@ -172,6 +171,24 @@ def test_generate_survives_a_node_death_with_every_pair_once(generated):
     out, _, _ = generated
     assert os.path.exists(os.path.join(out, SUCCESS))
     _assert_each_once(os.path.join(out, SHARDS_DIR), "pair_id", _plan_ids(out))
+
+
+def test_score_survives_a_node_death_with_every_pair_once(nodes, generated, tmp_path):
+    out, _, _ = generated
+    scores = os.path.join(out, SCORES_DIR, "default")
+    args = ["score", "--synthetic", out, "--clip", "tiny", "--batch-size", "4", "--rows-per-file", "8",
+            "--gpus-per-actor", "0", "--max-actors", "2"]
+    log = str(tmp_path / "score.log")
+    started = time.monotonic()
+    proc = _start(nodes, args, log)
+    wait_for(lambda: proc.poll() is not None or len(_files(scores)) >= 1, timeout=240, what="the first score file")
+    assert proc.poll() is None, "score ended before a node could be killed"
+    nodes.kill_node_of("MapBatches(Scorer)")
+    rc, text = _finish(proc, log)
+    reruns = _rerun_until_done(nodes, args, rc, text, log)
+    record("node-death-score", {"reruns": reruns, "seconds": round(time.monotonic() - started, 1)})
+    assert os.path.exists(os.path.join(scores, SUCCESS))
+    _assert_each_once(scores, "pair_id", _plan_ids(out))
 
 
 # ---------------------------------------------------------------------------------------------
