@@ -17,20 +17,25 @@ from ..errors import DiffmixError
 from ..synthetic import open_synthetic
 
 
+def _source_dataset(run: str) -> canonical.Dataset:
+    """The dataset a generate output was made from, as its manifest records it."""
+    return canonical.open_dataset(storage.read_json(storage.join(run, MANIFEST_JSON))["identity"]["dataset"])
+
+
+def _foreign_classes(names) -> list[str]:
+    return [n for n in names if n not in sample_world.CLASS_NAMES]
+
+
 def of_the_sample_world(run: str) -> bool:
     """Whether `run` was generated from a dataset of the sample world's classes (what the judge can read)."""
-    manifest = storage.read_json(storage.join(run, MANIFEST_JSON))
-    names = canonical.open_dataset(manifest["identity"]["dataset"]).info.classes
-    return all(n in sample_world.CLASS_NAMES for n in names)
+    return not _foreign_classes(_source_dataset(run).info.classes)
 
 
 def judge_synthetic(run: str, gamma: float = 0.5) -> list[dict]:
     """One row per strength (ascending): pairs, judged target / source / other share, label target weight."""
-    manifest = storage.read_json(storage.join(run, MANIFEST_JSON))
-    dataset = canonical.open_dataset(manifest["identity"]["dataset"])
+    dataset = _source_dataset(run)
     names = dataset.info.classes
-    unknown = [n for n in names if n not in sample_world.CLASS_NAMES]
-    if unknown:
+    if unknown := _foreign_classes(names):
         raise DiffmixError(f"{run} was generated from {dataset.uri}, whose classes ({', '.join(unknown[:3])}, ...) are "
                            "not the sample world's: the judge reads only the sample world's colours and shapes")
     world_label = [sample_world.CLASS_NAMES.index(n) for n in names]  # dataset label -> the world's label

@@ -1,9 +1,10 @@
 """The report of `diffmix-ray run`: the recipe's table in the paper's shape (one row per method, the
 reported top-1 as mean ± std over seeds, and many/medium/few for long-tailed data) as Markdown and
 HTML, with the plots: top-1 per method (bars, one dot per seed), accuracy per epoch (mean over seeds),
-a contact sheet per generation (and, made from the sample world, what its judge sees in it), and for scored generations the score plots and the kept fraction of
-each method's synthetic filter (score_report.py). Every finished classifier run under <out>/classifiers counts,
-so the table grows as methods and seeds are added."""
+a contact sheet per generation (and, for one made from the sample world, what its judge sees in it), and
+for scored generations the score plots and the kept fraction of each method's synthetic filter
+(score_report.py). Every finished classifier run under <out>/classifiers counts, so the table grows as
+methods and seeds are added."""
 
 from __future__ import annotations
 

@@ -429,8 +429,9 @@ def _submit_script(head, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_a_recipe_runs_as_a_ray_job_stopped_mid_way_and_resumed_by_submitting_again(head):
-    """jobs/submit.sh submits `diffmix-ray run RECIPE ...` as one Ray job. `diffmix-ray stop` while it
-    generates (Ray kills the driver and its actors); the same command again submits it as -retry2, whose
+    """jobs/submit.sh submits `diffmix-ray run RECIPE ...` as one Ray job. `diffmix-ray stop JOB` (the job
+    API's stop of that one job on this test's head, not `ray stop`) while it generates: Ray ends the job's
+    driver and its actors; the same command again submits it as -retry2, whose
     `run` skips the finished steps on their stages' completion markers, resumes the cut one, runs the rest
     and writes the report; once more, it skips the SUCCEEDED job. Lean on purpose: DA-Fusion alone (a TI
     bank, per-image generation, own-source replacement: every kind of step), one seed; test_recipes.py

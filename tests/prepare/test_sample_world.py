@@ -194,19 +194,23 @@ def test_judged_report_reads_a_generate_output_of_the_sample_world(tmp_path):
     that changed nothing): the judge sees every source class and no target; a dataset of other classes
     is refused."""
     from diffmix_ray.data.prepare import PrepareConfig, prepare
-    from diffmix_ray.orchestrate.judged import judge_synthetic, judged_markdown
+    from diffmix_ray.orchestrate.judged import judge_synthetic, judged_markdown, of_the_sample_world
 
     from tests.fixtures import fake_synthetic, make_imagefolder
 
     raw = write_sample_imagefolder(str(tmp_path / "raw"), num_classes=5, per_class=4, seed=1)
     dataset = str(tmp_path / "dataset")
     prepare(PrepareConfig("imagefolder", raw, super_class="shape", val_fraction=0), dataset, show_progress=False)
-    rows = judge_synthetic(fake_synthetic(str(tmp_path / "syn"), dataset, strength=0.3))
+    syn = fake_synthetic(str(tmp_path / "syn"), dataset, strength=0.3)
+    assert of_the_sample_world(syn)  # so the report judges it
+    rows = judge_synthetic(syn)
     assert [(r["strength"], r["pairs"], r["target"], r["source"]) for r in rows] == [(0.3, 20, 0.0, 1.0)]
     assert rows[0]["label_target_weight"] == pytest.approx(0.3 ** 0.5)
     assert "| 0.30 | 20 | 0% | 100% | 0% | 0.55 |" in judged_markdown(rows, "t")
     other = str(tmp_path / "other")
     prepare(PrepareConfig("imagefolder", make_imagefolder(str(tmp_path / "raw2"), {"cat": 2, "dog": 2}),
                           super_class="pet", val_fraction=0), other, show_progress=False)
+    syn2 = fake_synthetic(str(tmp_path / "syn2"), other, strength=0.3)
+    assert not of_the_sample_world(syn2)  # the report leaves it out
     with pytest.raises(DiffmixError, match="not the sample world's"):
-        judge_synthetic(fake_synthetic(str(tmp_path / "syn2"), other, strength=0.3))
+        judge_synthetic(syn2)
