@@ -185,6 +185,25 @@ def _fit(inputs: Inputs):
                            "to resume from the last checkpoint") from e
 
 
+def _finished_training(inputs: Inputs):
+    """Ray Train's result of this run when its training already reached --max-steps (the driver died
+    after the last checkpoint, before the bank was written), else None. The bank is then written from
+    that checkpoint with no worker group: no GPU node has to start only to write a file."""
+    from ray.train import Result
+
+    run_uri = storage.join(inputs.out, TRAIN_DIR, inputs.run_name)
+    if not storage.exists(run_uri):
+        return None
+    filesystem, path = storage.arrow_filesystem(run_uri) if storage.is_s3(run_uri) else (None, run_uri)
+    try:
+        result = Result.from_path(path, storage_filesystem=filesystem)
+    except Exception as e:  # noqa: BLE001 - no snapshot yet, or one this Ray cannot read: the fit restores
+        logger.info("finetune: %s has no finished training to write a bank from (%s); resuming the fit", run_uri, e)
+        return None
+    finished = result.checkpoint is not None and (result.metrics or {}).get("step") == inputs.cfg.max_steps
+    return result if finished else None
+
+
 def bank_weights(lora_peft: dict, embeds: dict, cfg: FinetuneConfig) -> tuple[dict | None, dict | None]:
     """Checkpoint tensors -> what save_bank takes: LoRA in diffusers' key format, with the
     alpha/rank scale folded into the up weights (diffusers loads a LoRA without alphas at scale 1)."""
@@ -244,7 +263,12 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False, resume: bool = Fa
                   f"x {cfg.workers} worker(s); run {inputs.run_name}" + (" (resuming)" if resumed else ""))
     console.print(f"sampling: {_sampler(inputs).describe()} ({inputs.resolved['class_balanced']['from']})",
                   highlight=False)
-    result = _fit(inputs)
+    result = _finished_training(inputs) if resumed else None
+    if result is not None:
+        console.print(f"training already reached step {cfg.max_steps}: writing the concept bank from its last "
+                      "checkpoint")
+    else:
+        result = _fit(inputs)
     if storage.exists(diverged := storage.join(inputs.out, DIVERGED)):  # stopped by the loop, no bank
         raise DiffmixError(storage.read_text(diverged))
     if result.checkpoint is None:

@@ -8,11 +8,14 @@ runs no GPU work, a GPU worker type with min_workers 0).
     grows is Ray Data's, the same on either autoscaler, so v2 runs one actor on a third of the pairs);
   * an unsatisfiable GPU request is an error naming the flag, in bounded time.
 
+Both autoscalers run at once, one head each (`runs`); the tests read what their runs did.
+
 The fake GPU nodes have no CUDA: the cluster runs with DIFFMIX_GPU_WITHOUT_CUDA=cpu, which lets
-them run the work on their CPU (the error it replaces is tested in test_cluster_nodes.py)."""
+them run the work on their CPU (the error it replaces is tested in test_nodes.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -33,12 +36,7 @@ GPU_TYPE = {"gpu": {"resources": {"CPU": 2, "GPU": 1, "object_store_memory": 200
 TRANSLATOR = "MapBatches(Translator)"
 
 
-@pytest.fixture(scope="module", params=["v1", "v2"])
-def fake(request):
-    with fake_autoscaling_head(request.param, GPU_TYPE, node_env={GPU_WITHOUT_CUDA_ENV: "cpu"}) as cluster:
-        yield cluster
-
-
+VERSIONS = ("v1", "v2")
 # autoscaler -> (--multiplier, --max-actors): the pool's growth onto a second GPU node is tested on v1.
 POOL_RUN = {"v1": (3, 4), "v2": (1, 1)}
 
@@ -48,9 +46,10 @@ def _generate(fake, dataset: str, out: str, *extra: str, multiplier: int = 3):
                "--multiplier", str(multiplier), "--steps", "4", "--batch-size", "4", "--rows-per-shard", "8", *extra)
 
 
-def test_gpu_default_scales_from_zero_gpu_nodes_and_back(fake, sample_dataset, tmp_path):
+def _scale_from_zero(fake, dataset: str, out: str) -> dict:
+    """generate on the GPU default from zero GPU nodes; what the cluster did meanwhile and after."""
     state = global_state(fake.gcs)
-    assert not gpu_nodes(state), "the cluster must start with no GPU node"
+    had_gpu_nodes = bool(gpu_nodes(state))
     seen: dict = {"max_gpu_nodes": 0}
     stop = threading.Event()
 
@@ -62,22 +61,86 @@ def test_gpu_default_scales_from_zero_gpu_nodes_and_back(fake, sample_dataset, t
             seen["max_gpu_nodes"] = max(seen["max_gpu_nodes"], n)
             stop.wait(0.2)
 
-    out = str(tmp_path / "out")
     multiplier, max_actors = POOL_RUN[fake.version]
     started = time.monotonic()
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        result = _generate(fake, sample_dataset, out, "--min-actors", "1", "--max-actors", str(max_actors),
+        result = _generate(fake, dataset, out, "--min-actors", "1", "--max-actors", str(max_actors),
                            multiplier=multiplier)
     finally:
         stop.set()
         watcher.join()
-    run_s = time.monotonic() - started
+    run = {"had_gpu_nodes": had_gpu_nodes, "result": result, "seen": seen, "max_actors": max_actors,
+           "run_s": round(time.monotonic() - started, 1), "ran_on": actor_nodes(state, TRANSLATOR),
+           "gpu_node_ids": {n["NodeID"] for n in state.node_table() if n.get("Resources", {}).get("GPU", 0) > 0},
+           "monitor_log": fake.monitor_log}
+    if result.returncode == 0:
+        # Idle GPU nodes go once the run is over (idle_timeout_minutes: 0.1 here, 10 in cluster/aws.yaml).
+        ended = time.monotonic()
+        wait_for(lambda: not gpu_nodes(state), timeout=120, what="the idle GPU nodes to be removed")
+        run["idle_nodes_gone_s"] = round(time.monotonic() - ended, 1)
+    return run
+
+
+def _unsatisfiable(fake, dataset: str, out: str) -> dict:
+    """No node type has 2 GPUs: v2 calls the request infeasible, v1 starts nothing for it."""
+    started = time.monotonic()
+    result = _generate(fake, dataset, out, "--gpus-per-actor", "2")
+    return {"result": result, "error_after_s": round(time.monotonic() - started, 1)}
+
+
+@pytest.fixture(scope="module")
+def runs(sample_dataset, tmp_path_factory) -> dict:
+    """Both autoscalers' runs at once, each on its own head: the scale-from-zero run, then (on the
+    same head, its GPU nodes gone) the unsatisfiable request. Each mostly waits on its autoscaler
+    and its nodes' start, so together they take little more than the longer one alone. A step that
+    failed is kept as its exception, raised by the test that reads it."""
+    results: dict = {v: {} for v in VERSIONS}
+    starting = threading.Lock()  # one `ray start` at a time: its free ports are picked, then bound
+
+    def run(version: str) -> None:
+        folder = tmp_path_factory.mktemp(f"autoscale-{version}")
+        try:
+            with contextlib.ExitStack() as stack:
+                with starting:
+                    fake = stack.enter_context(
+                        fake_autoscaling_head(version, GPU_TYPE, node_env={GPU_WITHOUT_CUDA_ENV: "cpu"}))
+                for step, scenario in (("scale", _scale_from_zero), ("unsatisfiable", _unsatisfiable)):
+                    try:
+                        results[version][step] = scenario(fake, sample_dataset, str(folder / step))
+                    except BaseException as e:  # noqa: BLE001 - raised by the test of this step
+                        results[version][step] = e
+        except BaseException as e:  # noqa: BLE001 - the head did not start: both steps report it
+            results[version].setdefault("scale", e)
+            results[version].setdefault("unsatisfiable", e)
+
+    threads = [threading.Thread(target=run, args=(v,), daemon=True) for v in VERSIONS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=540)
+    return results
+
+
+def _step(runs: dict, version: str, step: str) -> dict:
+    got = runs[version].get(step)
+    assert got is not None, f"{version}: the {step} run never ended"
+    if isinstance(got, BaseException):
+        raise got
+    return got
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_gpu_default_scales_from_zero_gpu_nodes_and_back(runs, version):
+    run = _step(runs, version, "scale")
+    assert not run["had_gpu_nodes"], "the cluster must start with no GPU node"
+    result, seen = run["result"], run["seen"]
     said = one_line(result)
     assert result.returncode == 0, said[-3000:]
     print("\n".join(l for l in (result.stdout + result.stderr).splitlines() if "autoscaler +" not in l)[:6000])
-    assert f"generate: 1 GPU per actor (the Ray cluster: its autoscaler ({fake.version}) is adding a GPU node" in said
+    assert f"generate: 1 GPU per actor (the Ray cluster: its autoscaler ({version}) is adding a GPU node" in said
+    out = result.args[result.args.index("--out") + 1]
     assert os.path.exists(os.path.join(out, SUCCESS))
     with open(os.path.join(out, MANIFEST_JSON)) as f:
         manifest = json.load(f)
@@ -86,29 +149,25 @@ def test_gpu_default_scales_from_zero_gpu_nodes_and_back(fake, sample_dataset, t
 
     # The pool grew onto the GPU nodes the autoscaler added (its decisions are in its log), one actor
     # per node up to --max-actors or the type's max_workers; no translation actor ran anywhere else (the head has no GPU).
-    ran_on = actor_nodes(state, TRANSLATOR)
-    gpu_node_ids = {n["NodeID"] for n in state.node_table() if n.get("Resources", {}).get("GPU", 0) > 0}
-    assert ran_on and ran_on <= gpu_node_ids
-    grown_to = min(max_actors, GPU_TYPE["gpu"]["max_workers"])
+    ran_on = run["ran_on"]
+    assert ran_on and ran_on <= run["gpu_node_ids"]
+    grown_to = min(run["max_actors"], GPU_TYPE["gpu"]["max_workers"])
     assert seen["max_gpu_nodes"] >= grown_to and len(ran_on) == grown_to, (seen, ran_on)
-    assert "Adding 1 node(s) of type gpu" in fake.monitor_log or "Adding 2 node(s) of type gpu" in fake.monitor_log
-
-    # Idle GPU nodes go once the run is over (idle_timeout_minutes: 0.1 here, 10 in cluster/aws.yaml).
-    ended = time.monotonic()
-    wait_for(lambda: not gpu_nodes(state), timeout=120, what="the idle GPU nodes to be removed")
-    record(f"autoscale-{fake.version}", {"first_gpu_node_s": seen.get("first_gpu_node_s"),
-                                         "gpu_nodes": seen["max_gpu_nodes"], "run_s": round(run_s, 1),
-                                         "idle_nodes_gone_s": round(time.monotonic() - ended, 1)})
+    assert "Adding 1 node(s) of type gpu" in run["monitor_log"] or "Adding 2 node(s) of type gpu" in run["monitor_log"]
+    assert "idle_nodes_gone_s" in run  # the idle GPU nodes were removed after the run
+    record(f"autoscale-{version}", {"first_gpu_node_s": seen.get("first_gpu_node_s"),
+                                    "gpu_nodes": seen["max_gpu_nodes"], "run_s": run["run_s"],
+                                    "idle_nodes_gone_s": run["idle_nodes_gone_s"]})
 
 
-def test_an_unsatisfiable_gpu_request_is_an_error_in_bounded_time(fake, sample_dataset, tmp_path):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_an_unsatisfiable_gpu_request_is_an_error_in_bounded_time(runs, version):
     """No node type has 2 GPUs: v2 calls the request infeasible, v1 starts nothing for it."""
-    started = time.monotonic()
-    result = _generate(fake, sample_dataset, str(tmp_path / "out"), "--gpus-per-actor", "2")
-    said = one_line(result)
-    assert result.returncode == 2, said[-3000:]
+    run = _step(runs, version, "unsatisfiable")
+    said = one_line(run["result"])
+    assert run["result"].returncode == 2, said[-3000:]
     assert "--gpus-per-actor 2: this cluster has no node type with 2 GPU(s) it can start" in said
     assert "pass --gpus-per-actor 0 to run on CPU" in said and "Traceback" not in said
-    assert ("calls the GPU request infeasible" if fake.version == "v2"
+    assert ("calls the GPU request infeasible" if version == "v2"
             else "started no GPU node: it has no GPU node type, or it is at max_workers") in said
-    record(f"unsatisfiable-{fake.version}", {"error_after_s": round(time.monotonic() - started, 1)})
+    record(f"unsatisfiable-{version}", {"error_after_s": run["error_after_s"]})

@@ -241,6 +241,16 @@ def test_model_make_refuses_bad_arguments_before_building(tiny_dir, tmp_path, mo
     assert not (tmp_path / "x").exists() and not (tmp_path / "copy").exists()
 
 
+def test_model_stage_all_nodes_refuses_a_local_folder_before_joining_ray(tmp_path, monkeypatch):
+    """Only an s3:// folder can be staged on every node (a local one is already where it is); said
+    before any Ray is joined. Staging itself runs on a live head: tests/e2e/test_ops.py."""
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("joined Ray for a local folder"))
+    local = _cli("stage", str(tmp_path), "--all-nodes")
+    assert local.exit_code == 2 and "stages an s3:// model folder" in local.output, local.output
+
+
 def test_interrupted_preset_write_is_refused_as_incomplete(tmp_path, monkeypatch):
     from diffmix_ray.models import presets
 
