@@ -132,21 +132,6 @@ def shapes(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ddp_finetune(ray_local, sample_dataset, tmp_path_factory):
-    """One 2-worker DDP fine-tune (DDP_FINETUNE) whose rank 1 dies once before step 5 (the test hook)
-    and which Ray Train resumes from step 3, read-only for its users: the finetune tests' fit, and the
-    bank a node death on a cluster must reproduce. Returns (config, bank, out)."""
-    from diffmix_ray.finetune.config import FinetuneConfig
-    from diffmix_ray.finetune.run import run_finetune
-
-    from tests.fixtures import DDP_FINETUNE
-
-    out = str(tmp_path_factory.mktemp("ddp") / "bank")
-    cfg = FinetuneConfig(dataset=sample_dataset, out=out, max_failures=1, _fail_at_step=5, **DDP_FINETUNE)
-    return cfg, run_finetune(cfg), out
-
-
-@pytest.fixture(scope="session")
 def shapes_fit(ray_local, shapes, tmp_path_factory):
     """One uninterrupted classifier fit on `shapes` (SHAPES_FIT, test scored every epoch), read-only for
     its users: the real baseline of the label-bookkeeping test, the run `evaluate` and `report` read, and

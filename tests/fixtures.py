@@ -17,12 +17,6 @@ SHAPES_FIT = dict(arch="test_resnet", img_size=32, epochs=5, batch_size=8, lr=0.
                   warmup_epochs=0.0, cpus_per_worker=1.0, seed=0)
 
 
-# The 2-worker DDP fine-tune the finetune tests share (conftest.py `ddp_finetune`), checkpointed every 3
-# steps; its steps leave the cluster's node death time to land between two checkpoints.
-DDP_FINETUNE = dict(model="tiny", max_steps=20, batch_size=2, checkpoint_every=3, log_every=2, lr=1e-2, ti_lr=5e-2,
-                    seed=0, workers=2, cpus_per_worker=0.5)
-
-
 def image_bytes(color=(200, 30, 30), size=(24, 20), fmt="JPEG", mode="RGB") -> bytes:
     img = Image.new("RGB", size, color)
     if mode != "RGB":

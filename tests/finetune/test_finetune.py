@@ -26,8 +26,6 @@ from diffmix_ray.finetune.sampling import StepSampler
 from diffmix_ray.models import concepts as bank_io
 from diffmix_ray.models.loader import load_pipeline
 
-from tests.fixtures import DDP_FINETUNE
-
 MAX_STEPS = 8
 CLASS_TOKENS = ["<class_0>", "<class_1>", "<class_2>", "<class_3>"]
 
@@ -329,25 +327,25 @@ def test_cli_reports_bad_options_without_a_traceback(sample_dataset, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Ray Train: one 2-worker DDP fit whose rank 1 dies once before step 5 (conftest's `ddp_finetune`)
+# Ray Train: one 2-worker DDP fit whose rank 1 dies once before step 5
 # ---------------------------------------------------------------------------------------------
-DDP_STEPS = DDP_FINETUNE["max_steps"]
-
-
-@pytest.fixture
-def ddp_run(ddp_finetune):
-    return ddp_finetune
+@pytest.fixture(scope="module")
+def ddp_run(ray_local, sample_dataset, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ddp") / "bank")
+    cfg = _cfg(sample_dataset, out, workers=2, max_failures=1, _fail_at_step=5)
+    bank = ft_run.run_finetune(cfg)
+    return cfg, bank, out
 
 
 @pytest.mark.slow
 def test_killed_worker_resumes_from_last_checkpoint_without_repeating_steps(ddp_run):
     cfg, _, out = ddp_run
-    assert os.path.exists(os.path.join(os.path.dirname(_checkpoint(out, DDP_STEPS)), "_fail_once"))  # it did die
+    assert os.path.exists(os.path.join(os.path.dirname(_checkpoint(out, MAX_STEPS)), "_fail_once"))  # it did die
     for rank in (0, 1):
-        progress = _progress(out, DDP_STEPS, rank)
+        progress = _progress(out, MAX_STEPS, rank)
         assert progress["resumed_at"] == [3]  # restarted from the checkpoint at step 3, not from 0
-        assert progress["step_ranges"] == [[1, DDP_STEPS]]  # every step exactly once, in order
-        assert progress["images_seen"] == DDP_STEPS * cfg.batch_size
+        assert progress["step_ranges"] == [[1, MAX_STEPS]]  # every step exactly once, in order
+        assert progress["images_seen"] == MAX_STEPS * cfg.batch_size
 
 
 @pytest.mark.slow
@@ -362,16 +360,16 @@ def test_the_resumed_fit_saw_exactly_the_images_of_an_uninterrupted_one(ddp_run)
     sampler = StepSampler(table.column("label").to_numpy(), 4, False, cfg.seed, cfg.batch_size, cfg.workers)
     for rank in (0, 1):
         digest = ""
-        for step in range(1, DDP_STEPS + 1):
+        for step in range(1, MAX_STEPS + 1):
             keys = np.array([image_key(ids[i]) for i in sampler.indices(step, rank)], dtype=np.int64)
             digest = hashlib.sha256(digest.encode() + keys.tobytes()).hexdigest()
-        assert _progress(out, DDP_STEPS, rank)["data_digest"] == digest
+        assert _progress(out, MAX_STEPS, rank)["data_digest"] == digest
 
 
 @pytest.mark.slow
 def test_ddp_ranks_end_identical_while_seeing_different_data(ddp_run):
     _, _, out = ddp_run
-    rank0, rank1 = _progress(out, DDP_STEPS, 0), _progress(out, DDP_STEPS, 1)
+    rank0, rank1 = _progress(out, MAX_STEPS, 0), _progress(out, MAX_STEPS, 1)
     assert rank0["param_digest"] == rank1["param_digest"]
     assert rank0["data_digest"] != rank1["data_digest"]
 
@@ -431,7 +429,7 @@ def test_only_a_readable_record_of_finished_training_skips_the_fit(ddp_run, tmp_
     copy = str(tmp_path / "bank")
     shutil.copytree(out, copy)
     inputs = ft_run.resolve_inputs(dataclasses.replace(cfg, out=copy))
-    assert ft_run._finished_training(inputs).metrics["step"] == DDP_STEPS
+    assert ft_run._finished_training(inputs).metrics["step"] == MAX_STEPS
     snapshot = glob.glob(os.path.join(copy, "train", "*", "checkpoint_manager_snapshot.json"))
     assert len(snapshot) == 1
     with open(snapshot[0], "w") as f:
@@ -442,21 +440,18 @@ def test_only_a_readable_record_of_finished_training_skips_the_fit(ddp_run, tmp_
 
 
 @pytest.mark.slow
-def test_rerun_after_an_interrupted_driver_resumes_from_the_last_checkpoint(ddp_run, monkeypatch, tmp_path):
+def test_rerun_after_an_interrupted_driver_resumes_from_the_last_checkpoint(ddp_run, monkeypatch):
     """The driver died after training, before the bank was written: the same command (here with
     --resume) finds the final checkpoint in Ray Train's record of the run and writes the same bank
     from it, with no fit (no worker group, no GPU node) and no step taken again."""
-    cfg, _, shared = ddp_run
-    out = str(tmp_path / "bank")
-    shutil.copytree(shared, out)  # the shared fit stays as it is
-    cfg = dataclasses.replace(cfg, out=out)
+    cfg, _, out = ddp_run
     monkeypatch.setattr(ft_run, "_fit", lambda *_: pytest.fail("a fit started although training had finished"))
     written = {name: open(os.path.join(out, name), "rb").read() for name in (LORA_WEIGHTS, LEARNED_EMBEDS)}
     for name in (CONCEPTS_JSON, LORA_WEIGHTS, LEARNED_EMBEDS):
         os.remove(os.path.join(out, name))
-    progress_before = _progress(out, DDP_STEPS, 0)
+    progress_before = _progress(out, MAX_STEPS, 0)
     bank = ft_run.run_finetune(cfg, resume=True)
-    assert _progress(out, DDP_STEPS, 0) == progress_before  # no new step, no new checkpoint
-    assert bank.train_config["steps"] == DDP_STEPS
+    assert _progress(out, MAX_STEPS, 0) == progress_before  # no new step, no new checkpoint
+    assert bank.train_config["steps"] == MAX_STEPS
     for name, data in written.items():
         assert open(os.path.join(out, name), "rb").read() == data
