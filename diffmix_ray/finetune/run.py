@@ -194,7 +194,7 @@ def _finished_training(inputs: Inputs):
     run_uri = storage.join(inputs.out, TRAIN_DIR, inputs.run_name)
     if not storage.exists(run_uri):
         return None
-    filesystem, path = storage.arrow_filesystem(run_uri) if storage.is_s3(run_uri) else (None, run_uri)
+    filesystem, path = storage.arrow_filesystem(run_uri)
     try:
         result = Result.from_path(path, storage_filesystem=filesystem)
     except Exception as e:  # noqa: BLE001 - no snapshot yet, or one this Ray cannot read: the fit restores

@@ -469,8 +469,8 @@ def recipe_stopped(head):
 @pytest.mark.e2e
 def test_a_recipe_runs_as_a_ray_job_stopped_mid_way_and_resumed_by_submitting_again(head, recipe_stopped):
     """jobs/submit.sh submits `diffmix-ray run RECIPE ...` as one Ray job. `diffmix-ray stop JOB` (the job
-    API's stop of that one job on this test's head, not `ray stop`) while it generates: Ray ends the job's
-    driver and its actors; the same command again submits it as -retry2, whose
+    API's stop of that one submission on this test's head; nothing else on the machine is touched) while it
+    generates: Ray ends the job's driver and its actors; the same command again submits it as -retry2, whose
     `run` skips the finished steps on their stages' completion markers, resumes the cut one, runs the rest
     and writes the report; once more, it skips the SUCCEEDED job. Lean on purpose: DA-Fusion alone (a TI
     bank, per-image generation, own-source replacement: every kind of step), one seed; test_recipes.py
