@@ -4,7 +4,10 @@ streams its slice of a deterministic real/synthetic mix through Ray Data tasks t
 decode and augment into uint8 pixels (or, with --gpu-decode, only ship the encoded bytes); the
 training device normalises and makes the soft labels. One dataset streams all of a run's epochs.
 Random access by (file, row) is what lets a sample be replaced by any synthetic image without
-reading whole shards again."""
+reading whole shards again. Each training sample carries its own augmentation seed, drawn from
+(seed, epoch, position): the random crops, flips and jitter a sample gets do not depend on which
+worker process decodes it, so a run restored from a checkpoint sees the pixels an uninterrupted run
+of the same config sees."""
 
 from __future__ import annotations
 
@@ -21,18 +24,24 @@ from ..images import BadImage, decode_rgb
 from . import labels as lab
 from .transforms import pipeline
 
-COLS = ("file", "row", "source", "target", "strength")
+COLS = ("file", "row", "source", "target", "strength", "draw")
 
 
 @dataclass
 class Rows:
-    """Where a set of samples lives: indices into a list of image-column objects, plus labels."""
+    """Where a set of samples lives: indices into a list of image-column objects, plus labels, and
+    per sample the seed of its random augmentation (`draw`; 0 until an epoch's order assigns one)."""
 
     file: np.ndarray
     row: np.ndarray
     source: np.ndarray
     target: np.ndarray
     strength: np.ndarray
+    draw: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.draw is None:
+            self.draw = np.zeros(len(self.file), dtype=np.uint32)
 
     def __len__(self) -> int:
         return len(self.file)
@@ -43,7 +52,7 @@ class Rows:
     def table(self) -> pa.Table:
         return pa.table({"file": pa.array(self.file, pa.int32()), "row": pa.array(self.row, pa.int64()),
                          "source": pa.array(self.source, pa.int32()), "target": pa.array(self.target, pa.int32()),
-                         "strength": pa.array(self.strength, pa.float32())})
+                         "strength": pa.array(self.strength, pa.float32()), "draw": pa.array(self.draw, pa.uint32())})
 
 
 def load_image_column(uri: str) -> pa.Table:
@@ -65,7 +74,7 @@ def rows_of(tables: list[pa.Table], file_offset: int, synthetic: bool) -> Rows:
             s = np.zeros(n, dtype=np.float32)
         parts.append((np.full(n, f + file_offset), np.arange(n), src, tgt, s))
     if not parts:
-        return Rows(*(np.zeros(0, dtype=d) for d in (np.int32, np.int64, np.int32, np.int32, np.float32)))
+        return Rows(*(np.zeros(0, dtype=d) for d in (np.int32, np.int64, np.int32, np.int32, np.float32, np.uint32)))
     return Rows(*(np.concatenate([p[i] for p in parts]) for i in range(5)))
 
 
@@ -75,7 +84,8 @@ def epoch_rows(real: Rows, synthetic: Rows, p: float, syn_weights: np.ndarray | 
     """This rank's samples for one epoch. Every rank gets the same count (a DDP step count that
     differs between ranks would hang the all-reduce), so up to world-1 samples are left out. `own`:
     replace a real image only by its own translations (labels.own_index). `real_weights`: draw the
-    real rows by these weights (CMO's minority stream) instead of shuffling them."""
+    real rows by these weights (CMO's minority stream) instead of shuffling them. Each position gets
+    its augmentation seed from (seed, epoch, position, stream), whatever the number of ranks."""
     order, replace = lab.epoch_mix(len(real), len(synthetic), p, syn_weights, seed, epoch, own, real_weights)
     mixed = real.take(order)
     hit = replace >= 0
@@ -83,6 +93,8 @@ def epoch_rows(real: Rows, synthetic: Rows, p: float, syn_weights: np.ndarray | 
         chosen = synthetic.take(replace[hit])
         for c in COLS:
             getattr(mixed, c)[hit] = getattr(chosen, c)
+    stream = 0xA06 if real_weights is None else 0xA07
+    mixed.draw = np.random.SeedSequence([seed, epoch, stream]).generate_state(len(mixed), dtype=np.uint32)
     per_rank = len(mixed) // world
     return mixed.take(np.arange(rank, per_rank * world, world))
 
@@ -161,10 +173,30 @@ def where(uris: list[str], file: int, row: int) -> str:
     return f"row {int(row)} of {uris[int(file)]}"
 
 
-def images_of(columns: dict, files: np.ndarray, rows: np.ndarray, uris: list[str], tf) -> np.ndarray:
+def seed_augmentation(draw: int) -> None:
+    """Seed every generator an augmentation step may read (torchvision's: torch; timm's crops and
+    auto-augment: random and numpy) before one sample's pipeline runs."""
+    import random
+
+    import torch
+
+    random.seed(draw)
+    np.random.seed(draw)
+    # The CPU generator only: torch.manual_seed seeds every device's too (0.1 ms a sample, 7 us this way).
+    torch.default_generator.manual_seed(draw)
+
+
+def images_of(columns: dict, files: np.ndarray, rows: np.ndarray, uris: list[str], tf,
+              draws: np.ndarray | None = None) -> np.ndarray:
     """Decode and augment the images at (file, row) into one uint8 NHWC array (`tf` ends with
-    transforms.ToPixels); `columns` maps a file index to its image column."""
-    return np.stack([tf(decode(columns[int(f)][int(r)].as_py(), where(uris, f, r))) for f, r in zip(files, rows)])
+    transforms.ToPixels); `columns` maps a file index to its image column. With `draws`, each
+    sample's augmentation is seeded by its own draw."""
+    images = []
+    for i, (f, r) in enumerate(zip(files, rows)):
+        if draws is not None:
+            seed_augmentation(int(draws[i]))
+        images.append(tf(decode(columns[int(f)][int(r)].as_py(), where(uris, f, r))))
+    return np.stack(images)
 
 
 def load_batch(batch: pa.Table, refs: list, uris: list[str], training: bool, data_cfg: dict,
@@ -185,7 +217,8 @@ def load_batch(batch: pa.Table, refs: list, uris: list[str], training: bool, dat
         image = pa.array([columns[int(f)][int(r)].as_py() for f, r in zip(files, rows)], pa.binary())
         return pa.table({"image": image, "file": batch.column("file"), "row": batch.column("row"),
                          **{k: pa.array(v) for k, v in labels.items()}})
-    return {"image": images_of(columns, files, rows, uris, pipeline(data_cfg, training)), **labels}
+    draws = batch.column("draw").to_numpy() if training else None  # evaluation pipelines draw nothing
+    return {"image": images_of(columns, files, rows, uris, pipeline(data_cfg, training), draws), **labels}
 
 
 def dataset(rows: Rows, refs: list, uris: list[str], training: bool, data_cfg: dict, block_rows: int,

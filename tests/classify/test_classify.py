@@ -872,6 +872,44 @@ def test_run_rows_are_the_epochs_in_whole_batches():
     assert run_rows(real, syn, 0.5, None, 3, range(5, 5), 0, 1, 4)[0].table().num_rows == 0  # resumed at the end
 
 
+def test_a_samples_augmentation_is_drawn_from_its_place_in_the_run_not_from_its_worker():
+    """Each training sample's random crop/flip/jitter comes from (seed, epoch, position): the same on
+    any rank split and in any data worker process, whatever that process drew before; another epoch
+    or seed, other draws. So a run restored from a checkpoint sees an uninterrupted run's pixels
+    (the train-cls node death compares them, tests/cluster/test_nodes.py)."""
+    import random
+
+    import pyarrow as pa
+    import torch
+
+    from diffmix_ray.classify.data import Rows, epoch_rows, images_of
+    from diffmix_ray.classify.transforms import data_config, pipeline
+
+    real = Rows(np.zeros(12, np.int32), np.arange(12), np.arange(12) % 3, np.arange(12) % 3, np.zeros(12, np.float32))
+    one = epoch_rows(real, real.take(np.arange(0)), 0.0, None, 3, 1, 0, 1)
+    halves = [epoch_rows(real, real.take(np.arange(0)), 0.0, None, 3, 1, rank, 2) for rank in (0, 1)]
+    np.testing.assert_array_equal(one.draw[0::2], halves[0].draw)  # position i goes to rank i % world
+    np.testing.assert_array_equal(one.draw[1::2], halves[1].draw)
+    assert len(set(one.draw.tolist())) == 12
+    assert not np.array_equal(one.draw, epoch_rows(real, real.take(np.arange(0)), 0.0, None, 3, 2, 0, 1).draw)
+    assert not np.array_equal(one.draw, epoch_rows(real, real.take(np.arange(0)), 0.0, None, 4, 1, 0, 1).draw)
+    minority = epoch_rows(real, real.take(np.arange(0)), 0.0, None, 3, 1, 0, 1, real_weights=np.full(12, 1 / 12))
+    assert not np.array_equal(one.draw, minority.draw)  # CMO's second stream draws its own
+    assert Rows(*(np.zeros(2) for _ in range(5))).table().column("draw").to_pylist() == [0, 0]
+
+    images = [fx.image_bytes(color=(40 * i, 200 - 30 * i, 90), size=(40, 32)) for i in range(4)]
+    column = pa.array(images, pa.binary())
+    for augment in ("timm", "reference", "reference-lt"):  # timm's crops draw from `random`, torchvision's from torch
+        tf = pipeline(data_config("test_resnet", augment, 32, None), True)
+        files, rows, draws = np.zeros(4, np.int32), np.arange(4), np.array([11, 12, 13, 14], np.uint32)
+        first = images_of({0: column}, files, rows, ["x"], tf, draws)
+        random.random(), torch.rand(3), np.random.rand()  # a worker that drew other things before
+        again = images_of({0: column}, files[::-1], rows[::-1], ["x"], tf, draws[::-1])[::-1]  # another order
+        np.testing.assert_array_equal(first, again)
+        other = images_of({0: column}, files, rows, ["x"], tf, draws + 100)
+        assert not np.array_equal(first, other), augment
+
+
 def test_selected_weights_follow_val_and_survive_checkpoints():
     import torch
 
