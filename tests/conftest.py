@@ -12,9 +12,14 @@ from dataclasses import dataclass
 
 import pytest
 
+from diffmix_ray.runtime.local_ray import keep_on_loopback
+
 # Set before any test imports huggingface_hub, which reads these once at import time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"  # no 1-2 s instance-metadata probes for credentials
+# The network rule: every Ray the tests start (the session's, the CLI's own, the cluster tests' nodes)
+# serves on 127.0.0.1 only; asked for 127.0.0.1, Ray on Linux would serve on the LAN address instead.
+keep_on_loopback()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -86,7 +91,7 @@ def ray_local(tmp_path_factory):
 
     # 4 logical CPUs on a 2-core machine: translation actors + Ray Data tasks never starve each other.
     ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
-             _node_ip_address="127.0.0.1",  # the network rule: loopback only
+             _node_ip_address="127.0.0.1",  # the network rule: loopback only (with keep_on_loopback above)
              log_to_driver=False, configure_logging=False,
              # Keep idle task workers alive between tests: a fresh Ray Data worker process imports torch
              # and timm (seconds each on 2 cores), which every classifier fit paid again (~15 s) when

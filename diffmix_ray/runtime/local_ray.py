@@ -6,10 +6,28 @@ import math
 import os
 
 
+# Ray's switch for clusters on macOS and Windows. Off, Ray keeps a node asked for 127.0.0.1 on it: on
+# Linux it otherwise swaps in the machine's LAN address (services.resolve_ip_for_localhost), and its
+# GCS, raylet and agents then listen on every interface, open to the network without auth.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def keep_on_loopback() -> None:
+    """Make the Ray this process starts serve on 127.0.0.1 only: the environment variable for the
+    processes it starts (and a fresh `import ray`), and the constant Ray already read at import."""
+    os.environ[LOOPBACK_ENV] = "0"
+    try:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    except (ImportError, AttributeError):  # private; if it moved, a fresh import reads the variable
+        pass
+
+
 def init_ray(min_cpus: float = 1.0) -> None:
     """Join the Ray the environment names (RAY_ADDRESS, e.g. under `ray job submit`, or a
     `ray start` on this node). Otherwise start a private one for this run:
-      * bound to loopback: nothing outside this machine needs to reach it;
+      * bound to loopback (keep_on_loopback): nothing outside this machine needs to reach it;
       * with at least the stage's CPUs (`min_cpus`: actors or training workers) plus one logical
         CPU for the light stages (reading, decoding, writing), so a stage may claim every core on a
         laptop without its data pipeline waiting forever for a CPU;
@@ -30,6 +48,7 @@ def init_ray(min_cpus: float = 1.0) -> None:
         return
     num_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus) + 1)
     dashboard = os.environ.get("DIFFMIX_RAY_DASHBOARD", "1").strip().lower() not in ("0", "false", "no", "off")
+    keep_on_loopback()
     ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=dashboard,
              log_to_driver=True)
 
