@@ -84,11 +84,10 @@ def ingest_rate(dataset: str, out: str, args) -> tuple[float, list, list]:
     from diffmix_ray.classify.run import run_classify
 
     if not ray.is_initialized():
-        from diffmix_ray.runtime.local_ray import keep_on_loopback
+        from diffmix_ray.runtime.local_ray import start_private_ray
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        keep_on_loopback()
-        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        start_private_ray(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
     sampler = TreeSampler()  # this process and all it starts: Ray's daemons, the Train worker, the Ray Data workers
     m = run_classify(ClassifyConfig(
         dataset=dataset, arch=args.arch, out=out, augment=args.augment,

@@ -65,11 +65,10 @@ def measure(args, results) -> None:
     results.update(model="bench (128 px, ~24M-param UNet)", cores=os.cpu_count(), runs=[])
     with tempfile.TemporaryDirectory() as tmp:
         # Logical CPUs = 2 x cores: the training workers and Ray Data's decode tasks both get a share.
-        from diffmix_ray.runtime.local_ray import keep_on_loopback
+        from diffmix_ray.runtime.local_ray import start_private_ray
 
-        keep_on_loopback()
-        ray.init(num_cpus=2 * (os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1", _temp_dir=os.path.join("/tmp", f"bench-ft-ray-{os.getpid()}"))
+        start_private_ray(num_cpus=2 * (os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+                          _temp_dir=os.path.join("/tmp", f"bench-ft-ray-{os.getpid()}"))
         try:
             ds = sample_dataset(tmp, 4, args.per_class, 160, val_fraction=0.1)
             for w in (1, 2):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from diffmix_ray.runtime.local_ray import keep_on_loopback
+from diffmix_ray.runtime.local_ray import keep_on_loopback, start_private_ray
 
 # Set before any test imports huggingface_hub, which reads these once at import time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -90,13 +90,13 @@ def ray_local(tmp_path_factory):
     import ray
 
     # 4 logical CPUs on a 2-core machine: translation actors + Ray Data tasks never starve each other.
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
-             _node_ip_address="127.0.0.1",  # the network rule: loopback only (with keep_on_loopback above)
-             log_to_driver=False, configure_logging=False,
-             # Keep idle task workers alive between tests: a fresh Ray Data worker process imports torch
-             # and timm (seconds each on 2 cores), which every classifier fit paid again (~15 s) when
-             # Ray culled the idle ones after 1 s. Saves minutes of the suite; no stage relies on it.
-             _system_config={"idle_worker_killing_time_threshold_ms": 600_000, "num_workers_soft_limit": 8})
+    # On loopback only, as every private Ray of the project (the network rule).
+    start_private_ray(num_cpus=4, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
+                      log_to_driver=False, configure_logging=False,
+                      # Keep idle task workers alive between tests: a fresh Ray Data worker process imports torch
+                      # and timm (seconds each on 2 cores), which every classifier fit paid again (~15 s) when
+                      # Ray culled the idle ones after 1 s. Saves minutes of the suite; no stage relies on it.
+                      _system_config={"idle_worker_killing_time_threshold_ms": 600_000, "num_workers_soft_limit": 8})
     yield ray
     ray.shutdown()
 

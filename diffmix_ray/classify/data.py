@@ -74,7 +74,7 @@ def rows_of(tables: list[pa.Table], file_offset: int, synthetic: bool) -> Rows:
             s = np.zeros(n, dtype=np.float32)
         parts.append((np.full(n, f + file_offset), np.arange(n), src, tgt, s))
     if not parts:
-        return Rows(*(np.zeros(0, dtype=d) for d in (np.int32, np.int64, np.int32, np.int32, np.float32, np.uint32)))
+        return Rows(*(np.zeros(0, dtype=d) for d in (np.int32, np.int64, np.int32, np.int32, np.float32)))
     return Rows(*(np.concatenate([p[i] for p in parts]) for i in range(5)))
 
 

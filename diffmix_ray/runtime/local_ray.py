@@ -24,10 +24,19 @@ def keep_on_loopback() -> None:
         pass
 
 
+def start_private_ray(**init_kwargs) -> None:
+    """`ray.init` of a new Ray on this machine that listens on 127.0.0.1 only (the two halves go
+    together: Ray resolves the address it is given, and keep_on_loopback stops it there)."""
+    import ray
+
+    keep_on_loopback()
+    ray.init(_node_ip_address="127.0.0.1", **init_kwargs)
+
+
 def init_ray(min_cpus: float = 1.0) -> None:
     """Join the Ray the environment names (RAY_ADDRESS, e.g. under `ray job submit`, or a
     `ray start` on this node). Otherwise start a private one for this run:
-      * bound to loopback (keep_on_loopback): nothing outside this machine needs to reach it;
+      * bound to loopback (start_private_ray): nothing outside this machine needs to reach it;
       * with at least the stage's CPUs (`min_cpus`: actors or training workers) plus one logical
         CPU for the light stages (reading, decoding, writing), so a stage may claim every core on a
         laptop without its data pipeline waiting forever for a CPU;
@@ -48,9 +57,7 @@ def init_ray(min_cpus: float = 1.0) -> None:
         return
     num_cpus = max(os.cpu_count() or 1, math.ceil(min_cpus) + 1)
     dashboard = os.environ.get("DIFFMIX_RAY_DASHBOARD", "1").strip().lower() not in ("0", "false", "no", "off")
-    keep_on_loopback()
-    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=dashboard,
-             log_to_driver=True)
+    start_private_ray(address="local", num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=True)
 
 
 def started_here() -> bool:

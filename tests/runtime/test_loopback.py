@@ -26,29 +26,24 @@ LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 # listens on once Ray is up (the dashboard and its agents included), and stops that Ray.
 PRIVATE_RAY = """
 import json, time
-import psutil, ray
+import ray
 from diffmix_ray.runtime.local_ray import init_ray
+from tests.runtime.test_loopback import _tree_listening
 
 init_ray()
 time.sleep(2)  # the agents open their ports a moment after ray.init returns
-me = psutil.Process()
-found = []
-for p in [me, *me.children(recursive=True)]:
-    try:
-        found += [[p.name(), c.laddr.ip, c.laddr.port] for c in p.net_connections(kind="inet")
-                  if c.status == psutil.CONN_LISTEN]
-    except psutil.Error:
-        pass
-print(json.dumps(found))
+print(json.dumps(_tree_listening()))
 ray.shutdown()
 """
 
 
-def _listening(procs) -> list[tuple[str, str, int]]:
+def _tree_listening() -> list[tuple[str, str, int]]:
+    """(process name, address, port) of every listening socket of this process and its descendants."""
     import psutil
 
+    me = psutil.Process()
     found = []
-    for p in procs:
+    for p in [me, *me.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
             found += [(p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet")
                       if c.status == psutil.CONN_LISTEN]
@@ -62,10 +57,7 @@ def _not_loopback(found) -> list:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_the_sessions_servers_and_a_stages_private_ray_listen_on_loopback_only(ray_local, s3_server):
-    import psutil
-
-    me = psutil.Process()
-    session = _listening([me, *me.children(recursive=True)])
+    session = _tree_listening()
     names = {name for name, _, _ in session}
     assert "gcs_server" in names and "raylet" in names  # the session's Ray is among them
     assert not _not_loopback(session), _not_loopback(session)
