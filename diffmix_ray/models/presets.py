@@ -16,9 +16,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
-from tokenizers import pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..errors import DiffmixError
 
@@ -181,6 +178,11 @@ def build_tokenizer(vocab_size: int | None = None, words: tuple[str, ...] = PROM
     the text encoder's embeddings to len(tokenizer) + new tokens, so a tokenizer smaller than the
     embedding matrix would shrink it. The fillers contain a space, which CLIP's pre-tokenizer
     always splits on, and no merge builds them: no text ever encodes to one."""
+    # diffusers, transformers and tokenizers are imported where a model is built, not with this module:
+    # stage drivers read presets' names and configs, and importing them costs ~5 s of CPU per process.
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {BOS_TOKEN: 0, EOS_TOKEN: 1}
     for symbol in alphabet:
@@ -212,6 +214,8 @@ def preset_tokenizer(preset: str) -> CLIPTokenizer:
 
 
 def _text_encoder(config: PresetConfig, tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     extra = {} if config.text_projection_dim is None else {"projection_dim": config.text_projection_dim}
     return CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer),
@@ -228,6 +232,8 @@ def _text_encoder(config: PresetConfig, tokenizer: CLIPTokenizer) -> CLIPTextMod
 
 
 def _unet(config: PresetConfig) -> UNet2DConditionModel:
+    from diffusers import UNet2DConditionModel
+
     return UNet2DConditionModel(
         sample_size=config.latent_size,
         in_channels=4,
@@ -242,6 +248,8 @@ def _unet(config: PresetConfig) -> UNet2DConditionModel:
 
 
 def _vae(config: PresetConfig) -> AutoencoderKL:
+    from diffusers import AutoencoderKL
+
     n_blocks = len(config.vae_channels)
     return AutoencoderKL(
         in_channels=3,
@@ -276,6 +284,8 @@ def preset_modules(preset: str, device: str | torch.device = "meta") -> dict[str
 
 
 def _pipeline(modules: dict, tokenizer: CLIPTokenizer) -> StableDiffusionImg2ImgPipeline:
+    from diffusers import PNDMScheduler, StableDiffusionImg2ImgPipeline
+
     pipe = StableDiffusionImg2ImgPipeline(**modules, tokenizer=tokenizer, scheduler=PNDMScheduler(**SD15_SCHEDULER),
                                           safety_checker=None, feature_extractor=None, image_encoder=None,
                                           requires_safety_checker=False)
@@ -338,6 +348,8 @@ def write_preset(preset: str, out_dir: str, seed: int = 0, dtype: str | None = N
 
 
 def _save_kwargs(module: torch.nn.Module) -> dict:
+    from transformers import CLIPTextModel
+
     if isinstance(module, CLIPTextModel):
         # diffusers passes this for transformers >= 5, whose default would prefix adapter keys.
         return {"save_peft_format": False}

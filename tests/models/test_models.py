@@ -252,13 +252,13 @@ def test_model_stage_all_nodes_refuses_a_local_folder_before_joining_ray(tmp_pat
 
 
 def test_interrupted_preset_write_is_refused_as_incomplete(tmp_path, monkeypatch):
-    from diffmix_ray.models import presets
+    import diffusers
 
     def crash(self, *args, **kwargs):
         raise KeyboardInterrupt
 
     # The scheduler is saved just before model_index.json: stop the write there.
-    monkeypatch.setattr(presets.PNDMScheduler, "save_pretrained", crash)
+    monkeypatch.setattr(diffusers.PNDMScheduler, "save_pretrained", crash)
     with pytest.raises(KeyboardInterrupt):
         write_model("tiny", str(tmp_path / "m"))
     assert (tmp_path / "m" / "unet").is_dir()
