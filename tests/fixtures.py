@@ -188,3 +188,33 @@ def fake_scores(synthetic: str, values: dict[str, list] | None = None, name: str
     if complete:
         storage.write_text_atomic(os.path.join(out, "_SUCCESS"), "")
     return out
+
+
+def straight_finetune(cfg) -> dict:
+    """The trainable tensors (as a checkpoint holds them) after cfg.max_steps of the finetune stage's own
+    step loop, run straight through in this process on one worker's CPU threads: what a Ray Train worker
+    of `cfg` computes when nothing interrupts it, at the cost of the steps alone."""
+    import torch
+
+    from diffmix_ray import canonical
+    from diffmix_ray.contracts import COL_LABEL
+    from diffmix_ray.finetune import run as ft_run
+    from diffmix_ray.finetune.data import read_train, step_epochs
+    from diffmix_ray.finetune.loop import Finetuner, Progress, _noise_seed, train
+    from diffmix_ray.finetune.sampling import sampler_for
+
+    inputs = ft_run.resolve_inputs(cfg)
+    cfg = inputs.cfg
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))  # as train_func sets it on a CPU worker
+    try:
+        tuner = Finetuner(cfg, inputs.prompts, inputs.tokens, inputs.init_ids, torch.device("cpu"))
+        torch.manual_seed(_noise_seed(cfg.seed, 0, 0))
+        table = read_train(canonical.open_dataset(inputs.dataset.uri))
+        sampler = sampler_for(table.column(COL_LABEL).to_numpy(), inputs.dataset.info.num_classes,
+                              cfg.token_schedule, cfg.class_balanced, cfg.seed, cfg.batch_size, 1)
+        epochs = step_epochs(table, sampler, inputs.model.resolution, 0, first_step=1)
+        train(tuner, epochs, Progress(), lambda metrics, checkpoint: None, world_size=1, rank=0)
+        return tuner.trainable_tensors()
+    finally:
+        torch.set_num_threads(threads)

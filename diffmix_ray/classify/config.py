@@ -137,6 +137,7 @@ class ClassifyConfig:
     test_every_epoch: bool = option(False, identity=EXECUTION, flags=("--test-every-epoch",), help="Score test "
                                     "every epoch (for curves) instead of once, on the selected weights.")
     _fail_at_epoch: int | None = None  # test hook: rank 1 dies once at this epoch
+    _hold_at_epoch: int | None = None  # test hook: rank 0 waits once before this epoch, for its node to die
 
     def identity(self) -> dict:
         """The options that decide the trained model (config.identity); the scores' names only with a

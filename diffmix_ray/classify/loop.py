@@ -112,6 +112,20 @@ def _fail_once(cfg: LoopConfig, epoch: int, rank: int, world: int) -> None:
             os._exit(1)
 
 
+HOLD_S = 120.0  # test hook only: see _hold_once
+
+
+def _hold_once(cfg: LoopConfig, epoch: int, rank: int) -> None:
+    """Test hook: rank 0 waits once before epoch `_hold_at_epoch` (up to HOLD_S) for a test to kill its
+    node. The checkpoint before it is reported: whenever the test sees Ray Train register it and kills
+    the node, the run has epochs left to restore into (no race with the epochs after it)."""
+    if cfg._hold_at_epoch == epoch and rank == 0:
+        marker = os.path.join(cfg.out, "held-once")
+        if not os.path.exists(marker):  # once: the restored worker goes on
+            open(marker, "w").close()
+            time.sleep(HOLD_S)
+
+
 def train_func(config: dict) -> None:
     """Ray Train's entry point on every worker; `config` carries the run's LoopConfig."""
     _train(config[LOOP_KEY])
@@ -181,6 +195,7 @@ def _train(cfg: LoopConfig) -> None:
 
     for epoch in range(start_epoch, epochs):
         _fail_once(cfg, epoch, rank, world)
+        _hold_once(cfg, epoch, rank)
         started_at, t0 = time.time(), time.perf_counter()
         inputs.cmo_active = cmo_active(epoch, epochs)
         losses = step.train_epoch(model, train_batches, steps_per_epoch, inputs, opt, scaler,

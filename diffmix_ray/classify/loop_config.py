@@ -43,8 +43,9 @@ class LoopConfig:
     checkpoint_every: int
     test_every_epoch: bool
     _fail_at_epoch: int | None  # test hook: rank 1 (or 0 alone) dies once at this epoch
+    _hold_at_epoch: int | None  # test hook: rank 0 waits once before this epoch, for its node to die
     # Resolved on the driver.
-    out: str  # the run's output: best/, the divergence and failure-once markers
+    out: str  # the run's output: best/, the divergence marker and the test hooks' once-markers
     num_classes: int
     dataset_fingerprint: str
     data_cfg: dict  # transforms.data_config: the image pipelines, stored with the weights

@@ -77,6 +77,7 @@ class FinetuneConfig:
     log_every: int = option(50, identity=EXECUTION, cli=False, help="Steps between loss logs.")
     max_failures: int = option(3, identity=EXECUTION, cli=False, help="Worker failures Ray Train survives.")
     _fail_at_step: int | None = None  # test hook: rank 1 dies once, just before this step
+    _hold_at_step: int | None = None  # test hook: rank 0 waits once, just before this step, for its node to die
 
     @property
     def has_tokens(self) -> bool:

@@ -40,6 +40,7 @@ CKPT_WEIGHTS = "trainable.safetensors"  # "lora.<peft key>" and "embed.<token>" 
 CKPT_OPTIMIZER = "optimizer.pt"
 CKPT_PROGRESS = "progress-rank{rank}.json"  # every rank: the steps it took, the data it saw
 FAIL_DELAY_S = 3.0  # test hook only: see train_func.fail_once
+HOLD_S = 120.0  # test hook only: see train_func.hold_once
 
 
 def precision_dtypes(precision: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
@@ -442,8 +443,20 @@ def train_func(config: dict) -> None:
             time.sleep(FAIL_DELAY_S)
             os._exit(1)
 
+    def hold_once(step: int) -> None:  # test hook: rank 0 waits for a test to kill its node, once
+        marker = config.get("hold_marker")
+        if cfg._hold_at_step == step and rank == 0 and marker and not storage.exists(marker):
+            # The checkpoint before this step is reported: whenever the test sees Ray Train register it and
+            # kills this node, the run has steps left to restore into (no race with the steps after it).
+            storage.write_text_atomic(marker, f"rank {rank} held before step {step}\n")
+            time.sleep(HOLD_S)
+
+    def before_step(step: int) -> None:
+        fail_once(step)
+        hold_once(step)
+
     try:
-        train(tuner, epochs, progress, report, world_size=world, before_step=fail_once, rank=rank)
+        train(tuner, epochs, progress, report, world_size=world, before_step=before_step, rank=rank)
     except Diverged as e:  # every rank: end the run (no restart would help); the driver raises it
         if rank == 0:
             storage.write_text_atomic(config["diverged_marker"], str(e))

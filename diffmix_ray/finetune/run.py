@@ -29,6 +29,7 @@ from .data import epoch_rows
 
 TRAIN_DIR = "train"
 FAIL_MARKER = "_fail_once"  # test hook (FinetuneConfig._fail_at_step): fires once per run folder
+HOLD_MARKER = "_held_once"  # test hook (FinetuneConfig._hold_at_step): fires once per run folder
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,7 @@ def _fit(inputs: Inputs):
                            "dataset": inputs.dataset.uri, "num_classes": inputs.dataset.info.num_classes,
                            "resolution": inputs.model.resolution,
                            "fail_marker": storage.join(train_uri, inputs.run_name, FAIL_MARKER),
+                           "hold_marker": storage.join(train_uri, inputs.run_name, HOLD_MARKER),
                            "diverged_marker": storage.join(inputs.out, DIVERGED)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=inputs.run_name, storage_path=path, storage_filesystem=filesystem,

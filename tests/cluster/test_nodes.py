@@ -5,8 +5,8 @@ cluster/aws.yaml's) and two worker nodes. Each stage runs as its own driver proc
   * a worker node killed in the middle of `generate` and of `score`: the run completes (a rerun is
     allowed when Ray Data gives up) with every pair exactly once;
   * in the middle of `finetune` and `train-cls`: Ray Train restores from the last checkpoint
-    (FailureConfig), and the result is the one the same restore gives when only the worker process
-    dies (finetune), or of an uninterrupted run (train-cls): bit-exact on CPU;
+    (FailureConfig), and the result is the one of the same config run without interruption, bit-exact on
+    CPU (finetune: its step loop run straight through in the test's process; train-cls: `shapes_fit`);
   * a local path that is not the same folder on every node refuses the run;
   * a node that advertises a GPU without CUDA fails the run with one line naming it.
 
@@ -32,7 +32,7 @@ from diffmix_ray.runtime.shared_paths import TEST_ROOT_ENV
 
 from tests.cluster.helpers import REPO, VENV_BIN, client_env, one_line, record
 from tests.waiting import wait_for
-from tests.fixtures import SHAPES_FIT
+from tests.fixtures import SHAPES_FIT, straight_finetune
 
 pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
 
@@ -205,16 +205,17 @@ def _checkpoints(out: str, pattern: str) -> list[str]:
     return sorted(glob.glob(os.path.join(out, "train", "*", pattern)))
 
 
-# Two checkpoints, at steps 10 and 20: the death comes after the first is registered, so the run resumes
-# from step 10, which the reference run reaches by the test hook's worker death before step 11. The 10 steps
-# after it (~0.5 s each here, more beside the reference run) leave seconds for the kill to land before the
-# run could end; the kill itself takes well under a second.
-FT_CKPT = 10
-FINETUNE_KW = dict(model="tiny", max_steps=2 * FT_CKPT, batch_size=2, checkpoint_every=FT_CKPT, log_every=20, lr=1e-2,
-                   ti_lr=5e-2, seed=0, workers=1, cpus_per_worker=1.0, gpus_per_worker=0)
-# The shared fit's config (its uninterrupted run is conftest's `shapes_fit`) with a checkpoint every epoch:
-# the death comes after the first registered one, with epochs left to restore into.
+# Two checkpoints, at steps 4 and 8: the cluster run's worker holds before step 5 (a test hook) until the
+# test has seen Ray Train register the first and killed its node, so the run resumes from step 4 whatever
+# the machine's load.
+FT_CKPT = 4
+FINETUNE_KW = dict(model="tiny", max_steps=2 * FT_CKPT, batch_size=2, checkpoint_every=FT_CKPT, log_every=2 * FT_CKPT,
+                   lr=1e-2, ti_lr=5e-2, seed=0, workers=1, cpus_per_worker=1.0, gpus_per_worker=0)
+# The shared fit's config (its uninterrupted run is conftest's `shapes_fit`) with a checkpoint every epoch;
+# the cluster run's worker holds before epoch 1 (a test hook) until the test has seen Ray Train register
+# epoch 0's checkpoint and killed its node: the run restores into epochs 1-4 whatever the machine's load.
 TRAIN_CLS_KW = dict(**SHAPES_FIT, workers=1, gpus_per_worker=0, checkpoint_every=1)
+CLS_HELD_AT = 1
 
 
 def _python_driver(stage: str, config_class: str, run: str, **kw) -> str:
@@ -233,25 +234,22 @@ def _registered_checkpoint(out: str) -> str | None:
     return None
 
 
-def test_finetune_restores_after_a_node_death_and_ends_bit_exact(nodes, ray_local, sample_dataset, tmp_path):
-    """The bank equals the one of a run restored from the same checkpoint after its worker process died
-    (the test hook; run meanwhile on the session's private Ray in this process). Where the noise is
-    drawn per step rather than per attempt, that is also an uninterrupted run's bank."""
-    import threading
+def test_finetune_restores_after_a_node_death_and_ends_bit_exact(nodes, sample_dataset, tmp_path):
+    """Restored from the registered checkpoint at step 4 on the nodes left, each step once, and the
+    weights of the same config run straight through (the stage's own step loop in this process,
+    meanwhile), bit for bit: the steps draw their noise per step, not per attempt."""
+    import torch
+    from safetensors.torch import load_file
 
     from diffmix_ray.finetune.config import FinetuneConfig
-    from diffmix_ray.finetune.run import run_finetune
+    from diffmix_ray.finetune.loop import CKPT_WEIGHTS
 
-    out, reference = str(tmp_path / "bank"), str(tmp_path / "reference")
+    out = str(tmp_path / "bank")
     log = str(tmp_path / "finetune.log")
     started = time.monotonic()
     proc = _driver(nodes, _python_driver("finetune", "FinetuneConfig", "run_finetune", **FINETUNE_KW,
-                                         dataset=sample_dataset, out=out), log)
-    ref_done: dict = {}
-    ref = threading.Thread(target=lambda: ref_done.update(bank=run_finetune(FinetuneConfig(
-        **FINETUNE_KW, dataset=sample_dataset, out=reference, _fail_at_step=FT_CKPT + 1)),
-        seconds=time.monotonic() - started))
-    ref.start()
+                                         dataset=sample_dataset, out=out, _hold_at_step=FT_CKPT + 1), log)
+    straight = straight_finetune(FinetuneConfig(**FINETUNE_KW, dataset=sample_dataset, out=str(tmp_path / "unused")))
     registered = wait_for(lambda: proc.poll() is not None or _registered_checkpoint(out), timeout=240,
                           what="a finetune checkpoint Ray Train has registered")
     assert proc.poll() is None, "finetune ended before a node could be killed"
@@ -259,20 +257,16 @@ def test_finetune_restores_after_a_node_death_and_ends_bit_exact(nodes, ray_loca
     nodes.kill_node_of("RayTrainWorker")
     rc, text = _finish(proc, log)
     assert rc == 0, text[-4000:]
-    killed_s = round(time.monotonic() - started, 1)
-    ref.join(timeout=300)
-    assert "bank" in ref_done, "the reference run did not finish"
-    for folder in (out, reference):
-        with open(os.path.join(_checkpoints(folder, f"checkpoint_step={2 * FT_CKPT:08d}")[0],
-                               "progress-rank0.json")) as f:
-            progress = json.load(f)
-        assert progress["resumed_at"] == [FT_CKPT], (folder, progress, text[-3000:])  # from the first checkpoint
-        assert progress["step_ranges"] == [[1, 2 * FT_CKPT]]  # every step once, in order
-    for name in (LORA_WEIGHTS, LEARNED_EMBEDS):
-        with open(os.path.join(out, name), "rb") as a, open(os.path.join(reference, name), "rb") as b:
-            assert a.read() == b.read(), f"{name} differs from the reference run's"
-    record("node-death-finetune", {"resumed_at_step": FT_CKPT, "seconds": killed_s,
-                                   "reference_seconds": round(ref_done["seconds"], 1)})
+    (last,) = _checkpoints(out, f"checkpoint_step={2 * FT_CKPT:08d}")
+    with open(os.path.join(last, "progress-rank0.json")) as f:
+        progress = json.load(f)
+    assert progress["resumed_at"] == [FT_CKPT], (progress, text[-3000:])  # from the first checkpoint
+    assert progress["step_ranges"] == [[1, 2 * FT_CKPT]]  # every step once, in order
+    restored = load_file(os.path.join(last, CKPT_WEIGHTS))
+    assert restored.keys() == straight.keys()
+    assert all(torch.equal(restored[k], straight[k]) for k in straight), "the weights differ from a straight run's"
+    assert os.path.exists(os.path.join(out, LORA_WEIGHTS)) and os.path.exists(os.path.join(out, LEARNED_EMBEDS))
+    record("node-death-finetune", {"resumed_at_step": FT_CKPT, "seconds": round(time.monotonic() - started, 1)})
 
 
 def test_train_cls_restores_after_a_node_death(nodes, shapes, request, tmp_path):
@@ -291,7 +285,7 @@ def test_train_cls_restores_after_a_node_death(nodes, shapes, request, tmp_path)
     log = str(tmp_path / "train-cls.log")
     started = time.monotonic()
     proc = _driver(nodes, _python_driver("classify", "ClassifyConfig", "run_classify", **TRAIN_CLS_KW, dataset=shapes,
-                                         out=out), log)
+                                         out=out, _hold_at_epoch=CLS_HELD_AT), log)
     killer: dict = {}
 
     def kill_after_a_registered_checkpoint():
@@ -299,8 +293,7 @@ def test_train_cls_restores_after_a_node_death(nodes, shapes, request, tmp_path)
             registered = wait_for(lambda: proc.poll() is not None or _registered_checkpoint(out), timeout=240,
                                   what="a train-cls checkpoint Ray Train has registered")
             assert proc.poll() is None, "train-cls ended before a node could be killed"
-            # What the restore must at least bring back: Ray Train restores its latest registered checkpoint (one
-            # written a moment before the death may not be registered yet, and is then not used).
+            # What the restore must bring back: the checkpoint of the epochs before the worker's hold.
             killer["saved"] = torch.load(os.path.join(registered, CKPT_FILE), map_location="cpu",
                                          weights_only=False)["history"]
             nodes.kill_node_of("RayTrainWorker", replace=False)
@@ -317,6 +310,7 @@ def test_train_cls_restores_after_a_node_death(nodes, shapes, request, tmp_path)
         raise killer["error"]
     nodes.add_worker()  # the replacement, as an autoscaler would add it
     saved = killer["saved"]
+    assert len(saved) == CLS_HELD_AT, saved  # the death came with epochs left to restore into
     rc, text = _finish(proc, log)
     assert rc == 0, text[-4000:]
     with open(os.path.join(out, "metrics.json")) as f:
