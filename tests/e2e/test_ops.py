@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.cluster.helpers import processes_of, stop_processes
 from tests.paths import REPO
 from tests.waiting import free_ports, wait_for
 
@@ -228,46 +229,6 @@ class Head:
         return json.loads(self.cli("status", submission_id, "--json").stdout)
 
 
-def _head_processes(temp_dir: str, gcs: str):
-    """Every process of this head: the daemons `ray start` left (their command lines name the temp
-    dir or the GCS address) and all their descendants (raylet workers, agents, job drivers)."""
-    import psutil
-
-    roots = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in a or gcs in a for a in (p.info["cmdline"] or [])):
-                roots.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    found = {p.pid: p for p in roots}
-    for p in roots:
-        try:
-            found.update({c.pid: c for c in p.children(recursive=True)})
-        except psutil.NoSuchProcess:
-            continue
-    found.pop(os.getpid(), None)
-    return list(found.values())
-
-
-def _stop_head(temp_dir: str, gcs: str) -> None:
-    import psutil
-
-    procs = _head_processes(temp_dir, gcs)
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=5)  # a throwaway head: no need to wait for a clean exit
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-
-
 def _scrape(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as r:
         return r.read().decode("utf-8", "replace")
@@ -332,7 +293,7 @@ def head(s3_server):
         yield h
     finally:
         stop.set()
-        _stop_head(temp_dir, gcs)
+        stop_processes(processes_of(temp_dir, gcs))  # this head's processes only, never `ray stop`
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -573,9 +534,15 @@ def test_no_secret_in_logs_outputs_or_job_records(head, generated, classified):
     with_token = head.env | {"RAY_AUTH_TOKEN": FAKE_RAY_TOKEN}
     jobs = [r["submission_id"] for r in json.loads(head.cli("status", "--json").stdout)]
     assert {"diffmix-generate-e2e", "diffmix-train-cls-e2e"} <= set(jobs)
-    records = {sid: head.cli("status", sid, "--json", env=with_token).stdout for sid in jobs}
-    records["logs"] = "".join(head.cli("logs", sid, env=with_token).stdout for sid in jobs)
-    records["table"] = head.cli("status", env=with_token).stderr
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:  # each a CLI process that mostly waits on its start and the job API
+        status = {sid: pool.submit(head.cli, "status", sid, "--json", env=with_token) for sid in jobs}
+        logs = [pool.submit(head.cli, "logs", sid, env=with_token) for sid in jobs]
+        table = pool.submit(head.cli, "status", env=with_token)
+        records = {sid: done.result().stdout for sid, done in status.items()}
+        records["logs"] = "".join(done.result().stdout for done in logs)
+        records["table"] = table.result().stderr
     from ray.job_submission import JobSubmissionClient  # the raw REST record, not our summary of it
 
     records["rest"] = json.dumps([j.dict() for j in JobSubmissionClient(head.address).list_jobs()], default=str)
