@@ -33,6 +33,7 @@ EXPIRES_S = 180.0  # a lease not renewed for this long belongs to a writer that 
 
 _owner = uuid.uuid4().hex
 _held: dict[str, dict] = {}  # lease URI -> the record written there
+_taken_in: dict[str, int] = {}  # lease URI -> the thread that took it (what `scoped` releases)
 _lost: set[str] = set()  # leases another run took over while this one held them
 _lock = threading.RLock()
 _wake = threading.Event()
@@ -43,6 +44,7 @@ def _new_owner() -> None:  # a forked child is another writer
     global _owner, _thread
     _owner, _thread = uuid.uuid4().hex, None
     _held.clear()
+    _taken_in.clear()
     _lost.clear()
 
 
@@ -207,6 +209,7 @@ def acquire(out: str, what: str) -> None:
         raise DiffmixError(f"could not take the lease of {out}: other runs keep taking it; wait and rerun")
     with _lock:
         _held[uri] = record
+        _taken_in[uri] = threading.get_ident()
         _lost.discard(uri)
         _start_heartbeat()
 
@@ -239,6 +242,7 @@ def renew(uri: str, record: dict) -> None:
         if have is None or have.get("owner") != record["owner"]:
             _lost.add(uri)
             del _held[uri]
+            _taken_in.pop(uri, None)
             logger.error("the lease %s was taken by another run (%s): this run no longer owns its output",
                          uri, _describe(have) if have else "deleted")
             return
@@ -258,6 +262,7 @@ def release(out: str) -> None:
     uri = storage.join(out, LEASE_JSON)
     with _lock:
         record = _held.pop(uri, None)
+        _taken_in.pop(uri, None)
     if record is None:
         return
     with contextlib.suppress(Exception):  # best effort: an unreleased lease goes stale, then is taken over
@@ -279,17 +284,19 @@ def held() -> list[str]:
 
 
 def scoped(fn):
-    """Release the leases `fn` took when it returns or raises (not those held before it ran)."""
+    """Release the leases `fn` took when it returns or raises: not those held before it ran, nor those
+    another thread took meanwhile (a stage run beside it in the same process keeps its output's)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        me = threading.get_ident()
         with _lock:
             before = set(_held)
         try:
             return fn(*args, **kwargs)
         finally:
             with _lock:
-                taken = set(_held) - before
+                taken = {uri for uri in set(_held) - before if _taken_in.get(uri) == me}
             for uri in taken:
                 release(_out_of(uri))
 

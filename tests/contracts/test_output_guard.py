@@ -210,6 +210,40 @@ def test_the_heartbeat_keeps_the_lease_fresh(tmp_path, monkeypatch):
     lease.release_all()
 
 
+def test_a_scope_releases_only_the_leases_its_own_thread_took(tmp_path):
+    """Two stages run in threads of one process: the one that ends first releases its own output's
+    lease, not the other's, which is still being written."""
+    first_started, second_took, first_ended = threading.Event(), threading.Event(), threading.Event()
+    seen: dict = {}
+
+    @lease.scoped
+    def first():  # its scope begins before the second takes anything
+        first_started.set()
+        second_took.wait(10)
+        lease.acquire(str(tmp_path / "a"), "first")
+
+    @lease.scoped
+    def second():
+        first_started.wait(10)
+        lease.acquire(str(tmp_path / "b"), "second")
+        second_took.set()
+        first_ended.wait(10)
+        seen["held"] = lease.held()
+
+    def run_first():
+        first()
+        first_ended.set()
+
+    threads = [threading.Thread(target=run_first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert seen["held"] == [str(tmp_path / "b")]  # first's end left second's lease alone
+    assert lease.held() == []  # each scope released what it took
+    assert not os.path.exists(tmp_path / "a" / LEASE_JSON) and not os.path.exists(tmp_path / "b" / LEASE_JSON)
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_exactly_one_of_many_racing_writers_gets_the_lease(tmp_path, where, request):
     if where == "s3":
