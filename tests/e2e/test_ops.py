@@ -293,7 +293,7 @@ def head(s3_server):
         yield h
     finally:
         stop.set()
-        stop_processes(processes_of(temp_dir, gcs))  # this head's processes only, never `ray stop`
+        stop_processes(processes_of(temp_dir, gcs))  # this head's processes only: other Rays on the machine live on
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
