@@ -3,21 +3,22 @@ are raylets that advertise a GPU): autoscaler v1 and v2, the shape of cluster/aw
 runs no GPU work, a GPU worker type with min_workers 0).
 
   * `generate` without --gpus-per-actor chooses 1 GPU per actor, the autoscaler adds a GPU node, the
-    run starts and finishes there, and the idle nodes go afterwards (v1 and v2); with v1 the actor
-    pool (--min-actors 1 --max-actors 4) also grows onto a second GPU node as it arrives (how the pool
-    grows is Ray Data's, the same on either autoscaler, so v2 runs one actor on a third of the pairs);
+    run starts there, and the idle nodes go afterwards (v1 and v2);
+  * with v1 the run finishes there, and the actor pool (--min-actors 1 --max-actors 4) grows onto a
+    second GPU node as it arrives (how the pool grows is Ray Data's, the same on either autoscaler);
+  * the fake GPU nodes have no CUDA. v1's cluster runs with DIFFMIX_GPU_WITHOUT_CUDA=cpu, which lets
+    them run the work on their CPU; v2's does not, and its run fails in one line that names the GPU node
+    its autoscaler added (a node that advertises a GPU without CUDA, as a misconfigured image would);
   * an unsatisfiable GPU request is an error naming the flag, in bounded time.
 
-Both autoscalers run at once, one head each (`runs`); the tests read what their runs did.
-
-The fake GPU nodes have no CUDA: the cluster runs with DIFFMIX_GPU_WITHOUT_CUDA=cpu, which lets
-them run the work on their CPU (the error it replaces is tested in test_nodes.py)."""
+Both autoscalers run at once, one head each (`runs`); the tests read what their runs did."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import threading
 import time
 
@@ -39,6 +40,9 @@ TRANSLATOR = "MapBatches(Translator)"
 VERSIONS = ("v1", "v2")
 # autoscaler -> (--multiplier, --max-actors): the pool's growth onto a second GPU node is tested on v1.
 POOL_RUN = {"v1": (3, 4), "v2": (1, 1)}
+# autoscaler -> the environment of its nodes: v1's run on the fake GPU nodes' CPUs; v2's meets their
+# missing CUDA.
+NODE_ENV = {"v1": {GPU_WITHOUT_CUDA_ENV: "cpu"}, "v2": {}}
 
 
 def _generate(fake, dataset: str, out: str, *extra: str, multiplier: int = 3):
@@ -75,7 +79,7 @@ def _scale_from_zero(fake, dataset: str, out: str) -> dict:
            "run_s": round(time.monotonic() - started, 1), "ran_on": actor_nodes(state, TRANSLATOR),
            "gpu_node_ids": {n["NodeID"] for n in state.node_table() if n.get("Resources", {}).get("GPU", 0) > 0},
            "monitor_log": fake.monitor_log}
-    if result.returncode == 0:
+    if result.returncode in (0, 2):
         # Idle GPU nodes go once the run is over (idle_timeout_minutes: 0.1 here, 10 in cluster/aws.yaml).
         ended = time.monotonic()
         wait_for(lambda: not gpu_nodes(state), timeout=120, what="the idle GPU nodes to be removed")
@@ -105,7 +109,7 @@ def runs(sample_dataset, tmp_path_factory) -> dict:
             with contextlib.ExitStack() as stack:
                 with starting:
                     fake = stack.enter_context(
-                        fake_autoscaling_head(version, GPU_TYPE, node_env={GPU_WITHOUT_CUDA_ENV: "cpu"}))
+                        fake_autoscaling_head(version, GPU_TYPE, node_env=NODE_ENV[version]))
                 for step, scenario in (("scale", _scale_from_zero), ("unsatisfiable", _unsatisfiable)):
                     try:
                         results[version][step] = scenario(fake, sample_dataset, str(folder / step))
@@ -131,15 +135,27 @@ def _step(runs: dict, version: str, step: str) -> dict:
     return got
 
 
-@pytest.mark.parametrize("version", VERSIONS)
-def test_gpu_default_scales_from_zero_gpu_nodes_and_back(runs, version):
+def _scaled_from_zero(runs: dict, version: str) -> dict:
+    """The scale run of this autoscaler, checked as far as both share: no GPU node at first, the GPU
+    default chose 1 GPU per actor because the autoscaler adds a GPU node, which it did, and the
+    translation actors ran there and nowhere else; the idle GPU nodes went after the run."""
     run = _step(runs, version, "scale")
     assert not run["had_gpu_nodes"], "the cluster must start with no GPU node"
-    result, seen = run["result"], run["seen"]
-    said = one_line(result)
-    assert result.returncode == 0, said[-3000:]
-    print("\n".join(l for l in (result.stdout + result.stderr).splitlines() if "autoscaler +" not in l)[:6000])
+    said = one_line(run["result"])
+    print("\n".join(l for l in (run["result"].stdout + run["result"].stderr).splitlines()
+                    if "autoscaler +" not in l)[:6000])
     assert f"generate: 1 GPU per actor (the Ray cluster: its autoscaler ({version}) is adding a GPU node" in said
+    assert "Adding 1 node(s) of type gpu" in run["monitor_log"] or "Adding 2 node(s) of type gpu" in run["monitor_log"]
+    assert run["ran_on"] and run["ran_on"] <= run["gpu_node_ids"], run  # the head has no GPU
+    assert "idle_nodes_gone_s" in run, said[-3000:]  # the idle GPU nodes were removed after the run
+    return run
+
+
+def test_gpu_default_scales_from_zero_gpu_nodes_and_back_and_the_pool_grows(runs):
+    """v1: the run finishes on the GPU nodes it added, the actor pool growing onto the second."""
+    run = _scaled_from_zero(runs, "v1")
+    result, seen = run["result"], run["seen"]
+    assert result.returncode == 0, one_line(result)[-3000:]
     out = result.args[result.args.index("--out") + 1]
     assert os.path.exists(os.path.join(out, SUCCESS))
     with open(os.path.join(out, MANIFEST_JSON)) as f:
@@ -148,16 +164,28 @@ def test_gpu_default_scales_from_zero_gpu_nodes_and_back(runs, version):
     assert manifest["counts"]["missing"] == 0
 
     # The pool grew onto the GPU nodes the autoscaler added (its decisions are in its log), one actor
-    # per node up to --max-actors or the type's max_workers; no translation actor ran anywhere else (the head has no GPU).
-    ran_on = run["ran_on"]
-    assert ran_on and ran_on <= run["gpu_node_ids"]
+    # per node up to --max-actors or the type's max_workers.
     grown_to = min(run["max_actors"], GPU_TYPE["gpu"]["max_workers"])
-    assert seen["max_gpu_nodes"] >= grown_to and len(ran_on) == grown_to, (seen, ran_on)
-    assert "Adding 1 node(s) of type gpu" in run["monitor_log"] or "Adding 2 node(s) of type gpu" in run["monitor_log"]
-    assert "idle_nodes_gone_s" in run  # the idle GPU nodes were removed after the run
-    record(f"autoscale-{version}", {"first_gpu_node_s": seen.get("first_gpu_node_s"),
-                                    "gpu_nodes": seen["max_gpu_nodes"], "run_s": run["run_s"],
-                                    "idle_nodes_gone_s": run["idle_nodes_gone_s"]})
+    assert seen["max_gpu_nodes"] >= grown_to and len(run["ran_on"]) == grown_to, (seen, run["ran_on"])
+    record("autoscale-v1", {"first_gpu_node_s": seen.get("first_gpu_node_s"), "gpu_nodes": seen["max_gpu_nodes"],
+                            "run_s": run["run_s"], "idle_nodes_gone_s": run["idle_nodes_gone_s"]})
+
+
+def test_gpu_default_scales_from_zero_and_a_gpu_node_without_cuda_fails_the_run_in_one_line_naming_it(runs):
+    """v2: the translation actor starts on the GPU node the autoscaler added, which has no CUDA (and no
+    DIFFMIX_GPU_WITHOUT_CUDA): the run fails with one line naming that node and the fix, no traceback."""
+    run = _scaled_from_zero(runs, "v2")
+    result = run["result"]
+    said = one_line(result)
+    assert result.returncode == 2, said[-3000:]
+    error = said[said.rindex("error: "):]  # the CLI's last words (Ray may log an "error: " line before them)
+    named = re.match(r"error: node 127\.0\.0\.1 \(id (\w+)\) advertises GPUs to Ray \(Ray assigned GPU 0\) but torch",
+                     error)
+    assert named and named.group(1) in run["ran_on"], (error, run["ran_on"])  # a GPU node the autoscaler added
+    assert "sees no CUDA device there" in error and "--gpus-per-actor 0" in error and "Traceback" not in error
+    record("autoscale-v2", {"first_gpu_node_s": run["seen"].get("first_gpu_node_s"),
+                            "gpu_nodes": run["seen"]["max_gpu_nodes"], "failed_after_s": run["run_s"],
+                            "idle_nodes_gone_s": run["idle_nodes_gone_s"]})
 
 
 @pytest.mark.parametrize("version", VERSIONS)
