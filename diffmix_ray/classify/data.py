@@ -235,7 +235,7 @@ def dataset(rows: Rows, refs: list, uris: list[str], training: bool, data_cfg: d
 
     table = rows.table()
     blocks = [table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)] or [table]
-    ds = ray.data.from_arrow(blocks).map_batches(
+    ds = ray.data.from_blocks(blocks).map_batches(  # metadata read here, not by a task per block (pool_stage)
         load_batch, batch_format="pyarrow", batch_size=block_rows, num_cpus=0.5 if encoded else DECODE_CPUS,
         fn_kwargs=dict(refs=refs, uris=uris, training=training, data_cfg=data_cfg, encoded=encoded))
     # In order: the steps of an epoch are the batches of its rows (run_rows), never a neighbour's.

@@ -258,7 +258,9 @@ def build_dataset(stage: PoolStage, todo: pa.Table, gpus: float, steps: Steps | 
     ctx.actor_init_retry_on_errors = True  # a flaky model download should not kill the run
     block, chunk = stage.blocking(todo.num_rows)
     steps = steps or stage.steps(gpus, chunk)
-    ds = ray.data.from_arrow(cut_blocks(todo, block, stage.block_group))
+    # from_blocks reads each block's metadata here; from_arrow sends a Ray task per block to read it, which
+    # waits for a free CPU (a worker process to start, on a busy or scaling cluster) before anything runs.
+    ds = ray.data.from_blocks(cut_blocks(todo, block, stage.block_group))
     if steps.before is not None:
         ds = ds.map_batches(steps.before.fn, fn_kwargs=steps.before.kwargs | {"chunk_rows": chunk},
                             batch_format="pyarrow", batch_size=None, num_cpus=CPU_STAGE_CPUS)
